@@ -1,0 +1,29 @@
+"""vdproj_ext: V-DProj compressed-V KV cache attention for PyTorch.
+
+    from vdproj_ext import compressed_v_attention, compressed_attn_with_kvcache
+    from vdproj_ext import CompressedVAttention, VDProjConfig, VDProjForCausalLM
+"""
+from importlib import import_module
+
+from .ops import (CompressedVAttentionFunction, backend_info, compressed_attn_with_kvcache,
+                  compressed_v_attention)
+
+__version__ = "0.1.0"
+
+# The model layer is imported on first use so that `import vdproj_ext` stays light.
+_LAZY = {
+    "CompressedVAttention": "model",
+    "VDProjConfig": "model",
+    "VDProjForCausalLM": "model",
+    "CompressedKVCache": "cache",
+    "KVCache": "cache",
+}
+
+__all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "backend_info",
+           "CompressedVAttentionFunction", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'vdproj_ext' has no attribute {name!r}")

@@ -1,0 +1,121 @@
+"""Find and load the compiled kernels, once, and remember why when that fails.
+
+Order of attempts:
+  1. `vdproj_ext._C`, compiled ahead of time by `pip install --no-build-isolation .`, but only
+     if it was built against the torch that is running now (checked before importing it, so
+     an ABI mismatch never surfaces as an undefined-symbol traceback).
+  2. A JIT build of the shipped sources with torch.utils.cpp_extension.load (ninja), cached
+     per torch version under $VDPROJ_EXT_CACHE or ~/.cache/vdproj_ext. This is what a plain
+     `pip install .` uses, and what a torch upgrade falls back to.
+Set VDPROJ_EXT_NO_JIT=1 to forbid step 2 (the reference backend is then used).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_PKG_DIR = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def source_dir() -> Path:
+    """The kernel sources: shipped inside the wheel, or csrc/ of a source checkout."""
+    for candidate in (_PKG_DIR / "_csrc", _PKG_DIR.parent / "csrc"):
+        if (candidate / "vdproj_ops.cpp").exists():
+            return candidate
+    raise FileNotFoundError("vdproj_ext kernel sources not found (looked for _csrc/ and ../csrc/)")
+
+
+def _aot_build_info() -> dict | None:
+    path = _PKG_DIR / "_build_info.json"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _try_aot():
+    info = _aot_build_info()
+    if info is not None and not info.get("aot", False):
+        return None, "the installed wheel carries sources only (built with build isolation)"
+    if info is not None and info.get("torch_version") != torch.__version__:
+        return None, (f"vdproj_ext._C was built against torch {info.get('torch_version')} but "
+                      f"torch {torch.__version__} is running")
+    try:
+        module = importlib.import_module("vdproj_ext._C")
+    except ImportError as exc:
+        return None, f"vdproj_ext._C could not be imported: {exc}"
+    built = module.build_info().get("torch_version", "")
+    if not torch.__version__.startswith(built):
+        return None, f"vdproj_ext._C reports torch {built}, running torch {torch.__version__}"
+    return module, None
+
+
+def _jit_sources(src: Path, with_cuda: bool) -> list[str]:
+    files = sorted(str(p) for p in src.glob("*.cpp"))
+    if with_cuda:
+        files += sorted(str(p) for p in (src / "cuda").glob("*.cpp"))
+        files += sorted(str(p) for p in (src / "cuda").glob("*.cu"))
+    return files
+
+
+def _try_jit():
+    if os.environ.get("VDPROJ_EXT_NO_JIT") == "1":
+        return None, "JIT compilation disabled by VDPROJ_EXT_NO_JIT=1"
+    try:
+        from torch.utils import cpp_extension
+        src = source_dir()
+        with_cuda = (torch.version.cuda is not None and torch.cuda.is_available()
+                     and cpp_extension.CUDA_HOME is not None)
+        sources = _jit_sources(src, with_cuda)
+        digest = hashlib.sha1()
+        for path in sources + sorted(str(p) for p in src.rglob("*.h")):
+            digest.update(Path(path).read_bytes())
+        tag = f"{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}"
+        name = "vdproj_ext_jit_" + hashlib.sha1(tag.encode()).hexdigest()[:10]
+        root = Path(os.environ.get("VDPROJ_EXT_CACHE", Path.home() / ".cache" / "vdproj_ext"))
+        build_dir = root / tag
+        build_dir.mkdir(parents=True, exist_ok=True)
+        flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+        if with_cuda:
+            flags.append("-DVDPROJ_WITH_CUDA")
+            nvcc.append("-DVDPROJ_WITH_CUDA")
+        module = cpp_extension.load(
+            name=name, sources=sources, extra_cflags=flags, extra_cuda_cflags=nvcc,
+            extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+        return module, None
+    except Exception as exc:  # compiler missing, build error, ...
+        return None, f"JIT build of the kernels failed: {type(exc).__name__}: {exc}"
+
+
+def load():
+    """Return the compiled module, or None; the reason for None is in `status()`."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module, aot_reason = _try_aot()
+        origin, reason = "aot", None
+        if module is None:
+            if aot_reason and "sources only" not in aot_reason and _aot_build_info() is not None:
+                warnings.warn(f"{aot_reason}; compiling the kernels for this torch instead",
+                              RuntimeWarning, stacklevel=3)
+            module, jit_reason = _try_jit()
+            origin = "jit"
+            if module is None:
+                origin, reason = None, f"{aot_reason}; {jit_reason}"
+        _state.update(module=module, origin=origin, reason=reason)
+        return module
+
+
+def status() -> dict:
+    load()
+    return {"origin": _state["origin"], "reason": _state["reason"]}

@@ -1,0 +1,325 @@
+"""Public functional API (SPEC section 3): input checks, backend dispatch and autograd.
+
+The compiled ops live under torch.ops.vdproj_ext (schemas in csrc/vdproj_ops.cpp). This
+module registers their fake (meta) implementations and autograd formula with torch.library,
+so that opcheck passes and torch.compile can trace through them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+from . import _loader, reference
+
+BACKENDS = ("auto", "ext", "reference")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# ---------------------------------------------------------------------------------------------
+# Loading the extension and choosing a backend
+
+
+def _ops():
+    """torch.ops.vdproj_ext once the kernels are loaded, else None."""
+    if _loader.load() is None:
+        return None
+    _register_torch_library()
+    return torch.ops.vdproj_ext
+
+
+def _has_kernel(device_type: str) -> bool:
+    if _ops() is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "vdproj_ext::cva_forward", key)
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return "reference"
+    if _has_kernel(device.type):
+        return "ext"
+    if backend == "auto":
+        return "reference"
+    status = _loader.status()
+    why = status["reason"] or f"it was built without {device.type.upper()} kernels"
+    raise RuntimeError(f"backend='ext' requested for a {device.type} tensor, but the "
+                       f"vdproj_ext kernels are unavailable: {why}")
+
+
+def backend_info() -> dict:
+    """What was compiled, against which torch, and what backend='auto' picks per device."""
+    module = _loader.load()
+    status = _loader.status()
+    built = module.build_info() if module is not None else {}
+    cpu, cuda = _has_kernel("cpu"), _has_kernel("cuda")
+    return {
+        "torch_version": torch.__version__,
+        "extension_loaded": module is not None,
+        "extension_origin": status["origin"],  # "aot", "jit" or None
+        "extension_error": status["reason"],
+        "built_torch_version": built.get("torch_version"),
+        "cpu_kernels": cpu,
+        "cuda_kernels": cuda,
+        "cuda_archs": list(built.get("cuda_archs", [])),
+        "openmp": built.get("openmp", False),
+        "auto_backend": {"cpu": "ext" if cpu else "reference",
+                         "cuda": "ext" if cuda else "reference"},
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks. Every message names the argument and what was expected.
+
+
+def _check_tensor(name, t, ndim, optional=False):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_shape(name, t, expected):
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def _check_same_dtype_device(named):
+    named = [(n, t) for n, t in named if t is not None]
+    first_name, first = named[0]
+    if first.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{first_name} must be float32, float16 or bfloat16, got {first.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} must have dtype {first.dtype} like {first_name}, "
+                            f"got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{name} must be on {first.device} like {first_name}, "
+                             f"got {t.device}")
+
+
+def _check_scale(softmax_scale, head_dim):
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    scale = float(softmax_scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale must be finite, got {scale}")
+    return scale
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_attention_inputs(q, k, v_c, w_r, b_r):
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v_c", v_c, 3)
+    _check_tensor("w_r", w_r, 2)
+    _check_tensor("b_r", b_r, 1, optional=True)
+    _check_same_dtype_device([("q", q), ("k", k), ("v_c", v_c), ("w_r", w_r), ("b_r", b_r)])
+    batch, _, heads, head_dim = q.shape
+    tk = k.shape[1]
+    _check_shape("k", k, (batch, tk, heads, head_dim))
+    rank = v_c.shape[-1]
+    _check_shape("v_c", v_c, (batch, tk, rank))
+    _check_shape("w_r", w_r, (heads * head_dim, rank))
+    _check_shape("b_r", b_r, (heads * head_dim,))
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed_v_attention: training / prefill, differentiable
+
+
+class CompressedVAttentionFunction(torch.autograd.Function):
+    """Autograd wrapper dispatching to the compiled kernels or to the reference."""
+
+    @staticmethod
+    def forward(ctx, q, k, v_c, w_r, b_r, causal, softmax_scale, backend):
+        ctx.causal, ctx.softmax_scale, ctx.backend = causal, softmax_scale, backend
+        ctx.has_bias = b_r is not None
+        if backend == "ext":
+            out, lse, ctx_c = torch.ops.vdproj_ext.cva_forward(
+                q, k, v_c, w_r, b_r, causal, softmax_scale)
+            ctx.save_for_backward(q, k, v_c, w_r, lse, ctx_c)
+            ctx.mark_non_differentiable(lse, ctx_c)
+        else:
+            out = reference.compressed_v_attention(q, k, v_c, w_r, b_r, causal=causal,
+                                                   softmax_scale=softmax_scale)
+            ctx.save_for_backward(q, k, v_c, w_r, b_r)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.backend == "ext":
+            q, k, v_c, w_r, lse, ctx_c = ctx.saved_tensors
+            dq, dk, dvc, dwr, dbr = torch.ops.vdproj_ext.cva_backward(
+                grad_out.contiguous(), q, k, v_c, w_r, lse, ctx_c, ctx.causal,
+                ctx.softmax_scale)
+        else:  # differentiate the reference by recomputing it with autograd on
+            q, k, v_c, w_r, b_r = ctx.saved_tensors
+            inputs = [t.detach().requires_grad_() for t in (q, k, v_c, w_r)]
+            bias = b_r.detach().requires_grad_() if b_r is not None else None
+            with torch.enable_grad():
+                out = reference.compressed_v_attention(*inputs, bias, causal=ctx.causal,
+                                                       softmax_scale=ctx.softmax_scale)
+                grads = torch.autograd.grad(out, inputs + ([bias] if bias is not None else []),
+                                            grad_out, allow_unused=True)
+            dq, dk, dvc, dwr = grads[:4]
+            dbr = grads[4] if bias is not None else None
+        return dq, dk, dvc, dwr, (dbr if ctx.has_bias else None), None, None, None
+
+
+def compressed_v_attention(q, k, v_c, w_r, b_r=None, *, causal=False, softmax_scale=None,
+                           backend="auto"):
+    """Attention whose values are restored from a compressed representation (SPEC section 3).
+
+    q, k: (B, Tq, H, D), (B, Tk, H, D); v_c: (B, Tk, R); w_r: (H*D, R); b_r: (H*D,) or None.
+    Returns o (B, Tq, H, D). Differentiable with respect to q, k, v_c, w_r and b_r.
+    """
+    _check_attention_inputs(q, k, v_c, w_r, b_r)
+    _check_flag("causal", causal)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    chosen = _resolve_backend(backend, q.device)
+    if chosen == "ext":
+        q, k, v_c, w_r = (t.contiguous() for t in (q, k, v_c, w_r))
+        b_r = b_r.contiguous() if b_r is not None else None
+    return CompressedVAttentionFunction.apply(q, k, v_c, w_r, b_r, causal, scale, chosen)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed_attn_with_kvcache: decode / append, inference only
+
+
+def _check_kvcache_inputs(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens):
+    _check_tensor("q", q, 4)
+    _check_tensor("k_cache", k_cache, 4)
+    _check_tensor("vc_cache", vc_cache, 3)
+    _check_tensor("w_r", w_r, 2)
+    _check_tensor("b_r", b_r, 1, optional=True)
+    _check_same_dtype_device([("q", q), ("k_cache", k_cache), ("vc_cache", vc_cache),
+                              ("w_r", w_r), ("b_r", b_r), ("k", k), ("v", v), ("w_c", w_c),
+                              ("b_c", b_c)])
+    batch, _, heads, head_dim = q.shape
+    max_len, rank = k_cache.shape[1], vc_cache.shape[-1]
+    _check_shape("k_cache", k_cache, (batch, max_len, heads, head_dim))
+    _check_shape("vc_cache", vc_cache, (batch, max_len, rank))
+    _check_shape("w_r", w_r, (heads * head_dim, rank))
+    _check_shape("b_r", b_r, (heads * head_dim,))
+    for name, cache in (("k_cache", k_cache), ("vc_cache", vc_cache)):
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dimension "
+                             f"(got strides {cache.stride()}); it is written in place")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both None")
+    t_new = 0
+    if k is not None:
+        _check_tensor("k", k, 4)
+        _check_tensor("v", v, 3)
+        t_new = k.shape[1]
+        _check_shape("k", k, (batch, t_new, heads, head_dim))
+        _check_shape("v", v, (batch, t_new, heads * head_dim))
+        if w_c is None:
+            raise ValueError("w_c (shape (R, H*D)) is required when new k and v are given")
+        _check_tensor("w_c", w_c, 2)
+        _check_tensor("b_c", b_c, 1, optional=True)
+        _check_shape("w_c", w_c, (rank, heads * head_dim))
+        _check_shape("b_c", b_c, (rank,))
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({batch},), "
+                        f"got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must have dtype torch.int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape ({batch},), "
+                         f"got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"cache_seqlens must be on {q.device} like q, got {cache_seqlens.device}")
+    if batch > 0:
+        lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+        if lo < 0 or hi > max_len:
+            raise ValueError(f"cache_seqlens must lie in [0, {max_len}] (the cache's Tmax), "
+                             f"got values in [{lo}, {hi}]")
+        if hi + t_new > max_len:
+            raise ValueError(f"writing {t_new} new tokens at cache_seqlens (max {hi}) would "
+                             f"overflow the cache of Tmax={max_len}; nothing was written")
+
+
+@torch.no_grad()
+def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None, v=None,
+                                 w_c=None, b_c=None, cache_seqlens, causal=True,
+                                 softmax_scale=None, backend="auto"):
+    """Compress-on-write of (k, v) into the cache, then restore-on-read attention (SPEC 3)."""
+    _check_kvcache_inputs(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens)
+    _check_flag("causal", causal)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    chosen = _resolve_backend(backend, q.device)
+    if chosen == "reference":
+        return reference.compressed_attn_with_kvcache(
+            q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c,
+            cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale)
+    contig = [t.contiguous() if t is not None else None for t in (q, w_r, b_r, k, v, w_c, b_c)]
+    q_, w_r_, b_r_, k_, v_, w_c_, b_c_ = contig
+    return torch.ops.vdproj_ext.kvcache_attention(
+        q_, k_cache, vc_cache, w_r_, b_r_, k_, v_, w_c_, b_c_, cache_seqlens, causal, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration: fake kernels and the autograd formula of cva_forward
+
+_registered = False
+
+
+def _register_torch_library():
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    @torch.library.register_fake("vdproj_ext::cva_forward")
+    def _cva_forward_fake(q, k, v_c, w_r, b_r, causal, softmax_scale):
+        batch, tq, heads, head_dim = q.shape
+        rank = v_c.shape[-1]
+        out = q.new_empty((batch, tq, heads, head_dim))
+        lse = q.new_empty((batch, heads, tq), dtype=torch.float32)
+        ctx_c = q.new_empty((batch, tq, heads, rank))
+        return out, lse, ctx_c
+
+    @torch.library.register_fake("vdproj_ext::cva_backward")
+    def _cva_backward_fake(grad_out, q, k, v_c, w_r, softmax_lse, ctx_c, causal, softmax_scale):
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v_c),
+                torch.empty_like(w_r), w_r.new_empty((w_r.shape[0],)))
+
+    @torch.library.register_fake("vdproj_ext::kvcache_attention")
+    def _kvcache_fake(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, causal,
+                      softmax_scale):
+        return torch.empty_like(q)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v_c, w_r, b_r, causal, softmax_scale = inputs
+        _, lse, ctx_c = output
+        ctx.save_for_backward(q, k, v_c, w_r, lse, ctx_c)
+        ctx.causal, ctx.softmax_scale, ctx.has_bias = causal, softmax_scale, b_r is not None
+        ctx.mark_non_differentiable(lse, ctx_c)
+
+    def _backward(ctx, grad_out, _grad_lse, _grad_ctx):
+        q, k, v_c, w_r, lse, ctx_c = ctx.saved_tensors
+        dq, dk, dvc, dwr, dbr = torch.ops.vdproj_ext.cva_backward(
+            grad_out.contiguous(), q, k, v_c, w_r, lse, ctx_c, ctx.causal, ctx.softmax_scale)
+        return dq, dk, dvc, dwr, (dbr if ctx.has_bias else None), None, None
+
+    torch.library.register_autograd("vdproj_ext::cva_forward", _backward,
+                                    setup_context=_setup_context)

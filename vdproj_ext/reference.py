@@ -1,0 +1,88 @@
+"""Pure-PyTorch reference implementation of the V-DProj ops.
+
+This file is the executable definition of the math in SPEC section 1-3. It favours clarity
+over speed: values are restored to full width first, then ordinary attention runs over them.
+Every compiled kernel is tested against these functions evaluated in float64.
+
+Shapes (FlashAttention KV-cache conventions):
+    q (B, Tq, H, D), k (B, Tk, H, D), v_c (B, Tk, R), w_r (H*D, R), b_r (H*D,)
+    k_cache (B, Tmax, H, D), vc_cache (B, Tmax, R), cache_seqlens int32 (B,)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def restore_values(v_c: torch.Tensor, w_r: torch.Tensor, b_r: Optional[torch.Tensor],
+                   num_heads: int) -> torch.Tensor:
+    """V_r = V_c @ w_r.T + b_r, split into heads: (B, T, R) -> (B, T, H, D)."""
+    v_r = torch.nn.functional.linear(v_c, w_r, b_r)
+    return v_r.unflatten(-1, (num_heads, -1))
+
+
+def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
+    """Bottom-right aligned causal mask: query i sees key j iff j <= i + tk - tq."""
+    i = torch.arange(tq, device=device).unsqueeze(1)
+    j = torch.arange(tk, device=device).unsqueeze(0)
+    return j <= i + (tk - tq)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              allowed: Optional[torch.Tensor], softmax_scale: float) -> torch.Tensor:
+    """Plain softmax attention in (B, T, H, D) layout.
+
+    `allowed` broadcasts to (B, H, Tq, Tk); True marks a visible key. A query row that sees
+    no key returns zeros (not NaN), as the SPEC requires.
+    """
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * softmax_scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if allowed is not None:
+        # Rows with every key masked are all -inf and softmax gives NaN there.
+        probs = torch.nan_to_num(probs, nan=0.0)
+    return torch.einsum("bhij,bjhd->bihd", probs, v)
+
+
+def compressed_v_attention(q, k, v_c, w_r, b_r=None, *, causal=False, softmax_scale=None):
+    """o[b, i, h] = sum_j P[b, h, i, j] * (v_c[b, j] @ w_r[h].T + b_r[h])."""
+    num_heads, head_dim = q.shape[2], q.shape[3]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    v_r = restore_values(v_c, w_r, b_r, num_heads)
+    allowed = causal_mask(q.shape[1], k.shape[1], q.device) if causal else None
+    # A row without visible keys gets all-zero weights, so it returns zeros, bias included.
+    return attention(q, k, v_r, allowed, scale)
+
+
+def compress_values(v: torch.Tensor, w_c: torch.Tensor, b_c: Optional[torch.Tensor]) -> torch.Tensor:
+    """V_c = V @ w_c.T + b_c: (B, T, H*D) -> (B, T, R)."""
+    return torch.nn.functional.linear(v, w_c, b_c)
+
+
+def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None, v=None,
+                                 w_c=None, b_c=None, cache_seqlens, causal=True,
+                                 softmax_scale=None):
+    """Append (k, compress(v)) at cache_seqlens, then attend over each sequence's valid prefix.
+
+    Mutates k_cache and vc_cache in place; never reads positions past a sequence's length.
+    """
+    batch, tq, num_heads, head_dim = q.shape
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    t_new = 0 if k is None else k.shape[1]
+    lengths = [int(n) for n in cache_seqlens.tolist()]
+    if k is not None:
+        v_c_new = compress_values(v, w_c, b_c).to(vc_cache.dtype)
+        for b, start in enumerate(lengths):
+            k_cache[b, start:start + t_new] = k[b]
+            vc_cache[b, start:start + t_new] = v_c_new[b]
+    out = q.new_zeros(q.shape)
+    for b, start in enumerate(lengths):
+        tk = start + t_new
+        if tk == 0:
+            continue  # nothing cached and nothing new: every row sees no key
+        out[b:b + 1] = compressed_v_attention(
+            q[b:b + 1], k_cache[b:b + 1, :tk], vc_cache[b:b + 1, :tk], w_r, b_r,
+            causal=causal, softmax_scale=scale)
+    return out
