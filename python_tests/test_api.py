@@ -1,0 +1,285 @@
+"""The public API contract: backend selection, bad input, torch.library and torch.compile."""
+import math
+
+import pytest
+import torch
+
+import vdproj_ext
+from vdproj_ext import backend_info, compressed_attn_with_kvcache, compressed_v_attention
+
+B, TQ, TK, H, D, R = 2, 3, 5, 2, 8, 6
+BACKENDS = ["reference", "ext"]
+
+
+def attn_inputs(dtype=torch.float32, bias=True, requires_grad=False):
+    t = dict(q=torch.randn(B, TQ, H, D, dtype=dtype), k=torch.randn(B, TK, H, D, dtype=dtype),
+             v_c=torch.randn(B, TK, R, dtype=dtype), w_r=torch.randn(H * D, R, dtype=dtype) * 0.3,
+             b_r=torch.randn(H * D, dtype=dtype) if bias else None)
+    if requires_grad:
+        for v in t.values():
+            if v is not None:
+                v.requires_grad_()
+    return t
+
+
+def cache_inputs(t_max=8, t_new=2, seqlens=(3, 0), dtype=torch.float32):
+    k_cache = torch.full((B, t_max, H, D), float("nan"), dtype=dtype)
+    vc_cache = torch.full((B, t_max, R), float("nan"), dtype=dtype)
+    for b, n in enumerate(seqlens):
+        k_cache[b, :n] = torch.randn(n, H, D, dtype=dtype)
+        vc_cache[b, :n] = torch.randn(n, R, dtype=dtype)
+    return dict(q=torch.randn(B, t_new, H, D, dtype=dtype), k_cache=k_cache, vc_cache=vc_cache,
+                w_r=torch.randn(H * D, R, dtype=dtype) * 0.3, b_r=torch.randn(H * D, dtype=dtype),
+                k=torch.randn(B, t_new, H, D, dtype=dtype),
+                v=torch.randn(B, t_new, H * D, dtype=dtype),
+                w_c=torch.randn(R, H * D, dtype=dtype) * 0.3, b_c=torch.randn(R, dtype=dtype),
+                cache_seqlens=torch.tensor(seqlens, dtype=torch.int32))
+
+
+def call_attn(args, **kw):
+    args = dict(args)
+    return compressed_v_attention(args.pop("q"), args.pop("k"), args.pop("v_c"), args.pop("w_r"),
+                                  args.pop("b_r"), **args, **kw)
+
+
+def call_cache(args, **kw):
+    args = dict(args)
+    return compressed_attn_with_kvcache(args.pop("q"), args.pop("k_cache"), args.pop("vc_cache"),
+                                        args.pop("w_r"), args.pop("b_r"), **args, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend_info and selection
+
+
+def test_backend_info_reports_cpu_kernels():
+    info = backend_info()
+    for key in ("torch_version", "cpu_kernels", "cuda_kernels", "cuda_archs", "auto_backend",
+                "built_torch_version", "extension_origin"):
+        assert key in info
+    assert info["cpu_kernels"], f"CPU kernels not loadable: {info['extension_error']}"
+    assert info["auto_backend"]["cpu"] == "ext"
+    assert info["built_torch_version"] and torch.__version__.startswith(info["built_torch_version"])
+    if not torch.cuda.is_available() or not info["cuda_kernels"]:
+        assert info["auto_backend"]["cuda"] == "reference"
+
+
+def test_auto_matches_ext_and_reference():
+    args = attn_inputs(torch.float64)
+    outs = [call_attn(args, causal=True, backend=b) for b in ("auto", "ext", "reference")]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1], outs[2], rtol=1e-10, atol=1e-10)
+
+
+def test_ext_unavailable_for_device_raises_clearly():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device exists here")
+    args = {k: (v.to("meta") if v is not None else None) for k, v in attn_inputs().items()}
+    with pytest.raises(RuntimeError, match="backend='ext'.*meta"):
+        call_attn(args, backend="ext")
+
+
+@pytest.mark.parametrize("backend", [None, "fast", 3])
+def test_bad_backend(backend):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        call_attn(attn_inputs(), backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input for compressed_v_attention: every class of SPEC section 3, on both backends
+
+
+def _replace(args, **changes):
+    out = dict(args)
+    out.update(changes)
+    return out
+
+
+ATTN_BAD = {
+    "q rank": (lambda a: _replace(a, q=a["q"][0]), ValueError, r"q must be 4-D"),
+    "k shape": (lambda a: _replace(a, k=a["k"][..., :-1]), ValueError, r"k must have shape"),
+    "k heads": (lambda a: _replace(a, k=a["k"][:, :, :1]), ValueError, r"k must have shape"),
+    "v_c length": (lambda a: _replace(a, v_c=a["v_c"][:, :-1]), ValueError, r"v_c must have shape"),
+    "v_c rank": (lambda a: _replace(a, v_c=a["v_c"][0]), ValueError, r"v_c must be 3-D"),
+    "w_r shape": (lambda a: _replace(a, w_r=a["w_r"][:, :-1]), ValueError, r"w_r must have shape"),
+    "b_r shape": (lambda a: _replace(a, b_r=a["b_r"][:-1]), ValueError, r"b_r must have shape"),
+    "mixed dtype": (lambda a: _replace(a, k=a["k"].double()), TypeError, r"k must have dtype"),
+    "int dtype": (lambda a: _replace(a, q=a["q"].long()), TypeError, r"q must be float32"),
+    "mixed device": (lambda a: _replace(a, v_c=a["v_c"].to("meta")), ValueError,
+                     r"v_c must be on cpu"),
+    "not a tensor": (lambda a: _replace(a, w_r=a["w_r"].tolist()), TypeError,
+                     r"w_r must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(ATTN_BAD))
+def test_attention_bad_input(case, backend):
+    mutate, exc, pattern = ATTN_BAD[case]
+    with pytest.raises(exc, match=pattern):
+        call_attn(mutate(attn_inputs()), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale,exc", [(float("inf"), ValueError), (float("nan"), ValueError),
+                                       (-math.inf, ValueError), (True, TypeError),
+                                       ("0.1", TypeError)])
+def test_bad_softmax_scale(scale, exc, backend):
+    with pytest.raises(exc, match="softmax_scale"):
+        call_attn(attn_inputs(), softmax_scale=scale, backend=backend)
+    with pytest.raises(exc, match="softmax_scale"):
+        call_cache(cache_inputs(), softmax_scale=scale, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_causal_flag(backend):
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        call_attn(attn_inputs(), causal="yes", backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input for compressed_attn_with_kvcache
+
+CACHE_BAD = {
+    "seqlens int64": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"].long()), TypeError,
+                      r"cache_seqlens must have dtype torch.int32"),
+    "seqlens list": (lambda a: _replace(a, cache_seqlens=[3, 0]), TypeError,
+                     r"cache_seqlens must be an int32 tensor"),
+    "seqlens shape": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"][:1]), ValueError,
+                      r"cache_seqlens must have shape \(2,\)"),
+    "seqlens negative": (lambda a: _replace(a, cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)),
+                         ValueError, r"cache_seqlens must lie in \[0, 8\]"),
+    "seqlens past Tmax": (lambda a: _replace(a, cache_seqlens=torch.tensor([9, 0], dtype=torch.int32)),
+                          ValueError, r"cache_seqlens must lie in \[0, 8\]"),
+    "k without v": (lambda a: _replace(a, v=None), ValueError, r"k and v must be given together"),
+    "no w_c": (lambda a: _replace(a, w_c=None), ValueError, r"w_c .* is required"),
+    "w_c shape": (lambda a: _replace(a, w_c=a["w_c"].t()), ValueError, r"w_c must have shape"),
+    "b_c shape": (lambda a: _replace(a, b_c=a["b_c"][:-1]), ValueError, r"b_c must have shape"),
+    "v shape": (lambda a: _replace(a, v=a["v"][..., :-1]), ValueError, r"v must have shape"),
+    "k shape": (lambda a: _replace(a, k=a["k"][:, :, :1]), ValueError, r"k must have shape"),
+    "vc_cache rank": (lambda a: _replace(a, vc_cache=a["vc_cache"][0]), ValueError,
+                      r"vc_cache must be 3-D"),
+    "vc_cache length": (lambda a: _replace(a, vc_cache=a["vc_cache"][:, :-1]), ValueError,
+                        r"vc_cache must have shape"),
+    "k_cache dtype": (lambda a: _replace(a, k_cache=a["k_cache"].half()), TypeError,
+                      r"k_cache must have dtype"),
+    "cache stride": (lambda a: _replace(a, vc_cache=a["vc_cache"].transpose(0, 2).contiguous()
+                                        .transpose(0, 2)), ValueError, r"vc_cache must have a unit stride"),
+    "seqlens device": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"].to("meta")), ValueError,
+                       r"cache_seqlens must be on cpu"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(CACHE_BAD))
+def test_kvcache_bad_input(case, backend):
+    mutate, exc, pattern = CACHE_BAD[case]
+    args = mutate(cache_inputs())
+    before = [args["k_cache"].clone(), args["vc_cache"].clone()]
+    with pytest.raises(exc, match=pattern):
+        call_cache(args, backend=backend)
+    # A rejected call writes nothing (NaN compares equal to NaN here).
+    torch.testing.assert_close(args["k_cache"], before[0], equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_overflow_writes_nothing(backend):
+    args = cache_inputs(t_max=8, t_new=3, seqlens=(6, 1))  # 6 + 3 > 8
+    before = [args["k_cache"].clone(), args["vc_cache"].clone()]
+    with pytest.raises(ValueError, match="overflow"):
+        call_cache(args, backend=backend)
+    torch.testing.assert_close(args["k_cache"], before[0], equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(args["vc_cache"], before[1], equal_nan=True, rtol=0, atol=0)
+
+
+def test_direct_op_call_with_bad_shapes_raises_not_crashes():
+    """The C++ API checks its inputs too, for callers that bypass the Python checks."""
+    a = attn_inputs()
+    with pytest.raises(RuntimeError):
+        torch.ops.vdproj_ext.cva_forward(a["q"], a["k"][:, :, :1], a["v_c"], a["w_r"], a["b_r"],
+                                         False, 0.3)
+    with pytest.raises(RuntimeError):
+        torch.ops.vdproj_ext.cva_forward(a["q"], a["k"], a["v_c"][:, :-1], a["w_r"], a["b_r"],
+                                         False, 0.3)
+    c = cache_inputs()
+    with pytest.raises(RuntimeError):  # overflow: 7 + 2 > 8
+        torch.ops.vdproj_ext.kvcache_attention(
+            c["q"], c["k_cache"], c["vc_cache"], c["w_r"], c["b_r"], c["k"], c["v"], c["w_c"],
+            c["b_c"], torch.tensor([7, 0], dtype=torch.int32), True, 0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration and torch.compile
+
+
+def test_opcheck_cva_forward_and_backward():
+    a = attn_inputs(requires_grad=True)
+    for causal in (False, True):
+        args = (a["q"], a["k"], a["v_c"], a["w_r"], a["b_r"], causal, 0.37)
+        torch.library.opcheck(torch.ops.vdproj_ext.cva_forward.default, args)
+        out, lse, ctx = torch.ops.vdproj_ext.cva_forward(*args)
+        grad = torch.randn_like(out)
+        torch.library.opcheck(torch.ops.vdproj_ext.cva_backward.default,
+                              (grad, a["q"].detach(), a["k"].detach(), a["v_c"].detach(),
+                               a["w_r"].detach(), lse, ctx, causal, 0.37))
+    torch.library.opcheck(torch.ops.vdproj_ext.cva_forward.default,
+                          (a["q"], a["k"], a["v_c"], a["w_r"], None, True, 0.37))
+
+
+def test_opcheck_kvcache_attention():
+    c = cache_inputs()
+    c["k_cache"] = torch.nan_to_num(c["k_cache"])  # opcheck compares whole caches
+    c["vc_cache"] = torch.nan_to_num(c["vc_cache"])
+    args = (c["q"], c["k_cache"], c["vc_cache"], c["w_r"], c["b_r"], c["k"], c["v"], c["w_c"],
+            c["b_c"], c["cache_seqlens"], True, 0.3)
+    torch.library.opcheck(torch.ops.vdproj_ext.kvcache_attention.default, args)
+    args_no_new = (c["q"], c["k_cache"], c["vc_cache"], c["w_r"], None, None, None, None, None,
+                   c["cache_seqlens"], True, 0.3)
+    torch.library.opcheck(torch.ops.vdproj_ext.kvcache_attention.default, args_no_new)
+
+
+def test_registered_autograd_matches_function():
+    """Calling the raw op under autograd uses the registered backward formula."""
+    a = attn_inputs(torch.float64, requires_grad=True)
+    out, _, _ = torch.ops.vdproj_ext.cva_forward(a["q"], a["k"], a["v_c"], a["w_r"], a["b_r"],
+                                                  True, D ** -0.5)
+    grads_op = torch.autograd.grad(out.sum(), list(a.values()))
+    out_ref = call_attn(a, causal=True, backend="reference")
+    grads_ref = torch.autograd.grad(out_ref.sum(), list(a.values()))
+    for g_op, g_ref in zip(grads_op, grads_ref):
+        torch.testing.assert_close(g_op, g_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_torch_compile_fullgraph_training_step():
+    torch._dynamo.reset()
+    a = attn_inputs(requires_grad=True)
+
+    def step(q, k, v_c, w_r, b_r):
+        return compressed_v_attention(q, k, v_c, w_r, b_r, causal=True, backend="ext").square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(*a.values())
+    grads = torch.autograd.grad(loss, list(a.values()))
+    loss_ref = step(*a.values())
+    grads_ref = torch.autograd.grad(loss_ref, list(a.values()))
+    torch.testing.assert_close(loss, loss_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_decode():
+    torch._dynamo.reset()
+    c = cache_inputs()
+    c2 = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+
+    def decode(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, seqlens):
+        out = compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c,
+                                           b_c=b_c, cache_seqlens=seqlens, backend="ext")
+        return out * 2.0
+
+    compiled = torch.compile(decode, fullgraph=True)
+    out = compiled(*c.values())
+    out_eager = decode(*c2.values())
+    torch.testing.assert_close(out, out_eager)
+    torch.testing.assert_close(c["vc_cache"], c2["vc_cache"], equal_nan=True)
