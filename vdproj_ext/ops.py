@@ -248,7 +248,9 @@ def _check_kvcache_inputs(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_
                          f"got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on {q.device} like q, got {cache_seqlens.device}")
-    if batch > 0:
+    # Reading the lengths is data-dependent; under torch.compile the kernel's own check (which
+    # also raises before writing anything) stands in for this one.
+    if batch > 0 and not torch.compiler.is_compiling():
         lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
         if lo < 0 or hi > max_len:
             raise ValueError(f"cache_seqlens must lie in [0, {max_len}] (the cache's Tmax), "
