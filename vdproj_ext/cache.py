@@ -119,9 +119,8 @@ class _CacheBase:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all cache buffers (seqlens included)."""
-        return sum(t.numel() * t.element_size() for t in self._buffers()) + \
-            self.seqlens.numel() * self.seqlens.element_size()
+        """Bytes of all key/value buffers (the (B,) seqlens bookkeeping is not counted)."""
+        return sum(t.numel() * t.element_size() for t in self._buffers())
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies over all layers."""
@@ -138,10 +137,11 @@ class CompressedKVCache(_CacheBase):
     """Key cache (B, Tmax, H, D) and compressed value cache (B, Tmax, R) per layer."""
 
     def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, v_rank, *,
-                 dtype=None, device=None, backend="auto"):
+                 dtype=None, device=None, backend=None):
         super().__init__(num_layers, batch_size, max_len, num_heads, head_dim, dtype=dtype,
                          device=device)
         _check_positive_int("v_rank", v_rank)
+        # backend None: follow the attention module's `backend` attribute (model.set_backend).
         self.v_rank, self.backend = v_rank, backend
         shape_k = (batch_size, max_len, num_heads, head_dim)
         self.k_cache = [torch.zeros(shape_k, dtype=self.dtype, device=self.device)
@@ -160,7 +160,8 @@ class CompressedKVCache(_CacheBase):
         return compressed_attn_with_kvcache(
             q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
             k=k, v=v, w_c=comp.weight, b_c=comp.bias, cache_seqlens=self.seqlens, causal=True,
-            softmax_scale=getattr(attn_module, "softmax_scale", None), backend=self.backend)
+            softmax_scale=getattr(attn_module, "softmax_scale", None),
+            backend=self.backend or getattr(attn_module, "backend", "auto"))
 
 
 class KVCache(_CacheBase):
@@ -168,6 +169,10 @@ class KVCache(_CacheBase):
 
     `k_cache[l]` and `v_cache[l]` are (B, Tmax, H, D) views of that storage, like the
     compressed cache's k_cache.
+
+    Slots past a sequence's length are masked, not skipped, when a batch is ragged: they must
+    hold finite values (they do: buffers start at zero and only the model writes them), since
+    a NaN key survives masking inside SDPA. The compressed cache never reads them at all.
     """
 
     def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, *, dtype=None,

@@ -194,6 +194,8 @@ def compressed_v_attention(q, k, v_c, w_r, b_r=None, *, causal=False, softmax_sc
     _check_flag("causal", causal)
     scale = _check_scale(softmax_scale, q.shape[-1])
     chosen = _resolve_backend(backend, q.device)
+    if chosen == "ext" and q.device.type == "cuda" and _cuda_cva_use_composite(q, k, v_c):
+        return _cuda_composite_cva(q, k, v_c, w_r, b_r, causal, scale)  # see "CUDA routing"
     if chosen == "ext":
         q, k, v_c, w_r = (t.contiguous() for t in (q, k, v_c, w_r))
         b_r = b_r.contiguous() if b_r is not None else None
@@ -273,10 +275,117 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
         return reference.compressed_attn_with_kvcache(
             q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c,
             cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale)
+    if q.device.type == "cuda" and _cuda_kernel_unsupported(q, vc_cache, k_cache, vc_cache):
+        return _cuda_generic_kvcache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
+                                     cache_seqlens, causal, scale)  # see "CUDA routing"
     contig = [t.contiguous() if t is not None else None for t in (q, w_r, b_r, k, v, w_c, b_c)]
     q_, w_r_, b_r_, k_, v_, w_c_, b_c_ = contig
     return torch.ops.vdproj_ext.kvcache_attention(
         q_, k_cache, vc_cache, w_r_, b_r_, k_, v_, w_c_, b_c_, cache_seqlens, causal, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA routing (issue 3, CUDA kernels). On a CUDA tensor with the "ext" backend:
+#   * compressed_attn_with_kvcache runs the fused kernels of csrc/cuda/ when they take the shape
+#     (head_dim 64 or 128, R a multiple of 8 up to 1024, float32/float16/bfloat16, caches with
+#     16-byte aligned rows); any other shape runs a vectorized ATen version on the GPU
+#     (_cuda_generic_kvcache), with the same semantics.
+#   * compressed_v_attention picks by shape (_cuda_cva_use_composite): the absorbed kernel
+#     (cva_forward / cva_backward) or "restore V with one GEMM, then torch SDPA".
+
+_CUDA_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_MAX_RANK = 1024  # csrc/cuda/vdproj_cuda.h kMaxRank
+
+# PLACEHOLDER until measured on a GPU (bench/bench_gpu.py prints both paths side by side): the
+# absorbed kernel spends 2*(D+R) CUDA-core flops per (query, key, head); restore-then-SDPA spends
+# 4*D tensor-core flops plus one (Tk x R x H*D) GEMM, so it should win once Tq*Tk is large.
+_CVA_COMPOSITE_MIN_QK = 128 * 128
+
+
+def _cuda_kernel_unsupported(q, v_c, *vector_tensors) -> Optional[str]:
+    """Why the CUDA kernels cannot take these inputs, or None when they can."""
+    head_dim, rank = q.shape[-1], v_c.shape[-1]
+    if q.dtype not in _CUDA_KERNEL_DTYPES:
+        return f"dtype {q.dtype}"
+    if head_dim not in (64, 128):
+        return f"head_dim {head_dim} (kernels: 64 or 128)"
+    if rank == 0 or rank % 8 != 0 or rank > _CUDA_MAX_RANK:
+        return f"rank R={rank} (kernels: a multiple of 8, at most {_CUDA_MAX_RANK})"
+    for t in vector_tensors:  # read with 16-byte vector loads
+        if t.numel() == 0:
+            continue
+        if t.data_ptr() % 16 or any(size > 1 and stride * t.element_size() % 16
+                                    for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
+            return "a cache whose rows are not 16-byte aligned"
+    return None
+
+
+def _cuda_cva_use_composite(q, k, v_c) -> bool:
+    """Shape-based algorithm choice for compressed_v_attention on CUDA (threshold: placeholder)."""
+    if _cuda_kernel_unsupported(q, v_c) is not None:
+        return True
+    return q.shape[1] * k.shape[1] >= _CVA_COMPOSITE_MIN_QK
+
+
+def _cuda_composite_cva(q, k, v_c, w_r, b_r, causal, scale):
+    """Restore V with one GEMM, then flash/efficient SDPA; differentiable through autograd.
+
+    SDPA's is_causal is top-left aligned, the SPEC's causal is bottom-right aligned: equal when
+    Tq == Tk; for Tq > Tk the first Tq - Tk rows see no key (zeros) and the rest is square
+    causal; for Tq < Tk an explicit bottom-right mask is used.
+    """
+    batch, tq, heads, head_dim = q.shape
+    tk = k.shape[1]
+    if tq == 0 or tk == 0 or batch == 0:
+        return reference.compressed_v_attention(q, k, v_c, w_r, b_r, causal=causal,
+                                                softmax_scale=scale)
+    v_r = torch.nn.functional.linear(v_c, w_r, b_r).view(batch, tk, heads, head_dim)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v_r.transpose(1, 2)  # (B, H, T, D)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if not causal:
+        o = sdpa(qt, kt, vt, scale=scale)
+    elif tq == tk:
+        o = sdpa(qt, kt, vt, is_causal=True, scale=scale)
+    elif tq > tk:
+        tail = sdpa(qt[:, :, tq - tk:], kt, vt, is_causal=True, scale=scale)
+        o = torch.cat([tail.new_zeros(batch, heads, tq - tk, head_dim), tail], dim=2)
+    else:
+        o = sdpa(qt, kt, vt, attn_mask=reference.causal_mask(tq, tk, q.device), scale=scale)
+    return o.transpose(1, 2)
+
+
+def _cuda_generic_kvcache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens,
+                          causal, scale):
+    """compressed_attn_with_kvcache for shapes the CUDA kernels do not take: batched ATen ops,
+    no host sync. Invalid cache positions are masked (torch.where), so NaN tails never leak."""
+    batch, tq, heads, head_dim = q.shape
+    t_max, rank = k_cache.shape[1], vc_cache.shape[-1]
+    t_new = 0 if k is None else k.shape[1]
+    lens = cache_seqlens.long()
+    if t_new:
+        pos = lens[:, None] + torch.arange(t_new, device=q.device)           # (B, Tnew)
+        rows = torch.arange(batch, device=q.device)[:, None].expand_as(pos)
+        k_cache[rows, pos] = k
+        vc_cache[rows, pos] = torch.nn.functional.linear(v, w_c, b_c).to(vc_cache.dtype)
+    total = lens + t_new                                                       # (B,)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    j = torch.arange(t_max, device=q.device)
+    valid = j[None, :] < total[:, None]                                        # (B, Tmax)
+    kk = torch.where(valid[:, :, None, None], k_cache, 0).to(acc)
+    vv = torch.where(valid[:, :, None], vc_cache, 0).to(acc)
+    scores = torch.einsum("bihd,bjhd->bhij", q.to(acc), kk) * scale
+    allowed = valid[:, None, None, :]
+    if causal:
+        i = torch.arange(tq, device=q.device)
+        limit = i[None, :, None] + (total - tq)[:, None, None]                 # (B, Tq, 1)
+        allowed = allowed & (j[None, None, :] <= limit)[:, None]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    ctx = torch.einsum("bhij,bjr->bihr", probs, vv)
+    out = torch.einsum("bihr,hdr->bihd", ctx, w_r.to(acc).view(heads, head_dim, rank))
+    if b_r is not None:
+        out = out + b_r.to(acc).view(heads, head_dim)
+    seen = allowed.any(-1).transpose(1, 2)                                    # (B, Tq, H)
+    return torch.where(seen[..., None], out, 0).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,724 @@
+// CPU kernels of vdproj_ext, written once and compiled once per instruction set.
+//
+// vdproj_ops.cpp includes this file several times, each inside a `#pragma GCC target` region,
+// with VDPROJ_ISA_NS (namespace) and VDPROJ_VBYTES (vector width in bytes) defined. Vector code
+// uses GCC vector extensions, so the same source becomes AVX-512, AVX2+FMA or SSE2 code and
+// the package never depends on the build machine's CPU; the op wrappers pick one at run time.
+// Everything this file needs is included by cpu_kernels_prelude.h before the first inclusion
+// (a header included inside a target region would be compiled for that target).
+//
+// No include guard on purpose.
+
+namespace vdproj {
+namespace cpu {
+namespace VDPROJ_ISA_NS {
+
+namespace {
+
+constexpr int kVBytes = VDPROJ_VBYTES;
+constexpr int64_t kKeyBlock = 64;     // keys per block: scores, softmax, then one rank update
+constexpr int64_t kTileRows = 64;     // query rows (queries x heads) per attention work item
+constexpr int64_t kMinSplit = 256;    // fewest keys per flash-decoding split
+constexpr int64_t kBwdKeyTile = 64;   // keys owned by one backward work item
+
+template <typename A> struct VecT {
+  typedef A type __attribute__((vector_size(VDPROJ_VBYTES)));
+  static constexpr int N = kVBytes / static_cast<int>(sizeof(A));
+};
+template <typename A> using vec_t = typename VecT<A>::type;
+
+template <typename A> inline vec_t<A> vload(const A* p) {
+  vec_t<A> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename A> inline void vstore(A* p, vec_t<A> v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Horizontal sum by halving, so it becomes a few shuffles rather than per-lane extracts.
+template <typename A, int Bytes> struct HSum {
+  typedef A v __attribute__((vector_size(Bytes)));
+  typedef A h __attribute__((vector_size(Bytes / 2)));
+  static inline A run(v x) {
+    h lo, hi;
+    std::memcpy(&lo, &x, Bytes / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&x) + Bytes / 2, Bytes / 2);
+    return HSum<A, Bytes / 2>::run(lo + hi);
+  }
+};
+template <typename A> struct HSum<A, 16> {
+  typedef A v __attribute__((vector_size(16)));
+  static inline A run(v x) {
+    A s = x[0];
+    for (int i = 1; i < 16 / static_cast<int>(sizeof(A)); ++i) s += x[i];
+    return s;
+  }
+};
+template <typename A> inline A hsum(vec_t<A> v) { return HSum<A, kVBytes>::run(v); }
+
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+template <typename A> inline A dot(const A* a, const A* b, int64_t n) {
+  constexpr int N = VecT<A>::N;
+  int64_t i = 0;
+  A s = 0;
+  if (n >= N) {
+    vec_t<A> acc0 = {}, acc1 = {};
+    for (; i + 2 * N <= n; i += 2 * N) {
+      acc0 += vload(a + i) * vload(b + i);
+      acc1 += vload(a + i + N) * vload(b + i + N);
+    }
+    if (i + N <= n) {
+      acc0 += vload(a + i) * vload(b + i);
+      i += N;
+    }
+    s = hsum<A>(acc0 + acc1);
+  }
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y += alpha * x
+template <typename A> inline void axpy(A* y, A alpha, const A* x, int64_t n) {
+  constexpr int N = VecT<A>::N;
+  int64_t i = 0;
+  for (; i + N <= n; i += N) vstore(y + i, vload(y + i) + alpha * vload(x + i));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+template <typename A> inline void scale_row(A* y, A alpha, int64_t n) {
+  constexpr int N = VecT<A>::N;
+  int64_t i = 0;
+  for (; i + N <= n; i += N) vstore(y + i, vload(y + i) * alpha);
+  for (; i < n; ++i) y[i] *= alpha;
+}
+
+// exp for float vectors (Cephes expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp).
+// Inputs below -87.3 (including -inf) give exactly 0, so masked scores vanish.
+inline vec_t<float> vexp(vec_t<float> x) {
+  typedef int32_t iv __attribute__((vector_size(VDPROJ_VBYTES)));
+  const vec_t<float> zero = {};
+  const vec_t<float> lo = zero + -87.33654f, hi = zero + 88.37626f;
+  const iv under = x < lo;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const vec_t<float> magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
+  vec_t<float> fx = x * 1.44269504088896341f;
+  fx = (fx + magic) - magic;
+  vec_t<float> r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  vec_t<float> y = zero + 1.9875691500E-4f;
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * (r * r) + r + 1.0f;
+  const iv n = __builtin_convertvector(fx, iv);
+  const iv bits = (n + 127) << 23;
+  vec_t<float> pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  y = y * pow2;
+  return under ? zero : y;
+}
+
+// s[j] = exp(s[j] - shift) for j < n; returns the sum.
+inline float exp_row(float* s, int64_t n, float shift) {
+  constexpr int N = VecT<float>::N;
+  vec_t<float> acc = {};
+  int64_t j = 0;
+  for (; j + N <= n; j += N) {
+    const vec_t<float> e = vexp(vload(s + j) - shift);
+    vstore(s + j, e);
+    acc += e;
+  }
+  float sum = hsum<float>(acc);
+  if (j < n) {  // tail through a padded vector so every element uses the same exp
+    float tmp[N];
+    for (int t = 0; t < N; ++t) tmp[t] = (j + t < n) ? s[j + t] - shift : -INFINITY;
+    const vec_t<float> e = vexp(vload(tmp));
+    vstore(tmp, e);
+    for (int t = 0; j + t < n; ++t) {
+      s[j + t] = tmp[t];
+      sum += tmp[t];
+    }
+  }
+  return sum;
+}
+inline double exp_row(double* s, int64_t n, double shift) {
+  double sum = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// Storage <-> accumulation. bf16/fp16 are upcast to float32 here; float32 and float64 copy.
+template <typename A, typename T> inline void load_row(A* dst, const T* src, int64_t n) {
+  if constexpr (std::is_same<A, T>::value) {
+    std::memcpy(dst, src, n * sizeof(A));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(static_cast<float>(src[i]));
+  }
+}
+template <typename T, typename A> inline void store_row(T* dst, const A* src, int64_t n) {
+  if constexpr (std::is_same<A, T>::value) {
+    std::memcpy(dst, src, n * sizeof(A));
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+// A contiguous (rows, cols) matrix in accumulation precision: the tensor itself, or an
+// upcast copy when it is stored as bf16/fp16.
+template <typename A, typename T> struct AsAcc {
+  std::vector<A> buf;
+  const A* ptr = nullptr;
+  AsAcc(const void* src, int64_t n) {
+    if (src == nullptr) return;
+    if constexpr (std::is_same<A, T>::value) {
+      ptr = static_cast<const A*>(src);
+    } else {
+      buf.resize(n);
+      const T* s = static_cast<const T*>(src);
+      at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) buf[i] = static_cast<A>(static_cast<float>(s[i]));
+      });
+      ptr = buf.data();
+    }
+  }
+};
+
+// acc[RT rows, CT vectors] += p[RT rows, nk] @ v[nk, CT vectors], the accumulators held in
+// registers across the whole key block: each v row chunk is loaded once for RT rows.
+template <typename A, int RT, int CT>
+inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v,
+                             int64_t ldv, int64_t nk) {
+  constexpr int N = VecT<A>::N;
+  vec_t<A> c[RT][CT];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < CT; ++t) c[r][t] = vload(acc + r * lda + t * N);
+  for (int64_t j = 0; j < nk; ++j) {
+    vec_t<A> x[CT];
+    for (int t = 0; t < CT; ++t) x[t] = vload(v + j * ldv + t * N);
+    for (int r = 0; r < RT; ++r) {
+      const A pr = p[r * ldp + j];
+      for (int t = 0; t < CT; ++t) c[r][t] += pr * x[t];
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < CT; ++t) vstore(acc + r * lda + t * N, c[r][t]);
+}
+
+// acc (rows, ncols; row stride lda) += p (rows, nk; row stride ldp) @ v (nk, ncols; ldv).
+template <typename A>
+void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v, int64_t ldv,
+                 int64_t rows, int64_t nk, int64_t ncols) {
+  constexpr int N = VecT<A>::N;
+  constexpr int RT = 4;
+  constexpr int CT = kVBytes >= 64 ? 4 : 2;  // 16 (AVX-512) or 8 accumulator registers
+  int64_t c = 0;
+  // Column chunks outermost: the block's v columns stay in L1 while all rows use them.
+  for (; c + CT * N <= ncols; c += CT * N) {
+    int64_t r = 0;
+    for (; r + RT <= rows; r += RT)
+      rank_update_tile<A, RT, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+    for (; r < rows; ++r)
+      rank_update_tile<A, 1, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+  }
+  for (; c + N <= ncols; c += N) {
+    int64_t r = 0;
+    for (; r + RT <= rows; r += RT)
+      rank_update_tile<A, RT, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+    for (; r < rows; ++r)
+      rank_update_tile<A, 1, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+  }
+  if (c < ncols) {
+    for (int64_t r = 0; r < rows; ++r) {
+      A* a = acc + r * lda;
+      for (int64_t j = 0; j < nk; ++j) {
+        const A pr = p[r * ldp + j];
+        const A* vr = v + j * ldv;
+        for (int64_t cc = c; cc < ncols; ++cc) a[cc] += pr * vr[cc];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward / decode attention in the absorbed form.
+//
+// A work item owns a tile of query rows (queries x heads) of one sequence and a range of keys.
+// Per block of kKeyBlock keys it computes the scores of every row, updates the online softmax
+// (running max m, running sum l), and adds P_block @ V_c_block to the R-wide accumulators of
+// all rows at once, so each V_c row is read once for all heads. Restore (ctx @ w_r[h].T + b_r)
+// runs once per output row at the end.
+
+template <typename A> struct TileState {
+  A* m;
+  A* l;
+  A* acc;  // rows x R
+};
+
+template <typename T, typename A>
+void attend_range(const A* qs, int64_t nq, const int64_t* lim, int64_t H, int64_t D, int64_t R,
+                  const T* kb, int64_t kst, int64_t ksh, const T* vb, int64_t vst, int64_t j0,
+                  int64_t j1, TileState<A> st, A* sbuf, A* kbuf, A* vbuf) {
+  const int64_t rows = nq * H;
+  int64_t maxlim = -1;
+  for (int64_t i = 0; i < nq; ++i) maxlim = std::max(maxlim, lim[i]);
+  j1 = std::min(j1, maxlim + 1);
+  const A ninf = -std::numeric_limits<A>::infinity();
+  for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
+    const int64_t nk = std::min(kKeyBlock, j1 - jb);
+    const A* kp;
+    const A* vp;
+    int64_t ks_t, ks_h, vs;
+    if constexpr (std::is_same<T, A>::value) {
+      kp = kb + jb * kst;
+      vp = vb + jb * vst;
+      ks_t = kst;
+      ks_h = ksh;
+      vs = vst;
+    } else {
+      for (int64_t jj = 0; jj < nk; ++jj) {
+        for (int64_t h = 0; h < H; ++h)
+          load_row(kbuf + (jj * H + h) * D, kb + (jb + jj) * kst + h * ksh, D);
+        load_row(vbuf + jj * R, vb + (jb + jj) * vst, R);
+      }
+      kp = kbuf;
+      vp = vbuf;
+      ks_t = H * D;
+      ks_h = D;
+      vs = R;
+    }
+    // Scores: each key row is read once for all query rows of the tile. Meanwhile prefetch
+    // this block's V_c rows (the rank update walks them column chunk by column chunk, which
+    // the hardware prefetcher follows poorly) and the next block's key rows.
+    const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
+    for (int64_t jj = 0; jj < nk; ++jj) {
+      const A* krow = kp + jj * ks_t;
+      if constexpr (std::is_same<T, A>::value) {
+        prefetch_lines(vp + jj * vs, R * sizeof(A));
+        if (jj < nk_next)
+          for (int64_t h = 0; h < H; ++h)
+            prefetch_lines(krow + kKeyBlock * ks_t + h * ks_h, D * sizeof(A));
+      }
+      for (int64_t i = 0; i < nq; ++i) {
+        A* srow = sbuf + i * H * kKeyBlock + jj;
+        if (jb + jj > lim[i]) {
+          for (int64_t h = 0; h < H; ++h) srow[h * kKeyBlock] = ninf;
+        } else {
+          for (int64_t h = 0; h < H; ++h)
+            srow[h * kKeyBlock] = dot(qs + (i * H + h) * D, krow + h * ks_h, D);
+        }
+      }
+    }
+    // Online softmax; s becomes P (unnormalized, relative to the running max).
+    for (int64_t r = 0; r < rows; ++r) {
+      A* s = sbuf + r * kKeyBlock;
+      A bm = ninf;
+      for (int64_t jj = 0; jj < nk; ++jj) bm = std::max(bm, s[jj]);
+      if (bm == ninf) {  // every key of this block is masked for this row
+        for (int64_t jj = 0; jj < nk; ++jj) s[jj] = 0;
+        continue;
+      }
+      const A mold = st.m[r];
+      const A mnew = std::max(mold, bm);
+      const A sum = exp_row(s, nk, mnew);
+      if (mold != mnew && mold != ninf) {
+        const A alpha = std::exp(mold - mnew);
+        st.l[r] *= alpha;
+        scale_row(st.acc + r * R, alpha, R);
+      }
+      st.l[r] += sum;
+      st.m[r] = mnew;
+    }
+    rank_update(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R);
+  }
+}
+
+// Normalize, write ctx and lse, restore: out[h] = ctx[h] @ w_r[h].T + b_r[h]. A row that saw
+// no key returns zeros (bias included) and lse = -inf. With several queries per tile the
+// restore is a small matrix product against w_r[h] transposed (wrT, (H, R, D)), so each w_r
+// row is loaded once per tile rather than once per query; a single query uses dot products.
+template <typename T, typename A>
+void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, TileState<A> st,
+                   const A* wr, const A* wrT, const A* br, A* rows_buf, A* out_buf) {
+  const int64_t Tq = a.Tq, H = a.H, D = a.D, R = a.R;
+  const A ninf = -std::numeric_limits<A>::infinity();
+  for (int64_t r = 0; r < nq * H; ++r) {
+    const int64_t gi = i0 + r / H, h = r % H;
+    A* row = rows_buf + r * R;
+    T* ctx = a.ctx ? static_cast<T*>(a.ctx) + ((b * Tq + gi) * H + h) * R : nullptr;
+    const bool empty = st.m[r] == ninf || !(st.l[r] > 0);
+    if (empty) {
+      std::fill(row, row + R, A(0));
+    } else {
+      const A inv = A(1) / st.l[r];
+      const A* accr = st.acc + r * R;
+      for (int64_t c = 0; c < R; ++c) row[c] = accr[c] * inv;
+    }
+    if (ctx) store_row(ctx, row, R);
+    if (a.lse)
+      a.lse[(b * H + h) * Tq + gi] =
+          empty ? -INFINITY : static_cast<float>(st.m[r] + std::log(st.l[r]));
+  }
+  if (wrT != nullptr) {
+    std::fill(out_buf, out_buf + nq * H * D, A(0));
+    for (int64_t h = 0; h < H; ++h)
+      rank_update(out_buf + h * D, H * D, rows_buf + h * R, H * R, wrT + h * R * D, D, nq, R, D);
+  } else {
+    for (int64_t r = 0; r < nq * H; ++r)
+      for (int64_t d = 0; d < D; ++d)
+        out_buf[r * D + d] = dot(rows_buf + r * R, wr + ((r % H) * D + d) * R, R);
+  }
+  for (int64_t r = 0; r < nq * H; ++r) {
+    const int64_t gi = i0 + r / H, h = r % H;
+    T* out = static_cast<T*>(a.out) + ((b * Tq + gi) * H + h) * D;
+    const bool empty = st.m[r] == ninf || !(st.l[r] > 0);
+    for (int64_t d = 0; d < D; ++d) {
+      A o = out_buf[r * D + d];
+      if (br) o += br[h * D + d];
+      out[d] = empty ? static_cast<T>(0.0f) : static_cast<T>(o);
+    }
+  }
+}
+
+template <typename T, typename A>
+void attention_impl(const AttnArgs& a) {
+  const int64_t B = a.B, Tq = a.Tq, H = a.H, D = a.D, R = a.R;
+  if (B == 0 || Tq == 0 || H == 0) return;
+  AsAcc<A, T> wr(a.w_r, H * D * R), br(a.b_r, H * D);
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* vc = static_cast<const T*>(a.vc);
+  const A scale = static_cast<A>(a.scale);
+  const A ninf = -std::numeric_limits<A>::infinity();
+
+  const int64_t QT = std::max<int64_t>(1, std::min<int64_t>(Tq, kTileRows / H));
+  const int64_t nqt = (Tq + QT - 1) / QT;
+  const int64_t tiles = B * nqt;
+  const int nth = std::max(1, at::get_num_threads());
+  int64_t maxlen = 0;
+  for (int64_t b = 0; b < B; ++b) maxlen = std::max(maxlen, a.seqlen[b]);
+  // Flash-decoding: with fewer tiles than threads x 4, split each sequence's keys so every
+  // core streams its own part of the cache; partial (m, l, acc) are combined afterwards.
+  int64_t nsplit = 1;
+  if (tiles < 4 * nth && maxlen > kMinSplit)
+    nsplit = std::min((4 * nth + tiles - 1) / tiles, (maxlen + kMinSplit - 1) / kMinSplit);
+  const int64_t rows_max = QT * H;
+  std::vector<A> wrT;  // (H, R, D) for the tiled restore
+  if (QT >= 4) {
+    wrT.resize(H * R * D);
+    at::parallel_for(0, H * D, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t n = lo; n < hi; ++n)
+        for (int64_t c = 0; c < R; ++c)
+          wrT[((n / D) * R + c) * D + n % D] = wr.ptr[n * R + c];
+    });
+  }
+  const A* wrT_ptr = wrT.empty() ? nullptr : wrT.data();
+  const int64_t part_stride = rows_max * (R + 2);
+  std::vector<A> part(nsplit > 1 ? tiles * nsplit * part_stride : 0);
+  const int64_t items = tiles * nsplit;
+  const bool same = std::is_same<T, A>::value;
+
+#pragma omp parallel num_threads(nth)
+  {
+    std::vector<A> qs(rows_max * D), sbuf(rows_max * kKeyBlock);
+    std::vector<A> kbuf(same ? 0 : kKeyBlock * H * D), vbuf(same ? 0 : kKeyBlock * R);
+    std::vector<A> own(nsplit > 1 ? 0 : part_stride), rows_buf(rows_max * R),
+        out_buf(rows_max * D);
+    std::vector<int64_t> lim(QT);
+    auto state_at = [&](A* base) {
+      return TileState<A>{base, base + rows_max, base + 2 * rows_max};
+    };
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t split = it % nsplit, tile = it / nsplit;
+      const int64_t b = tile / nqt, i0 = (tile % nqt) * QT;
+      const int64_t nq = std::min(QT, Tq - i0), rows = nq * H;
+      const int64_t Tk = a.seqlen[b];
+      for (int64_t i = 0; i < nq; ++i)
+        lim[i] = a.causal ? std::min(Tk - 1, i0 + i + Tk - Tq) : Tk - 1;
+      int64_t len = (Tk + nsplit - 1) / nsplit;
+      len = (len + kKeyBlock - 1) / kKeyBlock * kKeyBlock;
+      const int64_t j0 = std::min(Tk, split * len), j1 = std::min(Tk, j0 + len);
+      TileState<A> st = state_at(nsplit > 1 ? part.data() + it * part_stride : own.data());
+      std::fill(st.m, st.m + rows, ninf);
+      std::fill(st.l, st.l + rows, A(0));
+      std::fill(st.acc, st.acc + rows * R, A(0));
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t h = 0; h < H; ++h) {
+          const T* src = q + ((b * Tq + i0 + i) * H + h) * D;
+          A* dst = qs.data() + (i * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<A>(static_cast<A>(src[d]) * scale);
+        }
+      attend_range<T, A>(qs.data(), nq, lim.data(), H, D, R, k + b * a.k_sb, a.k_st, a.k_sh,
+                         vc + b * a.v_sb, a.v_st, j0, j1, st, sbuf.data(), kbuf.data(),
+                         vbuf.data());
+      if (nsplit == 1)
+        finalize_rows<T, A>(a, b, i0, nq, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
+                            out_buf.data());
+    }
+    if (nsplit > 1) {
+      std::vector<A> comb(part_stride);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t tile = 0; tile < tiles; ++tile) {
+        const int64_t b = tile / nqt, i0 = (tile % nqt) * QT;
+        const int64_t nq = std::min(QT, Tq - i0), rows = nq * H;
+        TileState<A> out = state_at(comb.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          A mx = ninf;
+          for (int64_t s = 0; s < nsplit; ++s)
+            mx = std::max(mx, state_at(part.data() + (tile * nsplit + s) * part_stride).m[r]);
+          out.m[r] = mx;
+          out.l[r] = 0;
+          A* accr = out.acc + r * R;
+          std::fill(accr, accr + R, A(0));
+          if (mx == ninf) continue;
+          for (int64_t s = 0; s < nsplit; ++s) {
+            TileState<A> ps = state_at(part.data() + (tile * nsplit + s) * part_stride);
+            if (ps.m[r] == ninf) continue;
+            const A w = std::exp(ps.m[r] - mx);
+            out.l[r] += w * ps.l[r];
+            axpy(accr, w, ps.acc + r * R, R);
+          }
+        }
+        finalize_rows<T, A>(a, b, i0, nq, out, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
+                            out_buf.data());
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward. Race-free: gradients of k and v_c are owned by (sequence, key tile) work items;
+// dq gets one private buffer per thread, summed at the end; dW_r and db_r are owned by rows.
+
+template <typename T, typename A>
+void backward_impl(const BwdArgs& a) {
+  const int64_t B = a.B, Tq = a.Tq, Tk = a.Tk, H = a.H, D = a.D, R = a.R, HD = H * D;
+  const A scale = static_cast<A>(a.scale);
+  const A ninf = -std::numeric_limits<A>::infinity();
+  const int64_t nrow = B * Tq * H;  // (b, i, h) attention rows
+  AsAcc<A, T> dO(a.dout, nrow * D), qA(a.q, nrow * D), kA(a.k, B * Tk * HD),
+      vA(a.vc, B * Tk * R), wr(a.w_r, HD * R), ctxA(a.ctx, nrow * R);
+  T* dq = static_cast<T*>(a.dq);
+  T* dk = static_cast<T*>(a.dk);
+  T* dvc = static_cast<T*>(a.dvc);
+  T* dwr = static_cast<T*>(a.dwr);
+  T* dbr = static_cast<T*>(a.dbr);
+
+  const int64_t BT = B * Tq;
+  std::vector<A> lse(nrow), dctx(nrow * R, A(0)), delta(nrow), qs(nrow * D);
+  // dctx[b, i, h] = dO[b, i, h] @ w_r[h]: per head a (BT x D) @ (D x R) product.
+  const int64_t chunk = 64, nchunk = (BT + chunk - 1) / chunk;
+  at::parallel_for(0, H * nchunk, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t h = it / nchunk, bi0 = (it % nchunk) * chunk;
+      const int64_t nb = std::min(chunk, BT - bi0);
+      rank_update(dctx.data() + (bi0 * H + h) * R, H * R, dO.ptr + (bi0 * H + h) * D, HD,
+                  wr.ptr + h * D * R, R, nb, D, R);
+    }
+  });
+
+  // Row statistics in accumulation precision. float32 runs use the saved float32 lse, as
+  // FlashAttention does; float64 recomputes it so gradcheck sees float64 accuracy.
+  at::parallel_for(0, BT, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> srow(std::is_same<A, double>::value ? Tk : 0);
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const int64_t b = bi / Tq, i = bi % Tq;
+      const int64_t lim = a.causal ? std::min(Tk - 1, i + Tk - Tq) : Tk - 1;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t row = bi * H + h;  // index into (B, Tq, H)
+        A* qrow = qs.data() + row * D;
+        for (int64_t d = 0; d < D; ++d) qrow[d] = qA.ptr[row * D + d] * scale;
+        A L = static_cast<A>(a.lse[(b * H + h) * Tq + i]);
+        if constexpr (std::is_same<A, double>::value) {
+          if (lim >= 0) {
+            A mx = ninf;
+            for (int64_t j = 0; j <= lim; ++j) {
+              srow[j] = dot(qrow, kA.ptr + ((b * Tk + j) * H + h) * D, D);
+              mx = std::max(mx, srow[j]);
+            }
+            A sum = 0;
+            for (int64_t j = 0; j <= lim; ++j) sum += std::exp(srow[j] - mx);
+            L = mx + std::log(sum);
+          } else {
+            L = ninf;
+          }
+        }
+        lse[row] = L;
+        delta[row] = (L == ninf) ? A(0) : dot(dctx.data() + row * R, ctxA.ptr + row * R, R);
+      }
+    }
+  });
+
+  // dW_r[h] = dO_h^T @ ctx_h and db_r = column sums of dO, over rows that saw a key
+  // (a row without keys outputs zeros whatever b_r is). dO_h^T is gathered per head first.
+  std::vector<A> dOT(HD * BT), dW(HD * R, A(0));
+  at::parallel_for(0, HD, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const int64_t h = n / D, d = n % D;
+      A bsum = 0;
+      for (int64_t bi = 0; bi < BT; ++bi) {
+        const int64_t row = bi * H + h;
+        const A g = (lse[row] == ninf) ? A(0) : dO.ptr[row * D + d];
+        dOT[n * BT + bi] = g;
+        bsum += g;
+      }
+      dbr[n] = static_cast<T>(bsum);
+    }
+  });
+  const int64_t dchunk = 16, ndc = (D + dchunk - 1) / dchunk;
+  at::parallel_for(0, H * ndc, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t h = it / ndc, d0 = (it % ndc) * dchunk, nd = std::min(dchunk, D - d0);
+      const int64_t n0 = h * D + d0;
+      rank_update(dW.data() + n0 * R, R, dOT.data() + n0 * BT, BT, ctxA.ptr + h * R, H * R, nd,
+                  BT, R);
+      store_row(dwr + n0 * R, dW.data() + n0 * R, nd * R);
+    }
+  });
+
+  // Main pass over (b, key tile), per head and chunk of queries, as register-tiled products:
+  //   S = qs k^T, P = exp(S - lse), dP = dctx v_c^T, dS = P * (dP - delta),
+  //   dq += dS k (per-thread buffer), dk += dS^T qs, dv_c += P^T dctx (owned by the item).
+  const int64_t ntile = (Tk + kBwdKeyTile - 1) / kBwdKeyTile;
+  const int64_t items = B * ntile;
+  constexpr int64_t KT = kBwdKeyTile, QC = 64;
+  const int nth = std::max(1, at::get_num_threads());
+  std::vector<A> dq_part(static_cast<size_t>(nth) * nrow * D, A(0));
+#pragma omp parallel num_threads(nth)
+  {
+    A* dqt = dq_part.data() + static_cast<int64_t>(omp_get_thread_num()) * nrow * D;
+    std::vector<A> dk_loc(KT * HD), dv_loc(KT * R), vT(R * KT);
+    std::vector<A> P(QC * KT), dS(QC * KT), PT(KT * QC), dST(KT * QC);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t b = it / ntile, j0 = (it % ntile) * KT;
+      const int64_t nk = std::min(Tk, j0 + KT) - j0;
+      std::fill(dk_loc.begin(), dk_loc.end(), A(0));
+      std::fill(dv_loc.begin(), dv_loc.end(), A(0));
+      for (int64_t jj = 0; jj < nk; ++jj)
+        for (int64_t c = 0; c < R; ++c) vT[c * KT + jj] = vA.ptr[(b * Tk + j0 + jj) * R + c];
+      // Causal: queries before istart see none of these keys.
+      const int64_t istart = a.causal ? std::max<int64_t>(0, j0 - (Tk - Tq)) : 0;
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t i0 = istart; i0 < Tq; i0 += QC) {
+          const int64_t nq = std::min(QC, Tq - i0);
+          const int64_t row0 = (b * Tq + i0) * H + h;  // row of query i0, head h
+          for (int64_t q = 0; q < nq; ++q) {
+            const int64_t i = i0 + q, row = row0 + q * H;
+            const int64_t lim = a.causal ? std::min(Tk - 1, i + Tk - Tq) : Tk - 1;
+            const int64_t n = std::max<int64_t>(0, std::min(nk, lim + 1 - j0));
+            A* prow = P.data() + q * KT;
+            const A L = lse[row];
+            if (L == ninf || n == 0) {
+              std::fill(prow, prow + KT, A(0));
+              continue;
+            }
+            const A* qrow = qs.data() + row * D;
+            for (int64_t jj = 0; jj < n; ++jj)
+              prow[jj] = dot(qrow, kA.ptr + ((b * Tk + j0 + jj) * H + h) * D, D);
+            exp_row(prow, n, L);
+            std::fill(prow + n, prow + KT, A(0));
+          }
+          std::fill(dS.begin(), dS.begin() + nq * KT, A(0));
+          rank_update(dS.data(), KT, dctx.data() + row0 * R, H * R, vT.data(), KT, nq, R, nk);
+          for (int64_t q = 0; q < nq; ++q) {
+            const A del = delta[row0 + q * H];
+            for (int64_t jj = 0; jj < nk; ++jj) {
+              const A p = P[q * KT + jj];
+              const A g = p * (dS[q * KT + jj] - del);
+              dS[q * KT + jj] = g;
+              PT[jj * QC + q] = p;
+              dST[jj * QC + q] = g;
+            }
+          }
+          rank_update(dqt + row0 * D, HD, dS.data(), KT, kA.ptr + ((b * Tk + j0) * H + h) * D,
+                      HD, nq, nk, D);
+          rank_update(dk_loc.data() + h * D, HD, dST.data(), QC, qs.data() + row0 * D, HD, nk,
+                      nq, D);
+          rank_update(dv_loc.data(), R, PT.data(), QC, dctx.data() + row0 * R, H * R, nk, nq, R);
+        }
+      }
+      store_row(dk + (b * Tk + j0) * HD, dk_loc.data(), nk * HD);
+      store_row(dvc + (b * Tk + j0) * R, dv_loc.data(), nk * R);
+    }
+  }
+  at::parallel_for(0, nrow, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<A> acc(D);
+    for (int64_t row = lo; row < hi; ++row) {
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int t = 0; t < nth; ++t)
+        axpy(acc.data(), scale, dq_part.data() + (t * nrow + row) * D, D);
+      store_row(dq + row * D, acc.data(), D);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// Compress-on-write of new tokens into the caches.
+
+template <typename T, typename A>
+void append_impl(const AppendArgs& a) {
+  const int64_t B = a.B, Tn = a.Tnew, H = a.H, D = a.D, R = a.R, HD = H * D;
+  if (B == 0 || Tn == 0) return;
+  AsAcc<A, T> wc(a.w_c, R * HD), bc(a.b_c, R);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  T* kc = static_cast<T*>(a.k_cache);
+  T* vcc = static_cast<T*>(a.vc_cache);
+  // Parallel over (token, chunk of R) so that a single decode token still uses every core.
+  const int64_t rchunk = 64;
+  const int64_t nrc = std::max<int64_t>(1, (R + rchunk - 1) / rchunk);
+  at::parallel_for(0, B * Tn * nrc, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> vrow(HD);
+    int64_t loaded = -1;
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t bt = it / nrc, rc = it % nrc;
+      const int64_t b = bt / Tn, t = bt % Tn, pos = a.pos[b] + t;
+      if (rc == 0)
+        for (int64_t h = 0; h < H; ++h)
+          std::memcpy(kc + b * a.k_sb + pos * a.k_st + h * a.k_sh, k + (bt * H + h) * D,
+                      D * sizeof(T));
+      if (loaded != bt) {
+        load_row(vrow.data(), v + bt * HD, HD);
+        loaded = bt;
+      }
+      T* dst = vcc + b * a.v_sb + pos * a.v_st;
+      for (int64_t r = rc * rchunk; r < std::min(R, (rc + 1) * rchunk); ++r) {
+        A x = dot(vrow.data(), wc.ptr + r * HD, HD);
+        if (bc.ptr) x += bc.ptr[r];
+        dst[r] = static_cast<T>(x);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+const char* name() { return VDPROJ_ISA_NAME; }
+
+#define VDPROJ_DISPATCH(kind, FN, args)                                   \
+  switch (kind) {                                                         \
+    case Kind::F32: FN<float, float>(args); break;                        \
+    case Kind::F64: FN<double, double>(args); break;                      \
+    case Kind::BF16: FN<c10::BFloat16, float>(args); break;               \
+    case Kind::F16: FN<c10::Half, float>(args); break;                    \
+  }
+
+void attention(Kind kind, const AttnArgs& a) { VDPROJ_DISPATCH(kind, attention_impl, a) }
+void attention_backward(Kind kind, const BwdArgs& a) { VDPROJ_DISPATCH(kind, backward_impl, a) }
+void append(Kind kind, const AppendArgs& a) { VDPROJ_DISPATCH(kind, append_impl, a) }
+
+#undef VDPROJ_DISPATCH
+
+}  // namespace VDPROJ_ISA_NS
+}  // namespace cpu
+}  // namespace vdproj

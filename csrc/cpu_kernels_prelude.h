@@ -1,0 +1,23 @@
+// Headers used by cpu_kernels.h. They must be included before any `#pragma GCC target`
+// region, so that library code is compiled for the baseline target only.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#else
+inline int omp_get_thread_num() { return 0; }
+#endif
+
+#include "cpu_common.h"

@@ -1,0 +1,168 @@
+"""CompressedKVCache and KVCache: sizes, in-place writes, attention against the reference,
+ragged lengths, overflow and bad input."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import TOLERANCES, rel_error
+from vdproj_ext import reference
+from vdproj_ext.cache import CacheOverflowError, CompressedKVCache, KVCache
+
+
+class _Attn(nn.Module):
+    """Just the parts of CompressedVAttention that a cache reads."""
+
+    def __init__(self, hd, rank, dtype, device):
+        super().__init__()
+        self.v_compress = nn.Linear(hd, rank).to(device, dtype)
+        self.v_restore = nn.Linear(rank, hd).to(device, dtype)
+        self.backend = "auto"
+
+
+def _make(kind, layers, batch, max_len, heads, head_dim, rank, dtype, device):
+    if kind == "compressed":
+        return CompressedKVCache(layers, batch, max_len, heads, head_dim, rank, dtype=dtype,
+                                 device=device)
+    return KVCache(layers, batch, max_len, heads, head_dim, dtype=dtype, device=device)
+
+
+def test_nbytes_ratio_pythia70m_shape():
+    # 6 layers, 8 heads of 64, R = 320: 512 + 320 = 832 values per token and layer, not 1024.
+    comp = CompressedKVCache(6, 2, 128, 8, 64, 320, dtype=torch.float32)
+    full = KVCache(6, 2, 128, 8, 64, dtype=torch.float32)
+    assert comp.nbytes == 6 * 2 * 128 * (512 + 320) * 4
+    assert full.nbytes == 6 * 2 * 128 * 1024 * 4
+    assert comp.nbytes / full.nbytes == 832 / 1024
+    assert 1 - comp.nbytes / full.nbytes == pytest.approx(0.1875)
+    assert comp.bytes_per_token() == 6 * 832 * 4
+    half = CompressedKVCache(6, 2, 128, 8, 64, 320, dtype=torch.bfloat16)
+    assert half.nbytes * 2 == comp.nbytes
+
+
+def test_layouts_and_views():
+    comp = CompressedKVCache(2, 3, 10, 4, 8, 5, dtype=torch.float32)
+    assert comp.k_cache[1].shape == (3, 10, 4, 8) and comp.vc_cache[1].shape == (3, 10, 5)
+    assert comp.seqlens.dtype == torch.int32 and comp.seqlens.tolist() == [0, 0, 0]
+    full = KVCache(2, 3, 10, 4, 8, dtype=torch.float32)
+    assert full.k_cache[0].shape == (3, 10, 4, 8) and full.v_cache[0].shape == (3, 10, 4, 8)
+    full.k_cache[0][1, 2, 3] = 7.0  # the (B, Tmax, H, D) views alias the storage
+    assert full._k[0][1, 3, 2].eq(7.0).all()
+
+
+@pytest.mark.parametrize("kind", ["compressed", "full"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lengths,t_new", [([5, 5, 5], 1), ([0, 0, 0], 4), ([3, 7, 0], 1),
+                                           ([4, 1, 6], 3), ([6, 6, 6], 2)])
+def test_attend_matches_reference(kind, dtype, lengths, t_new, device):
+    torch.manual_seed(1)
+    b, tmax, h, d, r = len(lengths), 12, 3, 8, 11
+    hd = h * d
+    attn = _Attn(hd, r, dtype, device)
+    cache = _make(kind, 2, b, tmax, h, d, r, dtype, device)
+    k_hist = torch.randn(b, tmax, h, d, dtype=dtype, device=device)
+    v_hist = torch.randn(b, tmax, hd, dtype=dtype, device=device)
+    layer = 1
+    with torch.no_grad():
+        vc_hist = attn.v_compress(v_hist)
+        # Unused slots: NaN for the compressed cache (never read); large finite garbage for
+        # the uncompressed one (masked inside SDPA, see KVCache's docstring).
+        if kind == "compressed":
+            cache.k_cache[layer].fill_(float("nan"))
+            cache.vc_cache[layer].fill_(float("nan"))
+        else:
+            cache.k_cache[layer].fill_(1e4)
+            cache.v_cache[layer].fill_(-1e4)
+        for i, n in enumerate(lengths):
+            cache.k_cache[layer][i, :n] = k_hist[i, :n]
+            if kind == "compressed":
+                cache.vc_cache[layer][i, :n] = vc_hist[i, :n]
+            else:
+                cache.v_cache[layer][i, :n] = v_hist[i, :n].view(n, h, d)
+    cache.seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+    q = torch.randn(b, t_new, h, d, dtype=dtype, device=device)
+    k = torch.randn(b, t_new, h, d, dtype=dtype, device=device)
+    v = torch.randn(b, t_new, hd, dtype=dtype, device=device)
+    out = cache.attend(layer, q, k, v, attn)
+    assert out.shape == (b, t_new, h, d)
+    assert cache.seqlens.tolist() == lengths  # attend does not advance
+
+    w_c, b_c = attn.v_compress.weight.double(), attn.v_compress.bias.double()
+    w_r, b_r = attn.v_restore.weight.double(), attn.v_restore.bias.double()
+    for i, n in enumerate(lengths):
+        keys = torch.cat((k_hist[i, :n], k[i])).double()
+        vals = torch.cat((v_hist[i, :n], v[i])).double()
+        if kind == "compressed":  # restore(compress(v))
+            vals = (vals @ w_c.T + b_c) @ w_r.T + b_r
+        allowed = reference.causal_mask(t_new, n + t_new, device)
+        expected = reference.attention(q[i:i + 1].double(), keys[None], vals.view(1, -1, h, d),
+                                       allowed, d ** -0.5)
+        assert rel_error(out[i:i + 1], expected) < 10 * TOLERANCES[dtype], (i, n)
+        # the new tokens were written in place, at the sequence's own offset
+        assert torch.equal(cache.k_cache[layer][i, n:n + t_new], k[i])
+    assert torch.isfinite(out).all()
+    other = 0  # the other layer is untouched
+    assert cache.k_cache[other].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind", ["compressed", "full"])
+def test_overflow_raises_and_writes_nothing(kind):
+    cache = _make(kind, 1, 2, 6, 2, 4, 3, torch.float32, "cpu")
+    attn = _Attn(8, 3, torch.float32, "cpu")
+    cache.seqlens.copy_(torch.tensor([2, 5], dtype=torch.int32))
+    before = cache.k_cache[0].clone()
+    q = torch.randn(2, 2, 2, 4)
+    with pytest.raises(CacheOverflowError, match="max_len=6"):
+        cache.attend(0, q, q.clone(), torch.randn(2, 2, 8), attn)
+    assert torch.equal(cache.k_cache[0], before)
+    with pytest.raises(ValueError, match="overflow"):  # CacheOverflowError is a ValueError
+        cache.attend(0, q, q.clone(), torch.randn(2, 2, 8), attn)
+    # one more token fits
+    cache.attend(0, q[:, :1], q[:, :1].clone(), torch.randn(2, 1, 8), attn)
+    with pytest.raises(CacheOverflowError, match="max_len"):
+        cache.advance(2)
+    cache.advance(1)
+    assert cache.seqlens.tolist() == [3, 6]
+
+
+@pytest.mark.parametrize("kind", ["compressed", "full"])
+def test_advance_and_reset(kind):
+    cache = _make(kind, 2, 3, 8, 2, 4, 3, torch.float32, "cpu")
+    cache.advance(2)
+    cache.advance(torch.tensor([1, 0, 3]))
+    assert cache.seqlens.tolist() == [3, 2, 5] and cache.seqlens.dtype == torch.int32
+    with pytest.raises(CacheOverflowError):
+        cache.advance(torch.tensor([-4, 0, 0]))
+    with pytest.raises(TypeError):
+        cache.advance(1.5)
+    with pytest.raises(ValueError, match="shape"):
+        cache.advance(torch.tensor([1, 1]))
+    cache.reset()
+    assert cache.seqlens.tolist() == [0, 0, 0]
+    assert cache.max_len == 8
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="max_len"):
+        CompressedKVCache(2, 1, 0, 2, 4, 3, dtype=torch.float32)
+    with pytest.raises(TypeError, match="v_rank"):
+        CompressedKVCache(2, 1, 4, 2, 4, 2.5, dtype=torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        KVCache(2, 1, 4, 2, 4, dtype=torch.int32)
+    cache = KVCache(2, 1, 4, 2, 4, dtype=torch.float32)
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(IndexError, match="layer_idx"):
+        cache.attend(2, q, q, torch.randn(1, 1, 8))
+    with pytest.raises(ValueError, match="q must have shape"):
+        cache.attend(0, torch.randn(1, 1, 3, 4), q, torch.randn(1, 1, 8))
+    with pytest.raises(ValueError, match="v must have shape"):
+        cache.attend(0, q, q, torch.randn(1, 1, 7))
+
+
+def test_model_new_cache_kinds():
+    from vdproj_ext import VDProjConfig, VDProjForCausalLM
+    cfg = VDProjConfig.preset("smoke")
+    comp = VDProjForCausalLM(cfg).new_cache(2, 16)
+    full = VDProjForCausalLM(cfg.replace(v_rank=None)).new_cache(2, 16)
+    assert isinstance(comp, CompressedKVCache) and isinstance(full, KVCache)
+    hd = cfg.hidden_size
+    assert comp.nbytes / full.nbytes == (hd + cfg.v_rank) / (2 * hd)

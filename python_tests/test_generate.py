@@ -1,0 +1,151 @@
+"""Cached decoding and generate(): equivalence with full forward passes, ragged batches,
+sampling, stop tokens and overflow."""
+import pytest
+import torch
+
+from vdproj_ext import VDProjConfig, VDProjForCausalLM
+from vdproj_ext.cache import CacheOverflowError, CompressedKVCache, KVCache
+
+V_RANKS = [20, None]  # the smoke preset's compressed layer, and the plain baseline
+
+
+def _model(v_rank, dtype=torch.float64, backend="auto", device="cpu", seed=3):
+    cfg = VDProjConfig.preset("smoke", v_rank=v_rank)
+    model = VDProjForCausalLM(cfg, init_seed=seed)
+    with torch.no_grad():  # peaked next-token distributions, so greedy choices are clear
+        model.embed_out.weight.mul_(30)
+        for attn in model.attention_modules():
+            attn.query_key_value.weight.mul_(8)
+    return model.to(device, dtype).eval().set_backend(backend)
+
+
+def _greedy_uncached(model, ids, steps):
+    """The definition: re-run the whole sequence and take the argmax, every step."""
+    seq = ids
+    for _ in range(steps):
+        nxt = model(seq).logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat((seq, nxt), 1)
+    return seq
+
+
+@pytest.mark.parametrize("v_rank", V_RANKS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_cached_logits_equal_full_forward(v_rank, dtype, tol, backend, device):
+    model = _model(v_rank, dtype, backend, device)
+    ids = torch.randint(0, model.config.vocab_size, (3, 23), device=device)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(3, 30)
+        assert isinstance(cache, CompressedKVCache if v_rank else KVCache)
+        # prefill 9, a chunk of 4 on top of the cache, then one token at a time
+        pieces = [model(ids[:, :9], cache=cache).logits,
+                  model(ids[:, 9:13], cache=cache).logits]
+        for i in range(13, 23):
+            pieces.append(model(ids[:, i:i + 1], cache=cache).logits)
+    got = torch.cat(pieces, 1)
+    assert cache.seqlens.tolist() == [23, 23, 23]
+    scale = full.abs().max().item()
+    assert (got - full).abs().max().item() <= tol * scale
+
+
+@pytest.mark.parametrize("v_rank", V_RANKS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cached_greedy_equals_uncached_greedy(v_rank, dtype, device):
+    model = _model(v_rank, dtype, "auto", device)
+    ids = torch.randint(0, model.config.vocab_size, (4, 7), device=device)
+    expected = _greedy_uncached(model, ids, 20)
+    cached = model.generate(ids, 20)
+    assert torch.equal(cached, expected)
+    assert torch.equal(model.generate(ids, 20, use_cache=False), expected)
+
+
+@pytest.mark.parametrize("v_rank", V_RANKS)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_ragged_batch_matches_each_sequence_alone(v_rank, side, device):
+    model = _model(v_rank, torch.float64, "auto", device)
+    vocab, pad, new = model.config.vocab_size, 0, 12
+    prompts = [torch.randint(1, vocab, (n,), device=device) for n in (9, 3, 6, 1)]
+    t = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), t), pad, device=device)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        sl = slice(t - len(p), t) if side == "left" else slice(0, len(p))
+        ids[i, sl], mask[i, sl] = p, 1
+    out = model.generate(ids, new, attention_mask=mask, pad_token_id=pad)
+    assert out.shape == (len(prompts), t + new)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], new)[0]
+        assert torch.equal(alone, _greedy_uncached(model, p[None], new)[0])
+        if side == "left":  # the generated tokens follow the (left-padded) prompt
+            assert torch.equal(out[i, t:], alone[len(p):])
+            assert torch.equal(out[i, :t], ids[i])
+        else:  # right padding: the padding moves behind the generated tokens
+            assert torch.equal(out[i, :len(p) + new], alone)
+            assert (out[i, len(p) + new:] == pad).all()
+
+
+def test_sampling_is_seeded_and_valid():
+    model = _model(20, torch.float64)
+    ids = torch.randint(0, model.config.vocab_size, (3, 5))
+    kw = dict(temperature=1.3, top_k=5)
+    a = model.generate(ids, 15, generator=torch.Generator().manual_seed(7), **kw)
+    b = model.generate(ids, 15, generator=torch.Generator().manual_seed(7), **kw)
+    c = model.generate(ids, 15, generator=torch.Generator().manual_seed(8), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :5], ids)
+    # every sampled token lies among the top 5 of the model's distribution at that point
+    with torch.no_grad():
+        logits = model(a[:, :-1]).logits[:, 4:]
+    top5 = logits.topk(5, -1).indices
+    assert (top5 == a[:, 5:, None]).any(-1).all()
+    # top_k=1 is greedy whatever the temperature
+    g = model.generate(ids, 10, temperature=2.0, top_k=1)
+    assert torch.equal(g, model.generate(ids, 10))
+    # plain temperature sampling (no top-k) stays in range and follows the global seed
+    torch.manual_seed(0)
+    s1 = model.generate(ids, 10, temperature=0.8)
+    torch.manual_seed(0)
+    s2 = model.generate(ids, 10, temperature=0.8)
+    assert torch.equal(s1, s2) and int(s1.max()) < model.config.vocab_size
+
+
+@pytest.mark.parametrize("v_rank", V_RANKS)
+def test_eos_stops_generation(v_rank):
+    model = _model(v_rank, torch.float64)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    free = model.generate(ids, 12)
+    eos = int(free[0, 9])  # the 4th token sequence 0 generates
+    pad = (eos + 1) % model.config.vocab_size
+    out = model.generate(ids, 12, eos_token_id=eos, pad_token_id=pad)
+    for i in range(2):
+        gen = free[i, 6:]
+        hits = (gen == eos).nonzero()
+        stop = int(hits[0]) + 1 if len(hits) else 12
+        assert torch.equal(out[i, 6:6 + stop], gen[:stop])
+        assert (out[i, 6 + stop:] == pad).all()
+    # all sequences done: generation stops early, the rest is padding
+    single = model.generate(ids[:1], 12, eos_token_id=eos, pad_token_id=pad)
+    stop0 = int((free[0, 6:] == eos).nonzero()[0]) + 1
+    assert torch.equal(single[0, :6 + stop0], free[0, :6 + stop0])
+    assert int(single[0, 5 + stop0]) == eos and (single[0, 6 + stop0:] == pad).all()
+
+
+@pytest.mark.parametrize("v_rank", V_RANKS)
+def test_cache_overflow_through_the_model(v_rank):
+    model = _model(v_rank, torch.float32)
+    cache = model.new_cache(2, 8)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    model(ids, cache=cache)
+    with pytest.raises(CacheOverflowError, match="max_len=8"):
+        model(ids[:, :3], cache=cache)
+    assert cache.seqlens.tolist() == [6, 6]
+    model(ids[:, :2], cache=cache)  # exactly fills it
+    assert cache.seqlens.tolist() == [8, 8]
+
+
+def test_kernel_and_reference_generate_the_same_tokens():
+    ref = _model(20, torch.float32, "reference")
+    ext = _model(20, torch.float32, "auto")
+    ids = torch.randint(0, ref.config.vocab_size, (3, 5))
+    assert torch.equal(ref.generate(ids, 16), ext.generate(ids, 16))

@@ -1,0 +1,283 @@
+"""report.md and plots from results.json (written by vdproj_ext.train).
+
+    python -m vdproj_ext.report OUT_DIR                  # re-render OUT_DIR/report.md and plots
+    python -m vdproj_ext.report --merge A B C --out DIR  # join runs trained in separate folders
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+RUN_LABELS = {"baseline": "Baseline (no compression)", "e2e": "V-DProj end-to-end",
+              "two_phase": "V-DProj two-phase", "two_phase_pca": "V-DProj two-phase (PCA phase 1)"}
+RUN_ORDER = ("baseline", "e2e", "two_phase", "two_phase_pca")
+
+
+def _fmt(x, nd=2):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        return f"{x:.{nd}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.3e}"
+    return str(x)
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in r) + " |"
+            for r in rows]
+    return "\n".join(out)
+
+
+def _runs(results):
+    return [(name, results["runs"][name]) for name in RUN_ORDER if name in results["runs"]]
+
+
+def summary_table(results) -> str:
+    runs = _runs(results)
+    base = results["runs"].get("baseline", {}).get("best_val_ppl")
+    red = results["kv_cache_reduction"]
+    rows = []
+    for name, r in runs:
+        delta = "-" if base is None or name == "baseline" else \
+            f"{100.0 * (r['best_val_ppl'] / base - 1.0):+.2f}%"
+        kv = "-" if name == "baseline" else f"-{100 * red:.2f}%"
+        rows.append((RUN_LABELS[name], r["best_val_ppl"], r["best_epoch"],
+                     r.get("final_val_recon"), delta, kv))
+    return _table(("Method", "Best val PPL", "Best epoch", "Val recon loss", "PPL vs baseline",
+                   "KV cache"), rows)
+
+
+def position_table(results) -> str:
+    runs = _runs(results)
+    keys = list(next(iter(runs))[1]["position_ppl"]) if runs else []
+    rows = [(RUN_LABELS[n], *(r["position_ppl"].get(k) for k in keys)) for n, r in runs]
+    return _table(("Method", *(f"tokens {k}" for k in keys)), rows)
+
+
+def epoch_table(log, recon_only=False) -> str:
+    if recon_only:
+        rows = [(e["epoch"], e.get("train_recon"), e.get("val_recon"), e.get("time_s"))
+                for e in log]
+        return _table(("Epoch", "Train recon", "Val recon", "Time (s)"), rows)
+    rows = [(e["epoch"], e.get("train_loss"), e.get("train_ppl"), e.get("val_loss"),
+             e.get("val_ppl"), e.get("recon"), e.get("time_s")) for e in log]
+    return _table(("Epoch", "Train loss", "Train PPL", "Val loss", "Val PPL", "Val recon",
+                   "Time (s)"), rows)
+
+
+def render(results) -> str:
+    p = results["params"]
+    cfg = results["config"]
+    data = results["data"]
+    proto = results["protocol"]
+    hd = cfg["hidden_size"]
+    lines = [
+        f"# V-DProj experiment: preset `{results['preset']}`",
+        "",
+        f"Model: GPT-NeoX, {cfg['num_layers']} layers, hidden {hd}, {cfg['num_heads']} heads "
+        f"of {hd // cfg['num_heads']}, rotary {cfg['rotary_pct']}, "
+        f"{'parallel' if cfg['use_parallel_residual'] else 'sequential'} residual, "
+        f"vocab {cfg['vocab_size']}; V-DProj rank R = {cfg['v_rank']} "
+        f"({cfg['v_rank'] / hd:.3f} x H*D).",
+        f"Data: {data['source']}, tokenizer {data['tokenizer']}, {data['train_samples']} "
+        f"training and {data['val_samples']} validation samples of {data['seq_len']} tokens "
+        f"(validation = contiguous held-out tail).",
+        f"Protocol: batch {proto['batch_size']}; phase 1 lr {proto['phase1_lr']}, <= "
+        f"{proto['phase1_epochs']} epochs; phase 2 / e2e / baseline lr {proto['lr']}, <= "
+        f"{proto['epochs']} epochs; early stopping patience {proto['patience']}; best epoch "
+        f"kept. Phase 1 method: {results.get('phase1_method', 'sgd')}. Seed {results['seed']}, "
+        f"{results.get('world_size', 1)} process(es) on {results.get('device')}, "
+        f"amp {results.get('amp')}, total wall time {_fmt(results.get('wall_s'), 1)} s.",
+        "",
+        "## Parameters",
+        "",
+        _table(("Quantity", "Count"), [
+            ("Total (V-DProj model)", f"{p['total']:,}"),
+            ("V projection (v_compress + v_restore)", f"{p['v_projection']:,}"),
+            ("Phase 2 trainable", f"{p['phase2_trainable']:,}"),
+            ("Phase 2 frozen", f"{p['phase2_frozen']:,}"),
+            ("Baseline total (no compression)", f"{p.get('baseline_total', 0):,}"),
+        ]),
+        "",
+        "## KV cache",
+        "",
+        _table(("Model", "Values per token and layer", "Reduction"), [
+            ("Baseline", f"{2 * hd} (K {hd} + V {hd})", "-"),
+            ("V-DProj", f"{hd + cfg['v_rank']} (K {hd} + V_c {cfg['v_rank']})",
+             f"{100 * results['kv_cache_reduction']:.2f}%"),
+        ]),
+        "",
+        "## Results",
+        "",
+        summary_table(results),
+        "",
+        "Val recon loss: mean over layers of mean((V - V_restored)^2) on the validation set, "
+        "for the kept (best) model.",
+        "",
+        "## Position-wise validation perplexity",
+        "",
+        "Tokens are bucketed by their index in the 128-token sample (the token being predicted; "
+        "index 0 is never predicted).",
+        "",
+        position_table(results),
+        "",
+    ]
+    # Phase 1 alternatives
+    tp = [(n, r) for n, r in _runs(results) if n.startswith("two_phase")]
+    if tp:
+        lines += ["## Phase 1", ""]
+        rows = []
+        for name, r in tp:
+            rows.append((r.get("phase1_method"), r.get("phase1_initial_val_recon"),
+                         r.get("phase1_best_val_recon"), r.get("phase1_best_epoch"),
+                         r.get("phase1_pca_reference_val_recon"), r.get("final_val_recon"),
+                         r["best_val_ppl"]))
+        lines += [_table(("Phase 1", "Val recon before", "Val recon after phase 1",
+                          "Phase 1 best epoch", "PCA optimum (same model)",
+                          "Val recon after phase 2", "Final best val PPL"), rows), ""]
+    lines += ["## Per-epoch logs", ""]
+    for name, r in _runs(results):
+        lines += [f"### {RUN_LABELS[name]}", ""]
+        if name.startswith("two_phase"):
+            lines += ["Phase 1 (reconstruction):", "", epoch_table(r["phase1"], recon_only=True),
+                      "", "Phase 2 (v_compress/v_restore frozen):", "",
+                      epoch_table(r["phase2"]), ""]
+        else:
+            lines += [epoch_table(r["epochs"]), ""]
+        lines += [f"Stopped early: {r.get('stopped_early')}; wall time {_fmt(r.get('wall_s'), 1)}"
+                  f" s.", ""]
+    plots = results.get("plots", [])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in plots] + [""]
+    return "\n".join(lines)
+
+
+def make_plots(results, out_dir) -> list:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files = []
+    runs = _runs(results)
+
+    def ce_log(name, r):
+        return r["phase2"] if name.startswith("two_phase") else r["epochs"]
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in runs:
+        log = ce_log(name, r)
+        ep = [e["epoch"] for e in log]
+        line, = axes[0].plot(ep, [e["val_ppl"] for e in log], marker="o", label=RUN_LABELS[name])
+        axes[0].plot(ep, [e["train_ppl"] for e in log], ls="--", color=line.get_color())
+        axes[1].plot(ep, [e["val_loss"] for e in log], marker="o", color=line.get_color(),
+                     label=RUN_LABELS[name])
+        axes[1].plot(ep, [e["train_loss"] for e in log], ls="--", color=line.get_color())
+    axes[0].set(xlabel="epoch", ylabel="perplexity (solid val, dashed train)", yscale="log",
+                title="Perplexity")
+    axes[1].set(xlabel="epoch", ylabel="cross-entropy (solid val, dashed train)", title="Loss")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
+    plt.close(fig)
+    files.append("curves.png")
+
+    tp = [(n, r) for n, r in runs if n.startswith("two_phase") or n == "e2e"]
+    if tp:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in tp:
+            if name.startswith("two_phase"):
+                p1 = r["phase1"]
+                axes[0].plot([e["epoch"] for e in p1], [e["val_recon"] for e in p1], marker="o",
+                             label=f"{RUN_LABELS[name]} val")
+                axes[0].plot([e["epoch"] for e in p1], [e["train_recon"] for e in p1], ls="--",
+                             label=f"{RUN_LABELS[name]} train")
+            log = ce_log(name, r)
+            axes[1].plot([e["epoch"] for e in log], [e.get("recon") for e in log], marker="o",
+                         label=RUN_LABELS[name])
+        axes[0].set(xlabel="epoch", ylabel="mean (V - V_r)^2", title="Phase 1 reconstruction",
+                    yscale="log")
+        axes[1].set(xlabel="epoch", ylabel="val mean (V - V_r)^2",
+                    title="Reconstruction during CE training", yscale="log")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "reconstruction.png"), dpi=110)
+        plt.close(fig)
+        files.append("reconstruction.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = list(runs[0][1]["position_ppl"]) if runs else []
+    width = 0.8 / max(1, len(runs))
+    for i, (name, r) in enumerate(runs):
+        ax.bar([j + i * width for j in range(len(keys))], [r["position_ppl"][k] for k in keys],
+               width=width, label=RUN_LABELS[name])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels(keys)
+    ax.set(xlabel="token position", ylabel="validation perplexity",
+           title="Position-wise validation perplexity (best epoch)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "position_ppl.png"), dpi=110)
+    plt.close(fig)
+    files.append("position_ppl.png")
+    return files
+
+
+def write_report(results, out_dir, plots=True):
+    if plots:
+        results["plots"] = make_plots(results, out_dir)
+        from .train import atomic_save_json
+        atomic_save_json(results, os.path.join(out_dir, "results.json"))
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render(results))
+
+
+def merge(dirs, out_dir):
+    """Join results.json files of separate runs (same preset, data and seed) into one."""
+    merged = None
+    for d in dirs:
+        with open(os.path.join(d, "results.json")) as f:
+            r = json.load(f)
+        if merged is None:
+            merged = r
+            merged["wall_s"] = r.get("wall_s", 0.0)
+            continue
+        for key in ("config", "params", "data", "seed", "protocol"):
+            if r[key] != merged[key]:
+                raise ValueError(f"{d}/results.json differs from {dirs[0]} in {key!r}")
+        merged["runs"].update(r["runs"])
+        merged["wall_s"] = max(merged.get("wall_s", 0.0), r.get("wall_s", 0.0))
+    merged["merged_from"] = [os.path.abspath(d) for d in dirs]
+    os.makedirs(out_dir, exist_ok=True)
+    write_report(merged, out_dir)
+    return merged
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m vdproj_ext.report")
+    p.add_argument("dir", nargs="?", help="folder with results.json to re-render")
+    p.add_argument("--merge", nargs="+", help="folders whose results.json to join")
+    p.add_argument("--out", help="output folder for --merge")
+    a = p.parse_args(argv)
+    if a.merge:
+        if not a.out:
+            p.error("--merge needs --out")
+        res = merge(a.merge, a.out)
+        print(summary_table(res))
+    elif a.dir:
+        with open(os.path.join(a.dir, "results.json")) as f:
+            res = json.load(f)
+        write_report(res, a.dir)
+        print(summary_table(res))
+    else:
+        p.error("give a folder or --merge")
+
+
+if __name__ == "__main__":
+    main()
