@@ -324,6 +324,9 @@ def _cuda_cva_use_composite(q, k, v_c) -> bool:
     """Shape-based algorithm choice for compressed_v_attention on CUDA (threshold: placeholder)."""
     if _cuda_kernel_unsupported(q, v_c) is not None:
         return True
+    # Contiguous inputs are passed as they are: a view at an odd offset is not 16-byte aligned.
+    if any(t.is_contiguous() and t.numel() and t.data_ptr() % 16 for t in (q, k, v_c)):
+        return True
     return q.shape[1] * k.shape[1] >= _CVA_COMPOSITE_MIN_QK
 
 

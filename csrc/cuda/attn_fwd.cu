@@ -224,6 +224,10 @@ attn_fwd_kernel(const AttnParams p, const int nstages) {
       }
     }
     __syncthreads();  // the stage and ps are overwritten next iteration
+    if (nstages == 1 && n + 1 < ntiles) {  // single buffer: load the next tile only now
+      load_tile(t0 + kTileKeys, 0);
+      cp_async_commit();
+    }
   }
 
   if (lane == 0) l_s[warp] = l_run;
@@ -304,7 +308,7 @@ size_t attn_smem_bytes(const AttnParams& p) {
 }
 
 // Splits per (b, row group): minimize the tiles handled by the busiest block slot, counting
-// whole waves; ties go to fewer splits (less combine work). Placeholder cost model until
+// whole waves, plus a small charge per split for the combine. PLACEHOLDER cost model until
 // measured on a GPU.
 int64_t attn_num_splits(const AttnParams& p, int64_t max_keys) {
   if (p.final_mode) return 1;
@@ -323,15 +327,18 @@ int64_t attn_num_splits(const AttnParams& p, int64_t max_keys) {
       const int64_t base = p.B * groups;
       const int64_t tiles = (max_keys + kTileKeys - 1) / kTileKeys;
       if (tiles <= 1) return int64_t(1);
-      int64_t best = 1, best_cost = -1;
+      int64_t best = 1;
+      double best_cost = -1.0;
       const int64_t max_split = tiles < kMaxSplits ? tiles : kMaxSplits;
       for (int64_t s = 1; s <= max_split; ++s) {
         const int64_t tps = (tiles + s - 1) / s;          // tiles per split
         const int64_t used = (tiles + tps - 1) / tps;      // splits that get work
         if (used != s) continue;                           // same as a smaller s
         const int64_t waves = (base * used + slots - 1) / slots;
-        const int64_t cost = waves * tps;
-        if (best_cost < 0 || cost < best_cost) {
+        // In units of one tile's time: the busiest slot, plus the combine launch and its
+        // partials (guessed at half a tile and 1% of a tile per split).
+        const double cost = double(waves * tps) + (s > 1 ? 0.5 + 0.01 * double(s) : 0.0);
+        if (best_cost < 0.0 || cost < best_cost) {
           best_cost = cost;
           best = s;
         }

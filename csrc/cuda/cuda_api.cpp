@@ -94,7 +94,7 @@ at::Tensor restore_with_aten(const at::Tensor& ctx_f, const at::Tensor& lse, con
                              const c10::optional<at::Tensor>& b_r, at::ScalarType out_dtype) {
   const int64_t B = ctx_f.size(0), Tq = ctx_f.size(1), H = ctx_f.size(2), R = ctx_f.size(3);
   const int64_t D = w_r.size(0) / H;
-  const at::Tensor w = w_r.to(at::kFloat).view({H, D, R});
+  const at::Tensor w = w_r.to(at::kFloat).reshape({H, D, R});
   at::Tensor o = at::matmul(ctx_f.view({B * Tq, H, R}).transpose(0, 1), w.transpose(1, 2));
   o = o.transpose(0, 1).reshape({B, Tq, H, D});
   if (b_r.has_value()) o.add_(b_r->to(at::kFloat).view({H, D}));
@@ -125,8 +125,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cva_forward_cuda(
   for (auto [t, name] : {std::pair<const at::Tensor*, const char*>{&q, "q"}, {&k, "k"},
                          {&v_c, "v_c"}, {&w_r, "w_r"}}) {
     check_contiguous(*t, name);
-    check_vector_aligned(*t, name);
   }
+  check_vector_aligned(k, "k");  // staged with 16-byte cp.async
+  check_vector_aligned(v_c, "v_c");
 
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -198,10 +199,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cva_backw
   // Rows that see no key output a constant zero: no gradient flows through them at all.
   const at::Tensor empty =
       lse.eq(-std::numeric_limits<float>::infinity()).permute({0, 2, 1}).unsqueeze(-1);
-  const at::Tensor dout = grad_out.to(at::kFloat).masked_fill(empty, 0.0);
-  const at::Tensor w = w_r.to(at::kFloat).view({H, D, R});
+  const at::Tensor dout = grad_out.to(at::kFloat).masked_fill(empty, 0.0).contiguous();
+  const at::Tensor w = w_r.to(at::kFloat).reshape({H, D, R});
   const at::Tensor dout_h = dout.view({B * Tq, H, D}).transpose(0, 1);  // (H, B*Tq, D)
-  const at::Tensor ctx_f = ctx.to(at::kFloat);
+  const at::Tensor ctx_f = ctx.to(at::kFloat).contiguous();
   const at::Tensor ctx_h = ctx_f.view({B * Tq, H, R}).transpose(0, 1);  // (H, B*Tq, R)
   const at::Tensor dctx = at::matmul(dout_h, w).transpose(0, 1).contiguous();  // (B*Tq, H, R)
   const at::Tensor delta =
