@@ -20,6 +20,7 @@ constexpr int64_t kKeyBlock = 64;     // keys per block: scores, softmax, then o
 constexpr int64_t kTileRows = 64;     // query rows (queries x heads) per attention work item
 constexpr int64_t kMinSplit = 256;    // fewest keys per flash-decoding split
 constexpr int64_t kBwdKeyTile = 64;   // keys owned by one backward work item
+constexpr int64_t kMinWorkPerThread = 1 << 18;  // multiply-adds worth waking a thread for
 
 template <typename A> struct VecT {
   typedef A type __attribute__((vector_size(VDPROJ_VBYTES)));
@@ -402,11 +403,19 @@ void attention_impl(const AttnArgs& a) {
   const int64_t QT = std::max<int64_t>(1, std::min<int64_t>(Tq, kTileRows / H));
   const int64_t nqt = (Tq + QT - 1) / QT;
   const int64_t tiles = B * nqt;
-  const int nth = std::max(1, at::get_num_threads());
-  int64_t maxlen = 0;
-  for (int64_t b = 0; b < B; ++b) maxlen = std::max(maxlen, a.seqlen[b]);
+  int64_t maxlen = 0, keys = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    maxlen = std::max(maxlen, a.seqlen[b]);
+    keys += a.seqlen[b];
+  }
+  // Waking a second thread costs more than a small call's whole work (and, on a busy
+  // machine, up to a scheduler time slice), so small calls run on fewer threads.
+  const int64_t work = keys * Tq * H * (D + R + 8);
+  const int nth = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread)));
   // Flash-decoding: with fewer tiles than threads x 4, split each sequence's keys so every
-  // core streams its own part of the cache; partial (m, l, acc) are combined afterwards.
+  // core streams its own part of the cache. Each split leaves a partial (m, l, acc); the
+  // thread that finishes a tile's last split combines them and restores the output.
   int64_t nsplit = 1;
   if (tiles < 4 * nth && maxlen > kMinSplit)
     nsplit = std::min((4 * nth + tiles - 1) / tiles, (maxlen + kMinSplit - 1) / kMinSplit);
@@ -424,20 +433,21 @@ void attention_impl(const AttnArgs& a) {
   const int64_t part_stride = rows_max * (R + 2);
   std::vector<A> part(nsplit > 1 ? tiles * nsplit * part_stride : 0);
   const int64_t items = tiles * nsplit;
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nsplit > 1 ? tiles : 0]);
+  for (int64_t t = 0; t < (nsplit > 1 ? tiles : 0); ++t) done[t].store(0);
   const bool same = std::is_same<T, A>::value;
 
 #pragma omp parallel num_threads(nth)
   {
     std::vector<A> qs(rows_max * D), sbuf(rows_max * kKeyBlock);
     std::vector<A> kbuf(same ? 0 : kKeyBlock * H * D), vbuf(same ? 0 : kKeyBlock * R);
-    std::vector<A> own(nsplit > 1 ? 0 : part_stride), rows_buf(rows_max * R),
-        out_buf(rows_max * D);
+    std::vector<A> own(nsplit > 1 ? 0 : part_stride), comb(nsplit > 1 ? part_stride : 0);
+    std::vector<A> rows_buf(rows_max * R), out_buf(rows_max * D);
     std::vector<int64_t> lim(QT);
     auto state_at = [&](A* base) {
       return TileState<A>{base, base + rows_max, base + 2 * rows_max};
     };
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items; ++it) {
+    auto item = [&](int64_t it) {
       const int64_t split = it % nsplit, tile = it / nsplit;
       const int64_t b = tile / nqt, i0 = (tile % nqt) * QT;
       const int64_t nq = std::min(QT, Tq - i0), rows = nq * H;
@@ -460,38 +470,38 @@ void attention_impl(const AttnArgs& a) {
       attend_range<T, A>(qs.data(), nq, lim.data(), H, D, R, k + b * a.k_sb, a.k_st, a.k_sh,
                          vc + b * a.v_sb, a.v_st, j0, j1, st, sbuf.data(), kbuf.data(),
                          vbuf.data());
-      if (nsplit == 1)
+      if (nsplit == 1) {
         finalize_rows<T, A>(a, b, i0, nq, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
                             out_buf.data());
-    }
-    if (nsplit > 1) {
-      std::vector<A> comb(part_stride);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t tile = 0; tile < tiles; ++tile) {
-        const int64_t b = tile / nqt, i0 = (tile % nqt) * QT;
-        const int64_t nq = std::min(QT, Tq - i0), rows = nq * H;
-        TileState<A> out = state_at(comb.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          A mx = ninf;
-          for (int64_t s = 0; s < nsplit; ++s)
-            mx = std::max(mx, state_at(part.data() + (tile * nsplit + s) * part_stride).m[r]);
-          out.m[r] = mx;
-          out.l[r] = 0;
-          A* accr = out.acc + r * R;
-          std::fill(accr, accr + R, A(0));
-          if (mx == ninf) continue;
-          for (int64_t s = 0; s < nsplit; ++s) {
-            TileState<A> ps = state_at(part.data() + (tile * nsplit + s) * part_stride);
-            if (ps.m[r] == ninf) continue;
-            const A w = std::exp(ps.m[r] - mx);
-            out.l[r] += w * ps.l[r];
-            axpy(accr, w, ps.acc + r * R, R);
-          }
-        }
-        finalize_rows<T, A>(a, b, i0, nq, out, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
-                            out_buf.data());
+        return;
       }
-    }
+      // The thread that completes a tile's last split combines the partial states and
+      // finalizes the tile, so no barrier separates the two steps (a descheduled thread on
+      // a busy machine then delays only its own tiles).
+      if (done[tile].fetch_add(1, std::memory_order_acq_rel) != nsplit - 1) return;
+      TileState<A> out = state_at(comb.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        A mx = ninf;
+        for (int64_t s = 0; s < nsplit; ++s)
+          mx = std::max(mx, state_at(part.data() + (tile * nsplit + s) * part_stride).m[r]);
+        out.m[r] = mx;
+        out.l[r] = 0;
+        A* accr = out.acc + r * R;
+        std::fill(accr, accr + R, A(0));
+        if (mx == ninf) continue;
+        for (int64_t s = 0; s < nsplit; ++s) {
+          TileState<A> ps = state_at(part.data() + (tile * nsplit + s) * part_stride);
+          if (ps.m[r] == ninf) continue;
+          const A w = std::exp(ps.m[r] - mx);
+          out.l[r] += w * ps.l[r];
+          axpy(accr, w, ps.acc + r * R, R);
+        }
+      }
+      finalize_rows<T, A>(a, b, i0, nq, out, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
+                          out_buf.data());
+    };
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) item(it);
   }
 }
 
@@ -677,7 +687,8 @@ void append_impl(const AppendArgs& a) {
   // Parallel over (token, chunk of R) so that a single decode token still uses every core.
   const int64_t rchunk = 64;
   const int64_t nrc = std::max<int64_t>(1, (R + rchunk - 1) / rchunk);
-  at::parallel_for(0, B * Tn * nrc, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (rchunk * HD + 1));
+  at::parallel_for(0, B * Tn * nrc, grain, [&](int64_t lo, int64_t hi) {
     std::vector<A> vrow(HD);
     int64_t loaded = -1;
     for (int64_t it = lo; it < hi; ++it) {

@@ -166,3 +166,12 @@ def test_model_new_cache_kinds():
     assert isinstance(comp, CompressedKVCache) and isinstance(full, KVCache)
     hd = cfg.hidden_size
     assert comp.nbytes / full.nbytes == (hd + cfg.v_rank) / (2 * hd)
+
+
+@pytest.mark.parametrize("v_rank", [320, None])
+def test_kv_cache_nbytes_without_allocating(v_rank):
+    from vdproj_ext.cache import kv_cache_nbytes
+    shape = (3, 2, 17, 4, 8)
+    cache = (CompressedKVCache(*shape, v_rank, dtype=torch.float16) if v_rank
+             else KVCache(*shape, dtype=torch.float16))
+    assert kv_cache_nbytes(*shape, v_rank, 2) == cache.nbytes

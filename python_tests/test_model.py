@@ -1,5 +1,4 @@
 """VDProjForCausalLM: shapes, parameter counts, GPT-NeoX layout, the op it trains through."""
-import math
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -181,4 +180,27 @@ def test_embedded_data_has_no_overlap():
     assert d.train.shape == (64, 128) and d.val.shape == (8, 128)
     train_rows = {tuple(r.tolist()) for r in d.train}
     assert not any(tuple(r.tolist()) in train_rows for r in d.val)
-    assert d.info["train_tokens_available"] > 64 * 128
+    assert d.info["train_tokens_tokenized"] >= 64 * 128
+
+
+def test_phase1_pca_reaches_the_reported_optimum(smoke_all, tmp_path):
+    _, res = smoke_all
+    out = train.main([*SMOKE, "--out", str(tmp_path), "--mode", "two_phase", "--phase1", "pca",
+                      "--epochs", "1", "--no-plots"])
+    run = out["runs"]["two_phase"]
+    assert run["phase1_method"] == "pca" and run["phase1"][0]["method"] == "pca"
+    assert all(0 < k <= 1 for k in run["phase1"][0]["variance_kept"])
+    sgd = res["runs"]["two_phase"]
+    # the same model at the start of phase 1, so the same closed-form optimum
+    assert run["phase1_best_val_recon"] == pytest.approx(sgd["phase1_pca_reference_val_recon"],
+                                                         rel=1e-4)
+    assert run["phase1_best_val_recon"] <= sgd["phase1_best_val_recon"] * 1.001
+
+
+def test_report_merge_and_rerender(smoke_all, tmp_path):
+    from vdproj_ext import report
+    out, _ = smoke_all
+    merged = report.merge([str(out), str(out)], str(tmp_path))
+    assert set(merged["runs"]) == {"baseline", "e2e", "two_phase"}
+    text = (tmp_path / "report.md").read_text()
+    assert "Reference finding" in text and "| Baseline (no compression) |" in text

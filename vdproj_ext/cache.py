@@ -34,7 +34,16 @@ import torch.nn.functional as F
 
 from .ops import compressed_attn_with_kvcache
 
-__all__ = ["CompressedKVCache", "KVCache", "CacheOverflowError"]
+__all__ = ["CompressedKVCache", "KVCache", "CacheOverflowError", "kv_cache_nbytes"]
+
+
+def kv_cache_nbytes(num_layers, batch_size, max_len, num_heads, head_dim, v_rank,
+                    element_size=4) -> int:
+    """Bytes a cache of this shape holds (what `.nbytes` reports), without allocating it:
+    per token and layer H*D keys plus v_rank compressed values, or H*D values when v_rank
+    is None (the uncompressed KVCache)."""
+    per_token = num_heads * head_dim + (num_heads * head_dim if v_rank is None else v_rank)
+    return num_layers * batch_size * max_len * per_token * element_size
 
 
 class CacheOverflowError(ValueError):

