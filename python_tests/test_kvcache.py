@@ -78,8 +78,10 @@ CASES = [
     (2, 90, 2, 16, 21, [10, 41], 3, 0),          # several queries, no append
     (2, 700, 4, 32, 50, [700, 313], 1, 0),       # long: flash-decoding splits, partial blocks
     (2, 160, 5, 8, 13, [0, 80], 70, 70),         # Tq > one tile; Tq > cached for sequence 0
+    (2, 3000, 4, 32, 50, [2999, 1777], 1, 1),    # big enough for both threads and 4 splits
 ]
-CASE_IDS = ["decode-append", "read-only", "chunk-append", "multi-q", "long-split", "prefill"]
+CASE_IDS = ["decode-append", "read-only", "chunk-append", "multi-q", "long-split", "prefill",
+            "threads-split"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

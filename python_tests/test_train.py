@@ -16,8 +16,11 @@ SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
 
 
 @pytest.fixture(autouse=True)
-def _keep_threads():
+def _one_thread():
+    # Small models: one intra-op thread is about as fast, and it does not collapse when
+    # other processes load the CPU (OpenMP threads spin-waiting on a busy core).
     n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 

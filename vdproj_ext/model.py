@@ -356,6 +356,11 @@ class VDProjForCausalLM(nn.Module):
                 p.zero_()
             else:
                 p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+        self.init_weights_vproj_(seed)
+
+    @torch.no_grad()
+    def init_weights_vproj_(self, seed: int = 0):
+        """v_compress/v_restore := a random orthogonal projection pair (see init_weights)."""
         gen_v = torch.Generator().manual_seed(int(seed) + 1_000_003)
         for attn in self.attention_modules():
             if not attn.compressed:
@@ -364,8 +369,8 @@ class VDProjForCausalLM(nn.Module):
             a = torch.randn(max(hd, r), min(hd, r), generator=gen_v, dtype=torch.float64)
             qmat, _ = torch.linalg.qr(a)  # orthonormal columns
             w_r = qmat if hd >= r else qmat.T  # (hd, r)
-            attn.v_restore.weight.copy_(w_r)
-            attn.v_compress.weight.copy_(w_r.T)
+            attn.v_restore.weight.copy_(w_r.to(attn.v_restore.weight))
+            attn.v_compress.weight.copy_(w_r.T.to(attn.v_compress.weight))
             for lin in (attn.v_compress, attn.v_restore):
                 if lin.bias is not None:
                     lin.bias.zero_()

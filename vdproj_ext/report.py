@@ -187,21 +187,31 @@ def make_plots(results, out_dir) -> list:
     def ce_log(name, r):
         return r["phase2"] if name.startswith("two_phase") else r["epochs"]
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    base_log = {e["epoch"]: e["val_ppl"] for e in ce_log("baseline", results["runs"]["baseline"])} \
+        if "baseline" in results["runs"] else {}
     for name, r in runs:
         log = ce_log(name, r)
+        rel = [(e["epoch"], 100.0 * (e["val_ppl"] / base_log[e["epoch"]] - 1.0))
+               for e in log if e["epoch"] in base_log]
         ep = [e["epoch"] for e in log]
         line, = axes[0].plot(ep, [e["val_ppl"] for e in log], marker="o", label=RUN_LABELS[name])
         axes[0].plot(ep, [e["train_ppl"] for e in log], ls="--", color=line.get_color())
         axes[1].plot(ep, [e["val_loss"] for e in log], marker="o", color=line.get_color(),
                      label=RUN_LABELS[name])
         axes[1].plot(ep, [e["train_loss"] for e in log], ls="--", color=line.get_color())
+        if name != "baseline" and rel:
+            axes[2].plot(*zip(*rel), marker="o", color=line.get_color(), label=RUN_LABELS[name])
+    axes[2].axhline(0.0, color="gray", lw=1)
+    axes[2].set(xlabel="epoch", ylabel="val PPL vs baseline, same epoch (%)",
+                title="Relative to the baseline")
     axes[0].set(xlabel="epoch", ylabel="perplexity (solid val, dashed train)", yscale="log",
                 title="Perplexity")
     axes[1].set(xlabel="epoch", ylabel="cross-entropy (solid val, dashed train)", title="Loss")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
     plt.close(fig)
@@ -213,8 +223,10 @@ def make_plots(results, out_dir) -> list:
         for name, r in tp:
             if name.startswith("two_phase"):
                 p1 = r["phase1"]
-                axes[0].plot([e["epoch"] for e in p1], [e["val_recon"] for e in p1], marker="o",
-                             label=f"{RUN_LABELS[name]} val")
+                start = [(0, r["phase1_initial_val_recon"])] \
+                    if r.get("phase1_initial_val_recon") is not None else []
+                pts = start + [(e["epoch"], e["val_recon"]) for e in p1]
+                axes[0].plot(*zip(*pts), marker="o", label=f"{RUN_LABELS[name]} val")
                 axes[0].plot([e["epoch"] for e in p1], [e["train_recon"] for e in p1], ls="--",
                              label=f"{RUN_LABELS[name]} train")
             log = ce_log(name, r)

@@ -185,6 +185,10 @@ class Experiment:
         self.cfg = VDProjConfig.preset(args.preset)
         if args.v_rank is not None:
             self.cfg = self.cfg.replace(v_rank=args.v_rank)
+        if args.init_from:  # a pretrained GPT-NeoX (e.g. Pythia-70m): its shape wins
+            from .convert import config_from_gpt_neox, read_gpt_neox_config
+            self.cfg = config_from_gpt_neox(read_gpt_neox_config(args.init_from),
+                                            v_rank=self.cfg.v_rank)
         if self.cfg.v_rank is None:
             raise ValueError("the experiment needs a compressed model (v_rank set)")
         if settings["seq_len"] > self.cfg.max_positions:
@@ -227,7 +231,7 @@ class Experiment:
                 "phase1": "pca" if run == "two_phase_pca" else self.args.phase1,
                 "protocol": json.dumps({k: s[k] for k in sorted(PROTOCOL)}, sort_keys=True)
                 + f" epochs={s['epochs']} phase1_epochs={s['phase1_epochs']}",
-                "amp": self.amp}
+                "amp": self.amp, "init_from": self.args.init_from}
 
     def log(self, msg):
         if self.ctx.main:
@@ -236,7 +240,15 @@ class Experiment:
     # ---- model pieces
     def build_model(self, run: str) -> VDProjForCausalLM:
         cfg = self.cfg if run != "baseline" else self.cfg.replace(v_rank=None)
-        model = VDProjForCausalLM(cfg, init_seed=self.args.seed)
+        if self.args.init_from:
+            # Pretrained GPT-NeoX weights; v_compress/v_restore start from the model's random
+            # orthogonal pair (phase 1, or e2e training, fits them).
+            model = VDProjForCausalLM.from_gpt_neox(self.args.init_from, v_rank=cfg.v_rank,
+                                                    init="random")
+            if any(p.numel() for p in model.v_projection_parameters()):
+                model.init_weights_vproj_(self.args.seed)
+        else:
+            model = VDProjForCausalLM(cfg, init_seed=self.args.seed)
         model.set_backend(self.args.backend)
         return model.to(self.ctx.device)
 
@@ -545,6 +557,7 @@ class Experiment:
                                            "weight_decay")},
             "data": self.results_skeleton_data(),
             "seed": self.args.seed, "phase1_method": self.args.phase1,
+            "init_from": self.args.init_from,
             "world_size": self.ctx.world, "device": str(self.ctx.device), "amp": self.amp,
             "torch_version": torch.__version__,
             "torch_threads": torch.get_num_threads(),
@@ -597,6 +610,9 @@ def parse_args(argv=None):
     g.add_argument("--patience", type=int, help="early-stopping patience (1)")
     g.add_argument("--batch-size", type=int, help="global batch size (8)")
     g.add_argument("--v-rank", type=int, help="override the preset's v_rank")
+    g.add_argument("--init-from", help="start every run from a local Hugging Face GPT-NeoX "
+                   "checkpoint folder (e.g. Pythia-70m) instead of random weights; its shape "
+                   "replaces the preset's, and its vocabulary must match the tokenizer")
     g = p.add_argument_group("execution")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
     g.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
