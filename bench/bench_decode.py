@@ -10,8 +10,9 @@ memory budget, and decode throughput (new tokens per second over the whole batch
 step at that context: embedding, all layers with cached attention, final norm, LM head and
 argmax, i.e. what generate() runs per token. The caches are filled to the context length
 directly with random keys and values (a 2048-token prefill per point would take minutes on
-2 cores and does not change what a decode step reads). "compressed+fold" additionally folds
-v_compress into the value projection (one linear map x -> V_c) to measure whether that pays.
+2 cores and does not change what a decode step reads). "compressed+fold" is the compressed model
+after vdproj_ext.cache.fold_v_compress (v_compress folded into the value projection: one
+linear map x -> V_c), to measure whether that pays.
 
 Writes a markdown table and a PNG plot (--out, default bench/results/), and prints which
 backend ran. The pytest functions at the bottom are small smoke benchmarks collected by
@@ -27,74 +28,16 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 try:
     import vdproj_ext
 except ImportError:  # run as a script from a source checkout without an install
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vdproj_ext
-from vdproj_ext import VDProjConfig, VDProjForCausalLM, compressed_attn_with_kvcache
-from vdproj_ext.model import apply_rotary
+from vdproj_ext import VDProjConfig, VDProjForCausalLM
+from vdproj_ext.cache import fold_v_compress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-# ---------------------------------------------------------------------------------------------
-# The fold: x -> [q | k] and x -> V_c in one Linear, V never materialised.
-
-
-class FoldedAttention(nn.Module):
-    """Inference-only stand-in for a compressed CompressedVAttention whose v_compress is
-    folded into the value projection: V_c = w_c (W_v x + b_v) + b_c = (w_c W_v) x + (w_c b_v
-    + b_c). One Linear produces q, k (in GPT-NeoX's per-head layout) and V_c."""
-
-    def __init__(self, attn):
-        super().__init__()
-        h, d, hd = attn.num_heads, attn.head_dim, attn.hidden_size
-        self.num_heads, self.head_dim, self.hidden_size = h, d, hd
-        self.backend = attn.backend
-        w = attn.query_key_value.weight.detach().view(h, 3, d, -1)
-        b = attn.query_key_value.bias.detach().view(h, 3, d)
-        w_c, b_c = attn.v_compress.weight.detach(), attn.v_compress.bias.detach()
-        w_qk = w[:, :2].reshape(2 * hd, -1)     # rows per head [q_h | k_h], as before
-        b_qk = b[:, :2].reshape(2 * hd)
-        w_v, b_v = w[:, 2].reshape(hd, -1), b[:, 2].reshape(hd)
-        self.rank = w_c.shape[0]
-        self.proj = nn.Linear(w.shape[-1], 2 * hd + self.rank, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            self.proj.weight.copy_(torch.cat((w_qk, w_c @ w_v)))
-            self.proj.bias.copy_(torch.cat((b_qk, w_c @ b_v + b_c)))
-        self.v_restore, self.dense = attn.v_restore, attn.dense
-
-    def forward(self, x, cos, sin, cache=None, layer_idx=0, want_recon=False):
-        bsz, t, _ = x.shape
-        h, d, hd = self.num_heads, self.head_dim, self.hidden_size
-        y = self.proj(x)
-        qk = y[..., :2 * hd].view(bsz, t, h, 2 * d)
-        q, k = apply_rotary(qk[..., :d], cos, sin), apply_rotary(qk[..., d:], cos, sin)
-        v_c = y[..., 2 * hd:]
-        # Write k and V_c ourselves, then attend over seqlens + t cached positions (no k/v
-        # given: the op only reads). Bottom-right causal alignment is unchanged.
-        pos = cache.seqlens.long().unsqueeze(1) + torch.arange(t, device=x.device)
-        rows = torch.arange(bsz, device=x.device).unsqueeze(1)
-        cache._check_room(t)
-        cache.k_cache[layer_idx][rows, pos] = k
-        cache.vc_cache[layer_idx][rows, pos] = v_c
-        o = compressed_attn_with_kvcache(
-            q, cache.k_cache[layer_idx], cache.vc_cache[layer_idx], self.v_restore.weight,
-            self.v_restore.bias, cache_seqlens=cache.seqlens + t, causal=True,
-            backend=self.backend)
-        return self.dense(o.reshape(bsz, t, hd)), None
-
-
-def fold_v_compress(model):
-    """A copy of `model` whose attention layers use FoldedAttention (decode only)."""
-    import copy
-    folded = copy.deepcopy(model)
-    for layer in folded.gpt_neox.layers:
-        layer.attention = FoldedAttention(layer.attention)
-    return folded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +184,11 @@ def plot(rows, path, title):
         axes[0].plot(bs, [r["compressed"]["tokens_per_s"] for r in sel], "-s",
                      color=line.get_color(), label=f"V-DProj, ctx {ctx}")
         axes[1].plot(bs, [r["speedup"] for r in sel], "-s", color=line.get_color(),
-                     label=f"ctx {ctx}")
+                     label=f"V-DProj, ctx {ctx}")
+        if "compressed+fold" in sel[0]:
+            axes[1].plot(bs, [r["compressed+fold"]["tokens_per_s"] / r["uncompressed"][
+                "tokens_per_s"] for r in sel], ":^", color=line.get_color(),
+                label=f"V-DProj + fold, ctx {ctx}")
     axes[0].set_xscale("log", base=2)
     axes[0].set_xlabel("batch size")
     axes[0].set_ylabel("decode tokens / s")
@@ -306,7 +253,7 @@ def main(argv=None):
                                                                    else sys.argv[1:]),
             "wall_s": round(time.time() - t0, 1)}
     os.makedirs(args.out, exist_ok=True)
-    stem = f"decode_{args.preset}_{device.type}_{args.dtype}"
+    stem = f"decode_{args.preset}_{device.type}_{args.dtype}_{meta['threads']}t"
     table = markdown_table(rows, meta)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"{meta['command']}\n\n{args.preset}, {device.type}, {args.dtype}, backend "
@@ -357,7 +304,8 @@ def test_decode_step_uncompressed(benchmark):
 
 
 def test_fold_matches_unfolded():
-    """The folded variant decodes the same logits as the compressed model."""
+    """The folded variant decodes the same logits as the compressed model (also tested in
+    python_tests/test_generate.py)."""
     cfg = VDProjConfig.preset("smoke")
     model = VDProjForCausalLM(cfg, init_seed=0).double().eval()
     with torch.no_grad():

@@ -15,7 +15,8 @@
 # Optional: tqdm (progress bars), matplotlib (plots; re-render later with
 # `python -m vdproj_ext.report $OUT`).
 #
-# Usage: bash bench/reproduce_pythia70m.sh [extra vdproj-train arguments, e.g. --phase1 both]
+# Usage: bash bench/reproduce_pythia70m.sh [extra vdproj-train arguments, e.g. --phase1 both,
+#        or --init-from path/to/pythia-70m to start from pretrained weights (local folder)]
 # Environment: OUT (default runs/pythia70m), PYTHON (default python), DATA_PT, BUILD=0 to skip
 # compiling the CUDA kernels, CUDA_HOME, TORCH_CUDA_ARCH_LIST (default 9.0).
 # Interrupted? Rerun with --resume: finished runs are kept, the others continue where their

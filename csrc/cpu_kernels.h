@@ -54,6 +54,37 @@ template <typename A> struct HSum<A, 16> {
     return s;
   }
 };
+#if defined(__GNUC__) && __GNUC__ >= 12
+// Same halving with register shuffles (memcpy halves can go through the stack).
+template <> struct HSum<float, 32> {
+  typedef float v __attribute__((vector_size(32)));
+  static inline float run(v x) {
+    return HSum<float, 16>::run(__builtin_shufflevector(x, x, 0, 1, 2, 3) +
+                                __builtin_shufflevector(x, x, 4, 5, 6, 7));
+  }
+};
+template <> struct HSum<float, 64> {
+  typedef float v __attribute__((vector_size(64)));
+  static inline float run(v x) {
+    return HSum<float, 32>::run(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+                                __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+};
+template <> struct HSum<double, 32> {
+  typedef double v __attribute__((vector_size(32)));
+  static inline double run(v x) {
+    return HSum<double, 16>::run(__builtin_shufflevector(x, x, 0, 1) +
+                                 __builtin_shufflevector(x, x, 2, 3));
+  }
+};
+template <> struct HSum<double, 64> {
+  typedef double v __attribute__((vector_size(64)));
+  static inline double run(v x) {
+    return HSum<double, 32>::run(__builtin_shufflevector(x, x, 0, 1, 2, 3) +
+                                 __builtin_shufflevector(x, x, 4, 5, 6, 7));
+  }
+};
+#endif
 template <typename A> inline A hsum(vec_t<A> v) { return HSum<A, kVBytes>::run(v); }
 
 inline void prefetch_lines(const void* p, int64_t bytes) {

@@ -63,7 +63,8 @@ def _save_legacy_bin(hf_model, folder):
         state[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
         state[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = torch.ones(4)
     torch.save(state, folder / "pytorch_model.bin")
-    rope = cfg.rope_parameters
+    rope = getattr(cfg, "rope_parameters", None) or {  # transformers 5 / 4.x
+        "partial_rotary_factor": cfg.rotary_pct, "rope_theta": cfg.rotary_emb_base}
     legacy = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
               "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
               "num_hidden_layers": cfg.num_hidden_layers,
@@ -75,7 +76,7 @@ def _save_legacy_bin(hf_model, folder):
               "use_parallel_residual": cfg.use_parallel_residual,
               "tie_word_embeddings": cfg.tie_word_embeddings, "rope_scaling": None,
               "torch_dtype": "float32"}
-    if not cfg.attention_bias:
+    if not getattr(cfg, "attention_bias", True):
         legacy["attention_bias"] = False
     (folder / "config.json").write_text(json.dumps(legacy))
     return folder

@@ -221,3 +221,41 @@ def test_cli_errors(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "--v-rank", "8", "--prompt", "x"]) == 2
     assert "v-rank" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding v_compress into the value projection (inference)
+
+
+@pytest.mark.parametrize("biases", [True, False])
+def test_folded_model_matches(biases, device):
+    from vdproj_ext.cache import FoldedVAttention, fold_v_compress
+    model = _model(20, torch.float64, "auto", device)
+    if not biases:  # a model without attention biases folds too
+        cfg = model.config.replace(attention_bias=False)
+        model = VDProjForCausalLM(cfg, init_seed=3).to(device, torch.float64).eval()
+    with torch.no_grad():
+        for attn in model.attention_modules():
+            if attn.v_compress.bias is not None:
+                attn.v_compress.bias.normal_()
+    folded = fold_v_compress(model)
+    assert all(isinstance(a, FoldedVAttention) for a in folded.attention_modules())
+    assert not any(isinstance(a, FoldedVAttention) for a in model.attention_modules())
+    ids = torch.randint(0, model.config.vocab_size, (3, 15), device=device)
+    with torch.no_grad():
+        full = model(ids).logits
+        assert (folded(ids).logits - full).abs().max() < 1e-9  # uncached forward
+        cache = folded.new_cache(3, 16)
+        pieces = [folded(ids[:, :6], cache=cache).logits, folded(ids[:, 6:9], cache=cache).logits]
+        pieces += [folded(ids[:, i:i + 1], cache=cache).logits for i in range(9, 15)]
+    assert (torch.cat(pieces, 1) - full).abs().max() < 1e-9
+    # ragged generation is unchanged
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    mask[2, :3] = 0
+    assert torch.equal(folded.generate(ids, 8, attention_mask=mask),
+                       model.generate(ids, 8, attention_mask=mask))
+    with pytest.raises(CacheOverflowError):
+        folded(ids[:, :2], cache=folded.new_cache(3, 1))
+    with pytest.raises(ValueError, match="compressed"):
+        fold_v_compress(_model(None))

@@ -207,3 +207,25 @@ def test_report_merge_and_rerender(smoke_all, tmp_path):
     assert set(merged["runs"]) == {"baseline", "e2e", "two_phase"}
     text = (tmp_path / "report.md").read_text()
     assert "Reference finding" in text and "| Baseline (no compression) |" in text
+
+
+def test_init_from_gpt_neox_checkpoint(tmp_path):
+    """--init-from starts from pretrained GPT-NeoX weights: the baseline's initial validation
+    loss is the checkpoint's own loss on the validation split."""
+    transformers = pytest.importorskip("transformers")
+    from vdproj_ext.data import build_dataset
+    cfg = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     rotary_pct=0.5, max_position_embeddings=256,
+                                     tie_word_embeddings=False, hidden_act="gelu")
+    torch.manual_seed(0)
+    hf = transformers.GPTNeoXForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "neox")
+    out = train.main([*SMOKE, "--out", str(tmp_path / "run"), "--mode", "baseline",
+                      "--epochs", "1", "--no-plots", "--init-from", str(tmp_path / "neox")])
+    val = build_dataset(seq_len=128, n_train=32, n_val=16, val_frac=0.1, tokenizer="bytes",
+                        vocab_size=256).val
+    with torch.no_grad():
+        ref = hf(val, labels=val).loss.item()
+    assert out["runs"]["baseline"]["initial_val"]["loss"] == pytest.approx(ref, rel=1e-4)
+    assert out["config"]["hidden_size"] == 32 and out["init_from"]

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .cache import kv_cache_nbytes
+from .cache import fold_v_compress, kv_cache_nbytes
 from .model import VDProjConfig, VDProjForCausalLM
 
 RUN_ORDER = ("two_phase", "e2e", "baseline")
@@ -173,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-fold", action="store_true",
+                   help="keep v_compress separate (by default a compressed model decodes with "
+                        "v_compress folded into the value projection, ~3%% faster)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
@@ -187,6 +190,9 @@ def main(argv=None) -> int:
         print(f"vdproj-generate: error: {exc}", file=sys.stderr)
         return 2
     cfg = model.config
+    if cfg.v_rank is not None and not args.no_fold:
+        model = fold_v_compress(model, inplace=True)
+        desc += ", v_compress folded into the value projection"
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         print("vdproj-generate: error: the prompt encodes to no tokens", file=sys.stderr)

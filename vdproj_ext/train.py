@@ -245,7 +245,7 @@ class Experiment:
             # orthogonal pair (phase 1, or e2e training, fits them).
             model = VDProjForCausalLM.from_gpt_neox(self.args.init_from, v_rank=cfg.v_rank,
                                                     init="random")
-            if any(p.numel() for p in model.v_projection_parameters()):
+            if cfg.v_rank is not None:
                 model.init_weights_vproj_(self.args.seed)
         else:
             model = VDProjForCausalLM(cfg, init_seed=self.args.seed)
