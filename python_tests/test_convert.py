@@ -20,6 +20,7 @@ SHAPES = [
     (48, 3, 3, 96, 1.0, False, False, True),     # full rotary, sequential residual
     (40, 5, 2, 80, 0.5, True, True, True),       # head_dim 8, tied embeddings
     (32, 2, 2, 64, 0.0, False, False, False),    # no rotary, no attention biases
+    (128, 2, 2, 200, 0.3, True, False, True),    # odd rotary dims: int(64 * 0.3) = 19
 ]
 VOCAB = 97
 
