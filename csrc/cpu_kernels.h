@@ -92,22 +92,6 @@ inline void prefetch_lines(const void* p, int64_t bytes) {
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
-// Software prefetch spread over a compute loop: a few lines per step, through two ranges.
-struct PrefetchCursor {
-  const char* p[2] = {nullptr, nullptr};
-  const char* end[2] = {nullptr, nullptr};
-  int64_t per = 0;
-  int64_t lines() const { return ((end[0] - p[0]) + (end[1] - p[1]) + 63) / 64; }
-  inline void step() {
-    for (int64_t t = 0; t < per; ++t) {
-      const int r = p[0] < end[0] ? 0 : 1;
-      if (p[r] >= end[r]) return;
-      __builtin_prefetch(p[r], 0, 3);
-      p[r] += 64;
-    }
-  }
-};
-
 template <typename A> inline A dot(const A* a, const A* b, int64_t n) {
   constexpr int N = VecT<A>::N;
   int64_t i = 0;
@@ -244,7 +228,7 @@ template <typename A, typename T> struct AsAcc {
 // registers across the whole key block: each v row chunk is loaded once for RT rows.
 template <typename A, int RT, int CT>
 inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v,
-                             int64_t ldv, int64_t nk, PrefetchCursor* pfc) {
+                             int64_t ldv, int64_t nk) {
   constexpr int N = VecT<A>::N;
   vec_t<A> c[RT][CT];
   for (int r = 0; r < RT; ++r)
@@ -256,7 +240,6 @@ inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp, const
       const A pr = p[r * ldp + j];
       for (int t = 0; t < CT; ++t) c[r][t] += pr * x[t];
     }
-    if (pfc) pfc->step();
   }
   for (int r = 0; r < RT; ++r)
     for (int t = 0; t < CT; ++t) vstore(acc + r * lda + t * N, c[r][t]);
@@ -265,29 +248,25 @@ inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp, const
 // acc (rows, ncols; row stride lda) += p (rows, nk; row stride ldp) @ v (nk, ncols; ldv).
 template <typename A>
 void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v, int64_t ldv,
-                 int64_t rows, int64_t nk, int64_t ncols, PrefetchCursor* pfc = nullptr) {
+                 int64_t rows, int64_t nk, int64_t ncols) {
   constexpr int N = VecT<A>::N;
   constexpr int RT = 4;
   constexpr int CT = kVBytes >= 64 ? 4 : 2;  // 16 (AVX-512) or 8 accumulator registers
-  if (pfc) {  // spread the prefetches evenly over the key steps of the full-width passes
-    const int64_t steps = std::max<int64_t>(1, (ncols / (CT * N)) * ((rows + RT - 1) / RT) * nk);
-    pfc->per = (pfc->lines() + steps - 1) / steps;
-  }
   int64_t c = 0;
   // Column chunks outermost: the block's v columns stay in L1 while all rows use them.
   for (; c + CT * N <= ncols; c += CT * N) {
     int64_t r = 0;
     for (; r + RT <= rows; r += RT)
-      rank_update_tile<A, RT, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk, pfc);
+      rank_update_tile<A, RT, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
     for (; r < rows; ++r)
-      rank_update_tile<A, 1, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk, pfc);
+      rank_update_tile<A, 1, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
   }
   for (; c + N <= ncols; c += N) {
     int64_t r = 0;
     for (; r + RT <= rows; r += RT)
-      rank_update_tile<A, RT, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk, nullptr);
+      rank_update_tile<A, RT, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
     for (; r < rows; ++r)
-      rank_update_tile<A, 1, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk, nullptr);
+      rank_update_tile<A, 1, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
   }
   if (c < ncols) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -352,13 +331,11 @@ void attend_range(const A* qs, int64_t nq, const int64_t* lim, int64_t H, int64_
     // this block's V_c rows (the rank update walks them column chunk by column chunk, which
     // the hardware prefetcher follows poorly) and the next block's key rows.
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
-    // Rows of the cache stored back to back (the usual layout): prefetch as ranges.
-    const bool packed = std::is_same<T, A>::value && ks_h == D && ks_t == H * D && vs == R;
     for (int64_t jj = 0; jj < nk; ++jj) {
       const A* krow = kp + jj * ks_t;
       if constexpr (std::is_same<T, A>::value) {
-        if (!packed || jb == j0) prefetch_lines(vp + jj * vs, R * sizeof(A));
-        if (!packed && jj < nk_next)
+        prefetch_lines(vp + jj * vs, R * sizeof(A));
+        if (jj < nk_next)
           for (int64_t h = 0; h < H; ++h)
             prefetch_lines(krow + kKeyBlock * ks_t + h * ks_h, D * sizeof(A));
       }
@@ -392,20 +369,7 @@ void attend_range(const A* qs, int64_t nq, const int64_t* lim, int64_t H, int64_
       st.l[r] += sum;
       st.m[r] = mnew;
     }
-    // With packed caches, the next block's keys and values are prefetched during this
-    // block's rank update, so memory requests overlap the arithmetic instead of waiting for
-    // the next scores pass.
-    PrefetchCursor pfc;
-    if (packed && nk_next > 0) {
-      const char* kn = reinterpret_cast<const char*>(kp + nk * ks_t);
-      const char* vn = reinterpret_cast<const char*>(vp + nk * vs);
-      pfc.p[0] = kn;
-      pfc.end[0] = kn + nk_next * ks_t * sizeof(A);
-      pfc.p[1] = vn;
-      pfc.end[1] = vn + nk_next * vs * sizeof(A);
-    }
-    rank_update(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R,
-                packed && nk_next > 0 ? &pfc : nullptr);
+    rank_update(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R);
   }
 }
 
