@@ -34,7 +34,7 @@ NVCC_FLAGS=(-c -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr
   -Xptxas -v
   "${TORCH_INC[@]}" "$PYINC")
 # torch's and CUDA's headers as system headers: -Werror applies to our code only.
-CXX_FLAGS=(-fsyntax-only -std=c++17 -O0 -Wall -Wextra -Werror -Wno-unused-parameter
+CXX_FLAGS=(-fsyntax-only -std=c++17 -O0 -fopenmp -Wall -Wextra -Werror -Wno-unused-parameter
   -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DVDPROJ_WITH_CUDA -DVDPROJ_EXT_AOT
   -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI="$ABI"
   "${TORCH_INC[@]/#-I/-isystem}" "${PYINC/#-I/-isystem}" -isystem "$CUDA_INC" -Icsrc/cuda)
@@ -51,7 +51,8 @@ compile_one() {
   echo "$rc $(( $(date +%s) - start ))" >"$OUT/$name.status"
 }
 
-SOURCES=(csrc/cuda/*.cu csrc/cuda/*.cpp)
+# vdproj_ops.cpp too: its CUDA-only lines (VDPROJ_WITH_CUDA) are compiled nowhere else here.
+SOURCES=(csrc/cuda/*.cu csrc/cuda/*.cpp csrc/vdproj_ops.cpp)
 echo "check_cuda_compile: $("$NVCC" --version | tail -1); torch headers from $("$PY" -c 'import torch; print(torch.__version__)'); ${#SOURCES[@]} files, $JOBS jobs"
 T0=$(date +%s)
 running=0

@@ -371,6 +371,12 @@ TORCH_LIBRARY_IMPL(vdproj_ext, CPU, m) {
   m.impl("kvcache_attention", &vdproj::kvcache_attention_cpu);
 }
 
+#ifdef VDPROJ_WITH_CUDA
+namespace vdproj::cuda {
+std::vector<int64_t> compiled_archs();  // csrc/cuda/attn_fwd.cu
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vdproj_ext compiled kernels (ops are registered under torch.ops.vdproj_ext)";
   m.def("build_info", []() {
@@ -378,6 +384,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     info["torch_version"] = TORCH_VERSION;  // the headers this was compiled against
 #ifdef VDPROJ_WITH_CUDA
     info["with_cuda"] = true;
+    info["cuda_archs"] = vdproj::cuda::compiled_archs();
 #else
     info["with_cuda"] = false;
 #endif

@@ -29,12 +29,18 @@ def _ops():
     return torch.ops.vdproj_ext
 
 
+_kernel_built: dict = {}
+
+
+@torch.compiler.assume_constant_result  # fixed once loaded; lets torch.compile skip the lock
 def _has_kernel(device_type: str) -> bool:
-    if _ops() is None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "vdproj_ext::cva_forward", key)
+    """Whether compiled kernels exist for this device type (memoized: a hot-path check)."""
+    if device_type not in _kernel_built:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        _kernel_built[device_type] = (
+            _ops() is not None and key is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key("vdproj_ext::cva_forward", key))
+    return _kernel_built[device_type]
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -66,7 +72,7 @@ def backend_info() -> dict:
         "built_torch_version": built.get("torch_version"),
         "cpu_kernels": cpu,
         "cuda_kernels": cuda,
-        "cuda_archs": list(built.get("cuda_archs", [])),
+        "cuda_archs": [f"sm_{a // 10}" for a in built.get("cuda_archs", [])],
         "openmp": built.get("openmp", False),
         "auto_backend": {"cpu": "ext" if cpu else "reference",
                          "cuda": "ext" if cuda else "reference"},
@@ -155,7 +161,6 @@ class CompressedVAttentionFunction(torch.autograd.Function):
             out, lse, ctx_c = torch.ops.vdproj_ext.cva_forward(
                 q, k, v_c, w_r, b_r, causal, softmax_scale)
             ctx.save_for_backward(q, k, v_c, w_r, lse, ctx_c)
-            ctx.mark_non_differentiable(lse, ctx_c)
         else:
             out = reference.compressed_v_attention(q, k, v_c, w_r, b_r, causal=causal,
                                                    softmax_scale=softmax_scale)

@@ -12,6 +12,8 @@
 //      element read from shared memory serves all heads of the group.
 // Outputs: unnormalized partials (m, l, acc) per split for combine.cu, or, with one split,
 // the normalized ctx and the log-sum-exp directly ("final mode", used by cva_forward).
+#include <vector>
+
 #include "device_utils.h"
 
 namespace vdproj {
@@ -370,5 +372,19 @@ void launch_attention(const AttnParams& p, cudaStream_t stream) {
   });
 }
 
+}  // namespace cuda
+}  // namespace vdproj
+
+namespace vdproj {
+namespace cuda {
+// The SM architectures this translation unit was compiled for (nvcc defines
+// __CUDA_ARCH_LIST__, e.g. 800,900, in the host pass too); reported by backend_info().
+std::vector<int64_t> compiled_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return {__CUDA_ARCH_LIST__};
+#else
+  return {};
+#endif
+}
 }  // namespace cuda
 }  // namespace vdproj
