@@ -105,13 +105,13 @@ def load():
         module, aot_reason = _try_aot()
         origin, reason = "aot", None
         if module is None:
-            if aot_reason and "sources only" not in aot_reason and _aot_build_info() is not None:
-                warnings.warn(f"{aot_reason}; compiling the kernels for this torch instead",
-                              RuntimeWarning, stacklevel=3)
             module, jit_reason = _try_jit()
             origin = "jit"
             if module is None:
                 origin, reason = None, f"{aot_reason}; {jit_reason}"
+            elif "sources only" not in aot_reason and _aot_build_info() is not None:
+                warnings.warn(f"{aot_reason}; compiled the kernels for the running torch instead",
+                              RuntimeWarning, stacklevel=3)
         _state.update(module=module, origin=origin, reason=reason)
         return module
 

@@ -1,0 +1,80 @@
+"""How the compiled kernels are found: the wheel layouts of setup.py, in a scratch copy.
+
+Each case copies the Python package next to the shipped sources (`_csrc`, as a wheel built
+with build isolation holds them), writes the `_build_info.json` that setup.py would, and
+imports it in a subprocess, so the package under test here is never disturbed.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_wheel_copy(tmp_path: Path, build_info: dict) -> Path:
+    root = tmp_path / "site"
+    pkg = root / "vdproj_ext"
+    shutil.copytree(REPO / "vdproj_ext", pkg,
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__", "_csrc"))
+    shutil.copytree(REPO / "csrc", pkg / "_csrc")
+    (pkg / "_build_info.json").write_text(json.dumps(build_info))
+    return root
+
+
+def run_python(root: Path, code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(root), **env}
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+PROBE = """
+import json, torch, vdproj_ext
+info = vdproj_ext.backend_info()
+q = torch.randn(1, 3, 2, 8); k = torch.randn(1, 4, 2, 8)
+v_c = torch.randn(1, 4, 5); w_r = torch.randn(16, 5)
+out = vdproj_ext.compressed_v_attention(q, k, v_c, w_r, causal=True)
+ref = vdproj_ext.compressed_v_attention(q, k, v_c, w_r, causal=True, backend="reference")
+info["max_err"] = (out - ref).abs().max().item()
+try:
+    vdproj_ext.compressed_v_attention(q, k, v_c, w_r, backend="ext")
+    info["ext_error"] = None
+except RuntimeError as exc:
+    info["ext_error"] = str(exc)
+print("RESULT" + json.dumps(info))
+"""
+
+
+def probe(root, **env):
+    proc = run_python(root, PROBE, **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):]), proc.stderr
+
+
+def test_torch_mismatch_is_a_clear_message_not_a_symbol_error(tmp_path):
+    root = make_wheel_copy(tmp_path, {"aot": True, "torch_version": "1.0.0", "with_cuda": False})
+    info, stderr = probe(root, VDPROJ_EXT_NO_JIT="1")
+    assert info["extension_loaded"] is False
+    assert info["auto_backend"]["cpu"] == "reference"
+    assert "built against torch 1.0.0" in info["extension_error"]
+    assert torch.__version__ in info["extension_error"]
+    assert "built against torch 1.0.0" in info["ext_error"]  # backend="ext" says why
+    assert info["max_err"] == 0.0
+    assert "undefined symbol" not in stderr
+
+
+@pytest.mark.slow
+def test_sources_only_wheel_compiles_on_first_use(tmp_path):
+    """What plain `pip install .` produces: sources only, compiled by the JIT loader."""
+    root = make_wheel_copy(tmp_path, {"aot": False})
+    info, _ = probe(root, VDPROJ_EXT_CACHE=str(tmp_path / "jit-cache"))
+    assert info["extension_origin"] == "jit", info["extension_error"]
+    assert info["cpu_kernels"] and info["auto_backend"]["cpu"] == "ext"
+    assert info["ext_error"] is None
+    assert info["max_err"] < 1e-5
