@@ -375,6 +375,15 @@ class VDProjForCausalLM(nn.Module):
                 if lin.bias is not None:
                     lin.bias.zero_()
 
+    def _lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0] * x.shape[1]
+        if x.device.type == "cpu" and rows <= 64 and not torch.is_grad_enabled():
+            # Decode-sized inputs: W @ x.T runs the (vocab x hidden) GEMM with the weight as the
+            # long, untransposed operand, which CPU BLAS does ~20% faster than x @ W.T.
+            flat = x.reshape(rows, x.shape[-1])
+            return (self.embed_out.weight @ flat.T).T.reshape(*x.shape[:-1], -1)
+        return self.embed_out(x)
+
     # ---- forward
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 cache=None, *, return_recon: bool = False, skip_logits: bool = False,
@@ -414,7 +423,7 @@ class VDProjForCausalLM(nn.Module):
             out.recon_loss = torch.stack(recons).mean()
         if skip_logits:
             return out
-        out.logits = self.embed_out(x)
+        out.logits = self._lm_head(x)
         if labels is not None:
             logits = out.logits[:, :-1].float()
             target = labels[:, 1:]
