@@ -18,6 +18,16 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for small models: about as fast, and it does not collapse when
+    other processes load the CPU (OpenMP threads spin-waiting on a busy core)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

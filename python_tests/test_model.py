@@ -8,13 +8,7 @@ from vdproj_ext import model as model_mod
 from vdproj_ext.model import CompressedVAttention, VDProjConfig, VDProjForCausalLM
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is as fast and immune to a busy CPU's OpenMP stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def small(v_rank=20, **kw):

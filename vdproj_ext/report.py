@@ -187,6 +187,17 @@ def make_plots(results, out_dir) -> list:
     def ce_log(name, r):
         return r["phase2"] if name.startswith("two_phase") else r["epochs"]
 
+    def save(fig, axes, name, grid_axis="both"):
+        """Grid and legend on every panel, then write out_dir/name and list it."""
+        for ax in axes:
+            ax.grid(alpha=0.3, axis=grid_axis)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        files.append(name)
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     base_log = {e["epoch"]: e["val_ppl"] for e in ce_log("baseline", results["runs"]["baseline"])} \
         if "baseline" in results["runs"] else {}
@@ -208,14 +219,7 @@ def make_plots(results, out_dir) -> list:
     axes[0].set(xlabel="epoch", ylabel="perplexity (solid val, dashed train)", yscale="log",
                 title="Perplexity")
     axes[1].set(xlabel="epoch", ylabel="cross-entropy (solid val, dashed train)", title="Loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
-    plt.close(fig)
-    files.append("curves.png")
+    save(fig, axes, "curves.png")
 
     tp = [(n, r) for n, r in runs if n.startswith("two_phase") or n == "e2e"]
     if tp:
@@ -236,14 +240,7 @@ def make_plots(results, out_dir) -> list:
                     yscale="log")
         axes[1].set(xlabel="epoch", ylabel="val mean (V - V_r)^2",
                     title="Reconstruction during CE training", yscale="log")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "reconstruction.png"), dpi=110)
-        plt.close(fig)
-        files.append("reconstruction.png")
+        save(fig, axes, "reconstruction.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     keys = list(runs[0][1]["position_ppl"]) if runs else []
@@ -255,12 +252,7 @@ def make_plots(results, out_dir) -> list:
     ax.set_xticklabels(keys)
     ax.set(xlabel="token position", ylabel="validation perplexity",
            title="Position-wise validation perplexity (best epoch)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "position_ppl.png"), dpi=110)
-    plt.close(fig)
-    files.append("position_ppl.png")
+    save(fig, [ax], "position_ppl.png", grid_axis="y")
     return files
 
 
