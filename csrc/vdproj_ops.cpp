@@ -125,6 +125,28 @@ const void* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
 }
 
+struct AttnDims {
+  int64_t B, Tq, H, D, Tk, R;
+};
+
+// q (B, Tq, H, D), k (B, Tk, H, D), v_c (B, Tk, R), w_r (H*D, R): the inputs forward and
+// backward share. Checks device, dtype and shapes against q; returns the sizes.
+AttnDims check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_c,
+                                const at::Tensor& w_r) {
+  check_dim(q, "q", 4);
+  check_dim(k, "k", 4);
+  check_dim(v_c, "v_c", 3);
+  check_dim(w_r, "w_r", 2);
+  check_like(k, q, "k");
+  check_like(v_c, q, "v_c");
+  check_like(w_r, q, "w_r");
+  const AttnDims d{q.size(0), q.size(1), q.size(2), q.size(3), k.size(1), v_c.size(2)};
+  check_shape(k, "k", {d.B, d.Tk, d.H, d.D});
+  check_shape(v_c, "v_c", {d.B, d.Tk, d.R});
+  check_shape(w_r, "w_r", {d.H * d.D, d.R});
+  return d;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cva_forward_cpu(
@@ -133,18 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cva_forward_cpu(
     double softmax_scale) {
   check_cpu(q_in, "q");
   const Kind kind = kind_of(q_in, "q");
-  check_dim(q_in, "q", 4);
-  check_dim(k_in, "k", 4);
-  check_dim(v_c_in, "v_c", 3);
-  check_dim(w_r_in, "w_r", 2);
-  check_like(k_in, q_in, "k");
-  check_like(v_c_in, q_in, "v_c");
-  check_like(w_r_in, q_in, "w_r");
-  const int64_t B = q_in.size(0), Tq = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
-  const int64_t Tk = k_in.size(1), R = v_c_in.size(2);
-  check_shape(k_in, "k", {B, Tk, H, D});
-  check_shape(v_c_in, "v_c", {B, Tk, R});
-  check_shape(w_r_in, "w_r", {H * D, R});
+  const AttnDims dims = check_attention_inputs(q_in, k_in, v_c_in, w_r_in);
+  const int64_t B = dims.B, Tq = dims.Tq, H = dims.H, D = dims.D, Tk = dims.Tk, R = dims.R;
   if (b_r_in.has_value()) {
     check_like(*b_r_in, q_in, "b_r");
     check_shape(*b_r_in, "b_r", {H * D});
@@ -188,24 +200,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cva_backw
     const at::Tensor& ctx_in, bool causal, double softmax_scale) {
   check_cpu(q_in, "q");
   const Kind kind = kind_of(q_in, "q");
-  check_dim(q_in, "q", 4);
-  check_dim(k_in, "k", 4);
-  check_dim(v_c_in, "v_c", 3);
-  check_dim(w_r_in, "w_r", 2);
+  const AttnDims dims = check_attention_inputs(q_in, k_in, v_c_in, w_r_in);
+  const int64_t B = dims.B, Tq = dims.Tq, H = dims.H, D = dims.D, Tk = dims.Tk, R = dims.R;
   check_like(grad_out_in, q_in, "grad_out");
-  check_like(k_in, q_in, "k");
-  check_like(v_c_in, q_in, "v_c");
-  check_like(w_r_in, q_in, "w_r");
   check_like(ctx_in, q_in, "ctx");
   check_cpu(lse_in, "softmax_lse");
   TORCH_CHECK(lse_in.scalar_type() == at::kFloat, "vdproj_ext: softmax_lse must be float32, got ",
               lse_in.scalar_type());
-  const int64_t B = q_in.size(0), Tq = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
-  const int64_t Tk = k_in.size(1), R = v_c_in.size(2);
   check_shape(grad_out_in, "grad_out", {B, Tq, H, D});
-  check_shape(k_in, "k", {B, Tk, H, D});
-  check_shape(v_c_in, "v_c", {B, Tk, R});
-  check_shape(w_r_in, "w_r", {H * D, R});
   check_shape(lse_in, "softmax_lse", {B, H, Tq});
   check_shape(ctx_in, "ctx", {B, Tq, H, R});
   TORCH_CHECK(std::isfinite(softmax_scale), "vdproj_ext: softmax_scale must be finite");

@@ -52,6 +52,25 @@ void check_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "vdproj_ext CUDA: ", name, " must be contiguous");
 }
 
+struct AttnDims {
+  int64_t B, Tq, H, D, Tk, R;
+};
+
+// q (B, Tq, H, D), k (B, Tk, H, D), v_c (B, Tk, R), w_r (H*D, R): the inputs forward and
+// backward share. Checks device, dtype, rank and shapes against q; returns the sizes.
+AttnDims check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_c,
+                                const at::Tensor& w_r) {
+  check_input(q, "q", q, 4);
+  check_input(k, "k", q, 4);
+  check_input(v_c, "v_c", q, 3);
+  check_input(w_r, "w_r", q, 2);
+  const AttnDims d{q.size(0), q.size(1), q.size(2), q.size(3), k.size(1), v_c.size(2)};
+  check_shape(k, "k", {d.B, d.Tk, d.H, d.D});
+  check_shape(v_c, "v_c", {d.B, d.Tk, d.R});
+  check_shape(w_r, "w_r", {d.H * d.D, d.R});
+  return d;
+}
+
 // The kernels move 16-byte vectors: the base address and every outer stride of a tensor they
 // read that way must be 16-byte aligned.
 void check_vector_aligned(const at::Tensor& t, const char* name) {
@@ -106,16 +125,9 @@ at::Tensor restore_with_aten(const at::Tensor& ctx_f, const at::Tensor& lse, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cva_forward_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_c, const at::Tensor& w_r,
     const c10::optional<at::Tensor>& b_r, bool causal, double softmax_scale) {
-  check_input(q, "q", q, 4);
-  check_input(k, "k", q, 4);
-  check_input(v_c, "v_c", q, 3);
-  check_input(w_r, "w_r", q, 2);
+  const AttnDims dims = check_attention_inputs(q, k, v_c, w_r);
+  const int64_t B = dims.B, Tq = dims.Tq, H = dims.H, D = dims.D, Tk = dims.Tk, R = dims.R;
   const DType dt = storage_dtype(q, "q");
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Tk = k.size(1), R = v_c.size(2);
-  check_shape(k, "k", {B, Tk, H, D});
-  check_shape(v_c, "v_c", {B, Tk, R});
-  check_shape(w_r, "w_r", {H * D, R});
   if (b_r.has_value()) {
     check_input(*b_r, "b_r", q, 1);
     check_shape(*b_r, "b_r", {H * D});
@@ -166,19 +178,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cva_backw
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_c,
     const at::Tensor& w_r, const at::Tensor& softmax_lse, const at::Tensor& ctx, bool causal,
     double softmax_scale) {
-  check_input(q, "q", q, 4);
+  const AttnDims dims = check_attention_inputs(q, k, v_c, w_r);
+  const int64_t B = dims.B, Tq = dims.Tq, H = dims.H, D = dims.D, Tk = dims.Tk, R = dims.R;
   check_input(grad_out, "grad_out", q, 4);
-  check_input(k, "k", q, 4);
-  check_input(v_c, "v_c", q, 3);
-  check_input(w_r, "w_r", q, 2);
   check_input(ctx, "ctx", q, 4);
   const DType dt = storage_dtype(q, "q");
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Tk = k.size(1), R = v_c.size(2);
   check_shape(grad_out, "grad_out", {B, Tq, H, D});
-  check_shape(k, "k", {B, Tk, H, D});
-  check_shape(v_c, "v_c", {B, Tk, R});
-  check_shape(w_r, "w_r", {H * D, R});
   check_shape(ctx, "ctx", {B, Tq, H, R});
   TORCH_CHECK(softmax_lse.is_cuda() && softmax_lse.device() == q.device() &&
                   softmax_lse.scalar_type() == at::kFloat,
