@@ -85,3 +85,14 @@ def test_train_forward_backward(benchmark, shape, impl):
             leaf.grad = None
 
     benchmark.pedantic(step, rounds=10 if impl == "ext" else 4, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["decode_linear", "F.linear"])
+def test_decode_lm_head(benchmark, impl):
+    """The LM head of one batch-8 pythia-70m decode step (bench/cpu_linear.py has the table)."""
+    from vdproj_ext.ops import decode_linear
+    x, w = torch.randn(8, 512), torch.randn(50304, 512)
+    fn = decode_linear if impl == "decode_linear" else F.linear
+    with torch.no_grad():
+        y = benchmark(fn, x, w)
+    assert y.shape == (8, 50304) and torch.isfinite(y).all()

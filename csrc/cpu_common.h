@@ -67,12 +67,23 @@ struct AppendArgs {
   int64_t B, Tnew, H, D, R;
 };
 
+// Decode-sized linear: y (M, N) = x (M, K) @ w (N, K).T + bias (N,), all contiguous, float32
+// or float64.
+struct LinearArgs {
+  const void* x;
+  const void* w;
+  const void* bias;         // may be null
+  void* y;
+  int64_t M, N, K;
+};
+
 // One implementation per instruction set; see cpu_kernels.h.
 #define VDPROJ_DECLARE_ISA(ns)                                     \
   namespace ns {                                                   \
   void attention(Kind kind, const AttnArgs& a);                    \
   void attention_backward(Kind kind, const BwdArgs& a);            \
   void append(Kind kind, const AppendArgs& a);                     \
+  void linear(Kind kind, const LinearArgs& a);                     \
   const char* name();                                              \
   }
 VDPROJ_DECLARE_ISA(isa_avx512)

@@ -354,6 +354,46 @@ at::Tensor kvcache_attention_cpu(
   return out;
 }
 
+// y = x @ weight.T + bias for decode-sized inputs (see linear_impl in cpu_kernels.h). Forward
+// only: the Python side calls it when no gradient is needed and falls back to F.linear else.
+at::Tensor decode_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
+                             const std::optional<at::Tensor>& bias_in) {
+  check_cpu(x_in, "x");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "vdproj_ext: decode_linear: x must be float32 or float64, got ",
+              x_in.scalar_type());
+  TORCH_CHECK(x_in.dim() >= 1, "vdproj_ext: decode_linear: x must have at least 1 dimension");
+  check_dim(weight_in, "weight", 2);
+  check_like(weight_in, x_in, "weight");
+  const int64_t K = x_in.size(-1), N = weight_in.size(0);
+  TORCH_CHECK(weight_in.size(1) == K, "vdproj_ext: decode_linear: weight must have shape (N, ",
+              K, ") to match x's last dimension, got ", weight_in.sizes());
+  if (bias_in.has_value()) {
+    check_like(*bias_in, x_in, "bias");
+    check_shape(*bias_in, "bias", {N});
+  }
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  std::optional<at::Tensor> bias;
+  if (bias_in.has_value()) bias = bias_in->contiguous();
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  at::Tensor y = at::empty(out_shape, x.options());
+  cpu::LinearArgs a{};
+  a.x = x.data_ptr();
+  a.w = weight.data_ptr();
+  a.bias = opt_ptr(bias);
+  a.y = y.data_ptr();
+  a.M = K == 0 ? x.numel() : x.numel() / K;
+  a.N = N;
+  a.K = K;
+  if (K == 0) {  // an empty sum: y is the bias (or zeros)
+    if (bias.has_value()) y.copy_(bias->expand_as(y)); else y.zero_();
+    return y;
+  }
+  VDPROJ_ISA_CALL(linear, x.scalar_type() == at::kDouble ? Kind::F64 : Kind::F32, a);
+  return y;
+}
+
 }  // namespace vdproj
 
 TORCH_LIBRARY(vdproj_ext, m) {
@@ -365,12 +405,14 @@ TORCH_LIBRARY(vdproj_ext, m) {
   m.def("kvcache_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) vc_cache, Tensor w_r, "
         "Tensor? b_r, Tensor? k, Tensor? v, Tensor? w_c, Tensor? b_c, Tensor cache_seqlens, "
         "bool causal, float softmax_scale) -> Tensor");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vdproj_ext, CPU, m) {
   m.impl("cva_forward", &vdproj::cva_forward_cpu);
   m.impl("cva_backward", &vdproj::cva_backward_cpu);
   m.impl("kvcache_attention", &vdproj::kvcache_attention_cpu);
+  m.impl("decode_linear", &vdproj::decode_linear_cpu);
 }
 
 #ifdef VDPROJ_WITH_CUDA

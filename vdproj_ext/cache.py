@@ -309,8 +309,9 @@ class FoldedVAttention(torch.nn.Module):
             if attn.v_compress.bias is not None:
                 b_vc = b_vc + attn.v_compress.bias.detach()
             bias = torch.cat((b[:, :2].reshape(2 * hd), b_vc))
-        self.qk_vc = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                                     device=weight.device, dtype=weight.dtype)
+        from .model import Linear
+        self.qk_vc = Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                            device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             self.qk_vc.weight.copy_(weight)
             if bias is not None:

@@ -33,14 +33,14 @@ _kernel_built: dict = {}
 
 
 @torch.compiler.assume_constant_result  # fixed once loaded; lets torch.compile skip the lock
-def _has_kernel(device_type: str) -> bool:
+def _has_kernel(device_type: str, op: str = "cva_forward") -> bool:
     """Whether compiled kernels exist for this device type (memoized: a hot-path check)."""
-    if device_type not in _kernel_built:
+    if (device_type, op) not in _kernel_built:
         key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-        _kernel_built[device_type] = (
+        _kernel_built[device_type, op] = (
             _ops() is not None and key is not None
-            and torch._C._dispatch_has_kernel_for_dispatch_key("vdproj_ext::cva_forward", key))
-    return _kernel_built[device_type]
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"vdproj_ext::{op}", key))
+    return _kernel_built[device_type, op]
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -199,7 +199,10 @@ def compressed_v_attention(q, k, v_c, w_r, b_r=None, *, causal=False, softmax_sc
     _check_flag("causal", causal)
     scale = _check_scale(softmax_scale, q.shape[-1])
     chosen = _resolve_backend(backend, q.device)
-    if chosen == "ext" and q.device.type == "cuda" and _cuda_cva_use_composite(q, k, v_c):
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v_c, w_r, b_r))
+    if (chosen == "ext" and q.device.type == "cuda"
+            and _cuda_cva_use_composite(q, k, v_c, needs_grad)):
         return _cuda_composite_cva(q, k, v_c, w_r, b_r, causal, scale)  # see "CUDA routing"
     if chosen == "ext":
         q, k, v_c, w_r = (t.contiguous() for t in (q, k, v_c, w_r))
@@ -280,11 +283,15 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
         return reference.compressed_attn_with_kvcache(
             q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c,
             cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale)
-    if q.device.type == "cuda" and _cuda_kernel_unsupported(q, vc_cache, k_cache, vc_cache):
-        return _cuda_generic_kvcache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
-                                     cache_seqlens, causal, scale)  # see "CUDA routing"
     contig = [t.contiguous() if t is not None else None for t in (q, w_r, b_r, k, v, w_c, b_c)]
     q_, w_r_, b_r_, k_, v_, w_c_, b_c_ = contig
+    # The kernels read the caches, w_r, k, v and w_c with 16-byte vector loads: a contiguous view
+    # at an odd offset (passed through by .contiguous()) must take the generic path too.
+    if q.device.type == "cuda" and _cuda_kernel_unsupported(
+            q_, vc_cache, k_cache, vc_cache, w_r_, k_, v_, w_c_,
+            t_new=0 if k is None else k.shape[1]):
+        return _cuda_generic_kvcache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
+                                     cache_seqlens, causal, scale)  # see "CUDA routing"
     return torch.ops.vdproj_ext.kvcache_attention(
         q_, k_cache, vc_cache, w_r_, b_r_, k_, v_, w_c_, b_c_, cache_seqlens, causal, scale)
 
@@ -307,7 +314,43 @@ _CUDA_MAX_RANK = 1024  # csrc/cuda/vdproj_cuda.h kMaxRank
 _CVA_COMPOSITE_MIN_QK = 128 * 128
 
 
-def _cuda_kernel_unsupported(q, v_c, *vector_tensors) -> Optional[str]:
+@torch.compiler.assume_constant_result  # a device property: fixed for the process
+def _cuda_smem_optin(index: int) -> int:
+    """Shared memory one block may opt in to on CUDA device `index` (bytes)."""
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
+
+
+def _cuda_smem_too_large(q, rank, t_new, backward) -> Optional[str]:
+    """Which kernel's dynamic shared memory exceeds the device's per-block limit, or None.
+
+    Mirrors the sizes in csrc/cuda: attn_layout with one stage (attn_fwd.cu, heads_per_tile as
+    in cuda_api.cpp), compress_smem_bytes (kvcache.cu), bwd_layout (attn_bwd.cu). Those kernels
+    raise a RuntimeError for such shapes, e.g. float32 with head_dim 128 and R >= 112 on an A100.
+    """
+    _, tq, heads, head_dim = q.shape
+    elt = q.element_size()
+    limit = _cuda_smem_optin(q.device.index if q.device.index is not None
+                             else torch.cuda.current_device())
+    a16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
+    need = []
+    if tq > 0:
+        heads_per_tile = min(7 // tq + 2, heads)
+        need.append(("attention", 32 * head_dim + 1088
+                     + a16(32 * (heads_per_tile * head_dim + 16 // elt) * elt)
+                     + a16(32 * rank * elt)))
+    if t_new > 0:
+        need.append(("compress-on-write", 16 * heads * head_dim))
+    if backward:
+        need.append(("backward", 4 * (32 * (head_dim + 4) + 32 * (rank + 4) + 32 * rank
+                                      + 8 * head_dim + 8 * rank + 16 + 2 * 8 * 32)))
+    for name, nbytes in need:
+        if nbytes > limit:
+            return f"the {name} kernel needs {nbytes} bytes of shared memory (device: {limit})"
+    return None
+
+
+def _cuda_kernel_unsupported(q, v_c, *vector_tensors, t_new=0, backward=False) -> Optional[str]:
     """Why the CUDA kernels cannot take these inputs, or None when they can."""
     head_dim, rank = q.shape[-1], v_c.shape[-1]
     if q.dtype not in _CUDA_KERNEL_DTYPES:
@@ -316,18 +359,20 @@ def _cuda_kernel_unsupported(q, v_c, *vector_tensors) -> Optional[str]:
         return f"head_dim {head_dim} (kernels: 64 or 128)"
     if rank == 0 or rank % 8 != 0 or rank > _CUDA_MAX_RANK:
         return f"rank R={rank} (kernels: a multiple of 8, at most {_CUDA_MAX_RANK})"
+    if q.shape[0] > 65535:
+        return f"batch {q.shape[0]} (kernel grids: at most 65535)"
     for t in vector_tensors:  # read with 16-byte vector loads
-        if t.numel() == 0:
+        if t is None or t.numel() == 0:
             continue
         if t.data_ptr() % 16 or any(size > 1 and stride * t.element_size() % 16
                                     for size, stride in zip(t.shape[:-1], t.stride()[:-1])):
-            return "a cache whose rows are not 16-byte aligned"
-    return None
+            return "an input whose rows are not 16-byte aligned"
+    return _cuda_smem_too_large(q, rank, t_new, backward)
 
 
-def _cuda_cva_use_composite(q, k, v_c) -> bool:
+def _cuda_cva_use_composite(q, k, v_c, needs_grad=False) -> bool:
     """Shape-based algorithm choice for compressed_v_attention on CUDA (threshold: placeholder)."""
-    if _cuda_kernel_unsupported(q, v_c) is not None:
+    if _cuda_kernel_unsupported(q, v_c, backward=needs_grad) is not None:
         return True
     # Contiguous inputs are passed as they are: a view at an odd offset is not 16-byte aligned.
     if any(t.is_contiguous() and t.numel() and t.data_ptr() % 16 for t in (q, k, v_c)):
@@ -397,6 +442,45 @@ def _cuda_generic_kvcache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_
 
 
 # ---------------------------------------------------------------------------------------------
+# decode_linear: the linear layers of a CPU decode step
+
+DECODE_LINEAR_MAX_ROWS = 16  # from 32 rows on, CPU BLAS is faster (bench/cpu_linear.py)
+
+
+def _use_decode_linear(x, weight, bias) -> bool:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.dim() == 0 or weight.dim() != 2 or weight.dtype != x.dtype or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1):
+        return False
+    if x.numel() > DECODE_LINEAR_MAX_ROWS * max(1, x.shape[-1]):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False  # the kernel has no backward
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False  # autocast casts inside F.linear; compiled graphs have their own GEMMs
+    return _has_kernel("cpu", "decode_linear")
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), with the CPU kernel for decode-sized inputs.
+
+    A decode step multiplies a few rows (one token per sequence) by each weight matrix, so it
+    streams the weights: the LM head of pythia-70m alone is 103 MB in float32. CPU BLAS reaches
+    about 60% of the machine's read bandwidth on that shape; the kernel, which prefetches the
+    weight rows ahead, about 90% (bench/cpu_linear.py). It runs for CPU float32/float64 inputs
+    of at most DECODE_LINEAR_MAX_ROWS rows with a contiguous weight when no gradient is needed;
+    every other call is F.linear, so this is a drop-in replacement.
+    """
+    if _use_decode_linear(x, weight, bias):
+        return torch.ops.vdproj_ext.decode_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------
 # torch.library registration: fake kernels and the autograd formula of cva_forward
 
 _registered = False
@@ -426,6 +510,10 @@ def _register_torch_library():
     def _kvcache_fake(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, causal,
                       softmax_scale):
         return torch.empty_like(q)
+
+    @torch.library.register_fake("vdproj_ext::decode_linear")
+    def _decode_linear_fake(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     def _setup_context(ctx, inputs, output):
         q, k, v_c, w_r, b_r, causal, softmax_scale = inputs

@@ -61,7 +61,7 @@ attn_fwd_kernel(const AttnParams p, const int nstages) {
   float* l_s = alpha_s + kRowsPerBlock;                              // [rows]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int64_t split = blockIdx.x, r0 = int64_t(blockIdx.y) * kRowsPerBlock, b = blockIdx.z;
+  const int64_t split = blockIdx.y, r0 = int64_t(blockIdx.x) * kRowsPerBlock, b = blockIdx.z;
   const int64_t Tq = p.Tq, R = p.R, nrows = p.nrows;
   const int64_t rows_here = nrows - r0 < kRowsPerBlock ? nrows - r0 : kRowsPerBlock;
   const int64_t h_lo = r0 / Tq, h_hi = (r0 + rows_here - 1) / Tq;
@@ -356,7 +356,7 @@ void launch_attention(const AttnParams& p, cudaStream_t stream) {
               "vdproj_ext CUDA: rank R must be a positive multiple of 8 and at most ", kMaxRank,
               ", got ", p.R);
   const int64_t groups = (p.nrows + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK(groups <= 65535 && p.B <= 65535 && p.nsplit <= kMaxSplits,
+  TORCH_CHECK(groups <= 2147483647 && p.B <= 65535 && p.nsplit <= kMaxSplits,
               "vdproj_ext CUDA: grid too large (rows=", p.nrows, ", batch=", p.B, ")");
   if (p.B == 0 || p.nrows == 0) return;
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
@@ -365,7 +365,8 @@ void launch_attention(const AttnParams& p, cudaStream_t stream) {
       const int nstages = choose_stages<T, kD>(p, &bytes);
       auto kernel = attn_fwd_kernel<T, kD>;
       set_smem_limit(kernel, size_t(bytes));
-      const dim3 grid(unsigned(p.nsplit), unsigned(groups), unsigned(p.B));
+      // Row groups on x (up to 2^31 - 1 blocks: long prefills), splits on y, batch on z.
+      const dim3 grid(unsigned(groups), unsigned(p.nsplit), unsigned(p.B));
       kernel<<<grid, kThreads, size_t(bytes), stream>>>(p, nstages);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

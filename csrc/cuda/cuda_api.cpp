@@ -300,9 +300,9 @@ at::Tensor kvcache_attention_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor seqlens = cache_seqlens.contiguous();
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
-  if (B == 0 || Tq == 0 || H == 0) return out;
 
-  // 1. Compress-on-write of the new tokens, right before the attention that reads them.
+  // 1. Compress-on-write of the new tokens, right before the attention that reads them (also
+  // when there is no query to answer: the write still happens, as on the CPU).
   if (Tnew > 0) {
     CompressParams c{};
     c.k = k->data_ptr();
@@ -320,6 +320,7 @@ at::Tensor kvcache_attention_cuda(
     c.head_dim = static_cast<int>(D);
     launch_compress_write(c, stream);
   }
+  if (B == 0 || Tq == 0 || H == 0) return out;
 
   // 2. Restore-on-read attention over the valid prefix, split-K when B * H is small.
   AttnParams p{};

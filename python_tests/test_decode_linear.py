@@ -1,0 +1,140 @@
+"""vdproj_ext.decode_linear: the CPU streaming kernel for the linear layers of a decode step,
+checked against a float64 reference, plus its routing (when it must fall back to F.linear)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vdproj_ext.ops as ops
+from vdproj_ext import VDProjConfig, VDProjForCausalLM
+from conftest import TOLERANCES, rel_error
+
+OP = None
+
+
+def op():
+    global OP
+    if OP is None:
+        assert ops._ops() is not None, "the compiled extension must be built for these tests"
+        OP = torch.ops.vdproj_ext.decode_linear
+    return OP
+
+
+def reference(x, w, b):
+    y = x.double() @ w.double().T
+    return y + b.double() if b is not None else y
+
+
+# rows 1..17 cover every row-block template (1-8) and the split into blocks of 8; K covers
+# tails shorter than one vector, between vectors and past the unrolled loop.
+SHAPES = [((1,), 1, 1), ((3,), 17, 5), ((2, 4), 33, 77), ((13,), 200, 130), ((16,), 64, 512),
+          ((17,), 9, 31), ((8,), 515, 48), ((1, 5), 1000, 96), ((7,), 3, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead,n,k", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_kernel_matches_float64(dtype, lead, n, k, with_bias):
+    x = torch.randn(*lead, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if with_bias else None
+    y = op()(x, w, b)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    assert rel_error(y, reference(x, w, b)) < TOLERANCES[dtype]
+
+
+def test_kernel_many_threads_and_large_rows():
+    """Large enough to run on every thread: each thread's range of weight rows and its
+    prefetch clamp at the range end."""
+    x = torch.randn(8, 512)
+    w = torch.randn(4099, 512)
+    assert rel_error(op()(x, w, None), reference(x, w, None)) < TOLERANCES[torch.float32]
+
+
+def test_kernel_empty_and_views():
+    w, b = torch.randn(5, 0), torch.randn(5)
+    torch.testing.assert_close(op()(torch.randn(3, 0), w, b), b.expand(3, 5))
+    assert op()(torch.randn(0, 4), torch.randn(5, 4), None).shape == (0, 5)
+    # Non-contiguous x and weight are copied by the op; the results stay exact.
+    x = torch.randn(6, 40)[:, ::2]
+    wt = torch.randn(20, 9).T
+    assert rel_error(op()(x, wt, None), reference(x, wt, None)) < TOLERANCES[torch.float32]
+
+
+def test_kernel_rejects_bad_input():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        op()(x.half(), w.half(), None)
+    with pytest.raises(RuntimeError, match="weight must have dtype"):
+        op()(x, w.double(), None)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        op()(x, torch.randn(3, 5), None)
+    with pytest.raises(RuntimeError, match="weight must be 2-D"):
+        op()(x, torch.randn(3, 4, 1), None)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op()(x, w, torch.randn(4))
+
+
+def test_opcheck():
+    x, w, b = torch.randn(3, 7), torch.randn(11, 7), torch.randn(11)
+    torch.library.opcheck(torch.ops.vdproj_ext.decode_linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.vdproj_ext.decode_linear.default, (x, w, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing: decode_linear == F.linear everywhere, the kernel only where it applies
+
+
+def test_routing_uses_kernel_only_where_it_applies():
+    w, b = torch.randn(10, 6), torch.randn(10)
+    with torch.no_grad():
+        assert ops._use_decode_linear(torch.randn(16, 6), w, b)
+        assert ops._use_decode_linear(torch.randn(2, 8, 6), w, b)
+        assert not ops._use_decode_linear(torch.randn(17, 6), w, b)    # BLAS is faster
+        assert not ops._use_decode_linear(torch.randn(2, 6).half(), w.half(), b.half())
+        assert not ops._use_decode_linear(torch.randn(2, 6), torch.randn(6, 10).T, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not ops._use_decode_linear(torch.randn(2, 6), w, b)
+    wg = w.clone().requires_grad_()
+    assert not ops._use_decode_linear(torch.randn(2, 6), wg, b)       # needs a gradient
+    with torch.no_grad():
+        assert ops._use_decode_linear(torch.randn(2, 6), wg, b)
+
+
+def test_decode_linear_keeps_gradients_and_autocast():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(ops.decode_linear, (x, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.decode_linear(torch.randn(2, 6), torch.randn(4, 6))
+    assert y.dtype == torch.bfloat16  # as F.linear under autocast
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17])
+def test_decode_linear_equals_f_linear(rows):
+    x, w, b = torch.randn(rows, 33), torch.randn(21, 33), torch.randn(21)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.decode_linear(x, w, b), F.linear(x, w, b),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_model_decode_same_with_and_without_kernel(monkeypatch):
+    """A cached decode step gives the same logits through the kernel as through F.linear."""
+    cfg = VDProjConfig.preset("smoke")
+    model = VDProjForCausalLM(cfg, init_seed=0).eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 6))
+
+    def run():
+        cache = model.new_cache(3, 8)
+        with torch.no_grad():
+            model(ids[:, :5], cache=cache)
+            return model(ids[:, 5:], cache=cache).logits
+
+    calls = []
+    monkeypatch.setattr(ops, "_use_decode_linear",
+                        lambda *a: calls.append(1) or ops._has_kernel("cpu", "decode_linear"))
+    with_kernel = run()
+    assert calls
+    monkeypatch.setattr(ops, "_use_decode_linear", lambda *a: False)
+    without = run()
+    torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)
