@@ -296,14 +296,17 @@ at::Tensor kvcache_attention_cpu(
   // Validate every length before writing anything: an overflow leaves the caches untouched.
   const at::Tensor lens = cache_seqlens.contiguous();
   const int32_t* lp = lens.data_ptr<int32_t>();
+  // ValueError, with the messages of ops.py, which leaves this check to the op.
   std::vector<int64_t> pos(B), seqlen(B);
+  if (B > 0) {
+    const auto [lo, hi] = std::minmax_element(lp, lp + B);
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi <= Tmax, "cache_seqlens must lie in [0, ", Tmax,
+                      "] (the cache's Tmax), got values in [", *lo, ", ", *hi, "]");
+    TORCH_CHECK_VALUE(*hi + Tnew <= Tmax, "writing ", Tnew, " new tokens at cache_seqlens (max ",
+                      *hi, ") would overflow the cache of Tmax=", Tmax, "; nothing was written");
+  }
   for (int64_t b = 0; b < B; ++b) {
     pos[b] = lp[b];
-    TORCH_CHECK(pos[b] >= 0 && pos[b] <= Tmax, "vdproj_ext: cache_seqlens[", b, "] = ", pos[b],
-                " is outside [0, ", Tmax, "]");
-    TORCH_CHECK(pos[b] + Tnew <= Tmax, "vdproj_ext: writing ", Tnew,
-                " new tokens at cache_seqlens[", b, "] = ", pos[b],
-                " would overflow the cache of Tmax=", Tmax, "; nothing was written");
     seqlen[b] = pos[b] + Tnew;
   }
   const at::Tensor q = q_in.contiguous(), w_r = w_r_in.contiguous();

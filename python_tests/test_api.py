@@ -202,7 +202,7 @@ def test_direct_op_call_with_bad_shapes_raises_not_crashes():
         torch.ops.vdproj_ext.cva_forward(a["q"], a["k"], a["v_c"][:, :-1], a["w_r"], a["b_r"],
                                          False, 0.3)
     c = cache_inputs()
-    with pytest.raises(RuntimeError):  # overflow: 7 + 2 > 8
+    with pytest.raises(ValueError, match="overflow"):  # 7 + 2 > 8
         torch.ops.vdproj_ext.kvcache_attention(
             c["q"], c["k_cache"], c["vc_cache"], c["w_r"], c["b_r"], c["k"], c["v"], c["w_c"],
             c["b_c"], torch.tensor([7, 0], dtype=torch.int32), True, 0.3)

@@ -174,11 +174,11 @@ def test_overflow_raises_and_writes_nothing(device):
     with pytest.raises((ValueError, RuntimeError), match="overflow"):
         call(step, k_cache, vc_cache, seqlens, True, "ext")
     if device.type == "cpu":  # the C++ check itself, bypassing the Python validation
-        with pytest.raises(RuntimeError, match="overflow"):
+        with pytest.raises(ValueError, match="overflow"):
             torch.ops.vdproj_ext.kvcache_attention(
                 step["q"], k_cache, vc_cache, step["w_r"], step["b_r"], step["k"], step["v"],
                 step["w_c"], step["b_c"], seqlens, True, 0.3)
-        with pytest.raises(RuntimeError, match="cache_seqlens"):
+        with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, 8\]"):
             torch.ops.vdproj_ext.kvcache_attention(
                 step["q"], k_cache, vc_cache, step["w_r"], step["b_r"], None, None, None, None,
                 torch.tensor([3, -1], dtype=torch.int32), True, 0.3)

@@ -258,16 +258,23 @@ def _check_kvcache_inputs(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_
                          f"got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != q.device:
         raise ValueError(f"cache_seqlens must be on {q.device} like q, got {cache_seqlens.device}")
-    # Reading the lengths is data-dependent; under torch.compile the kernel's own check (which
-    # also raises before writing anything) stands in for this one.
-    if batch > 0 and not torch.compiler.is_compiling():
-        lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
-        if lo < 0 or hi > max_len:
-            raise ValueError(f"cache_seqlens must lie in [0, {max_len}] (the cache's Tmax), "
-                             f"got values in [{lo}, {hi}]")
-        if hi + t_new > max_len:
-            raise ValueError(f"writing {t_new} new tokens at cache_seqlens (max {hi}) would "
-                             f"overflow the cache of Tmax={max_len}; nothing was written")
+
+
+def _check_seqlens_range(cache_seqlens, max_len, t_new):
+    """0 <= cache_seqlens and cache_seqlens + t_new <= Tmax. Only for the paths without a check
+    of their own: the compiled kernels (CPU and CUDA) check the lengths in C++ before writing
+    anything, so a decode step there does not pay for a second read (on CUDA, a second sync)."""
+    # Reading the lengths is data-dependent; under torch.compile the reference path goes
+    # without (the compiled kernels still check).
+    if cache_seqlens.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = (int(x) for x in torch.aminmax(cache_seqlens))
+    if lo < 0 or hi > max_len:
+        raise ValueError(f"cache_seqlens must lie in [0, {max_len}] (the cache's Tmax), "
+                         f"got values in [{lo}, {hi}]")
+    if hi + t_new > max_len:
+        raise ValueError(f"writing {t_new} new tokens at cache_seqlens (max {hi}) would "
+                         f"overflow the cache of Tmax={max_len}; nothing was written")
 
 
 @torch.no_grad()
@@ -279,7 +286,9 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
     _check_flag("causal", causal)
     scale = _check_scale(softmax_scale, q.shape[-1])
     chosen = _resolve_backend(backend, q.device)
+    t_new = 0 if k is None else k.shape[1]
     if chosen == "reference":
+        _check_seqlens_range(cache_seqlens, k_cache.shape[1], t_new)
         return reference.compressed_attn_with_kvcache(
             q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c,
             cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale)
@@ -288,8 +297,8 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
     # The kernels read the caches, w_r, k, v and w_c with 16-byte vector loads: a contiguous view
     # at an odd offset (passed through by .contiguous()) must take the generic path too.
     if q.device.type == "cuda" and _cuda_kernel_unsupported(
-            q_, vc_cache, k_cache, vc_cache, w_r_, k_, v_, w_c_,
-            t_new=0 if k is None else k.shape[1]):
+            q_, vc_cache, k_cache, vc_cache, w_r_, k_, v_, w_c_, t_new=t_new):
+        _check_seqlens_range(cache_seqlens, k_cache.shape[1], t_new)
         return _cuda_generic_kvcache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
                                      cache_seqlens, causal, scale)  # see "CUDA routing"
     return torch.ops.vdproj_ext.kvcache_attention(

@@ -299,6 +299,21 @@ at::Tensor kvcache_attention_cuda(
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor seqlens = cache_seqlens.contiguous();
+  // Validate the lengths before writing anything, as the CPU op does (ValueError, the messages
+  // of ops.py, which leaves this check to the op): one device-to-host read per call. While a CUDA graph is
+  // being captured no sync is allowed; the kernels then clamp lengths to [0, Tmax] and drop
+  // writes past Tmax, so bad lengths cannot write out of bounds, but go unreported.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (B > 0 && capture == cudaStreamCaptureStatusNone) {
+    const auto [lo_t, hi_t] = at::aminmax(seqlens);
+    const at::Tensor range = at::stack({lo_t, hi_t}).to(at::kCPU);
+    const int64_t lo = range[0].item<int32_t>(), hi = range[1].item<int32_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= Tmax, "cache_seqlens must lie in [0, ", Tmax,
+                      "] (the cache's Tmax), got values in [", lo, ", ", hi, "]");
+    TORCH_CHECK_VALUE(hi + Tnew <= Tmax, "writing ", Tnew, " new tokens at cache_seqlens (max ",
+                      hi, ") would overflow the cache of Tmax=", Tmax, "; nothing was written");
+  }
   at::Tensor out = at::empty({B, Tq, H, D}, q.options());
 
   // 1. Compress-on-write of the new tokens, right before the attention that reads them (also
