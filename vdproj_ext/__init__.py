@@ -6,7 +6,7 @@
 from importlib import import_module
 
 from .ops import (CompressedVAttentionFunction, backend_info, compressed_attn_with_kvcache,
-                  compressed_v_attention)
+                  compressed_v_attention, decode_linear)
 
 __version__ = "0.1.0"
 
@@ -20,7 +20,7 @@ _LAZY = {
 }
 
 __all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "backend_info",
-           "CompressedVAttentionFunction", *_LAZY]
+           "CompressedVAttentionFunction", "decode_linear", *_LAZY]
 
 
 def __getattr__(name):
