@@ -87,9 +87,12 @@ template <> struct HSum<double, 64> {
 #endif
 template <typename A> inline A hsum(vec_t<A> v) { return HSum<A, kVBytes>::run(v); }
 
-inline void prefetch_lines(const void* p, int64_t bytes) {
+inline void prefetch_lines(const void* p, int64_t bytes, bool to_l2 = false) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  if (to_l2)
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
+  else
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
 }
 
 template <typename A> inline A dot(const A* a, const A* b, int64_t n) {
@@ -329,15 +332,16 @@ void attend_range(const A* qs, int64_t nq, const int64_t* lim, int64_t H, int64_
     }
     // Scores: each key row is read once for all query rows of the tile. Meanwhile prefetch
     // this block's V_c rows (the rank update walks them column chunk by column chunk, which
-    // the hardware prefetcher follows poorly) and the next block's key rows.
+    // the hardware prefetcher follows poorly) and the next block's key rows. Without these
+    // prefetches a decode step is about 20% slower (bench/RESULTS.md).
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     for (int64_t jj = 0; jj < nk; ++jj) {
       const A* krow = kp + jj * ks_t;
       if constexpr (std::is_same<T, A>::value) {
         prefetch_lines(vp + jj * vs, R * sizeof(A));
-        if (jj < nk_next)
+        if (jj < nk_next)  // into L2 only: 3-4% faster than into L1, which 128 KiB overflow
           for (int64_t h = 0; h < H; ++h)
-            prefetch_lines(krow + kKeyBlock * ks_t + h * ks_h, D * sizeof(A));
+            prefetch_lines(krow + kKeyBlock * ks_t + h * ks_h, D * sizeof(A), /*to_l2=*/true);
       }
       for (int64_t i = 0; i < nq; ++i) {
         A* srow = sbuf + i * H * kKeyBlock + jj;
@@ -783,6 +787,56 @@ inline void linear_row(const A* x, int64_t xs, const A* wrow, int64_t K, const c
   }
 }
 
+
+// Two adjacent weight rows against 8 x rows: each x vector loaded serves both rows, which halves
+// the x traffic (from L1, or from L2 once 8 x rows outgrow L1: K > 1536 in float32); 5-10%
+// faster than one row at a time (bench/RESULTS.md). pf walks the two rows `ahead` further on.
+template <typename A>
+inline void linear_row_pair8(const A* x, int64_t xs, const A* w0, int64_t K, const char* pf,
+                             A* out0, A* out1) {
+  constexpr int N = VecT<A>::N;
+  const A* w1 = w0 + K;
+  vec_t<A> a0[8] = {}, a1[8] = {};
+  int64_t k = 0;
+  for (; k + N <= K; k += N) {
+    for (int64_t o = 0; o < 2 * kVBytes; o += 64)
+      __builtin_prefetch(pf + 2 * k * sizeof(A) + o, 0, 1);
+    const vec_t<A> v0 = vload(w0 + k), v1 = vload(w1 + k);
+    for (int m = 0; m < 8; ++m) {
+      const vec_t<A> xv = vload(x + m * xs + k);
+      a0[m] += v0 * xv;
+      a1[m] += v1 * xv;
+    }
+  }
+  for (int64_t o = 2 * k * sizeof(A); o < 2 * K * static_cast<int64_t>(sizeof(A)); o += 64)
+    __builtin_prefetch(pf + o, 0, 1);
+  for (int m = 0; m < 8; ++m) {
+    A s0 = hsum<A>(a0[m]), s1 = hsum<A>(a1[m]);
+    for (int64_t kk = k; kk < K; ++kk) {
+      s0 += w0[kk] * x[m * xs + kk];
+      s1 += w1[kk] * x[m * xs + kk];
+    }
+    out0[m] = s0;
+    out1[m] = s1;
+  }
+}
+
+// One weight row against mb <= 8 x rows (mb chooses the template).
+template <typename A>
+inline void linear_row_any(int64_t mb, const A* x, const A* wrow, int64_t K, const char* pf,
+                           A* out) {
+  switch (mb) {
+    case 1: linear_row<A, 1>(x, K, wrow, K, pf, out); break;
+    case 2: linear_row<A, 2>(x, K, wrow, K, pf, out); break;
+    case 3: linear_row<A, 3>(x, K, wrow, K, pf, out); break;
+    case 4: linear_row<A, 4>(x, K, wrow, K, pf, out); break;
+    case 5: linear_row<A, 5>(x, K, wrow, K, pf, out); break;
+    case 6: linear_row<A, 6>(x, K, wrow, K, pf, out); break;
+    case 7: linear_row<A, 7>(x, K, wrow, K, pf, out); break;
+    default: linear_row<A, 8>(x, K, wrow, K, pf, out); break;
+  }
+}
+
 template <typename A>
 void linear_impl(const LinearArgs& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
@@ -801,27 +855,27 @@ void linear_impl(const LinearArgs& a) {
       1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
   const int64_t grain = (N + nth - 1) / nth;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    A out[8];
-    for (int64_t n = n0; n < n1; ++n) {
-      const A* wrow = w + n * K;
-      const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - 1) * K);
+    A out0[8], out1[8];
+    // Rows in pairs, each pair against every block of (up to) 8 x rows; a last odd row alone.
+    // Only the first block's pass prefetches: later passes find the two rows in L1.
+    for (int64_t n = n0; n < n1; n += 2) {
+      const int64_t rows = std::min<int64_t>(2, n1 - n);
+      const A* w0 = w + n * K;
+      const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - rows) * K);
       for (int64_t m0 = 0; m0 < M; m0 += 8) {
         const int64_t mb = std::min<int64_t>(8, M - m0);
         const A* xm = x + m0 * K;
-        // Prefetch only on the first pass over this row; later passes read it from L1.
-        const char* p = m0 == 0 ? pf : reinterpret_cast<const char*>(wrow);
-        switch (mb) {
-          case 1: linear_row<A, 1>(xm, K, wrow, K, p, out); break;
-          case 2: linear_row<A, 2>(xm, K, wrow, K, p, out); break;
-          case 3: linear_row<A, 3>(xm, K, wrow, K, p, out); break;
-          case 4: linear_row<A, 4>(xm, K, wrow, K, p, out); break;
-          case 5: linear_row<A, 5>(xm, K, wrow, K, p, out); break;
-          case 6: linear_row<A, 6>(xm, K, wrow, K, p, out); break;
-          case 7: linear_row<A, 7>(xm, K, wrow, K, p, out); break;
-          default: linear_row<A, 8>(xm, K, wrow, K, p, out); break;
+        const char* p = m0 == 0 ? pf : reinterpret_cast<const char*>(w0);
+        if (rows == 2 && mb == 8) {
+          linear_row_pair8<A>(xm, K, w0, K, p, out0, out1);
+        } else {
+          linear_row_any<A>(mb, xm, w0, K, p, out0);
+          if (rows == 2) linear_row_any<A>(mb, xm, w0 + K, K, p + K * sizeof(A), out1);
         }
-        const A bn = bias ? bias[n] : A(0);
-        for (int64_t m = 0; m < mb; ++m) y[(m0 + m) * N + n] = out[m] + bn;
+        for (int64_t m = 0; m < mb; ++m) {
+          y[(m0 + m) * N + n] = out0[m] + (bias ? bias[n] : A(0));
+          if (rows == 2) y[(m0 + m) * N + n + 1] = out1[m] + (bias ? bias[n + 1] : A(0));
+        }
       }
     }
   });
