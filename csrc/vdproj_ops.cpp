@@ -421,6 +421,8 @@ TORCH_LIBRARY_IMPL(vdproj_ext, CPU, m) {
 #ifdef VDPROJ_WITH_CUDA
 namespace vdproj::cuda {
 std::vector<int64_t> compiled_archs();  // csrc/cuda/attn_fwd.cu
+std::vector<int64_t> kernel_smem_bytes(const std::string& dtype, int64_t Tq, int64_t H,
+                                       int64_t D, int64_t R, int64_t Tnew);  // cuda_api.cpp
 }
 #endif
 
@@ -442,4 +444,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
     return info;
   });
+#ifdef VDPROJ_WITH_CUDA
+  m.def("cuda_kernel_smem_bytes", &vdproj::cuda::kernel_smem_bytes,
+        "Shared memory (bytes) the CUDA kernels need for a shape: [attention (one stage), "
+        "compress-on-write, backward]",
+        pybind11::arg("dtype"), pybind11::arg("tq"), pybind11::arg("heads"),
+        pybind11::arg("head_dim"), pybind11::arg("rank"), pybind11::arg("t_new"));
+#endif
 }

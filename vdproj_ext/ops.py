@@ -6,6 +6,7 @@ so that opcheck passes and torch.compile can trace through them.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional
@@ -330,30 +331,26 @@ def _cuda_smem_optin(index: int) -> int:
     return int(getattr(props, "shared_memory_per_block_optin", 48 * 1024))
 
 
+@functools.lru_cache(maxsize=256)  # a decode loop asks for the same shape every step
+def _cuda_kernel_smem_bytes(dtype: str, tq: int, heads: int, head_dim: int, rank: int,
+                            t_new: int) -> tuple:
+    return tuple(_loader.load().cuda_kernel_smem_bytes(dtype, tq, heads, head_dim, rank, t_new))
+
+
 def _cuda_smem_too_large(q, rank, t_new, backward) -> Optional[str]:
     """Which kernel's dynamic shared memory exceeds the device's per-block limit, or None.
 
-    Mirrors the sizes in csrc/cuda: attn_layout with one stage (attn_fwd.cu, heads_per_tile as
-    in cuda_api.cpp), compress_smem_bytes (kvcache.cu), bwd_layout (attn_bwd.cu). Those kernels
-    raise a RuntimeError for such shapes, e.g. float32 with head_dim 128 and R >= 112 on an A100.
+    The sizes come from the extension (csrc/cuda/cuda_api.cpp kernel_smem_bytes, computed from
+    the kernels' own layouts); such shapes would make the kernels raise, e.g. float32 with
+    head_dim 128 and R >= 112 on an A100, so they take the ATen paths instead.
     """
     _, tq, heads, head_dim = q.shape
-    elt = q.element_size()
     limit = _cuda_smem_optin(q.device.index if q.device.index is not None
                              else torch.cuda.current_device())
-    a16 = lambda x: (x + 15) // 16 * 16  # noqa: E731
-    need = []
-    if tq > 0:
-        heads_per_tile = min(7 // tq + 2, heads)
-        need.append(("attention", 32 * head_dim + 1088
-                     + a16(32 * (heads_per_tile * head_dim + 16 // elt) * elt)
-                     + a16(32 * rank * elt)))
-    if t_new > 0:
-        need.append(("compress-on-write", 16 * heads * head_dim))
-    if backward:
-        need.append(("backward", 4 * (32 * (head_dim + 4) + 32 * (rank + 4) + 32 * rank
-                                      + 8 * head_dim + 8 * rank + 16 + 2 * 8 * 32)))
-    for name, nbytes in need:
+    attention, compress, bwd = _cuda_kernel_smem_bytes(str(q.dtype).replace("torch.", ""),
+                                                       tq, heads, head_dim, rank, t_new)
+    for name, nbytes in (("attention", attention), ("compress-on-write", compress),
+                         ("backward", bwd if backward else 0)):
         if nbytes > limit:
             return f"the {name} kernel needs {nbytes} bytes of shared memory (device: {limit})"
     return None

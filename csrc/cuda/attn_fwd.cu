@@ -299,6 +299,14 @@ int choose_stages(const AttnParams& p, int64_t* bytes) {
 
 }  // namespace
 
+size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, int64_t R) {
+  return VDPROJ_DISPATCH_DTYPE(dtype, [&] {
+    return VDPROJ_DISPATCH_HEADDIM(head_dim, [&] {
+      return size_t(attn_layout<T, kD>(heads_per_tile, R, 1).total);
+    });
+  });
+}
+
 size_t attn_smem_bytes(const AttnParams& p) {
   return VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
     return VDPROJ_DISPATCH_HEADDIM(p.head_dim, [&] {

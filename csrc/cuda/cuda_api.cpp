@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "vdproj_cuda.h"
 
@@ -395,6 +397,31 @@ at::Tensor kvcache_attention_cuda(
 }
 
 }  // namespace
+
+// Shared memory (bytes) each kernel needs at the least for a shape: {attention with one stage
+// (0 without queries), compress-on-write (0 without new tokens), backward}. ops.py compares
+// these with the device's per-block limit and sends larger shapes to its ATen paths; asking
+// here keeps the sizes in one place, next to the layouts. dtype: float32, float16 or bfloat16.
+std::vector<int64_t> kernel_smem_bytes(const std::string& dtype, int64_t Tq, int64_t H, int64_t D,
+                                       int64_t R, int64_t Tnew) {
+  DType dt = DType::kFloat32;
+  if (dtype == "float16") dt = DType::kFloat16;
+  else if (dtype == "bfloat16") dt = DType::kBFloat16;
+  else TORCH_CHECK(dtype == "float32", "kernel_smem_bytes: dtype must be float32, float16 or "
+                   "bfloat16, got ", dtype);
+  check_dims(D, R);
+  const int64_t attention =
+      Tq > 0 ? int64_t(attn_min_smem_bytes(dt, int(D), heads_per_tile(H, Tq), R)) : 0;
+  CompressParams c{};
+  c.H = H;
+  c.head_dim = static_cast<int>(D);
+  const int64_t compress = Tnew > 0 ? int64_t(compress_smem_bytes(c)) : 0;
+  BwdParams b{};
+  b.head_dim = static_cast<int>(D);
+  b.R = R;
+  return {attention, compress, int64_t(bwd_smem_bytes(b))};
+}
+
 }  // namespace cuda
 }  // namespace vdproj
 

@@ -104,6 +104,8 @@ struct BwdParams {
 
 // Launchers (defined in the .cu files). Each checks its launches with C10_CUDA_KERNEL_LAUNCH_CHECK.
 size_t attn_smem_bytes(const AttnParams& p);
+// Dynamic shared memory of the attention kernel with one stage: the least it can run with.
+size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, int64_t R);
 // Flash-decoding split count for partial mode; max_keys bounds the key range (e.g. Tmax).
 int64_t attn_num_splits(const AttnParams& p, int64_t max_keys);
 void launch_attention(const AttnParams& p, cudaStream_t stream);
