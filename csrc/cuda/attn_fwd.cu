@@ -14,6 +14,10 @@
 // the normalized ctx and the log-sum-exp directly ("final mode", used by cva_forward).
 #include <vector>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 #include "device_utils.h"
 
 namespace vdproj {
@@ -317,6 +321,28 @@ size_t attn_smem_bytes(const AttnParams& p) {
   });
 }
 
+// Resident blocks per SM of `kernel` with `bytes` of dynamic shared memory on the current
+// device. It depends on nothing else, and a decode step asks for every layer while the
+// occupancy query costs microseconds of host time, so it is cached per (device, kernel, bytes)
+// (every instantiation of attn_fwd_kernel has the same function type: the pointer tells them
+// apart).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, size_t>, int> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel), bytes);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) return hit->second;
+  set_smem_limit(kernel, bytes);
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
+  cache.emplace(key, per_sm);
+  return per_sm;
+}
+
 // Splits per (b, row group): minimize the tiles handled by the busiest block slot, counting
 // whole waves, plus a small charge per split for the combine. PLACEHOLDER cost model until
 // measured on a GPU.
@@ -328,10 +354,7 @@ int64_t attn_num_splits(const AttnParams& p, int64_t max_keys) {
       const int nstages = choose_stages<T, kD>(p, &bytes);
       (void)nstages;
       auto kernel = attn_fwd_kernel<T, kD>;
-      set_smem_limit(kernel, size_t(bytes));
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
-                                                                   size_t(bytes)));
+      const int per_sm = blocks_per_sm(kernel, size_t(bytes));
       const int64_t slots = int64_t(current_device_sms()) * (per_sm > 0 ? per_sm : 1);
       const int64_t groups = (p.nrows + kRowsPerBlock - 1) / kRowsPerBlock;
       const int64_t base = p.B * groups;
