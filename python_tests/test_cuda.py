@@ -195,6 +195,46 @@ def test_unsupported_shapes_raise_clear_errors_or_fall_back():
                            torch.randn(128, 64, device=DEV, dtype=torch.float64), None, False, 1.0)
 
 
+def test_kernel_smem_query_and_routing_of_large_shapes():
+    """The extension reports the kernels' shared memory; a shape that needs more than the
+    device allows takes the generic path through the public API and stays correct."""
+    from vdproj_ext import _loader
+    _ops()
+    attention, compress, bwd = _loader.load().cuda_kernel_smem_bytes("float32", 1, 32, 128,
+                                                                     1024, 1)
+    assert attention > 0 and compress > 0 and bwd > 0
+    assert _loader.load().cuda_kernel_smem_bytes("float32", 0, 32, 128, 1024, 0)[:2] == [0, 0]
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    assert attention > limit  # float32, head_dim 128, R=1024: over any current GPU's limit
+    g = torch.Generator().manual_seed(3)
+    b, h, d, r = 1, 32, 128, 1024
+    k_cache, vc_cache = make_cache(b, 40, h, d, r, [30], 1, torch.float32, g)
+    step = make_step(b, 1, 1, h, d, r, torch.float32, g)
+    seqlens = torch.tensor([30], dtype=torch.int32, device=DEV)
+    ref_k, ref_vc = k_cache.double(), vc_cache.double()
+    out = run_kvcache(step, k_cache, vc_cache, seqlens, True, "ext")
+    ref = run_kvcache({n: (t.double() if t is not None else None) for n, t in step.items()},
+                      ref_k, ref_vc, seqlens, True, "reference")
+    assert rel_error(out, ref) < TOLERANCES[torch.float32]
+
+
+def test_seqlens_checked_by_the_op_itself():
+    """The C++ op checks cache_seqlens (the public API leaves it to the op): ValueError, and
+    nothing written."""
+    g = torch.Generator().manual_seed(4)
+    k_cache, vc_cache = make_cache(2, 8, 2, 64, 16, [3, 7], 2, torch.float16, g)
+    step = make_step(2, 2, 2, 2, 64, 16, torch.float16, g)
+    before = (k_cache.clone(), vc_cache.clone())
+    for lens, words in (([3, 7], "overflow"), ([3, 9], "must lie in"), ([-1, 0], "must lie in")):
+        seqlens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+        with pytest.raises(ValueError, match=words):
+            _ops().kvcache_attention(step["q"], k_cache, vc_cache, step["w_r"], step["b_r"],
+                                     step["k"], step["v"], step["w_c"], step["b_c"], seqlens,
+                                     True, 0.1)
+    assert torch.equal(k_cache.nan_to_num(5.0), before[0].nan_to_num(5.0))
+    assert torch.equal(vc_cache.nan_to_num(5.0), before[1].nan_to_num(5.0))
+
+
 # ---- training / prefill ------------------------------------------------------------------------
 
 def make_cva(b, tq, tk, h, d, r, dtype, seed=0, bias=True):
