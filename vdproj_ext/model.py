@@ -177,7 +177,6 @@ class Linear(nn.Linear):
         return decode_linear(x, self.weight, self.bias)
 
 
-
 class CompressedVAttention(nn.Module):
     """GPT-NeoX attention whose value path is v_compress -> (cache) -> v_restore.
 
