@@ -753,8 +753,8 @@ void append_impl(const AppendArgs& a) {
 // decode step. With M <= 16 this is a stream over w (the LM head alone is 103 MB in float32):
 // each w row is read once and multiplied by every x row, which stays in L1. A core alone cannot
 // keep enough of that stream in flight while it computes, so the rows about 64 KiB ahead are
-// prefetched into L2; that takes the LM head from about 60% of the machine's read bandwidth
-// (BLAS, or this loop without the prefetch) to about 95% (bench/cpu_linear.py).
+// prefetched into L2; that takes the LM head from 35-60% of the machine's read bandwidth
+// (BLAS, or this loop without the prefetch) to about 90% (bench/cpu_linear.py).
 
 // MB x rows at once, KU vector accumulators per x row (MB * KU independent FMA chains).
 template <typename A, int MB>
