@@ -4,7 +4,7 @@ Two ways in:
   * `pip install --no-build-isolation .` with torch importable: compiles `vdproj_ext._C`
     ahead of time (C++ CPU kernels always; CUDA kernels when torch has CUDA and nvcc exists).
   * plain `pip install .` (build isolation, no torch in the build env): ships the C++/CUDA
-    sources inside the package; `vdproj_ext._loader` compiles them on first use with
+    sources inside the package; `vdproj_ext.bindings` compiles them on first use with
     torch.utils.cpp_extension.load and ninja, against the torch found at run time.
 Either way the kernel sources travel with the package as `vdproj_ext/_csrc`.
 """

@@ -198,7 +198,7 @@ def test_unsupported_shapes_raise_clear_errors_or_fall_back():
 def test_kernel_smem_query_and_routing_of_large_shapes():
     """The extension reports the kernels' shared memory; a shape that needs more than the
     device allows takes the generic path through the public API and stays correct."""
-    from vdproj_ext import _loader
+    from vdproj_ext import bindings as _loader
     _ops()
     attention, compress, bwd = _loader.load().cuda_kernel_smem_bytes("float32", 1, 32, 128,
                                                                      1024, 1)

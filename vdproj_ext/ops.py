@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from . import _loader, reference
+from . import reference
+from . import bindings as _loader
 
 BACKENDS = ("auto", "ext", "reference")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-_PKG_DIR = Path(__file__).resolve().parent
+_PKG_DIR = Path(__file__).resolve().parent.parent  # the vdproj_ext package
 _lock = threading.Lock()
 _state: dict = {}
 
