@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vdproj_ext import compressed_attn_with_kvcache, compressed_v_attention
+from vdproj_ext import compressed_attn_with_kvcache, compressed_v_attention, decode_linear
 
 H, D, R = 8, 64, 320
 DECODE_SHAPES = [(4, 4096), (1, 8192)]
@@ -90,7 +90,6 @@ def test_train_forward_backward(benchmark, shape, impl):
 @pytest.mark.parametrize("impl", ["decode_linear", "F.linear"])
 def test_decode_lm_head(benchmark, impl):
     """The LM head of one batch-8 pythia-70m decode step (bench/cpu_linear.py has the table)."""
-    from vdproj_ext.ops import decode_linear
     x, w = torch.randn(8, 512), torch.randn(50304, 512)
     fn = decode_linear if impl == "decode_linear" else F.linear
     with torch.no_grad():

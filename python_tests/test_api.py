@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import vdproj_ext
+from helpers import make_cache, make_step
 from vdproj_ext import backend_info, compressed_attn_with_kvcache, compressed_v_attention
 
 B, TQ, TK, H, D, R = 2, 3, 5, 2, 8, 6
@@ -23,16 +23,10 @@ def attn_inputs(dtype=torch.float32, bias=True, requires_grad=False):
 
 
 def cache_inputs(t_max=8, t_new=2, seqlens=(3, 0), dtype=torch.float32):
-    k_cache = torch.full((B, t_max, H, D), float("nan"), dtype=dtype)
-    vc_cache = torch.full((B, t_max, R), float("nan"), dtype=dtype)
-    for b, n in enumerate(seqlens):
-        k_cache[b, :n] = torch.randn(n, H, D, dtype=dtype)
-        vc_cache[b, :n] = torch.randn(n, R, dtype=dtype)
-    return dict(q=torch.randn(B, t_new, H, D, dtype=dtype), k_cache=k_cache, vc_cache=vc_cache,
-                w_r=torch.randn(H * D, R, dtype=dtype) * 0.3, b_r=torch.randn(H * D, dtype=dtype),
-                k=torch.randn(B, t_new, H, D, dtype=dtype),
-                v=torch.randn(B, t_new, H * D, dtype=dtype),
-                w_c=torch.randn(R, H * D, dtype=dtype) * 0.3, b_c=torch.randn(R, dtype=dtype),
+    k_cache, vc_cache = make_cache(B, t_max, H, D, R, seqlens, "cpu", dtype)
+    step = make_step(B, t_new, t_new, H, D, R, "cpu", dtype)
+    return dict(q=step["q"], k_cache=k_cache, vc_cache=vc_cache, w_r=step["w_r"], b_r=step["b_r"],
+                k=step["k"], v=step["v"], w_c=step["w_c"], b_c=step["b_c"],
                 cache_seqlens=torch.tensor(seqlens, dtype=torch.int32))
 
 
@@ -109,6 +103,9 @@ ATTN_BAD = {
                      r"v_c must be on cpu"),
     "not a tensor": (lambda a: _replace(a, w_r=a["w_r"].tolist()), TypeError,
                      r"w_r must be a torch.Tensor"),
+    "q None": (lambda a: _replace(a, q=None), TypeError, r"q must be a tensor, got None"),
+    "b_r rank": (lambda a: _replace(a, b_r=a["b_r"][None]), ValueError, r"b_r must be 1-D"),
+    "w_r dtype": (lambda a: _replace(a, w_r=a["w_r"].half()), TypeError, r"w_r must have dtype"),
 }
 
 
@@ -167,6 +164,18 @@ CACHE_BAD = {
                                         .transpose(0, 2)), ValueError, r"vc_cache must have a unit stride"),
     "seqlens device": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"].to("meta")), ValueError,
                        r"cache_seqlens must be on cpu"),
+    "seqlens 2-D": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"][:, None]), ValueError,
+                    r"cache_seqlens must have shape \(2,\)"),
+    "overflow": (lambda a: _replace(a, cache_seqlens=torch.tensor([7, 0], dtype=torch.int32)),
+                 ValueError, r"writing 2 new tokens .* would overflow the cache of Tmax=8"),
+    "q not a tensor": (lambda a: _replace(a, q=a["q"].tolist()), TypeError,
+                       r"q must be a torch.Tensor"),
+    "q int dtype": (lambda a: _replace(a, q=a["q"].long()), TypeError, r"q must be float32"),
+    "k rank": (lambda a: _replace(a, k=a["k"][0]), ValueError, r"k must be 4-D"),
+    "b_c rank": (lambda a: _replace(a, b_c=a["b_c"][None]), ValueError, r"b_c must be 1-D"),
+    "w_c dtype": (lambda a: _replace(a, w_c=a["w_c"].double()), TypeError, r"w_c must have dtype"),
+    "k_cache device": (lambda a: _replace(a, k_cache=a["k_cache"].to("meta")), ValueError,
+                       r"k_cache must be on cpu"),
 }
 
 
@@ -192,13 +201,45 @@ def test_kvcache_overflow_writes_nothing(backend):
     torch.testing.assert_close(args["vc_cache"], before[1], equal_nan=True, rtol=0, atol=0)
 
 
+def _error_of(call):
+    """(type, message) of the exception call() raises, or None."""
+    try:
+        call()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.parametrize("case", sorted(ATTN_BAD))
+def test_attention_bad_input_same_error_on_every_backend(case):
+    """One set of messages: the Python checks (reference) and the C++ checks (ext) agree."""
+    args = ATTN_BAD[case][0](attn_inputs())
+    errors = {backend: _error_of(lambda: call_attn(args, backend=backend))
+              for backend in BACKENDS}
+    assert errors["reference"] is not None
+    assert errors["ext"] == errors["reference"]
+
+
+@pytest.mark.parametrize("case", sorted(CACHE_BAD))
+def test_kvcache_bad_input_same_error_on_every_backend(case):
+    args = CACHE_BAD[case][0](cache_inputs())
+    before = [args["k_cache"].clone(), args["vc_cache"].clone()]
+    errors = {}
+    for backend in BACKENDS:
+        errors[backend] = _error_of(lambda: call_cache(args, backend=backend))
+        for cache, old in zip((args["k_cache"], args["vc_cache"]), before):  # nothing written
+            torch.testing.assert_close(cache, old, equal_nan=True, rtol=0, atol=0)
+    assert errors["reference"] is not None
+    assert errors["ext"] == errors["reference"]
+
+
 def test_direct_op_call_with_bad_shapes_raises_not_crashes():
     """The C++ API checks its inputs too, for callers that bypass the Python checks."""
     a = attn_inputs()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError):
         torch.ops.vdproj_ext.cva_forward(a["q"], a["k"][:, :, :1], a["v_c"], a["w_r"], a["b_r"],
                                          False, 0.3)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError):
         torch.ops.vdproj_ext.cva_forward(a["q"], a["k"], a["v_c"][:, :-1], a["w_r"], a["b_r"],
                                          False, 0.3)
     c = cache_inputs()

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from conftest import TOLERANCES, rel_error
-from vdproj_ext import compressed_v_attention, reference
+from helpers import make_attention_inputs, run_attention, to_float64
+from vdproj_ext import compressed_v_attention
+from vdproj_ext.ops.backend import load_kernels
 
 # (B, Tq, Tk, H, D, R): odd head sizes and ranks, R not a multiple of any vector width.
 SHAPES = [
@@ -25,40 +27,15 @@ SHAPES = [
 SHAPE_IDS = ["tq<tk", "tq==tk", "tq>tk", "decode", "multiblock"]
 
 
-def make_inputs(shape, device, dtype=torch.float64, bias=True, seed=0):
-    b, tq, tk, h, d, r = shape
-    g = torch.Generator().manual_seed(seed)
-    t = dict(q=torch.randn(b, tq, h, d, generator=g, dtype=torch.float64),
-             k=torch.randn(b, tk, h, d, generator=g, dtype=torch.float64),
-             v_c=torch.randn(b, tk, r, generator=g, dtype=torch.float64),
-             w_r=torch.randn(h * d, r, generator=g, dtype=torch.float64) / r ** 0.5,
-             b_r=torch.randn(h * d, generator=g, dtype=torch.float64) if bias else None)
-    return {n: (v.to(device=device, dtype=dtype) if v is not None else None) for n, v in t.items()}
-
-
-def run(inputs, backend, causal, grad_out=None, scale=None):
-    """Forward (and backward with grad_out) in the inputs' dtype; returns out, grads dict."""
-    leaves = {n: v.detach().clone().requires_grad_(grad_out is not None)
-              for n, v in inputs.items() if v is not None}
-    out = compressed_v_attention(leaves["q"], leaves["k"], leaves["v_c"], leaves["w_r"],
-                                 leaves.get("b_r"), causal=causal, softmax_scale=scale,
-                                 backend=backend)
-    grads = {}
-    if grad_out is not None:
-        out.backward(grad_out.to(out.dtype))
-        grads = {n: v.grad for n, v in leaves.items()}
-    return out.detach(), grads
-
-
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_float32_forward_and_grads(device, shape, causal, bias):
-    x64 = make_inputs(shape, device, bias=bias)
+    x64 = make_attention_inputs(shape, device, bias=bias)
     gout = torch.randn(shape[0], shape[1], shape[3], shape[4], dtype=torch.float64, device=device)
-    ref_out, ref_grads = run(x64, "reference", causal, gout)
+    ref_out, ref_grads = run_attention(x64, "reference", causal, gout)
     x32 = {n: (v.float() if v is not None else None) for n, v in x64.items()}
-    out, grads = run(x32, "ext", causal, gout)
+    out, grads = run_attention(x32, "ext", causal, gout)
     assert out.dtype == torch.float32 and out.shape == ref_out.shape
     assert rel_error(out, ref_out) < 1e-5
     assert set(grads) == set(ref_grads)
@@ -69,19 +46,20 @@ def test_float32_forward_and_grads(device, shape, causal, bias):
 
 def test_rows_without_keys_are_zero(device):
     # Tq > Tk with causal masking: the first Tq - Tk rows see no key -> zeros, bias included.
-    x = make_inputs((2, 7, 3, 2, 8, 5), device, dtype=torch.float32)
-    out, grads = run(x, "ext", True, torch.randn(2, 7, 2, 8, device=device))
+    x = make_attention_inputs((2, 7, 3, 2, 8, 5), device, dtype=torch.float32)
+    out, grads = run_attention(x, "ext", True, torch.randn(2, 7, 2, 8, device=device))
     assert torch.all(out[:, :4] == 0)
     assert torch.all(out[:, 4:] != 0)
-    ref_out, ref_grads = run(x, "reference", True, torch.randn(2, 7, 2, 8, device=device))
+    ref_out, ref_grads = run_attention(x, "reference", True,
+                                       torch.randn(2, 7, 2, 8, device=device))
     for g in grads.values():
         assert torch.isfinite(g).all()
 
 
 def test_custom_scale(device):
-    x64 = make_inputs((2, 4, 9, 3, 12, 10), device)
-    ref_out, _ = run(x64, "reference", True, scale=0.37)
-    out, _ = run({n: v.float() for n, v in x64.items()}, "ext", True, scale=0.37)
+    x64 = make_attention_inputs((2, 4, 9, 3, 12, 10), device)
+    ref_out, _ = run_attention(x64, "reference", True, scale=0.37)
+    out, _ = run_attention({n: v.float() for n, v in x64.items()}, "ext", True, scale=0.37)
     assert rel_error(out, ref_out) < 1e-5
 
 
@@ -90,15 +68,13 @@ def test_custom_scale(device):
 def test_low_precision_within_twice_reference_error(device, dtype, causal):
     """Upcast kernels: error vs float64 at most 2x the reference evaluated in that dtype."""
     shape = (2, 11, 23, 3, 24, 37)
-    x64 = make_inputs(shape, device)
+    x64 = make_attention_inputs(shape, device)
     gout = torch.randn(2, 11, 3, 24, dtype=torch.float64, device=device)
-    exact_out, exact_grads = run(x64, "reference", causal, gout)
     xlow = {n: v.to(dtype) for n, v in x64.items()}
     # Both backends see the same rounded inputs; compare each to float64 on those inputs.
-    exact_out, exact_grads = run({n: v.double() for n, v in xlow.items()}, "reference", causal,
-                                 gout)
-    ref_out, ref_grads = run(xlow, "reference", causal, gout)
-    out, grads = run(xlow, "ext", causal, gout)
+    exact_out, exact_grads = run_attention(to_float64(xlow), "reference", causal, gout)
+    ref_out, ref_grads = run_attention(xlow, "reference", causal, gout)
+    out, grads = run_attention(xlow, "ext", causal, gout)
     assert out.dtype == dtype
     err, ref_err = rel_error(out, exact_out), rel_error(ref_out, exact_out)
     assert err <= 2 * ref_err, (err, ref_err)
@@ -122,8 +98,8 @@ def test_non_contiguous_inputs(device):
     views = dict(q=q, k=k, v_c=v_c, w_r=w_r, b_r=b_r)
     assert not any(v.is_contiguous() for v in views.values())
     gout = torch.randn(b, tq, h, d, dtype=torch.float64, device=device)
-    ref_out, ref_grads = run(views, "reference", True, gout)
-    out, grads = run({n: v.float() for n, v in views.items()}, "ext", True, gout)
+    ref_out, ref_grads = run_attention(views, "reference", True, gout)
+    out, grads = run_attention({n: v.float() for n, v in views.items()}, "ext", True, gout)
     assert rel_error(out, ref_out) < 1e-5
     for name in ref_grads:
         assert rel_error(grads[name], ref_grads[name]) < 1e-4, name
@@ -133,10 +109,10 @@ def test_non_contiguous_inputs(device):
                                    (2, 3, 4, 2, 8, 0), (1, 1, 1, 1, 1, 1)],
                          ids=["B0", "Tq0", "Tk0", "R0", "ones"])
 def test_zero_and_tiny_sizes(device, shape):
-    x = make_inputs(shape, device, dtype=torch.float32)
+    x = make_attention_inputs(shape, device, dtype=torch.float32)
     gout = torch.randn(shape[0], shape[1], shape[3], shape[4], device=device)
-    out, grads = run(x, "ext", False, gout)
-    ref_out, ref_grads = run({n: v.double() for n, v in x.items()}, "reference", False, gout)
+    out, grads = run_attention(x, "ext", False, gout)
+    ref_out, ref_grads = run_attention(to_float64(x), "reference", False, gout)
     assert out.shape == ref_out.shape
     assert torch.allclose(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     for name in ref_grads:
@@ -146,7 +122,7 @@ def test_zero_and_tiny_sizes(device, shape):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradcheck_float64(device, causal):
-    x = make_inputs((2, 3, 4, 2, 5, 3), device)
+    x = make_attention_inputs((2, 3, 4, 2, 5, 3), device)
     leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v_c", "w_r", "b_r")]
 
     def fn(q, k, v_c, w_r, b_r):
@@ -156,27 +132,27 @@ def test_gradcheck_float64(device, causal):
 
 
 def test_direct_op_rejects_bad_input():
-    """The C++ checks (bypassing ops.py) raise instead of crashing."""
-    import vdproj_ext.ops as ops
-    ops._ops()
+    """The C++ checks (bypassing the Python checks) raise instead of crashing, with the
+    exception types of the public API's checks."""
+    load_kernels()
     q = torch.randn(1, 2, 2, 4)
     k = torch.randn(1, 3, 2, 4)
     v_c = torch.randn(1, 3, 5)
     w_r = torch.randn(8, 5)
     op = torch.ops.vdproj_ext.cva_forward
-    with pytest.raises(RuntimeError, match="v_c"):
+    with pytest.raises(ValueError, match="v_c"):
         op(q, k, torch.randn(1, 4, 5), w_r, None, False, 0.5)
-    with pytest.raises(RuntimeError, match="w_r"):
+    with pytest.raises(ValueError, match="w_r"):
         op(q, k, v_c, torch.randn(8, 6), None, False, 0.5)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         op(q, k.double(), v_c, w_r, None, False, 0.5)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(TypeError, match="float32"):
         op(q.int(), k.int(), v_c.int(), w_r.int(), None, False, 0.5)
-    with pytest.raises(RuntimeError, match="finite"):
+    with pytest.raises(ValueError, match="finite"):
         op(q, k, v_c, w_r, None, False, float("nan"))
-    with pytest.raises(RuntimeError, match="softmax_lse"):
-        torch.ops.vdproj_ext.cva_backward(q, q, k, v_c, w_r, torch.zeros(1, 2, 3), torch.zeros(1, 2, 2, 5),
-                                          False, 0.5)
+    with pytest.raises(ValueError, match="softmax_lse"):
+        torch.ops.vdproj_ext.cva_backward(q, q, k, v_c, w_r, torch.zeros(1, 2, 3),
+                                          torch.zeros(1, 2, 2, 5), False, 0.5)
 
 
 _ISA_SCRIPT = r"""

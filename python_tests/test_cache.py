@@ -6,7 +6,7 @@ from torch import nn
 
 from conftest import TOLERANCES, rel_error
 from vdproj_ext import reference
-from vdproj_ext.cache import CacheOverflowError, CompressedKVCache, KVCache
+from vdproj_ext.models import CacheOverflowError, CompressedKVCache, KVCache
 
 
 class _Attn(nn.Module):
@@ -170,7 +170,7 @@ def test_model_new_cache_kinds():
 
 @pytest.mark.parametrize("v_rank", [320, None])
 def test_kv_cache_nbytes_without_allocating(v_rank):
-    from vdproj_ext.cache import kv_cache_nbytes
+    from vdproj_ext.models import kv_cache_nbytes
     shape = (3, 2, 17, 4, 8)
     cache = (CompressedKVCache(*shape, v_rank, dtype=torch.float16) if v_rank
              else KVCache(*shape, dtype=torch.float16))

@@ -1,4 +1,4 @@
-"""Converting Hugging Face GPT-NeoX checkpoints (vdproj_ext.convert).
+"""Converting Hugging Face GPT-NeoX checkpoints (vdproj_ext.models.convert).
 
 The equivalence tests build small random GPTNeoXForCausalLM models with transformers (skipped
 when it is not installed), save them, convert them and compare logits. The error tests need
@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
+from helpers import gpt_neox_config_dict, write_gpt_neox_folder
 from vdproj_ext import VDProjConfig, VDProjForCausalLM
-from vdproj_ext.convert import (config_from_gpt_neox, from_gpt_neox, init_v_projection_,
-                                load_gpt_neox_state_dict)
+from vdproj_ext.models import config_from_gpt_neox, from_gpt_neox, init_v_projection_
+from vdproj_ext.models.convert import load_gpt_neox_state_dict
 
 # (hidden, heads, layers, intermediate, rotary_pct, parallel, tied, attention_bias)
 SHAPES = [
@@ -184,7 +185,7 @@ def test_dtype_and_index_sharded_checkpoint(tmp_path):
     # Our own model written as a sharded safetensors checkpoint (keys map 1:1).
     cfg = VDProjConfig.preset("smoke", v_rank=None)
     ours = VDProjForCausalLM(cfg, init_seed=5)
-    folder = _write_folder(tmp_path / "sharded", ours, sharded=True)
+    folder = write_gpt_neox_folder(tmp_path / "sharded", ours, sharded=True)
     state = load_gpt_neox_state_dict(folder)
     assert set(state) == set(ours.state_dict())
     model = from_gpt_neox(folder, v_rank=16, init="pca",
@@ -195,40 +196,10 @@ def test_dtype_and_index_sharded_checkpoint(tmp_path):
     assert torch.isfinite(model(ids).logits.float()).all()
 
 
-def _hf_config_dict(cfg: VDProjConfig, **over):
-    d = {"model_type": "gpt_neox", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-         "intermediate_size": cfg.intermediate_size, "rotary_pct": cfg.rotary_pct,
-         "rotary_emb_base": cfg.rotary_base, "max_position_embeddings": cfg.max_positions,
-         "layer_norm_eps": cfg.layer_norm_eps, "use_parallel_residual": cfg.use_parallel_residual,
-         "hidden_act": "gelu", "tie_word_embeddings": False}
-    d.update(over)
-    return d
-
-
-def _write_folder(folder, model, sharded=False, **config_over):
-    from safetensors.torch import save_file
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(_hf_config_dict(model.config, **config_over)))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if not sharded:
-        save_file(state, str(folder / "model.safetensors"))
-        return folder
-    keys = sorted(state)
-    half = len(keys) // 2
-    weight_map = {}
-    for i, part in enumerate((keys[:half], keys[half:])):
-        name = f"model-0000{i + 1}-of-00002.safetensors"
-        save_file({k: state[k] for k in part}, str(folder / name))
-        weight_map.update({k: name for k in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return folder
-
-
 @pytest.fixture
 def small_folder(tmp_path):
     cfg = VDProjConfig.preset("smoke", v_rank=None)
-    return _write_folder(tmp_path / "ok", VDProjForCausalLM(cfg, init_seed=1))
+    return write_gpt_neox_folder(tmp_path / "ok", VDProjForCausalLM(cfg, init_seed=1))
 
 
 def test_clear_errors(tmp_path, small_folder):
@@ -240,20 +211,20 @@ def test_clear_errors(tmp_path, small_folder):
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_gpt_neox(tmp_path / "empty")
     (tmp_path / "noweights").mkdir()
-    (tmp_path / "noweights" / "config.json").write_text(json.dumps(_hf_config_dict(cfg)))
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps(gpt_neox_config_dict(cfg)))
     with pytest.raises(FileNotFoundError, match="no weights"):
         from_gpt_neox(tmp_path / "noweights")
     with pytest.raises(ValueError, match="model_type"):
-        from_gpt_neox(_write_folder(tmp_path / "llama", model, model_type="llama"))
+        from_gpt_neox(write_gpt_neox_folder(tmp_path / "llama", model, model_type="llama"))
     with pytest.raises(ValueError, match="hidden_act"):
-        from_gpt_neox(_write_folder(tmp_path / "relu", model, hidden_act="relu"))
+        from_gpt_neox(write_gpt_neox_folder(tmp_path / "relu", model, hidden_act="relu"))
     with pytest.raises(ValueError, match="rope_type"):
-        from_gpt_neox(_write_folder(tmp_path / "scaled", model,
-                                    rope_scaling={"type": "linear", "factor": 2.0}))
+        from_gpt_neox(write_gpt_neox_folder(tmp_path / "scaled", model,
+                                            rope_scaling={"type": "linear", "factor": 2.0}))
     with pytest.raises(ValueError, match="shape"):  # config says 4 heads x 16... wrong MLP
-        from_gpt_neox(_write_folder(tmp_path / "mismatch", model, intermediate_size=128))
+        from_gpt_neox(write_gpt_neox_folder(tmp_path / "mismatch", model, intermediate_size=128))
     with pytest.raises(ValueError, match="missing"):
-        from_gpt_neox(_write_folder(tmp_path / "deeper", model, num_hidden_layers=3))
+        from_gpt_neox(write_gpt_neox_folder(tmp_path / "deeper", model, num_hidden_layers=3))
     calib = torch.randint(0, cfg.vocab_size, (2, 8))
     for bad in (0, cfg.hidden_size + 1):
         with pytest.raises(ValueError, match="v_rank"):

@@ -1,12 +1,13 @@
 """vdproj_ext.decode_linear: the CPU streaming kernel for the linear layers of a decode step,
-checked against a float64 reference, plus its routing (when it must fall back to F.linear)."""
+checked against a float64 reference, plus its row policy (kernel, W @ x.T, or F.linear)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import vdproj_ext.ops as ops
-from vdproj_ext import VDProjConfig, VDProjForCausalLM
 from conftest import TOLERANCES, rel_error
+from vdproj_ext import VDProjConfig, VDProjForCausalLM
+from vdproj_ext.ops import decode_linear, linear
+from vdproj_ext.ops.backend import has_kernel, load_kernels
 
 OP = None
 
@@ -14,7 +15,7 @@ OP = None
 def op():
     global OP
     if OP is None:
-        assert ops._ops() is not None, "the compiled extension must be built for these tests"
+        assert load_kernels() is not None, "the compiled extension must be built for these tests"
         OP = torch.ops.vdproj_ext.decode_linear
     return OP
 
@@ -83,40 +84,54 @@ def test_opcheck():
 
 
 # ---------------------------------------------------------------------------------------------
-# Routing: decode_linear == F.linear everywhere, the kernel only where it applies
+# Row policy: decode_linear == F.linear everywhere, the kernel and W @ x.T only where they apply
 
 
 def test_routing_uses_kernel_only_where_it_applies():
     w, b = torch.randn(10, 6), torch.randn(10)
+    path = linear.choose_path
     with torch.no_grad():
-        assert ops._use_decode_linear(torch.randn(16, 6), w, b)
-        assert ops._use_decode_linear(torch.randn(2, 8, 6), w, b)
-        assert not ops._use_decode_linear(torch.randn(17, 6), w, b)    # BLAS is faster
-        assert not ops._use_decode_linear(torch.randn(2, 6).half(), w.half(), b.half())
-        assert not ops._use_decode_linear(torch.randn(2, 6), torch.randn(6, 10).T, b)
+        assert path(torch.randn(16, 6), w, b) == "kernel"
+        assert path(torch.randn(2, 8, 6), w, b) == "kernel"
+        assert path(torch.randn(17, 6), w, b) != "kernel"    # BLAS is faster
+        assert path(torch.randn(17, 6), w, b) == "weight-major"
+        assert path(torch.randn(8, 8, 6), w, b) == "weight-major"
+        assert path(torch.randn(65, 6), w, b) == "F.linear"
+        assert path(torch.randn(2, 6).half(), w.half(), b.half()) == "F.linear"
+        assert path(torch.randn(2, 6), torch.randn(6, 10).T, b) == "F.linear"
+        assert path(torch.randn(40, 6), torch.randn(6, 10).T, b) == "F.linear"
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not ops._use_decode_linear(torch.randn(2, 6), w, b)
+            assert path(torch.randn(2, 6), w, b) == "F.linear"
+            assert path(torch.randn(40, 6), w, b) == "F.linear"
     wg = w.clone().requires_grad_()
-    assert not ops._use_decode_linear(torch.randn(2, 6), wg, b)       # needs a gradient
+    assert path(torch.randn(2, 6), wg, b) == "F.linear"       # needs a gradient
+    assert path(torch.randn(40, 6), wg, b) == "F.linear"
     with torch.no_grad():
-        assert ops._use_decode_linear(torch.randn(2, 6), wg, b)
+        assert path(torch.randn(2, 6), wg, b) == "kernel"
 
 
 def test_decode_linear_keeps_gradients_and_autocast():
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(ops.decode_linear, (x, w, b))
+    torch.autograd.gradcheck(decode_linear, (x, w, b))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ops.decode_linear(torch.randn(2, 6), torch.randn(4, 6))
+        y = decode_linear(torch.randn(2, 6), torch.randn(4, 6))
     assert y.dtype == torch.bfloat16  # as F.linear under autocast
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16, 17])
-def test_decode_linear_equals_f_linear(rows):
-    x, w, b = torch.randn(rows, 33), torch.randn(21, 33), torch.randn(21)
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64, 65])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_linear_equals_f_linear(rows, dtype):
+    x, w, b = (torch.randn(rows, 33, dtype=dtype), torch.randn(21, 33, dtype=dtype),
+               torch.randn(21, dtype=dtype))
     with torch.no_grad():
-        torch.testing.assert_close(ops.decode_linear(x, w, b), F.linear(x, w, b),
+        for bias in (b, None):
+            y = decode_linear(x, w, bias)
+            assert y.shape == (rows, 21) and y.dtype == dtype
+            torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+        x3 = x.reshape(1, rows, 33)  # leading dimensions are kept
+        torch.testing.assert_close(decode_linear(x3, w, b), F.linear(x3, w, b),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -133,10 +148,10 @@ def test_model_decode_same_with_and_without_kernel(monkeypatch):
             return model(ids[:, 5:], cache=cache).logits
 
     calls = []
-    monkeypatch.setattr(ops, "_use_decode_linear",
-                        lambda *a: calls.append(1) or ops._has_kernel("cpu", "decode_linear"))
+    monkeypatch.setattr(linear, "choose_path", lambda *a: calls.append(1) or (
+        "kernel" if has_kernel("cpu", "decode_linear") else "F.linear"))
     with_kernel = run()
     assert calls
-    monkeypatch.setattr(ops, "_use_decode_linear", lambda *a: False)
+    monkeypatch.setattr(linear, "choose_path", lambda *a: "F.linear")
     without = run()
     torch.testing.assert_close(with_kernel, without, rtol=1e-5, atol=1e-5)

@@ -3,8 +3,9 @@ sampling, stop tokens and overflow."""
 import pytest
 import torch
 
+from helpers import write_gpt_neox_folder
 from vdproj_ext import VDProjConfig, VDProjForCausalLM
-from vdproj_ext.cache import CacheOverflowError, CompressedKVCache, KVCache
+from vdproj_ext.models import CacheOverflowError, CompressedKVCache, KVCache
 
 V_RANKS = [20, None]  # the smoke preset's compressed layer, and the plain baseline
 
@@ -168,8 +169,9 @@ def _training_checkpoint(folder, v_rank=20):
 
 
 def test_cli_training_checkpoint(tmp_path, capsys):
-    from vdproj_ext.cache import kv_cache_nbytes
-    from vdproj_ext.generate import load_model, main
+    from vdproj_ext.models import kv_cache_nbytes
+    from vdproj_ext.cli.generate import main
+    from vdproj_ext.experiment.inference import load_model
     model = _training_checkpoint(tmp_path)
     rc = main(["--checkpoint", str(tmp_path), "--prompt", "ROMEO:", "--max-new-tokens", "7"])
     out = capsys.readouterr().out
@@ -188,20 +190,10 @@ def test_cli_training_checkpoint(tmp_path, capsys):
 
 
 def test_cli_hf_folder_with_v_rank(tmp_path, capsys):
-    import json
-    from safetensors.torch import save_file
-    from vdproj_ext.generate import main
+    from vdproj_ext.cli.generate import main
     cfg = VDProjConfig.preset("smoke", v_rank=None)
     model = VDProjForCausalLM(cfg, init_seed=2)
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "gpt_neox", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.intermediate_size, "rotary_pct": cfg.rotary_pct,
-        "max_position_embeddings": cfg.max_positions, "hidden_act": "gelu"}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(folder / "model.safetensors"))
+    folder = write_gpt_neox_folder(tmp_path / "hf", model)
     calib = tmp_path / "calib.txt"
     calib.write_text("To be, or not to be, that is the question. " * 40)
     rc = main(["--checkpoint", str(folder), "--v-rank", "16", "--tokenizer", "bytes",
@@ -213,7 +205,7 @@ def test_cli_hf_folder_with_v_rank(tmp_path, capsys):
 
 
 def test_cli_errors(tmp_path, capsys):
-    from vdproj_ext.generate import main
+    from vdproj_ext.cli.generate import main
     assert main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
     _training_checkpoint(tmp_path)
@@ -229,7 +221,7 @@ def test_cli_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("biases", [True, False])
 def test_folded_model_matches(biases, device):
-    from vdproj_ext.cache import FoldedVAttention, fold_v_compress
+    from vdproj_ext.models import FoldedVAttention, fold_v_compress
     model = _model(20, torch.float64, "auto", device)
     if not biases:  # a model without attention biases folds too
         cfg = model.config.replace(attention_bias=False)

@@ -8,51 +8,8 @@ import pytest
 import torch
 
 from conftest import TOLERANCES, rel_error
-from vdproj_ext import compressed_attn_with_kvcache, reference
-
-
-def make_cache(b, t_max, h, d, r, seqlens, device, dtype, layout="contiguous", seed=0):
-    """NaN-filled caches with random valid prefixes; optionally strided views."""
-    g = torch.Generator().manual_seed(seed)
-    if layout == "contiguous":
-        k_cache = torch.full((b, t_max, h, d), float("nan"), dtype=dtype, device=device)
-        vc_cache = torch.full((b, t_max, r), float("nan"), dtype=dtype, device=device)
-    else:  # batch, seq and head strides that are not the packed ones, unit stride in the last dim
-        k_big = torch.full((2 * b, t_max + 3, h + 1, d + 2), float("nan"), dtype=dtype,
-                           device=device)
-        vc_big = torch.full((2 * b, t_max + 3, r + 7), float("nan"), dtype=dtype, device=device)
-        k_cache = k_big[::2, 1:1 + t_max, 1:, :d]
-        vc_cache = vc_big[::2, 2:2 + t_max, 3:3 + r]
-        assert not k_cache.is_contiguous() and not vc_cache.is_contiguous()
-    for i, n in enumerate(seqlens):
-        k_cache[i, :n] = torch.randn(n, h, d, generator=g, dtype=torch.float64).to(device, dtype)
-        vc_cache[i, :n] = torch.randn(n, r, generator=g, dtype=torch.float64).to(device, dtype)
-    return k_cache, vc_cache
-
-
-def make_step(b, tq, t_new, h, d, r, device, dtype, bias=True, seed=1):
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
-
-    return dict(q=rnd(b, tq, h, d), w_r=rnd(h * d, r, scale=r ** -0.5),
-                b_r=rnd(h * d) if bias else None,
-                k=rnd(b, t_new, h, d) if t_new else None,
-                v=rnd(b, t_new, h * d) if t_new else None,
-                w_c=rnd(r, h * d, scale=(h * d) ** -0.5) if t_new else None,
-                b_c=rnd(r) if (t_new and bias) else None)
-
-
-def call(step, k_cache, vc_cache, seqlens, causal, backend):
-    return compressed_attn_with_kvcache(step["q"], k_cache, vc_cache, step["w_r"], step["b_r"],
-                                        k=step["k"], v=step["v"], w_c=step["w_c"],
-                                        b_c=step["b_c"], cache_seqlens=seqlens, causal=causal,
-                                        backend=backend)
-
-
-def as64(step):
-    return {n: (v.double() if v is not None else None) for n, v in step.items()}
+from helpers import make_cache, make_step, run_kvcache, to_float64
+from vdproj_ext import reference
 
 
 def check_slots(k_cache, vc_cache, step, seqlens, t_new, t_max, dtype):
@@ -93,8 +50,8 @@ def test_float32_against_reference(device, case, causal, layout):
     k_cache, vc_cache = make_cache(b, t_max, h, d, r, lens, device, torch.float32, layout)
     k64, vc64 = k_cache.double().clone(), vc_cache.double().clone()
     step = make_step(b, tq, t_new, h, d, r, device, torch.float32)
-    out = call(step, k_cache, vc_cache, seqlens, causal, "ext")
-    ref = call(as64(step), k64, vc64, seqlens, causal, "reference")
+    out = run_kvcache(step, k_cache, vc_cache, seqlens, causal, "ext")
+    ref = run_kvcache(to_float64(step), k64, vc64, seqlens, causal, "reference")
     assert out.dtype == torch.float32 and out.shape == (b, tq, h, d)
     assert torch.isfinite(out).all()
     assert rel_error(out, ref) < 1e-5
@@ -111,10 +68,10 @@ def test_decode_sequence_matches_full_attention(device):
     for i in range(t):
         one = dict(step, q=step["q"][:, i:i + 1], k=step["k"][:, i:i + 1], v=step["v"][:, i:i + 1])
         seqlens = torch.full((b,), i, dtype=torch.int32, device=device)
-        outs.append(call(one, k_cache, vc_cache, seqlens, True, "ext"))
+        outs.append(run_kvcache(one, k_cache, vc_cache, seqlens, True, "ext"))
     k64, vc64 = make_cache(b, t + 3, h, d, r, [0, 0], device, torch.float64)
-    ref = call(as64(step), k64, vc64, torch.zeros(b, dtype=torch.int32, device=device), True,
-               "reference")
+    ref = run_kvcache(to_float64(step), k64, vc64,
+                      torch.zeros(b, dtype=torch.int32, device=device), True, "reference")
     assert rel_error(torch.cat(outs, 1), ref) < 1e-5
 
 
@@ -125,11 +82,11 @@ def test_low_precision_within_twice_reference_error(device, dtype):
     k_cache, vc_cache = make_cache(b, t_max, h, d, r, lens, device, dtype)
     k_ref, vc_ref = k_cache.clone(), vc_cache.clone()
     step = make_step(b, tq, t_new, h, d, r, device, dtype)
-    out = call(step, k_cache, vc_cache, seqlens, True, "ext")
-    ref_low = call(step, k_ref, vc_ref, seqlens, True, "reference")
+    out = run_kvcache(step, k_cache, vc_cache, seqlens, True, "ext")
+    ref_low = run_kvcache(step, k_ref, vc_ref, seqlens, True, "reference")
     # float64 truth on the same low-precision cache contents (after the append).
-    exact = call(as64(dict(step, k=None, v=None, w_c=None, b_c=None)), k_ref.double(),
-                 vc_ref.double(), seqlens + t_new, True, "reference")
+    exact = run_kvcache(to_float64(dict(step, k=None, v=None, w_c=None, b_c=None)),
+                        k_ref.double(), vc_ref.double(), seqlens + t_new, True, "reference")
     assert out.dtype == dtype
     err, ref_err = rel_error(out, exact), rel_error(ref_low, exact)
     assert err <= 2 * ref_err, (err, ref_err)
@@ -143,8 +100,8 @@ def test_float64_native(device):
     k_cache, vc_cache = make_cache(b, t_max, h, d, r, lens, device, torch.float64)
     k_ref, vc_ref = k_cache.clone(), vc_cache.clone()
     step = make_step(b, 1, 1, h, d, r, device, torch.float64)
-    out = call(step, k_cache, vc_cache, seqlens, True, "ext")
-    ref = call(step, k_ref, vc_ref, seqlens, True, "reference")
+    out = run_kvcache(step, k_cache, vc_cache, seqlens, True, "ext")
+    ref = run_kvcache(step, k_ref, vc_ref, seqlens, True, "reference")
     assert rel_error(out, ref) < 1e-12
     assert torch.equal(k_cache.nan_to_num(7.0), k_ref.nan_to_num(7.0))
     assert rel_error(vc_cache[:, :50].nan_to_num(0.0), vc_ref[:, :50].nan_to_num(0.0)) < 1e-14
@@ -154,13 +111,13 @@ def test_empty_and_zero_sizes(device):
     # B = 0, and every sequence empty with nothing appended (rows see no key -> zeros).
     step = make_step(0, 1, 1, 2, 8, 5, device, torch.float32)
     k_cache, vc_cache = make_cache(0, 4, 2, 8, 5, [], device, torch.float32)
-    out = call(step, k_cache, vc_cache, torch.zeros(0, dtype=torch.int32, device=device), True,
-               "ext")
+    out = run_kvcache(step, k_cache, vc_cache, torch.zeros(0, dtype=torch.int32, device=device),
+                      True, "ext")
     assert out.shape == (0, 1, 2, 8)
     step = make_step(2, 3, 0, 2, 8, 5, device, torch.float32)
     k_cache, vc_cache = make_cache(2, 4, 2, 8, 5, [0, 0], device, torch.float32)
-    out = call(step, k_cache, vc_cache, torch.zeros(2, dtype=torch.int32, device=device), True,
-               "ext")
+    out = run_kvcache(step, k_cache, vc_cache, torch.zeros(2, dtype=torch.int32, device=device),
+                      True, "ext")
     assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -172,7 +129,7 @@ def test_overflow_raises_and_writes_nothing(device):
     before = (k_cache.clone(), vc_cache.clone())
     step = make_step(b, 2, 2, h, d, r, device, torch.float32)
     with pytest.raises((ValueError, RuntimeError), match="overflow"):
-        call(step, k_cache, vc_cache, seqlens, True, "ext")
+        run_kvcache(step, k_cache, vc_cache, seqlens, True, "ext")
     if device.type == "cpu":  # the C++ check itself, bypassing the Python validation
         with pytest.raises(ValueError, match="overflow"):
             torch.ops.vdproj_ext.kvcache_attention(
@@ -182,7 +139,7 @@ def test_overflow_raises_and_writes_nothing(device):
             torch.ops.vdproj_ext.kvcache_attention(
                 step["q"], k_cache, vc_cache, step["w_r"], step["b_r"], None, None, None, None,
                 torch.tensor([3, -1], dtype=torch.int32), True, 0.3)
-        with pytest.raises(RuntimeError, match="int32"):
+        with pytest.raises(TypeError, match="int32"):
             torch.ops.vdproj_ext.kvcache_attention(
                 step["q"], k_cache, vc_cache, step["w_r"], step["b_r"], None, None, None, None,
                 seqlens.long(), True, 0.3)

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import vdproj_ext
-from vdproj_ext import model as model_mod
-from vdproj_ext.model import CompressedVAttention, VDProjConfig, VDProjForCausalLM
+from vdproj_ext.models import (CompressedVAttention, VDProjConfig, VDProjForCausalLM, fit_v_pca_,
+                               rotary_cos_sin)
+from vdproj_ext.models import layers as layers_mod
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -133,25 +134,25 @@ def test_pca_fit_lossless_at_full_rank_and_optimal():
     base = small(None)
     full = small(32)
     full.load_state_dict(base.state_dict(), strict=False)
-    kept = full.fit_v_pca_(lambda: [ids[:8], ids[8:]])
+    kept = fit_v_pca_(full, lambda: [ids[:8], ids[8:]])
     assert all(k == pytest.approx(1.0) for k in kept)
     torch.testing.assert_close(full(ids).logits, base(ids).logits, rtol=1e-4, atol=1e-4)
     low = small(8)
     before = low(ids, return_recon=True).recon_loss.item()
-    low.fit_v_pca_(lambda: [ids])
+    fit_v_pca_(low, lambda: [ids])
     after = low(ids, return_recon=True).recon_loss.item()
     assert after < before
 
 
 def test_training_goes_through_package_op(monkeypatch):
     calls = []
-    real = model_mod.compressed_v_attention
+    real = layers_mod.compressed_v_attention
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("causal"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(model_mod, "compressed_v_attention", spy)
+    monkeypatch.setattr(layers_mod, "compressed_v_attention", spy)
     m = small()
     ids = torch.randint(0, 256, (2, 12))
     seen = []
@@ -204,6 +205,18 @@ def test_attention_module_constructor_and_submodules():
     assert attn.query_key_value.weight.shape == (192, 64) and attn.dense.weight.shape == (64, 64)
     assert not hasattr(CompressedVAttention(64, 4, None), "v_compress")
     assert vdproj_ext.CompressedVAttention is CompressedVAttention
+
+
+def test_attention_module_alone_uses_its_own_rotary():
+    """Without cos/sin the layer rotates positions 0 .. T-1 by its own rotary_pct/base."""
+    attn = CompressedVAttention(64, 4, 40, rotary_pct=0.5, rotary_base=500.0)
+    attn.backend = "reference"
+    x = torch.randn(2, 7, 64)
+    cos, sin = rotary_cos_sin(torch.arange(7)[None], 8, 500.0)
+    other = rotary_cos_sin(torch.arange(7)[None], 8, 10000.0)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x)[0], attn(x, cos, sin)[0])
+        assert not torch.allclose(attn(x)[0], attn(x, *other)[0])
 
 
 @pytest.mark.parametrize("parallel", [True, False])

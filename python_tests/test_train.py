@@ -8,8 +8,11 @@ import sys
 import pytest
 import torch
 
-from vdproj_ext import train
-from vdproj_ext.data import epoch_order, split_text, strip_notices, train_batches
+from vdproj_ext.cli import train
+from vdproj_ext.experiment.checkpoint import CheckpointError, EpochLog, RunState
+from vdproj_ext.experiment.data import (build_dataset, epoch_order, split_text, strip_notices,
+                                        train_batches)
+from vdproj_ext.experiment.protocol import REFERENCE_RANKING, runs_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
@@ -18,10 +21,15 @@ SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
+def repo_env(**extra):
+    """This environment with the repository first on PYTHONPATH, for child processes."""
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **extra)
+
+
 def run_cli(args, **kw):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "vdproj_ext.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, "-m", "vdproj_ext.train", *args], cwd=ROOT,
+                          env=repo_env(), capture_output=True, text=True, timeout=300, **kw)
 
 
 def numbers(run):
@@ -117,12 +125,12 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     args = [*SMOKE, "--out", str(tmp_path), "--mode", "e2e", "--epochs", "1", "--no-plots"]
     train.main(args)
     path = tmp_path / "checkpoints" / "e2e.pt"
-    with pytest.raises(train.CheckpointError, match="different configuration") as err:
+    with pytest.raises(CheckpointError, match="different configuration") as err:
         train.main([*args, "--resume", "--seed", "5"])
     assert "seed: checkpoint has 0, this run has 5" in str(err.value)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(train.CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
         train.main([*args, "--resume"])
     path.write_bytes(b"not a checkpoint at all")
     proc = run_cli([*args, "--resume"])
@@ -133,8 +141,7 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
 def test_two_process_ddp_matches_single_process(tmp_path):
     common = [*SMOKE, "--mode", "e2e", "--epochs", "1", "--no-plots"]
     single = train.main([*common, "--out", str(tmp_path / "one")])["runs"]["e2e"]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = repo_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "vdproj_ext.train", *common, "--out", str(tmp_path / "two")],
@@ -170,7 +177,6 @@ def test_data_splits_and_batches():
 
 
 def test_embedded_data_has_no_overlap():
-    from vdproj_ext.data import build_dataset
     d = build_dataset(seq_len=128, n_train=64, n_val=8, val_frac=0.1, tokenizer="bytes",
                       vocab_size=256)
     assert d.train.shape == (64, 128) and d.val.shape == (8, 128)
@@ -194,7 +200,7 @@ def test_phase1_pca_reaches_the_reported_optimum(smoke_all, tmp_path):
 
 
 def test_report_merge_and_rerender(smoke_all, tmp_path):
-    from vdproj_ext import report
+    from vdproj_ext.experiment import report
     out, _ = smoke_all
     merged = report.merge([str(out), str(out)], str(tmp_path))
     assert set(merged["runs"]) == {"baseline", "e2e", "two_phase"}
@@ -206,7 +212,6 @@ def test_init_from_gpt_neox_checkpoint(tmp_path):
     """--init-from starts from pretrained GPT-NeoX weights: the baseline's initial validation
     loss is the checkpoint's own loss on the validation split."""
     transformers = pytest.importorskip("transformers")
-    from vdproj_ext.data import build_dataset
     cfg = transformers.GPTNeoXConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=64,
                                      rotary_pct=0.5, max_position_embeddings=256,
@@ -222,3 +227,28 @@ def test_init_from_gpt_neox_checkpoint(tmp_path):
         ref = hf(val, labels=val).loss.item()
     assert out["runs"]["baseline"]["initial_val"]["loss"] == pytest.approx(ref, rel=1e-4)
     assert out["config"]["hidden_size"] == 32 and out["init_from"]
+
+
+def test_run_table_gives_the_modes_and_the_reference_ranking():
+    assert runs_for("all", "sgd") == ["baseline", "e2e", "two_phase"]
+    assert runs_for("all", "both") == ["baseline", "e2e", "two_phase", "two_phase_pca"]
+    assert runs_for("two_phase", "both") == ["two_phase", "two_phase_pca"]
+    assert runs_for("e2e", "both") == ["e2e"]
+    assert REFERENCE_RANKING == ("two_phase", "e2e", "baseline")
+
+
+def test_run_state_round_trips_and_reads_first_layout_files():
+    state = RunState.new("two_phase", ("phase1", "phase2"))
+    st = state.stages["phase1"]
+    st.log.append(EpochLog(1, train_recon=0.5, val_recon=0.25, time_s=0.1))
+    st.epoch, st.step, st.best, st.best_epoch = 2, 3, 0.25, 1
+    saved = state.to_dict()
+    assert saved["stages"]["phase1"]["log"] == [
+        {"epoch": 1, "train_recon": 0.5, "val_recon": 0.25, "time_s": 0.1}]
+    assert RunState.from_dict(saved) == state
+    # files written before the typed state lack the optional fields
+    del saved["result"]
+    for stage in saved["stages"].values():
+        for key in ("trainable", "initial", "best_state", "pca_reference_val_recon"):
+            del stage[key]
+    assert RunState.from_dict(saved) == state

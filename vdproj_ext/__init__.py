@@ -6,17 +6,17 @@
 from importlib import import_module
 
 from .ops import (CompressedVAttentionFunction, backend_info, compressed_attn_with_kvcache,
-                  compressed_v_attention, decode_linear)
+                  compressed_v_attention, decode_linear, reference)
 
 __version__ = "0.1.0"
 
 # The model layer is imported on first use so that `import vdproj_ext` stays light.
 _LAZY = {
-    "CompressedVAttention": "model",
-    "VDProjConfig": "model",
-    "VDProjForCausalLM": "model",
-    "CompressedKVCache": "cache",
-    "KVCache": "cache",
+    "CompressedVAttention": "models",
+    "VDProjConfig": "models",
+    "VDProjForCausalLM": "models",
+    "CompressedKVCache": "models",
+    "KVCache": "models",
 }
 
 __all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "backend_info",

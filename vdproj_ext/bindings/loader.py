@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import build_config
+
 _PKG_DIR = Path(__file__).resolve().parent.parent  # the vdproj_ext package
 _lock = threading.Lock()
 _state: dict = {}
@@ -29,7 +31,7 @@ _state: dict = {}
 def source_dir() -> Path:
     """The kernel sources: shipped inside the wheel, or csrc/ of a source checkout."""
     for candidate in (_PKG_DIR / "_csrc", _PKG_DIR.parent / "csrc"):
-        if (candidate / "vdproj_ops.cpp").exists():
+        if (candidate / build_config.FLAGS_FILE).exists():
             return candidate
     raise FileNotFoundError("vdproj_ext kernel sources not found (looked for _csrc/ and ../csrc/)")
 
@@ -59,14 +61,6 @@ def _try_aot():
     return module, None
 
 
-def _jit_sources(src: Path, with_cuda: bool) -> list[str]:
-    files = sorted(str(p) for p in src.glob("*.cpp"))
-    if with_cuda:
-        files += sorted(str(p) for p in (src / "cuda").glob("*.cpp"))
-        files += sorted(str(p) for p in (src / "cuda").glob("*.cu"))
-    return files
-
-
 def _try_jit():
     if os.environ.get("VDPROJ_EXT_NO_JIT") == "1":
         return None, "JIT compilation disabled by VDPROJ_EXT_NO_JIT=1"
@@ -75,23 +69,21 @@ def _try_jit():
         src = source_dir()
         with_cuda = (torch.version.cuda is not None and torch.cuda.is_available()
                      and cpp_extension.CUDA_HOME is not None)
-        sources = _jit_sources(src, with_cuda)
-        digest = hashlib.sha1()
-        for path in sources + sorted(str(p) for p in src.rglob("*.h")):
+        sources = build_config.sources(src, with_cuda)
+        flags = build_config.compile_flags(src, with_cuda)
+        digest = hashlib.sha1()  # the flags, every source and every header
+        for path in [str(src / build_config.FLAGS_FILE)] + sources + sorted(
+                str(p) for p in src.rglob("*.h")):
             digest.update(Path(path).read_bytes())
         tag = f"{torch.__version__}-{'cuda' if with_cuda else 'cpu'}-{digest.hexdigest()[:12]}"
         name = "vdproj_ext_jit_" + hashlib.sha1(tag.encode()).hexdigest()[:10]
         root = Path(os.environ.get("VDPROJ_EXT_CACHE", Path.home() / ".cache" / "vdproj_ext"))
         build_dir = root / tag
         build_dir.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
-        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
-        if with_cuda:
-            flags.append("-DVDPROJ_WITH_CUDA")
-            nvcc.append("-DVDPROJ_WITH_CUDA")
         module = cpp_extension.load(
-            name=name, sources=sources, extra_cflags=flags, extra_cuda_cflags=nvcc,
-            extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+            name=name, sources=sources, extra_cflags=flags["cxx"],
+            extra_cuda_cflags=flags["nvcc"], extra_ldflags=flags["ldflags"],
+            build_directory=str(build_dir), verbose=False)
         return module, None
     except Exception as exc:  # compiler missing, build error, ...
         return None, f"JIT build of the kernels failed: {type(exc).__name__}: {exc}"

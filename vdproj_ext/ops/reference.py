@@ -1,8 +1,12 @@
-"""Pure-PyTorch reference implementation of the V-DProj ops.
+"""Pure-PyTorch reference implementation of the V-DProj ops: the definition of the math.
 
-This file is the executable definition of the math in SPEC section 1-3. It favours clarity
-over speed: values are restored to full width first, then ordinary attention runs over them.
-Every compiled kernel is tested against these functions evaluated in float64.
+This file is the executable form of SPEC sections 1-3. It favours clarity over speed: values
+are restored to full width first, then ordinary attention runs over them. Every compiled kernel
+is tested against these functions evaluated in float64.
+
+float16 and bfloat16 inputs are upcast once to float32, computed there, and the result is rounded
+once to the input dtype, as the kernels and FlashAttention's test reference do; float32 and
+float64 inputs are computed in their own dtype.
 
 Shapes (FlashAttention KV-cache conventions):
     q (B, Tq, H, D), k (B, Tk, H, D), v_c (B, Tk, R), w_r (H*D, R), b_r (H*D,)
@@ -13,6 +17,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _upcast(dtype: torch.dtype, *tensors):
+    return [t.to(dtype) if t is not None else None for t in tensors]
 
 
 def restore_values(v_c: torch.Tensor, w_r: torch.Tensor, b_r: Optional[torch.Tensor],
@@ -31,7 +44,7 @@ def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               allowed: Optional[torch.Tensor], softmax_scale: float) -> torch.Tensor:
-    """Plain softmax attention in (B, T, H, D) layout.
+    """Plain softmax attention in (B, T, H, D) layout, in the inputs' dtype.
 
     `allowed` broadcasts to (B, H, Tq, Tk); True marks a visible key. A query row that sees
     no key returns zeros (not NaN), as the SPEC requires.
@@ -50,15 +63,18 @@ def compressed_v_attention(q, k, v_c, w_r, b_r=None, *, causal=False, softmax_sc
     """o[b, i, h] = sum_j P[b, h, i, j] * (v_c[b, j] @ w_r[h].T + b_r[h])."""
     num_heads, head_dim = q.shape[2], q.shape[3]
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
-    v_r = restore_values(v_c, w_r, b_r, num_heads)
+    acc = accumulation_dtype(q.dtype)
+    q_, k_, v_c_, w_r_, b_r_ = _upcast(acc, q, k, v_c, w_r, b_r)
+    v_r = restore_values(v_c_, w_r_, b_r_, num_heads)
     allowed = causal_mask(q.shape[1], k.shape[1], q.device) if causal else None
     # A row without visible keys gets all-zero weights, so it returns zeros, bias included.
-    return attention(q, k, v_r, allowed, scale)
+    return attention(q_, k_, v_r, allowed, scale).to(q.dtype)
 
 
 def compress_values(v: torch.Tensor, w_c: torch.Tensor, b_c: Optional[torch.Tensor]) -> torch.Tensor:
-    """V_c = V @ w_c.T + b_c: (B, T, H*D) -> (B, T, R)."""
-    return torch.nn.functional.linear(v, w_c, b_c)
+    """V_c = V @ w_c.T + b_c: (B, T, H*D) -> (B, T, R), rounded once to v's dtype."""
+    acc = accumulation_dtype(v.dtype)
+    return torch.nn.functional.linear(*_upcast(acc, v, w_c, b_c)).to(v.dtype)
 
 
 def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None, v=None,
@@ -68,7 +84,7 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
 
     Mutates k_cache and vc_cache in place; never reads positions past a sequence's length.
     """
-    batch, tq, num_heads, head_dim = q.shape
+    head_dim = q.shape[3]
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     t_new = 0 if k is None else k.shape[1]
     lengths = [int(n) for n in cache_seqlens.tolist()]

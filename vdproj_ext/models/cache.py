@@ -17,6 +17,7 @@ Interface (both):
     cache.nbytes         bytes of all buffers
     cache.advance(n)     seqlens += n (an int, or an int tensor (B,) per sequence)
     cache.reset()        seqlens = 0 (buffers are not cleared; invalid slots are never read)
+    cache.new_token_positions(T) -> (B, T) positions seqlens[b] + 0 .. T-1
     cache.attend(layer_idx, q, k, v, attn_module) -> o (B, T, H, D)
         q, k (B, T, H, D) with rotary applied, v (B, T, H*D). Writes the T new tokens of
         every sequence b at positions seqlens[b] .. seqlens[b] + T - 1 and attends over the
@@ -25,9 +26,8 @@ Interface (both):
 Ragged batches work through seqlens: sequences may hold different numbers of tokens; slots at
 or beyond a sequence's length are never read.
 
-`fold_v_compress(model)` returns an inference copy of a compressed model whose value
-projection yields V_c directly (v_compress folded in); its layers call
-`CompressedKVCache.attend_compressed(layer_idx, q, k, v_c, attn_module)` instead of attend.
+A folded model (folding.py) calls `CompressedKVCache.attend_compressed`, which takes V_c
+instead of V.
 """
 from __future__ import annotations
 
@@ -36,10 +36,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from .ops import compressed_attn_with_kvcache
-
-__all__ = ["CompressedKVCache", "KVCache", "CacheOverflowError", "kv_cache_nbytes",
-           "FoldedVAttention", "fold_v_compress"]
+from ..ops import compressed_attn_with_kvcache
 
 
 def kv_cache_nbytes(num_layers, batch_size, max_len, num_heads, head_dim, v_rank,
@@ -63,7 +60,7 @@ def _check_positive_int(name, value, allow_zero=False):
 
 
 class _CacheBase:
-    """Bookkeeping shared by both caches: lengths, overflow checks, sizes."""
+    """Bookkeeping shared by both caches: lengths, checks of the new tokens, sizes."""
 
     def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, *, dtype, device):
         _check_positive_int("num_layers", num_layers)
@@ -90,7 +87,8 @@ class _CacheBase:
                                  f"({self.batch_size},), got {tuple(n.shape)}")
             n = n.to(device=self.device, dtype=torch.int32)
         elif isinstance(n, bool) or not isinstance(n, int):
-            raise TypeError(f"advance(n): n must be an int or an int tensor, got {type(n).__name__}")
+            raise TypeError(f"advance(n): n must be an int or an int tensor, "
+                            f"got {type(n).__name__}")
         new = self.seqlens + n
         lo, hi = (int(x) for x in torch.aminmax(new))
         if lo < 0 or hi > self.max_len:
@@ -102,35 +100,43 @@ class _CacheBase:
     def reset(self) -> None:
         self.seqlens.zero_()
 
-    def _check_room(self, t_new: int) -> None:
-        hi = int(self.seqlens.max()) if self.batch_size > 0 else 0
-        if hi + t_new > self.max_len:
-            raise CacheOverflowError(
-                f"{type(self).__name__} overflow: appending {t_new} token(s) to a sequence that "
-                f"already holds {hi} would exceed the cache's max_len={self.max_len}; nothing was "
-                f"written. Create the cache with a larger max_len "
-                f"(model.new_cache(batch_size, max_len)).")
+    def new_token_positions(self, t_new: int) -> torch.Tensor:
+        """(B, T) positions where T new tokens go: seqlens[b] + 0 .. T-1."""
+        return self.seqlens.long().unsqueeze(1) + torch.arange(t_new, device=self.device)
 
-    def _check_layer(self, layer_idx):
+    def _write_new_tokens(self, buffer, values, positions):
+        """buffer (B, Tmax, ...)[b, positions[b]] = values (B, T, ...), each sequence at its
+        own offset."""
+        rows = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
+        buffer[rows, positions] = values.to(buffer.dtype)
+
+    # -- checks of the T new tokens, before anything is written ---------------------------------
+    def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name):
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or \
                 not 0 <= layer_idx < self.num_layers:
-            raise IndexError(f"layer_idx must be an int in [0, {self.num_layers}), got {layer_idx!r}")
-
-    def _check_qkv(self, q, k, v):
+            raise IndexError(f"layer_idx must be an int in [0, {self.num_layers}), "
+                             f"got {layer_idx!r}")
         expect = (self.batch_size, q.shape[1] if q.dim() == 4 else -1, self.num_heads,
                   self.head_dim)
         if q.dim() != 4 or tuple(q.shape) != expect:
             raise ValueError(f"q must have shape (B={self.batch_size}, T, H={self.num_heads}, "
                              f"D={self.head_dim}) for this cache, got {tuple(q.shape)}")
-        if k is None or v is None:
-            raise ValueError("k and v (the new tokens) are required by cache.attend")
+        if k is None or values is None:
+            raise ValueError(f"k and {value_name} (the new tokens) are required by cache.attend")
         if tuple(k.shape) != tuple(q.shape):
             raise ValueError(f"k must have shape {tuple(q.shape)} like q, got {tuple(k.shape)}")
-        hd = self.num_heads * self.head_dim
-        if tuple(v.shape) != (q.shape[0], q.shape[1], hd):
-            raise ValueError(f"v must have shape {(q.shape[0], q.shape[1], hd)}, "
-                             f"got {tuple(v.shape)}")
+        if tuple(values.shape) != (q.shape[0], q.shape[1], value_width):
+            raise ValueError(f"{value_name} must have shape {(q.shape[0], q.shape[1], value_width)}"
+                             f", got {tuple(values.shape)}")
+        hi = int(self.seqlens.max())
+        if hi + q.shape[1] > self.max_len:
+            raise CacheOverflowError(
+                f"{type(self).__name__} overflow: appending {q.shape[1]} token(s) to a sequence "
+                f"that already holds {hi} would exceed the cache's max_len={self.max_len}; "
+                f"nothing was written. Create the cache with a larger max_len "
+                f"(model.new_cache(batch_size, max_len)).")
 
+    # -- sizes -----------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
         """Bytes of all key/value buffers (the (B,) seqlens bookkeeping is not counted)."""
@@ -138,8 +144,7 @@ class _CacheBase:
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies over all layers."""
-        return sum(t.numel() * t.element_size() for t in self._buffers()) // \
-            (self.batch_size * self.max_len)
+        return self.nbytes // (self.batch_size * self.max_len)
 
     def __repr__(self):
         return (f"{type(self).__name__}(layers={self.num_layers}, batch={self.batch_size}, "
@@ -151,12 +156,11 @@ class CompressedKVCache(_CacheBase):
     """Key cache (B, Tmax, H, D) and compressed value cache (B, Tmax, R) per layer."""
 
     def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, v_rank, *,
-                 dtype=None, device=None, backend=None):
+                 dtype=None, device=None):
         super().__init__(num_layers, batch_size, max_len, num_heads, head_dim, dtype=dtype,
                          device=device)
         _check_positive_int("v_rank", v_rank)
-        # backend None: follow the attention module's `backend` attribute (model.set_backend).
-        self.v_rank, self.backend = v_rank, backend
+        self.v_rank = v_rank
         shape_k = (batch_size, max_len, num_heads, head_dim)
         self.k_cache = [torch.zeros(shape_k, dtype=self.dtype, device=self.device)
                         for _ in range(num_layers)]
@@ -167,43 +171,28 @@ class CompressedKVCache(_CacheBase):
         return self.k_cache + self.vc_cache
 
     def attend(self, layer_idx, q, k, v, attn_module):
-        self._check_layer(layer_idx)
-        self._check_qkv(q, k, v)
-        self._check_room(k.shape[1])
+        """The op compresses v with attn_module.v_compress as it writes it."""
+        self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         comp, rest = attn_module.v_compress, attn_module.v_restore
         return compressed_attn_with_kvcache(
             q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
             k=k, v=v, w_c=comp.weight, b_c=comp.bias, cache_seqlens=self.seqlens, causal=True,
-            softmax_scale=getattr(attn_module, "softmax_scale", None),
-            backend=self.backend or getattr(attn_module, "backend", "auto"))
-
+            backend=attn_module.backend)
 
     def attend_compressed(self, layer_idx, q, k, v_c, attn_module):
-        """attend() for a layer whose value projection already yields V_c (see
-        fold_v_compress): writes k and v_c (B, T, R) as given, then restore-on-read attention
-        over the first seqlens[b] + T positions."""
-        self._check_layer(layer_idx)
-        batch, t_new = q.shape[0], q.shape[1]
-        if tuple(k.shape) != tuple(q.shape) or q.dim() != 4 or \
-                tuple(q.shape[2:]) != (self.num_heads, self.head_dim) or batch != self.batch_size:
-            raise ValueError(f"q and k must have shape (B={self.batch_size}, T, "
-                             f"H={self.num_heads}, D={self.head_dim}), got {tuple(q.shape)} and "
-                             f"{tuple(k.shape)}")
-        if tuple(v_c.shape) != (batch, t_new, self.v_rank):
-            raise ValueError(f"v_c must have shape {(batch, t_new, self.v_rank)}, got "
-                             f"{tuple(v_c.shape)}")
-        self._check_room(t_new)
-        pos = self.seqlens.long().unsqueeze(1) + torch.arange(t_new, device=q.device)
-        rows = torch.arange(batch, device=q.device).unsqueeze(1)
-        self.k_cache[layer_idx][rows, pos] = k.to(self.dtype)
-        self.vc_cache[layer_idx][rows, pos] = v_c.to(self.dtype)
+        """attend() for a layer whose value projection already yields V_c (B, T, R) (see
+        folding.py): writes k and v_c as given, then restore-on-read attention over the first
+        seqlens[b] + T positions."""
+        self._check_new_tokens(layer_idx, q, k, v_c, self.v_rank, "v_c")
+        t_new = q.shape[1]
+        positions = self.new_token_positions(t_new)
+        self._write_new_tokens(self.k_cache[layer_idx], k, positions)
+        self._write_new_tokens(self.vc_cache[layer_idx], v_c, positions)
         rest = attn_module.v_restore
         # k=None: the op only reads; Tk = seqlens + T keeps the bottom-right causal alignment.
         return compressed_attn_with_kvcache(
             q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
-            cache_seqlens=self.seqlens + t_new, causal=True,
-            softmax_scale=getattr(attn_module, "softmax_scale", None),
-            backend=self.backend or getattr(attn_module, "backend", "auto"))
+            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend)
 
 
 class KVCache(_CacheBase):
@@ -235,119 +224,34 @@ class KVCache(_CacheBase):
 
     @torch.no_grad()
     def attend(self, layer_idx, q, k, v, attn_module=None):
-        self._check_layer(layer_idx)
-        self._check_qkv(q, k, v)
+        """attn_module is not needed: nothing is compressed."""
+        self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         batch, t_new, heads, head_dim = q.shape
-        self._check_room(t_new)
         kc, vc = self._k[layer_idx], self._v[layer_idx]
-        k_new = k.transpose(1, 2).to(kc.dtype)                     # (B, H, T, D)
-        v_new = v.view(batch, t_new, heads, head_dim).transpose(1, 2).to(vc.dtype)
+        v = v.view(batch, t_new, heads, head_dim)
         lengths = self.seqlens.tolist()
         start, uniform = lengths[0], all(n == lengths[0] for n in lengths)
-        scale = getattr(attn_module, "softmax_scale", None)
         q_ = q.transpose(1, 2)
         if uniform:
             end = start + t_new
-            kc[:, :, start:end] = k_new
-            vc[:, :, start:end] = v_new
+            kc[:, :, start:end] = k.transpose(1, 2).to(kc.dtype)
+            vc[:, :, start:end] = v.transpose(1, 2).to(vc.dtype)
             keys, values = kc[:, :, :end], vc[:, :, :end]
             if t_new == 1 or start == 0:
                 # One query sees every key; or prefill, where top-left == bottom-right causal.
-                o = F.scaled_dot_product_attention(q_, keys, values, is_causal=t_new > 1,
-                                                   scale=scale)
+                o = F.scaled_dot_product_attention(q_, keys, values, is_causal=t_new > 1)
             else:
                 mask = torch.ones(t_new, end, dtype=torch.bool, device=q.device).tril(start)
-                o = F.scaled_dot_product_attention(q_, keys, values, attn_mask=mask,
-                                                   scale=scale)
+                o = F.scaled_dot_product_attention(q_, keys, values, attn_mask=mask)
         else:
-            # Ragged: scatter the new tokens at each sequence's own offset, then mask
-            # per sequence (key j visible to new token i of sequence b iff j <= seqlens[b] + i).
-            pos = self.seqlens.long().unsqueeze(1) + torch.arange(t_new, device=q.device)
-            rows = torch.arange(batch, device=q.device).unsqueeze(1)
-            self.k_cache[layer_idx][rows, pos] = k.to(kc.dtype)
-            self.v_cache[layer_idx][rows, pos] = v_new.transpose(1, 2)
+            # Ragged: write the new tokens at each sequence's own offset, then mask per
+            # sequence (key j visible to new token i of sequence b iff j <= seqlens[b] + i).
+            positions = self.new_token_positions(t_new)
+            self._write_new_tokens(self.k_cache[layer_idx], k, positions)
+            self._write_new_tokens(self.v_cache[layer_idx], v, positions)
             end = max(lengths) + t_new
             j = torch.arange(end, device=q.device)
-            mask = (j.view(1, 1, end) <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, end)
+            mask = (j.view(1, 1, end) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, end)
             o = F.scaled_dot_product_attention(q_, kc[:, :, :end], vc[:, :, :end],
-                                               attn_mask=mask, scale=scale)
+                                               attn_mask=mask)
         return o.transpose(1, 2)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference: folding v_compress into the value projection
-
-
-class FoldedVAttention(torch.nn.Module):
-    """Inference-only form of a compressed CompressedVAttention: v_compress folded into the
-    value projection, since w_c (W_v x + b_v) + b_c = (w_c W_v) x + (w_c b_v + b_c). One Linear
-    maps x to q, k (GPT-NeoX's per-head layout) and V_c; V (H*D wide) is never computed, and
-    the cache stores V_c as given (CompressedKVCache.attend_compressed).
-
-    Measured in bench/bench_decode.py (pythia-70m shape, CPU float32): about 3% more decode
-    tokens/s than the unfolded model. A snapshot: later changes to the source module's
-    weights are not seen (fold again after training).
-    """
-
-    def __init__(self, attn):
-        super().__init__()
-        if not getattr(attn, "compressed", False):
-            raise ValueError("only a compressed attention layer (v_rank set) can be folded")
-        h, d, hd = attn.num_heads, attn.head_dim, attn.hidden_size
-        self.num_heads, self.head_dim, self.hidden_size = h, d, hd
-        self.v_rank, self.backend = attn.v_rank, attn.backend
-        qkv = attn.query_key_value
-        w = qkv.weight.detach().view(h, 3, d, -1)
-        w_c = attn.v_compress.weight.detach()
-        w_v = w[:, 2].reshape(hd, -1)
-        weight = torch.cat((w[:, :2].reshape(2 * hd, -1), w_c @ w_v))
-        bias = None
-        if qkv.bias is not None or attn.v_compress.bias is not None:
-            b = (qkv.bias.detach().view(h, 3, d) if qkv.bias is not None
-                 else w.new_zeros(h, 3, d))
-            b_vc = w_c @ b[:, 2].reshape(hd)
-            if attn.v_compress.bias is not None:
-                b_vc = b_vc + attn.v_compress.bias.detach()
-            bias = torch.cat((b[:, :2].reshape(2 * hd), b_vc))
-        from .model import Linear
-        self.qk_vc = Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                            device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            self.qk_vc.weight.copy_(weight)
-            if bias is not None:
-                self.qk_vc.bias.copy_(bias)
-        self.v_restore, self.dense = attn.v_restore, attn.dense
-
-    compressed = True
-
-    def forward(self, x, cos, sin, cache=None, layer_idx: int = 0, want_recon: bool = False):
-        from .model import apply_rotary
-        from .ops import compressed_v_attention
-        if want_recon:
-            raise ValueError("a folded attention layer has no V to reconstruct (inference only)")
-        b, t, _ = x.shape
-        h, d, hd = self.num_heads, self.head_dim, self.hidden_size
-        y = self.qk_vc(x)
-        qk = y[..., :2 * hd].view(b, t, h, 2 * d)
-        q, k = apply_rotary(qk[..., :d], cos, sin), apply_rotary(qk[..., d:], cos, sin)
-        v_c = y[..., 2 * hd:]
-        if cache is not None:
-            o = cache.attend_compressed(layer_idx, q, k, v_c, self)
-        else:
-            o = compressed_v_attention(q, k, v_c, self.v_restore.weight, self.v_restore.bias,
-                                       causal=True, backend=self.backend)
-        return self.dense(o.reshape(b, t, hd).to(x.dtype)), None
-
-
-def fold_v_compress(model, inplace: bool = False):
-    """An inference copy of a compressed VDProjForCausalLM (or the model itself with
-    inplace=True) whose attention layers are FoldedVAttention. Logits and generate() are
-    unchanged up to float rounding; training (reconstruction loss) is not supported."""
-    import copy
-    if model.config.v_rank is None:
-        raise ValueError("fold_v_compress needs a compressed model (config.v_rank is set)")
-    out = model if inplace else copy.deepcopy(model)
-    for layer in out.gpt_neox.layers:
-        if not isinstance(layer.attention, FoldedVAttention):
-            layer.attention = FoldedVAttention(layer.attention)
-    return out.eval()

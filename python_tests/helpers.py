@@ -1,0 +1,121 @@
+"""Input builders and calls shared by the ops tests (test_api, test_attention, test_kvcache,
+test_cuda, test_reference)."""
+import torch
+
+from vdproj_ext import compressed_attn_with_kvcache, compressed_v_attention
+
+
+def to_float64(tensors: dict) -> dict:
+    return {n: (t.double() if t is not None else None) for n, t in tensors.items()}
+
+
+# ---- compressed_v_attention ---------------------------------------------------------------------
+
+def make_attention_inputs(shape, device, dtype=torch.float64, bias=True, seed=0):
+    """dict q, k, v_c, w_r, b_r for shape (B, Tq, Tk, H, D, R), drawn in float64 on the CPU."""
+    b, tq, tk, h, d, r = shape
+    g = torch.Generator().manual_seed(seed)
+    t = dict(q=torch.randn(b, tq, h, d, generator=g, dtype=torch.float64),
+             k=torch.randn(b, tk, h, d, generator=g, dtype=torch.float64),
+             v_c=torch.randn(b, tk, r, generator=g, dtype=torch.float64),
+             w_r=torch.randn(h * d, r, generator=g, dtype=torch.float64) / r ** 0.5,
+             b_r=torch.randn(h * d, generator=g, dtype=torch.float64) if bias else None)
+    return {n: (v.to(device=device, dtype=dtype) if v is not None else None) for n, v in t.items()}
+
+
+def run_attention(inputs, backend, causal, grad_out=None, scale=None):
+    """Forward (and backward with grad_out) in the inputs' dtype; returns out, grads dict."""
+    leaves = {n: v.detach().clone().requires_grad_(grad_out is not None)
+              for n, v in inputs.items() if v is not None}
+    out = compressed_v_attention(leaves["q"], leaves["k"], leaves["v_c"], leaves["w_r"],
+                                 leaves.get("b_r"), causal=causal, softmax_scale=scale,
+                                 backend=backend)
+    grads = {}
+    if grad_out is not None:
+        out.backward(grad_out.to(out.dtype))
+        grads = {n: v.grad for n, v in leaves.items()}
+    return out.detach(), grads
+
+
+# ---- compressed_attn_with_kvcache ---------------------------------------------------------------
+
+def make_cache(b, t_max, h, d, r, seqlens, device, dtype, layout="contiguous", seed=0):
+    """Caches with random valid prefixes and NaN everywhere the op must not read; with
+    layout="strided", views whose batch, seq and head strides are not the packed ones (unit
+    stride in the last dimension)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        k_cache = torch.full((b, t_max, h, d), float("nan"), dtype=dtype, device=device)
+        vc_cache = torch.full((b, t_max, r), float("nan"), dtype=dtype, device=device)
+    else:
+        k_big = torch.full((2 * b, t_max + 3, h + 1, d + 2), float("nan"), dtype=dtype,
+                           device=device)
+        vc_big = torch.full((2 * b, t_max + 3, r + 7), float("nan"), dtype=dtype, device=device)
+        k_cache = k_big[::2, 1:1 + t_max, 1:, :d]
+        vc_cache = vc_big[::2, 2:2 + t_max, 3:3 + r]
+        assert not k_cache.is_contiguous() and not vc_cache.is_contiguous()
+    for i, n in enumerate(seqlens):
+        k_cache[i, :n] = torch.randn(n, h, d, generator=g, dtype=torch.float64).to(device, dtype)
+        vc_cache[i, :n] = torch.randn(n, r, generator=g, dtype=torch.float64).to(device, dtype)
+    return k_cache, vc_cache
+
+
+def make_step(b, tq, t_new, h, d, r, device, dtype, bias=True, seed=1):
+    """The other arguments of a kvcache call: q, w_r, b_r, and k, v, w_c, b_c when t_new > 0."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+
+    return dict(q=rnd(b, tq, h, d), w_r=rnd(h * d, r, scale=r ** -0.5),
+                b_r=rnd(h * d) if bias else None,
+                k=rnd(b, t_new, h, d) if t_new else None,
+                v=rnd(b, t_new, h * d) if t_new else None,
+                w_c=rnd(r, h * d, scale=(h * d) ** -0.5) if t_new else None,
+                b_c=rnd(r) if (t_new and bias) else None)
+
+
+def run_kvcache(step, k_cache, vc_cache, seqlens, causal, backend):
+    return compressed_attn_with_kvcache(step["q"], k_cache, vc_cache, step["w_r"], step["b_r"],
+                                        k=step["k"], v=step["v"], w_c=step["w_c"],
+                                        b_c=step["b_c"], cache_seqlens=seqlens, causal=causal,
+                                        backend=backend)
+
+
+# =================================================================================================
+# Models tests (test_convert, test_generate): Hugging Face GPT-NeoX checkpoint folders written by
+# hand, so that conversion is tested without transformers.
+
+def gpt_neox_config_dict(cfg, **over) -> dict:
+    """A GPT-NeoX config.json (transformers 4.x keys) for a VDProjConfig, with overrides."""
+    d = {"model_type": "gpt_neox", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+         "intermediate_size": cfg.intermediate_size, "rotary_pct": cfg.rotary_pct,
+         "rotary_emb_base": cfg.rotary_base, "max_position_embeddings": cfg.max_positions,
+         "layer_norm_eps": cfg.layer_norm_eps, "use_parallel_residual": cfg.use_parallel_residual,
+         "hidden_act": "gelu", "tie_word_embeddings": False}
+    d.update(over)
+    return d
+
+
+def write_gpt_neox_folder(folder, model, sharded=False, **config_over):
+    """A checkpoint folder of `model` (our state dict keys are GPT-NeoX's): config.json and
+    model.safetensors, or two shards and their index with sharded=True."""
+    import json
+    from safetensors.torch import save_file
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(gpt_neox_config_dict(model.config,
+                                                                        **config_over)))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if not sharded:
+        save_file(state, str(folder / "model.safetensors"))
+        return folder
+    keys = sorted(state)
+    half = len(keys) // 2
+    weight_map = {}
+    for i, part in enumerate((keys[:half], keys[half:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(folder / name))
+        weight_map.update({k: name for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder

@@ -1,0 +1,132 @@
+"""vdproj-train: the V-DProj training experiment (SPEC section 5).
+
+    python -m vdproj_ext.train                      # all runs, cpu-small preset, Shakespeare
+    python -m vdproj_ext.train --preset smoke --out runs/smoke
+    torchrun --nproc_per_node=2 -m vdproj_ext.train --preset smoke --mode e2e
+
+The protocol and the runs are in vdproj_ext/experiment/protocol.py; this module only turns
+the command line into ExperimentOptions and picks between training the runs in this process
+and training them at once in child processes (each of which is this command again).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..experiment.checkpoint import CheckpointError
+from ..experiment.protocol import MODES, RUN_NAMES, Settings, runs_for
+from ..experiment.runner import ExperimentOptions, default_jobs, run_jobs, train_runs
+from ..experiment.report import write_outputs
+from ..models import VDProjConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="vdproj-train", description="V-DProj experiment: baseline, end-to-end and "
+        "two-phase training of a GPT-NeoX model with a compressed value cache.")
+    p.add_argument("--out", default="runs/default", help="output folder (default runs/default)")
+    p.add_argument("--preset", default="cpu-small", choices=VDProjConfig.PRESETS)
+    p.add_argument("--mode", default="all", choices=(*MODES, "all"))
+    p.add_argument("--phase1", default="sgd", choices=("sgd", "pca", "both"),
+                   help="phase 1 by SGD (the reference), by closed-form PCA, or both (adds "
+                        "the run two_phase_pca)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs whose checkpoints are in --out")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-text", help="your own UTF-8 text file instead of Shakespeare")
+    g.add_argument("--data-npy", help="a pre-tokenized .npy token stream (1-D) or (N, seq_len)")
+    g.add_argument("--data-pt", help="exact splits exported by `python -m vdproj_ext.cli.data "
+                                     "--export` (for machines without tokenizers)")
+    g.add_argument("--tokenizer", help="neox | bpe:N | bytes | path/to/tokenizer.json "
+                                       "(default: the preset's)")
+    g.add_argument("--n-train", type=int, help="training samples (default: the preset's)")
+    g.add_argument("--n-val", type=int, help="validation samples (default: the preset's)")
+    g.add_argument("--val-frac", type=float, help="held-out tail fraction of the text")
+    g.add_argument("--seq-len", type=int, help="tokens per sample (default 128)")
+    g = p.add_argument_group("protocol overrides (defaults are the reference's)")
+    g.add_argument("--epochs", type=int, help="max epochs of phase 2 / e2e / baseline (30)")
+    g.add_argument("--phase1-epochs", type=int, help="max epochs of phase 1 (10)")
+    g.add_argument("--lr", type=float, help="phase 2 / e2e / baseline learning rate (1e-4)")
+    g.add_argument("--phase1-lr", type=float, help="phase 1 learning rate (1e-3)")
+    g.add_argument("--patience", type=int, help="early-stopping patience (1)")
+    g.add_argument("--batch-size", type=int, help="global batch size (8)")
+    g.add_argument("--v-rank", type=int, help="override the preset's v_rank")
+    g.add_argument("--init-from", help="start every run from a local Hugging Face GPT-NeoX "
+                   "checkpoint folder (e.g. Pythia-70m) instead of random weights; its shape "
+                   "replaces the preset's, and its vocabulary must match the tokenizer")
+    _execution_args(p.add_argument_group("execution"))
+    return p.parse_args(argv)
+
+
+def _execution_args(g):
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
+                   help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
+    g.add_argument("--backend", default="auto", choices=("auto", "ext", "reference"),
+                   help="backend of vdproj_ext's attention ops")
+    g.add_argument("--eval-batch", type=int, help="evaluation batch size")
+    g.add_argument("--jobs", type=int, help="runs trained at once in separate processes "
+                   "(default: all of them; 1 trains them one after another in this process)")
+    g.add_argument("--threads", type=int, help="torch CPU threads per process (default: "
+                   "cores / jobs)")
+    g.add_argument("--save-every-steps", type=int, default=0,
+                   help="also checkpoint every N steps within an epoch (0: at epoch ends)")
+    g.add_argument("--save-every-s", type=float, default=0.0,
+                   help="write epoch-end checkpoints only when this many seconds passed since "
+                        "the last one (0: every epoch; large models on fast GPUs: e.g. 120)")
+    g.add_argument("--no-pca-reference", action="store_true",
+                   help="skip the PCA-optimum reconstruction reported next to SGD phase 1")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    g.add_argument("--debug-kill-at-step", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--child-run", choices=RUN_NAMES, help=argparse.SUPPRESS)
+
+
+def options(args) -> ExperimentOptions:
+    settings = Settings.for_preset(args.preset, **{k: getattr(args, k, None)
+                                                   for k in Settings.field_names()})
+    return ExperimentOptions(
+        out=args.out, preset=args.preset, settings=settings, seed=args.seed,
+        phase1=args.phase1, resume=args.resume, data_text=args.data_text,
+        data_npy=args.data_npy, data_pt=args.data_pt, v_rank=args.v_rank,
+        init_from=args.init_from, amp=args.amp, backend=args.backend,
+        save_every_steps=args.save_every_steps, save_every_s=args.save_every_s,
+        pca_reference=not args.no_pca_reference, show_progress=not args.no_progress,
+        kill_at_step=args.debug_kill_at_step)
+
+
+def _child_command(argv: List[str]):
+    """The command line of a child process of run_jobs: this command, for one run."""
+    def command(run: str, threads: int, data_file: Optional[str]) -> List[str]:
+        data_args = ["--data-pt", data_file] if data_file else []
+        return [sys.executable, "-m", "vdproj_ext.train", *argv, *data_args, "--child-run", run,
+                "--jobs", "1", "--threads", str(threads), "--no-progress", "--no-plots"]
+    return command
+
+
+def main(argv=None) -> Optional[dict]:
+    from_cli = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    opts = options(args)
+    runs = [args.child_run] if args.child_run else runs_for(args.mode, args.phase1)
+    jobs = default_jobs(args.jobs, runs, as_child=bool(args.child_run))
+    if jobs > 1 and len(runs) > 1:
+        results = run_jobs(opts, runs, min(jobs, len(runs)), threads=args.threads,
+                           child_command=_child_command(argv))
+        write_outputs(results, opts.out, plots=not args.no_plots)
+        return results
+    try:
+        return train_runs(opts, runs, device=args.device, threads=args.threads,
+                          as_child=bool(args.child_run), plots=not args.no_plots)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not from_cli:
+            raise
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The models layer: the GPT-NeoX language model with V-DProj attention, its KV caches,
+generation, calibration of the value projection and Hugging Face conversion.
+
+It imports only vdproj_ext.ops (and torch). Inside the package, imports point one way:
+
+    config, generation, cache (ops)      depend on nothing else here
+    layers (ops)                         config
+    folding (ops), calibration           layers
+    gpt_neox                             config, layers, cache, generation
+    convert                              config, layers, calibration, gpt_neox
+
+The one exception is VDProjForCausalLM.from_gpt_neox, a delegate that imports convert on call.
+"""
+from .cache import CacheOverflowError, CompressedKVCache, KVCache, kv_cache_nbytes
+from .calibration import fit_v_pca_, init_v_projection_
+from .config import VDProjConfig
+from .convert import config_from_gpt_neox, from_gpt_neox, read_gpt_neox_config
+from .folding import FoldedVAttention, fold_v_compress
+from .gpt_neox import CausalLMOutput, VDProjForCausalLM
+from .layers import CompressedVAttention, apply_rotary, rotary_cos_sin
+
+__all__ = ["VDProjConfig", "VDProjForCausalLM", "CompressedVAttention", "CausalLMOutput",
+           "KVCache", "CompressedKVCache", "CacheOverflowError", "kv_cache_nbytes",
+           "FoldedVAttention", "fold_v_compress", "from_gpt_neox", "read_gpt_neox_config",
+           "config_from_gpt_neox", "init_v_projection_", "fit_v_pca_", "rotary_cos_sin",
+           "apply_rotary"]

@@ -1,0 +1,184 @@
+"""The building blocks of the GPT-NeoX model: rotary embedding, the Linear every layer uses,
+the V-DProj attention, the MLP and the transformer layer.
+
+Module names and tensor layouts follow Hugging Face's GPT-NeoX, so that its checkpoints load
+1:1 (see gpt_neox.py for the state dict).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import compressed_v_attention, decode_linear
+from .config import VDProjConfig
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding (GPT-NeoX style: rotate_half on the first rotary_ndims of each head)
+
+
+def rotary_cos_sin(positions: torch.Tensor, rotary_ndims: int, base: float):
+    """cos, sin of shape positions.shape + (1, rotary_ndims), in float32.
+
+    inv_freq is recomputed here (it is tiny) instead of kept as a buffer, so that casting the
+    model to bf16 never rounds it.
+    """
+    exponent = torch.arange(0, rotary_ndims, 2, device=positions.device,
+                            dtype=torch.int64).float() / rotary_ndims
+    inv_freq = 1.0 / (base ** exponent)
+    freqs = positions.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(-2)  # broadcast over heads
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, D); rotates the first cos.shape[-1] dims, passes the rest through."""
+    rot = cos.shape[-1]
+    if rot == 0:
+        return x
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose forward is ops.decode_linear, which
+    runs the CPU decode kernel where it pays and F.linear everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return decode_linear(x, self.weight, self.bias)
+
+
+def split_fused_qkv(t: torch.Tensor, num_heads: int):
+    """query_key_value's weight (3*H*D, in) or bias (3*H*D,) -> (its query and key rows,
+    (2*H*D, ...), head by head [q | k]; its value rows (H*D, ...)). GPT-NeoX fuses the three
+    projections per head, [q | k | v], so each part is gathered across the heads."""
+    rest = t.shape[1:]
+    per_head = t.reshape(num_heads, 3, -1, *rest)
+    return per_head[:, :2].reshape(-1, *rest), per_head[:, 2].reshape(-1, *rest)
+
+
+def is_v_projection(param_name: str) -> bool:
+    """Whether a parameter belongs to v_compress / v_restore (what V-DProj adds to GPT-NeoX)."""
+    return ".v_compress." in param_name or ".v_restore." in param_name
+
+
+class CompressedVAttention(nn.Module):
+    """GPT-NeoX attention whose value path is v_compress -> (cache) -> v_restore.
+
+    With v_rank=None it is GPT-NeoX's plain attention (no v_compress / v_restore).
+    Training and uncached forward passes call ops.compressed_v_attention (restore on read
+    inside the op); cached passes hand q, k, v to the cache object, which calls
+    ops.compressed_attn_with_kvcache (compress on write, restore on read).
+    max_positions is accepted for GPT-NeoX's signature only: the rotary angles are computed
+    for any position, so there is no table to size.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, v_rank: Optional[int] = None,
+                 rotary_pct: float = 0.25, rotary_base: float = 10000.0,
+                 max_positions: int = 2048, bias: bool = True, v_bias: bool = True):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
+                             f"({num_heads})")
+        self.hidden_size, self.num_heads = hidden_size, num_heads
+        self.head_dim = hidden_size // num_heads
+        self.v_rank = v_rank
+        self.rotary_ndims = int(self.head_dim * rotary_pct)
+        self.rotary_base = rotary_base
+        self.backend = "auto"  # passed to the functional ops; tests force "reference"
+        self.query_key_value = Linear(hidden_size, 3 * hidden_size, bias=bias)
+        if v_rank is not None:
+            self.v_compress = Linear(hidden_size, v_rank, bias=v_bias)
+            self.v_restore = Linear(v_rank, hidden_size, bias=v_bias)
+        self.dense = Linear(hidden_size, hidden_size, bias=bias)
+
+    @property
+    def compressed(self) -> bool:
+        return self.v_rank is not None
+
+    def project_qkv(self, x, cos, sin):
+        """x (B, T, H*D) -> q, k (B, T, H, D) with rotary applied, v (B, T, H*D)."""
+        b, t, _ = x.shape
+        # GPT-NeoX's fused layout: per head, [q | k | v] along the last dim.
+        qkv = self.query_key_value(x).view(b, t, self.num_heads, 3 * self.head_dim)
+        d = self.head_dim
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v.reshape(b, t, self.hidden_size)
+
+    def forward(self, x, cos=None, sin=None, cache=None, layer_idx: int = 0,
+                want_recon: bool = False):
+        """x (B, T, H*D); cos, sin from rotary_cos_sin (the model computes them once for all
+        layers; None: positions 0 .. T-1). Returns (out (B, T, H*D), recon): recon is
+        mean((V - V_restored)^2) in float32 when want_recon and the layer is compressed,
+        else None."""
+        b, t, _ = x.shape
+        if cos is None:
+            positions = torch.arange(t, device=x.device).unsqueeze(0)
+            cos, sin = rotary_cos_sin(positions, self.rotary_ndims, self.rotary_base)
+        q, k, v = self.project_qkv(x, cos, sin)
+        recon = None
+        if cache is not None:
+            o = cache.attend(layer_idx, q, k, v, self)
+        elif self.compressed:
+            v_c = self.v_compress(v)
+            dt = v_c.dtype  # under autocast the parameters stay fp32: give the op one dtype
+            w_r = self.v_restore.weight.to(dt)
+            b_r = self.v_restore.bias.to(dt) if self.v_restore.bias is not None else None
+            o = compressed_v_attention(q.to(dt), k.to(dt), v_c, w_r, b_r, causal=True,
+                                       backend=self.backend)
+            if want_recon:
+                recon = F.mse_loss(self.v_restore(v_c).float(), v.float())
+        else:
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2),
+                v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
+                is_causal=True).transpose(1, 2)
+        return self.dense(o.reshape(b, t, self.hidden_size).to(x.dtype)), recon
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer layer
+
+
+class GPTNeoXMLP(nn.Module):
+    def __init__(self, hidden_size, intermediate_size):
+        super().__init__()
+        self.dense_h_to_4h = Linear(hidden_size, intermediate_size)
+        self.dense_4h_to_h = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact (erf) GELU
+
+
+class GPTNeoXLayer(nn.Module):
+    def __init__(self, config: VDProjConfig):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size,
+                                                     eps=config.layer_norm_eps)
+        self.attention = CompressedVAttention(
+            config.hidden_size, config.num_heads, config.v_rank, config.rotary_pct,
+            config.rotary_base, config.max_positions, config.attention_bias, config.v_bias)
+        self.mlp = GPTNeoXMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, cache=None, layer_idx=0, want_recon=False):
+        attn, recon = self.attention(self.input_layernorm(x), cos, sin, cache, layer_idx,
+                                     want_recon)
+        if self.use_parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x)), recon
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), recon

@@ -1,0 +1,22 @@
+"""Ops layer: the public functional API (SPEC section 3) on top of the compiled kernels.
+
+    attention.py   compressed_v_attention and its autograd.Function
+    kvcache.py     compressed_attn_with_kvcache
+    linear.py      decode_linear (the row policy of decode-sized CPU linears)
+    checks.py      the input checks and their messages (the C++ checks use the same texts)
+    backend.py     loading the kernels, backend resolution, backend_info()
+    routing.py     on CUDA: fused kernels or the ATen paths
+    aten_paths.py  ATen implementations for inputs the fused kernels do not take
+    library.py     torch.library fake kernels and the registered autograd formula
+    reference.py   the pure-PyTorch definition of the math
+
+Imports only torch, vdproj_ext.bindings and its own modules.
+"""
+from . import reference
+from .attention import CompressedVAttentionFunction, compressed_v_attention
+from .backend import BACKENDS, backend_info
+from .kvcache import compressed_attn_with_kvcache
+from .linear import decode_linear
+
+__all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "decode_linear",
+           "backend_info", "CompressedVAttentionFunction", "BACKENDS", "reference"]

@@ -1,0 +1,45 @@
+"""compressed_attn_with_kvcache: decode and append, inference only (SPEC section 3)."""
+from __future__ import annotations
+
+import torch
+
+from . import aten_paths, checks, reference, routing
+from .backend import resolve_backend
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
+@torch.no_grad()
+def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None, v=None,
+                                 w_c=None, b_c=None, cache_seqlens, causal=True,
+                                 softmax_scale=None, backend="auto"):
+    """Compress-on-write of (k, v) into the cache, then restore-on-read attention (SPEC 3)."""
+    args = (q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens)
+    checks.check_kvcache_ranks_and_devices(*args)
+    checks.check_flag("causal", causal)
+    scale = checks.check_softmax_scale(softmax_scale, q.shape[-1])
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "reference":
+        _check_for_python_path(*args)
+        return reference.compressed_attn_with_kvcache(
+            q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c,
+            cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale)
+    # The caches are written in place, so they are passed as they are.
+    q, w_r, b_r, k, v, w_c, b_c = _contiguous(q, w_r, b_r, k, v, w_c, b_c)
+    if q.device.type == "cuda" and routing.kvcache_uses_batched_aten(q, k_cache, vc_cache, w_r,
+                                                                     k, v, w_c):
+        _check_for_python_path(*args)
+        return aten_paths.batched_kvcache_attention(q, k_cache, vc_cache, w_r, b_r, k, v, w_c,
+                                                    b_c, cache_seqlens, causal, scale)
+    # The kernels check the rest themselves (csrc/, same messages), lengths before any write.
+    return torch.ops.vdproj_ext.kvcache_attention(
+        q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, causal, scale)
+
+
+def _check_for_python_path(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens):
+    """What the kernels would check in C++: dtypes, shapes, strides, and the lengths' range."""
+    checks.check_kvcache_dtypes_and_shapes(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
+                                           cache_seqlens)
+    checks.check_seqlens_range(cache_seqlens, k_cache.shape[1], 0 if k is None else k.shape[1])

@@ -1,0 +1,74 @@
+"""decode_linear: F.linear with the row policy for the decode-sized linears of a CPU model.
+
+A decode step multiplies a few rows (one token per sequence) by each weight matrix, so it
+streams the weights. How best to do that depends on the row count M (bench/cpu_linear.py,
+figures in bench/RESULTS.md):
+  * M <= KERNEL_MAX_ROWS: the decode_linear kernel, which prefetches weight rows ahead of use;
+  * M <= WEIGHT_MAJOR_MAX_ROWS: CPU BLAS as W @ x.T (the weight as the long, untransposed
+    operand), which BLAS runs faster than x @ W.T at these sizes on every pythia-70m linear;
+  * otherwise (or with autograd, autocast, torch.compile, other dtypes or devices): F.linear.
+The model calls decode_linear for every linear, the LM head included.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .backend import has_kernel
+
+KERNEL_MAX_ROWS = 16        # from 32 rows on, BLAS beats the kernel
+WEIGHT_MAJOR_MAX_ROWS = 64  # measured up to here (decode steps of batch <= 64)
+
+
+def _decode_sized_cpu_call(x, weight, bias) -> bool:
+    """Whether a fast path may replace F.linear at all (row count aside)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.dim() == 0 or weight.dim() != 2 or weight.dtype != x.dtype or not weight.is_contiguous():
+        return False
+    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False  # the kernel has no backward; training keeps F.linear's layout
+    # autocast casts inside F.linear; compiled graphs have their own GEMMs
+    return not (torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
+
+
+def choose_path(x, weight, bias) -> str:
+    """"kernel", "weight-major" or "F.linear" for this call."""
+    if not _decode_sized_cpu_call(x, weight, bias):
+        return "F.linear"
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows <= KERNEL_MAX_ROWS and has_kernel("cpu", "decode_linear"):
+        return "kernel"
+    if KERNEL_MAX_ROWS < rows <= WEIGHT_MAJOR_MAX_ROWS:
+        return "weight-major"
+    return "F.linear"
+
+
+def _weight_major_linear(x, weight, bias):
+    """(W @ x.T).T (+ bias), returned as that transposed view: same values as F.linear."""
+    flat_t = x.reshape(-1, x.shape[-1]).T
+    y_t = torch.addmm(bias[:, None], weight, flat_t) if bias is not None else weight @ flat_t
+    return y_t.T.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), computed the fastest measured way for decode-sized CPU inputs.
+
+    A drop-in replacement: same values (to rounding), dtype, shape and autograd as F.linear.
+    The kernel runs for CPU float32/float64 inputs of at most KERNEL_MAX_ROWS rows with a
+    contiguous weight when no gradient is needed; up to WEIGHT_MAJOR_MAX_ROWS rows under the
+    same conditions BLAS computes W @ x.T (the result is then a non-contiguous view); every
+    other call is F.linear.
+    """
+    path = choose_path(x, weight, bias)
+    if path == "kernel":
+        return torch.ops.vdproj_ext.decode_linear(x, weight, bias)
+    if path == "weight-major":
+        return _weight_major_linear(x, weight, bias)
+    return F.linear(x, weight, bias)

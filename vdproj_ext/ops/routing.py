@@ -1,0 +1,42 @@
+"""CUDA routing: on a CUDA tensor with the "ext" backend, which implementation runs.
+
+  * compressed_attn_with_kvcache runs the fused kernels of csrc/cuda/ when the extension says
+    they take the inputs, else aten_paths.batched_kvcache_attention (same semantics, on the GPU).
+  * compressed_v_attention runs the absorbed kernels (cva_forward / cva_backward) or
+    aten_paths.restore_then_sdpa: the latter when the kernels do not take the inputs, and by
+    shape otherwise (an algorithm choice, below).
+
+What the kernels accept (dtypes, head_dim, rank, alignment, shared memory on this device) is
+the extension's to say: cuda_kernel_support in csrc/cuda. Nothing here repeats those limits.
+"""
+from __future__ import annotations
+
+from .. import bindings
+
+# PLACEHOLDER until measured on a GPU (bench/bench_gpu.py prints both paths side by side): the
+# absorbed kernel spends 2*(D+R) CUDA-core flops per (query, key, head); restore-then-SDPA spends
+# 4*D tensor-core flops plus one (Tk x R x H*D) GEMM, so it should win once Tq*Tk is large.
+_CVA_COMPOSITE_MIN_QK = 128 * 128
+
+
+def cuda_kernel_unsupported(op, q, rank, vector_loaded, t_new=0, backward=False) -> str:
+    """Why the fused CUDA kernels of `op` ("cva" or "kvcache") cannot take these inputs, or ""
+    when they can. vector_loaded: the inputs the kernels read with 16-byte vector loads, exactly
+    as the op will receive them (the extension's docstring lists them per op)."""
+    return bindings.load().cuda_kernel_support(op, q, rank, list(vector_loaded), t_new, backward)
+
+
+def cva_uses_restore_then_sdpa(q, k, v_c, needs_grad=False) -> bool:
+    # Contiguous inputs reach the kernel as they are (possibly a view at an odd offset); the
+    # others are copied by .contiguous() into fresh, aligned memory.
+    as_passed = [t for t in (k, v_c) if t.is_contiguous()]
+    if cuda_kernel_unsupported("cva", q, v_c.shape[-1], as_passed, 0, needs_grad):
+        return True
+    return q.shape[1] * k.shape[1] >= _CVA_COMPOSITE_MIN_QK
+
+
+def kvcache_uses_batched_aten(q, k_cache, vc_cache, w_r, k, v, w_c) -> bool:
+    """The arguments as the kernel would receive them (q, w_r, k, v, w_c made contiguous)."""
+    t_new = 0 if k is None else k.shape[1]
+    return bool(cuda_kernel_unsupported("kvcache", q, vc_cache.shape[-1],
+                                        [k_cache, vc_cache, w_r, k, v, w_c], t_new, False))
