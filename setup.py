@@ -8,7 +8,7 @@ Two ways in:
     torch.utils.cpp_extension.load and ninja, against the torch found at run time.
 Either way the kernel sources travel with the package as `vdproj_ext/_csrc`.
 """
-import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +18,16 @@ from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
+
+
+def _load_build_config():
+    """vdproj_ext/bindings/build_config.py, by path: the package itself needs torch to import."""
+    path = os.path.join(ROOT, "vdproj_ext", "bindings", "build_config.py")
+    spec = importlib.util.spec_from_file_location("vdproj_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 try:  # torch is only importable without build isolation
     import torch
@@ -55,22 +65,18 @@ class BuildPyWithSources(build_py):
 WITH_CUDA = cuda_wanted()
 ext_modules, cmdclass = [], {"build_py": BuildPyWithSources}
 if torch is not None:
-    cxx_flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-DVDPROJ_EXT_AOT"]
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    build_config = _load_build_config()
+    sources = build_config.sources("csrc", WITH_CUDA)  # relative paths, as setuptools wants
+    flags = build_config.compile_flags("csrc", WITH_CUDA)
     if WITH_CUDA:
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        cxx_flags.append("-DVDPROJ_WITH_CUDA")
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
-                      "-DVDPROJ_WITH_CUDA", "-DVDPROJ_EXT_AOT"]
         ext = cpp_extension.CUDAExtension(
             "vdproj_ext._C", sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"])
+            extra_compile_args={"cxx": flags["cxx"], "nvcc": flags["nvcc"]},
+            extra_link_args=flags["ldflags"])
     else:
         ext = cpp_extension.CppExtension(
-            "vdproj_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"])
+            "vdproj_ext._C", sources, extra_compile_args={"cxx": flags["cxx"]},
+            extra_link_args=flags["ldflags"])
     ext_modules.append(ext)
     cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
 

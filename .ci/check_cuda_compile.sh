@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA sources on a machine without a GPU (and with a CPU build of
-# torch): every csrc/cuda/*.cu through nvcc for sm_80 and sm_90, every csrc/cuda/*.cpp through
-# the host compiler with -fsyntax-only. Fails on any error; nvcc warnings about the kernels
-# themselves (e.g. stack use, unreachable code) are treated as errors.
+# Compile-only check of a CUDA build on a machine without a GPU (and with a CPU build of torch):
+# every source of the CUDA build as csrc/build_flags.json lists it, with its flags: the .cu files
+# through nvcc for sm_80 and sm_90, the .cpp files through the host compiler with -fsyntax-only.
+# Fails on any error; nvcc warnings about the kernels themselves (e.g. stack use, unreachable
+# code) are treated as errors.
 # Usage: .ci/check_cuda_compile.sh [-j N]   (default 2 parallel jobs, ~1-1.5 GB each)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +21,18 @@ from torch.utils.cpp_extension import include_paths
 print(' '.join('-I' + p for p in include_paths()))")
 PYINC="-I$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 ABI="$("$PY" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')"
+# Sources and flags of a CUDA build, from csrc/build_flags.json.
+build_config() { "$PY" vdproj_ext/bindings/build_config.py csrc "$1" cuda; }
+mapfile -t SOURCES < <(build_config sources)
+mapfile -t BUILD_NVCC < <(build_config nvcc)
+mapfile -t BUILD_CXX < <(build_config cxx)
 
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 # The same defines torch's cpp_extension passes to nvcc, so the check matches a real build.
-NVCC_FLAGS=(-c -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr
+NVCC_FLAGS=(-c "${BUILD_NVCC[@]}"
   -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
-  -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DVDPROJ_WITH_CUDA -DVDPROJ_EXT_AOT
+  -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
   -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
   -D_GLIBCXX_USE_CXX11_ABI="$ABI" -Xcompiler -fPIC
@@ -34,10 +40,10 @@ NVCC_FLAGS=(-c -O3 -std=c++17 -lineinfo --expt-relaxed-constexpr
   -Xptxas -v
   "${TORCH_INC[@]}" "$PYINC")
 # torch's and CUDA's headers as system headers: -Werror applies to our code only.
-CXX_FLAGS=(-fsyntax-only -std=c++17 -O0 -fopenmp -Wall -Wextra -Werror -Wno-unused-parameter
-  -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE -DVDPROJ_WITH_CUDA -DVDPROJ_EXT_AOT
+CXX_FLAGS=(-fsyntax-only "${BUILD_CXX[@]}" -Wall -Wextra -Werror -Wno-unused-parameter
+  -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
   -DTORCH_EXTENSION_NAME=_C -D_GLIBCXX_USE_CXX11_ABI="$ABI"
-  "${TORCH_INC[@]/#-I/-isystem}" "${PYINC/#-I/-isystem}" -isystem "$CUDA_INC" -Icsrc/cuda)
+  "${TORCH_INC[@]/#-I/-isystem}" "${PYINC/#-I/-isystem}" -isystem "$CUDA_INC")
 
 compile_one() {
   local src="$1" name start rc
@@ -51,8 +57,6 @@ compile_one() {
   echo "$rc $(( $(date +%s) - start ))" >"$OUT/$name.status"
 }
 
-# vdproj_ops.cpp too: its CUDA-only lines (VDPROJ_WITH_CUDA) are compiled nowhere else here.
-SOURCES=(csrc/cuda/*.cu csrc/cuda/*.cpp csrc/vdproj_ops.cpp)
 echo "check_cuda_compile: $("$NVCC" --version | tail -1); torch headers from $("$PY" -c 'import torch; print(torch.__version__)'); ${#SOURCES[@]} files, $JOBS jobs"
 T0=$(date +%s)
 running=0

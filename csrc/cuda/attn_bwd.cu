@@ -12,7 +12,6 @@ namespace vdproj {
 namespace cuda {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int TJ = kTileKeys;
 constexpr int RB = kRowsPerBlock;
 
@@ -57,7 +56,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const BwdParams p) {
   const int64_t j0 = int64_t(blockIdx.x) * TJ, b = blockIdx.y;
   const int64_t Tq = p.Tq, Tk = p.Tk, H = p.H, R = p.R;
   const int64_t KP = D + 4, VP = R + 4;
-  const float scale_log2 = p.scale * kLog2e;
+  const float scale_log2 = p.scale * kLog2eF;
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -93,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_kernel(const BwdParams p) {
       }
       if (tid < RB) {
         const int64_t i = i0 + tid;
-        lse2[tid] = i < Tq ? p.lse[(b * H + h) * Tq + i] * kLog2e : -INFINITY;
+        lse2[tid] = i < Tq ? p.lse[(b * H + h) * Tq + i] * kLog2eF : -INFINITY;
         delta[tid] = i < Tq ? p.delta[(b * H + h) * Tq + i] : 0.f;
       }
       __syncthreads();

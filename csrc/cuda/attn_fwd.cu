@@ -1,6 +1,7 @@
 // Restore-on-read attention, absorbed form (SPEC section 1): for each (head, query) row,
 //   ctx = softmax(scale * q . K_h^T) @ V_c        (R-wide, V_c shared by all heads)
-// The restore (w_r[h] product + b_r) runs later, once per output row (restore.cu / ATen).
+// The restore (w_r[h] product + b_r) runs later, once per output row (restore_kernel in
+// kvcache.cu, or ATen in cuda_api.cpp).
 //
 // One block = one batch element b, one group of kRowsPerBlock rows (row = h * Tq + i, head-major so
 // a group touches few heads), one split of the key range (flash-decoding). Per tile of
@@ -10,8 +11,8 @@
 //   2. scores: warp w owns row w, lane j owns key j; online softmax with warp shuffles;
 //   3. P @ V_c: each thread owns kRowChunk r-values for all rows of the group, so every V_c
 //      element read from shared memory serves all heads of the group.
-// Outputs: unnormalized partials (m, l, acc) per split for combine.cu, or, with one split,
-// the normalized ctx and the log-sum-exp directly ("final mode", used by cva_forward).
+// Outputs: unnormalized partials (m, l, acc) per split for combine_kernel (kvcache.cu), or,
+// with one split, the normalized ctx and the log-sum-exp directly ("final mode", cva_forward).
 #include <vector>
 
 #include <map>
@@ -26,8 +27,6 @@ namespace {
 
 static_assert(kRowsPerBlock == kWarps, "one warp per row in the score phase");
 static_assert(kTileKeys == 32, "one lane per key in the score phase");
-
-constexpr float kLn2 = 0.6931471805599453f;
 
 // Shared-memory layout, in bytes from the start of the dynamic buffer (all offsets 16-aligned).
 struct AttnLayout {
@@ -242,7 +241,7 @@ attn_fwd_kernel(const AttnParams p, const int nstages) {
   if (p.final_mode) {
     if (lane == 0 && row_ok) {
       p.lse_out[(b * p.H + my_h) * Tq + my_i] =
-          l_run > 0.f ? (m_run + log2f(l_run)) * kLn2 : -INFINITY;
+          l_run > 0.f ? (m_run + log2f(l_run)) * kLn2F : -INFINITY;
     }
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
@@ -307,16 +306,6 @@ size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, in
   return VDPROJ_DISPATCH_DTYPE(dtype, [&] {
     return VDPROJ_DISPATCH_HEADDIM(head_dim, [&] {
       return size_t(attn_layout<T, kD>(heads_per_tile, R, 1).total);
-    });
-  });
-}
-
-size_t attn_smem_bytes(const AttnParams& p) {
-  return VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
-    return VDPROJ_DISPATCH_HEADDIM(p.head_dim, [&] {
-      int64_t bytes = 0;
-      choose_stages<T, kD>(p, &bytes);
-      return size_t(bytes);
     });
   });
 }

@@ -8,7 +8,6 @@ namespace vdproj {
 namespace cuda {
 namespace {
 
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kCombineCols = 128;  // r-values per combine block: 32 lanes x float4
 
 // ---- compress-on-write ----------------------------------------------------------------------
@@ -46,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) compress_write_kernel(const Compress
     const int64_t m = idx / (p.H * (D / V));
     const int64_t rem = idx - m * (p.H * (D / V));
     const int64_t h = rem / (D / V), c = rem - h * (D / V);
-    if (pos0 + m < 0 || pos0 + m >= p.len_max) continue;  // defensive: ops.py raises first
+    if (pos0 + m < 0 || pos0 + m >= p.len_max) continue;  // defensive: the op raises first
     *reinterpret_cast<uint4*>(kc + (pos0 + m) * p.kc_st + h * p.kc_sh + c * V) =
         *reinterpret_cast<const uint4*>(k + m * HD + h * D + c * V);
   }
@@ -140,7 +139,7 @@ combine_kernel(const CombineParams p, float* __restrict__ ctx_out, float* __rest
           make_float4(t.x * inv, t.y * inv, t.z * inv, t.w * inv);
     }
     if (blockIdx.y == 0 && lane == 0)
-      lse_out[(b * p.H + h) * p.Tq + i] = empty ? -INFINITY : (mx + log2f(tot)) * kLn2;
+      lse_out[(b * p.H + h) * p.Tq + i] = empty ? -INFINITY : (mx + log2f(tot)) * kLn2F;
   }
 }
 

@@ -6,13 +6,15 @@
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "../common/constants.h"
+
 namespace vdproj {
 namespace cuda {
 
 // Storage type of q/k/v_c/w_r/...; accumulation is always float32.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Tile constants shared by host-side sizing (cuda_api.cpp) and kernels.
+// Tile constants shared by host-side sizing (cuda_api.cpp, kernel_support.cpp) and kernels.
 constexpr int kThreads = 256;       // threads per block of every kernel here
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileKeys = 32;       // keys per tile: one lane per key in the score phase
@@ -22,6 +24,14 @@ constexpr int kMaxRank = kThreads * kRowChunk * 2;  // 1024: two chunks per thre
 constexpr int kMaxSplits = 256;     // flash-decoding splits per (batch, row group)
 constexpr int kCombineRows = 16;    // (b, i) rows per block in combine + restore
 constexpr int kCompressTokens = 4;  // new tokens per block in compress-on-write
+
+// Bound on the heads spanned by kRowsPerBlock consecutive head-major rows (row = h * Tq + i):
+// the heads whose K an attention block stages (0 without queries: no block runs).
+inline int64_t heads_per_tile(int64_t H, int64_t Tq) {
+  if (Tq <= 0) return 0;
+  const int64_t bound = (kRowsPerBlock - 1) / Tq + 2;
+  return bound < H ? bound : H;
+}
 
 // Restore-on-read attention over a key range: the forward of compressed_v_attention (one split,
 // normalized result) and the attention part of kvcache_attention (split-K partial results).
@@ -78,7 +88,7 @@ struct CompressParams {
   int64_t vcc_sb, vcc_st;
   const int32_t* seqlens;
   int64_t B, Tnew, H, R;
-  int64_t len_max;  // slots outside [0, len_max) are never written (ops.py raises before)
+  int64_t len_max;  // slots outside [0, len_max) are never written (the op raises before)
   DType dtype;
   int head_dim;
 };
@@ -103,7 +113,6 @@ struct BwdParams {
 };
 
 // Launchers (defined in the .cu files). Each checks its launches with C10_CUDA_KERNEL_LAUNCH_CHECK.
-size_t attn_smem_bytes(const AttnParams& p);
 // Dynamic shared memory of the attention kernel with one stage: the least it can run with.
 size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, int64_t R);
 // Flash-decoding split count for partial mode; max_keys bounds the key range (e.g. Tmax).

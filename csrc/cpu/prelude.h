@@ -1,4 +1,4 @@
-// Headers used by cpu_kernels.h. They must be included before any `#pragma GCC target`
+// Headers used by kernels.h. They must be included before any `#pragma GCC target`
 // region, so that library code is compiled for the baseline target only.
 #pragma once
 
@@ -22,4 +22,4 @@
 inline int omp_get_thread_num() { return 0; }
 #endif
 
-#include "cpu_common.h"
+#include "kernel_args.h"

@@ -1,10 +1,10 @@
 // CPU kernels of vdproj_ext, written once and compiled once per instruction set.
 //
-// vdproj_ops.cpp includes this file several times, each inside a `#pragma GCC target` region,
+// cpu_ops.cpp includes this file several times, each inside a `#pragma GCC target` region,
 // with VDPROJ_ISA_NS (namespace) and VDPROJ_VBYTES (vector width in bytes) defined. Vector code
 // uses GCC vector extensions, so the same source becomes AVX-512, AVX2+FMA or SSE2 code and
 // the package never depends on the build machine's CPU; the op wrappers pick one at run time.
-// Everything this file needs is included by cpu_kernels_prelude.h before the first inclusion
+// Everything this file needs is included by prelude.h before the first inclusion
 // (a header included inside a target region would be compiled for that target).
 //
 // No include guard on purpose.
@@ -882,8 +882,6 @@ void linear_impl(const LinearArgs& a) {
 }
 
 }  // namespace
-
-const char* name() { return VDPROJ_ISA_NAME; }
 
 #define VDPROJ_DISPATCH(kind, FN, args)                                   \
   switch (kind) {                                                         \

@@ -1,5 +1,5 @@
 // Shared declarations of the CPU kernels: argument blocks passed from the op wrappers
-// (vdproj_ops.cpp) to the ISA-specific implementations (cpu_kernels.h, compiled once per
+// (cpu_ops.cpp) to the ISA-specific implementations (kernels.h, compiled once per
 // instruction set and chosen at run time).
 #pragma once
 
@@ -77,14 +77,13 @@ struct LinearArgs {
   int64_t M, N, K;
 };
 
-// One implementation per instruction set; see cpu_kernels.h.
+// One implementation per instruction set; see kernels.h.
 #define VDPROJ_DECLARE_ISA(ns)                                     \
   namespace ns {                                                   \
   void attention(Kind kind, const AttnArgs& a);                    \
   void attention_backward(Kind kind, const BwdArgs& a);            \
   void append(Kind kind, const AppendArgs& a);                     \
   void linear(Kind kind, const LinearArgs& a);                     \
-  const char* name();                                              \
   }
 VDPROJ_DECLARE_ISA(isa_avx512)
 VDPROJ_DECLARE_ISA(isa_avx2)

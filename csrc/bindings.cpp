@@ -1,0 +1,83 @@
+// The op schemas (torch.ops.vdproj_ext.*) and the Python module vdproj_ext._C.
+//
+//   cva_forward(q, k, v_c, w_r, b_r?, causal, softmax_scale) -> (out, softmax_lse, ctx)
+//   cva_backward(grad_out, q, k, v_c, w_r, softmax_lse, ctx, causal, softmax_scale)
+//       -> (grad_q, grad_k, grad_v_c, grad_w_r, grad_b_r)
+//   kvcache_attention(q, k_cache!, vc_cache!, w_r, b_r?, k?, v?, w_c?, b_c?, cache_seqlens,
+//                     causal, softmax_scale) -> out
+//   decode_linear(x, weight, bias?) -> y
+//
+// Implementations: csrc/cpu/cpu_ops.cpp (CPU) and csrc/cuda/cuda_api.cpp (CUDA).
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#ifdef VDPROJ_WITH_CUDA
+#include "cuda/cuda_api.h"
+#endif
+
+TORCH_LIBRARY(vdproj_ext, m) {
+  m.def("cva_forward(Tensor q, Tensor k, Tensor v_c, Tensor w_r, Tensor? b_r, bool causal, "
+        "float softmax_scale) -> (Tensor, Tensor, Tensor)");
+  m.def("cva_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v_c, Tensor w_r, "
+        "Tensor softmax_lse, Tensor ctx, bool causal, float softmax_scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("kvcache_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) vc_cache, Tensor w_r, "
+        "Tensor? b_r, Tensor? k, Tensor? v, Tensor? w_c, Tensor? b_c, Tensor cache_seqlens, "
+        "bool causal, float softmax_scale) -> Tensor");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = TORCH_VERSION;  // the headers this was compiled against
+#ifdef VDPROJ_WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_archs"] = vdproj::cuda::compiled_archs();
+#else
+  info["with_cuda"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  return info;
+}
+
+constexpr const char* kSupportDoc = R"doc(
+Whether the fused CUDA kernels take these inputs: "" when they do, else a short reason.
+
+op: "cva" (cva_forward, and cva_backward too when backward=True) or "kvcache"
+(kvcache_attention). q: the queries (B, Tq, H, D); rank: R. vector_loaded: the inputs the
+kernels read with 16-byte vector loads, exactly as they will be passed to the op (None
+entries are skipped): for "cva" [k, v_c], for "kvcache" [k_cache, vc_cache, w_r, k, v, w_c].
+t_new: new tokens written by "kvcache" (0 for none). The answer covers dtype, head_dim, rank,
+grid limits, 16-byte alignment and shared memory against q's device; the ops raise a
+RuntimeError with the same reason when called with inputs it rejects.)doc";
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vdproj_ext compiled kernels (ops are registered under torch.ops.vdproj_ext)";
+  m.def("build_info", &build_info);
+#ifdef VDPROJ_WITH_CUDA
+  m.def("cuda_kernel_support", &vdproj::cuda::kernel_support, kSupportDoc, pybind11::arg("op"),
+        pybind11::arg("q"), pybind11::arg("rank"), pybind11::arg("vector_loaded"),
+        pybind11::arg("t_new"), pybind11::arg("backward"));
+  m.def("cuda_kernel_smem_bytes", &vdproj::cuda::kernel_smem_bytes,
+        "Shared memory (bytes) the CUDA kernels need for a shape: [attention (one stage), "
+        "compress-on-write, backward]",
+        pybind11::arg("dtype"), pybind11::arg("tq"), pybind11::arg("heads"),
+        pybind11::arg("head_dim"), pybind11::arg("rank"), pybind11::arg("t_new"));
+#else
+  m.def(
+      "cuda_kernel_support",
+      [](const std::string&, const at::Tensor&, int64_t,
+         const std::vector<std::optional<at::Tensor>>&, int64_t,
+         bool) -> std::string { return "vdproj_ext was built without CUDA kernels"; },
+      kSupportDoc, pybind11::arg("op"), pybind11::arg("q"), pybind11::arg("rank"),
+      pybind11::arg("vector_loaded"), pybind11::arg("t_new"), pybind11::arg("backward"));
+#endif
+}

@@ -1,0 +1,257 @@
+// Input checks of the attention ops, shared by the CPU wrappers (csrc/cpu/cpu_ops.cpp) and the
+// CUDA wrappers (csrc/cuda/cuda_api.cpp).
+//
+// They raise what the public validator of vdproj_ext.ops raises, in the same order, with the
+// same text: ValueError (TORCH_CHECK_VALUE) for ranks, shapes, devices, strides and values,
+// TypeError (TORCH_CHECK_TYPE) for dtypes. A direct torch.ops.vdproj_ext call and the public API
+// therefore report one bad input the same way. Shapes, dtypes and devices are printed as Python
+// prints them: (2, 5, 3, 8), torch.float32, cuda:0.
+//
+// What a backend's kernels cannot take (e.g. CUDA head_dim 96) is not bad input: it is asked
+// separately (csrc/cuda/kernel_support.cpp) and raises a RuntimeError.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "optional_tensor.h"
+
+namespace vdproj {
+
+// ---- Python-style formatting ------------------------------------------------------------------
+
+// A shape or stride tuple as Python prints it: (2, 5, 3, 8), (4,), ().
+inline std::string py_tuple(at::IntArrayRef values) {
+  std::ostringstream out;
+  out << '(';
+  for (size_t i = 0; i < values.size(); ++i) out << (i > 0 ? ", " : "") << values[i];
+  if (values.size() == 1) out << ',';
+  out << ')';
+  return out.str();
+}
+
+// A dtype as Python prints it: torch.float32.
+inline std::string py_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(type);
+  }
+}
+
+// A non-finite float as Python prints it (the only floats these messages print).
+inline std::string py_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  std::ostringstream out;
+  out << x;
+  return out.str();
+}
+
+// ---- single checks ------------------------------------------------------------------------------
+
+inline void check_dim(const at::Tensor* t, const char* name, int64_t ndim) {
+  if (t == nullptr) return;
+  TORCH_CHECK_VALUE(t->dim() == ndim, name, " must be ", ndim, "-D, got shape ",
+                    py_tuple(t->sizes()));
+}
+
+inline void check_shape(const at::Tensor* t, const char* name,
+                        std::initializer_list<int64_t> expected) {
+  if (t == nullptr) return;
+  const at::IntArrayRef want(expected.begin(), expected.size());
+  TORCH_CHECK_VALUE(t->sizes() == want, name, " must have shape ", py_tuple(want), ", got ",
+                    py_tuple(t->sizes()));
+}
+
+inline void check_scale(double softmax_scale) {
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ",
+                    py_float(softmax_scale));
+}
+
+// 0 <= every length <= Tmax, and Tnew more tokens fit: lo and hi are the smallest and largest of
+// cache_seqlens, read by the caller before it writes anything.
+inline void check_seqlens_range(int64_t lo, int64_t hi, int64_t max_len, int64_t t_new) {
+  TORCH_CHECK_VALUE(lo >= 0 && hi <= max_len, "cache_seqlens must lie in [0, ", max_len,
+                    "] (the cache's Tmax), got values in [", lo, ", ", hi, "]");
+  TORCH_CHECK_VALUE(hi + t_new <= max_len, "writing ", t_new, " new tokens at cache_seqlens (max ",
+                    hi, ") would overflow the cache of Tmax=", max_len, "; nothing was written");
+}
+
+// ---- groups of inputs: the first present tensor is the one the others must match -------------
+
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
+// The first present tensor of a group: the one the others must match.
+inline const NamedTensor& first_present(std::initializer_list<NamedTensor> named) {
+  for (const NamedTensor& item : named) {
+    if (item.second != nullptr) return item;
+  }
+  TORCH_INTERNAL_ASSERT(false, "a group of inputs without a tensor");
+}
+
+inline void check_same_device(std::initializer_list<NamedTensor> named) {
+  const auto& [first_name, first] = first_present(named);
+  for (const auto& [name, t] : named) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_VALUE(t->device() == first->device(), name, " must be on ",
+                      first->device().str(), " like ", first_name, ", got ", t->device().str());
+  }
+}
+
+inline void check_same_dtype(std::initializer_list<NamedTensor> named) {
+  const auto& [first_name, first] = first_present(named);
+  const at::ScalarType want = first->scalar_type();
+  TORCH_CHECK_TYPE(want == at::kFloat || want == at::kHalf || want == at::kBFloat16 ||
+                       want == at::kDouble,
+                   first_name, " must be float32, float16 or bfloat16, got ", py_dtype(want));
+  for (const auto& [name, t] : named) {
+    if (t == nullptr) continue;
+    TORCH_CHECK_TYPE(t->scalar_type() == want, name, " must have dtype ", py_dtype(want),
+                     " like ", first_name, ", got ", py_dtype(t->scalar_type()));
+  }
+}
+
+// ---- the inputs of each op, in the order of vdproj_ext/ops/checks.py: ranks, devices, the
+// softmax scale, then dtypes, shapes, strides ------------------------------------------------
+
+struct AttnDims {
+  int64_t B, Tq, H, D, Tk, R;
+};
+
+// cva_forward: q (B, Tq, H, D), k (B, Tk, H, D), v_c (B, Tk, R), w_r (H*D, R), b_r (H*D,).
+inline AttnDims check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v_c, const at::Tensor& w_r,
+                                       const at::Tensor* b_r, double softmax_scale) {
+  check_dim(&q, "q", 4);
+  check_dim(&k, "k", 4);
+  check_dim(&v_c, "v_c", 3);
+  check_dim(&w_r, "w_r", 2);
+  check_dim(b_r, "b_r", 1);
+  check_same_device({{"q", &q}, {"k", &k}, {"v_c", &v_c}, {"w_r", &w_r}, {"b_r", b_r}});
+  check_scale(softmax_scale);
+  check_same_dtype({{"q", &q}, {"k", &k}, {"v_c", &v_c}, {"w_r", &w_r}, {"b_r", b_r}});
+  const AttnDims d{q.size(0), q.size(1), q.size(2), q.size(3), k.size(1), v_c.size(-1)};
+  check_shape(&k, "k", {d.B, d.Tk, d.H, d.D});
+  check_shape(&v_c, "v_c", {d.B, d.Tk, d.R});
+  check_shape(&w_r, "w_r", {d.H * d.D, d.R});
+  check_shape(b_r, "b_r", {d.H * d.D});
+  return d;
+}
+
+// cva_backward: the forward's inputs, plus grad_out (B, Tq, H, D) and ctx (B, Tq, H, R) like q,
+// and softmax_lse (B, H, Tq) float32 (both as cva_forward returned them).
+inline AttnDims check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                      const at::Tensor& k, const at::Tensor& v_c,
+                                      const at::Tensor& w_r, const at::Tensor& softmax_lse,
+                                      const at::Tensor& ctx, double softmax_scale) {
+  const AttnDims d = check_attention_inputs(q, k, v_c, w_r, nullptr, softmax_scale);
+  check_dim(&grad_out, "grad_out", 4);
+  check_dim(&ctx, "ctx", 4);
+  check_dim(&softmax_lse, "softmax_lse", 3);
+  check_same_device({{"q", &q}, {"grad_out", &grad_out}, {"ctx", &ctx},
+                     {"softmax_lse", &softmax_lse}});
+  check_same_dtype({{"q", &q}, {"grad_out", &grad_out}, {"ctx", &ctx}});
+  TORCH_CHECK_TYPE(softmax_lse.scalar_type() == at::kFloat,
+                   "softmax_lse must have dtype torch.float32, got ",
+                   py_dtype(softmax_lse.scalar_type()));
+  check_shape(&grad_out, "grad_out", {d.B, d.Tq, d.H, d.D});
+  check_shape(&ctx, "ctx", {d.B, d.Tq, d.H, d.R});
+  check_shape(&softmax_lse, "softmax_lse", {d.B, d.H, d.Tq});
+  return d;
+}
+
+struct KvcacheDims {
+  int64_t B, Tq, H, D, Tmax, R, Tnew;
+};
+
+struct KvcacheInputs {
+  const at::Tensor& q;
+  const at::Tensor& k_cache;
+  const at::Tensor& vc_cache;
+  const at::Tensor& w_r;
+  const at::Tensor* b_r;
+  const at::Tensor* k;
+  const at::Tensor* v;
+  const at::Tensor* w_c;
+  const at::Tensor* b_c;
+  const at::Tensor& cache_seqlens;
+};
+
+// The new tokens of kvcache_attention: k (B, Tnew, H, D) and v (B, Tnew, H*D) together, then
+// w_c (R, H*D) required, b_c (R,). Returns Tnew (0 without new tokens).
+inline int64_t check_new_tokens(const KvcacheInputs& in, const KvcacheDims& d) {
+  TORCH_CHECK_VALUE((in.k == nullptr) == (in.v == nullptr),
+                    "k and v must be given together (new tokens to append) or both None");
+  if (in.k == nullptr) return 0;
+  const int64_t t_new = in.k->size(1);
+  check_shape(in.k, "k", {d.B, t_new, d.H, d.D});
+  check_shape(in.v, "v", {d.B, t_new, d.H * d.D});
+  TORCH_CHECK_VALUE(in.w_c != nullptr,
+                    "w_c (shape (R, H*D)) is required when new k and v are given");
+  check_shape(in.w_c, "w_c", {d.R, d.H * d.D});
+  check_shape(in.b_c, "b_c", {d.R});
+  return t_new;
+}
+
+// kvcache_attention: q (B, Tq, H, D), k_cache (B, Tmax, H, D), vc_cache (B, Tmax, R) (both with
+// a unit last stride: written in place), w_r (H*D, R), b_r (H*D,), the new tokens, and
+// cache_seqlens int32 (B,). The range of cache_seqlens is checked by the caller, which reads it.
+inline KvcacheDims check_kvcache_inputs(const KvcacheInputs& in, double softmax_scale) {
+  check_dim(&in.q, "q", 4);
+  check_dim(&in.k_cache, "k_cache", 4);
+  check_dim(&in.vc_cache, "vc_cache", 3);
+  check_dim(&in.w_r, "w_r", 2);
+  check_dim(in.b_r, "b_r", 1);
+  check_dim(in.k, "k", 4);
+  check_dim(in.v, "v", 3);
+  check_dim(in.w_c, "w_c", 2);
+  check_dim(in.b_c, "b_c", 1);
+  check_same_device({{"q", &in.q}, {"k_cache", &in.k_cache}, {"vc_cache", &in.vc_cache},
+                     {"w_r", &in.w_r}, {"b_r", in.b_r}, {"k", in.k}, {"v", in.v},
+                     {"w_c", in.w_c}, {"b_c", in.b_c}, {"cache_seqlens", &in.cache_seqlens}});
+  check_scale(softmax_scale);
+  check_same_dtype({{"q", &in.q}, {"k_cache", &in.k_cache}, {"vc_cache", &in.vc_cache},
+                    {"w_r", &in.w_r}, {"b_r", in.b_r}, {"k", in.k}, {"v", in.v},
+                    {"w_c", in.w_c}, {"b_c", in.b_c}});
+  KvcacheDims d{in.q.size(0), in.q.size(1), in.q.size(2), in.q.size(3), in.k_cache.size(1),
+                in.vc_cache.size(-1), 0};
+  check_shape(&in.k_cache, "k_cache", {d.B, d.Tmax, d.H, d.D});
+  check_shape(&in.vc_cache, "vc_cache", {d.B, d.Tmax, d.R});
+  check_shape(&in.w_r, "w_r", {d.H * d.D, d.R});
+  check_shape(in.b_r, "b_r", {d.H * d.D});
+  for (const auto& [name, cache] : {NamedTensor{"k_cache", &in.k_cache},
+                                    NamedTensor{"vc_cache", &in.vc_cache}}) {
+    TORCH_CHECK_VALUE(cache->stride(-1) == 1, name,
+                      " must have a unit stride in its last dimension (got strides ",
+                      py_tuple(cache->strides()), "); it is written in place");
+  }
+  d.Tnew = check_new_tokens(in, d);
+  const at::Tensor& lens = in.cache_seqlens;
+  TORCH_CHECK_TYPE(lens.scalar_type() == at::kInt,
+                   "cache_seqlens must have dtype torch.int32, got ", py_dtype(lens.scalar_type()));
+  TORCH_CHECK_VALUE(lens.dim() == 1 && lens.size(0) == d.B, "cache_seqlens must have shape (",
+                    d.B, ",), got ", py_tuple(lens.sizes()));
+  return d;
+}
+
+}  // namespace vdproj

@@ -1,0 +1,172 @@
+// What the fused CUDA kernels accept, in one place. The public API asks it to route inputs
+// (vdproj_ext._C.cuda_kernel_support) and the CUDA ops check it before they launch (cuda_api.cpp),
+// so the Python side restates no kernel limit.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+#include <cuda_runtime_api.h>
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+
+#include "../common/checks.h"
+#include "cuda_api.h"
+
+namespace vdproj {
+namespace cuda {
+namespace {
+
+// CUDA's grid limits: blocks along x, and along y or z.
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kMaxGridYZ = 65535;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Shared memory one block may opt in to on `device` (bytes). A property of the device, read once:
+// a decode loop asks for every layer at every step.
+int64_t smem_optin_bytes(int device) {
+  static std::mutex mu;
+  static std::map<int, int64_t> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto hit = cache.find(device);
+  if (hit != cache.end()) return hit->second;
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cache.emplace(device, bytes);
+  return bytes;
+}
+
+// The head dims and ranks the kernels are instantiated and laid out for.
+std::string dims_reason(int64_t head_dim, int64_t rank) {
+  if (head_dim != 64 && head_dim != 128) {
+    return c10::str("head_dim ", head_dim, " (kernels: 64 or 128)");
+  }
+  if (rank <= 0 || rank % 8 != 0 || rank > kMaxRank) {
+    return c10::str("rank R=", rank, " (kernels: a positive multiple of 8, at most ", kMaxRank,
+                    ")");
+  }
+  return "";
+}
+
+// The launch grids of attn_fwd.cu, attn_bwd.cu and kvcache.cu (batch on y or z; row groups,
+// and for kvcache the combined rows, on x; heads on y of the restore).
+std::string grid_reason(bool kvcache, int64_t B, int64_t Tq, int64_t H) {
+  if (B > kMaxGridYZ) return c10::str("batch ", B, " (kernel grids: at most ", kMaxGridYZ, ")");
+  if (ceil_div(Tq * H, kRowsPerBlock) > kMaxGridX) {
+    return c10::str(Tq * H, " (head, query) rows per sequence (kernel grids: at most ",
+                    kMaxGridX * kRowsPerBlock, ")");
+  }
+  if (kvcache && H > kMaxGridYZ) {
+    return c10::str(H, " heads (kernel grids: at most ", kMaxGridYZ, ")");
+  }
+  if (kvcache && B * Tq * H > kMaxGridX) {
+    return c10::str(B * Tq * H, " (batch, head, query) rows (kernel grids: at most ", kMaxGridX,
+                    ")");
+  }
+  return "";
+}
+
+// The kernels move these tensors in 16-byte vectors: the base address and every outer stride
+// must be 16-byte aligned, and the last dimension dense.
+std::string alignment_reason(const std::vector<std::optional<at::Tensor>>& vector_loaded) {
+  for (const std::optional<at::Tensor>& t : vector_loaded) {
+    if (!t.has_value() || t->numel() == 0) continue;
+    const int64_t elt = t->element_size();
+    bool aligned = reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+    aligned = aligned && (t->dim() == 0 || t->size(-1) == 1 || t->stride(-1) == 1);
+    for (int64_t d = 0; d + 1 < t->dim(); ++d) {
+      aligned = aligned && (t->size(d) == 1 || (t->stride(d) * elt) % 16 == 0);
+    }
+    if (!aligned) {
+      return c10::str("an input of shape ", py_tuple(t->sizes()), " and strides ",
+                      py_tuple(t->strides()), " whose rows are not 16-byte aligned (the kernels "
+                      "read it with 16-byte vector loads)");
+    }
+  }
+  return "";
+}
+
+// {attention with one stage, compress-on-write, backward}: the least each kernel runs with.
+std::array<int64_t, 3> smem_bytes(DType dtype, int64_t Tq, int64_t H, int64_t D, int64_t R,
+                                  int64_t Tnew) {
+  const int64_t attention =
+      Tq > 0 ? int64_t(attn_min_smem_bytes(dtype, int(D), heads_per_tile(H, Tq), R)) : 0;
+  CompressParams c{};
+  c.H = H;
+  c.head_dim = static_cast<int>(D);
+  const int64_t compress = Tnew > 0 ? int64_t(compress_smem_bytes(c)) : 0;
+  BwdParams b{};
+  b.head_dim = static_cast<int>(D);
+  b.R = R;
+  return {attention, compress, int64_t(bwd_smem_bytes(b))};
+}
+
+std::string smem_reason(bool kvcache, DType dtype, const at::Tensor& q, int64_t R, int64_t Tnew,
+                        bool backward) {
+  const int64_t limit = smem_optin_bytes(q.device().index());
+  const auto [attention, compress, bwd] =
+      smem_bytes(dtype, q.size(1), q.size(2), q.size(3), R, kvcache ? Tnew : 0);
+  const std::pair<const char*, int64_t> needs[] = {
+      {"attention", attention}, {"compress-on-write", compress},
+      {"backward", !kvcache && backward ? bwd : 0}};
+  for (const auto& [name, bytes] : needs) {
+    if (bytes > limit) {
+      return c10::str("the ", name, " kernel needs ", bytes, " bytes of shared memory per block, "
+                      "the device allows ", limit);
+    }
+  }
+  return "";
+}
+
+}  // namespace
+
+std::optional<DType> kernel_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return std::nullopt;
+  }
+}
+
+std::string kernel_support(const std::string& op, const at::Tensor& q, int64_t rank,
+                           const std::vector<std::optional<at::Tensor>>& vector_loaded,
+                           int64_t t_new, bool backward) {
+  TORCH_CHECK_VALUE(op == "cva" || op == "kvcache",
+                    "cuda_kernel_support: op must be \"cva\" or \"kvcache\", got \"", op, "\"");
+  TORCH_CHECK_VALUE(q.dim() == 4, "cuda_kernel_support: q must be 4-D, got shape ",
+                    py_tuple(q.sizes()));
+  if (!q.is_cuda()) return c10::str("q is on ", q.device().str(), ", not a CUDA device");
+  const std::optional<DType> dtype = kernel_dtype(q.scalar_type());
+  if (!dtype) {
+    return c10::str("dtype ", py_dtype(q.scalar_type()),
+                    " (kernels: float32, float16 or bfloat16)");
+  }
+  const bool kvcache = op == "kvcache";
+  for (const std::string& reason :
+       {dims_reason(q.size(3), rank), grid_reason(kvcache, q.size(0), q.size(1), q.size(2)),
+        alignment_reason(vector_loaded)}) {
+    if (!reason.empty()) return reason;
+  }
+  return smem_reason(kvcache, *dtype, q, rank, t_new, backward);
+}
+
+std::vector<int64_t> kernel_smem_bytes(const std::string& dtype, int64_t Tq, int64_t H, int64_t D,
+                                       int64_t R, int64_t Tnew) {
+  std::optional<DType> dt;
+  if (dtype == "float32") dt = DType::kFloat32;
+  if (dtype == "float16") dt = DType::kFloat16;
+  if (dtype == "bfloat16") dt = DType::kBFloat16;
+  TORCH_CHECK_VALUE(dt.has_value(), "kernel_smem_bytes: dtype must be float32, float16 or "
+                    "bfloat16, got ", dtype);
+  const std::string reason = dims_reason(D, R);
+  TORCH_CHECK_VALUE(reason.empty(), "kernel_smem_bytes: ", reason);
+  const auto bytes = smem_bytes(*dt, Tq, H, D, R, Tnew);
+  return {bytes.begin(), bytes.end()};
+}
+
+}  // namespace cuda
+}  // namespace vdproj
