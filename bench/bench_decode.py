@@ -1,7 +1,8 @@
-"""End-to-end decoding: the V-DProj model with its compressed KV cache against the same model
-uncompressed (same weights otherwise), in one run, interleaved, medians.
+"""End-to-end decoding: the V-DProj models with their compressed KV caches against the same
+model uncompressed (same weights otherwise), in one run, interleaved, medians.
 
     python bench/bench_decode.py                      # pythia-70m shape, CPU, float32
+    python bench/bench_decode.py --preset pythia-70m-kv   # latent keys too (issue 10)
     python bench/bench_decode.py --quick              # a smaller grid
     python bench/bench_decode.py --device cuda --dtype bfloat16 --batches 1 8 32 128
 
@@ -10,9 +11,14 @@ memory budget, and decode throughput (new tokens per second over the whole batch
 step at that context: embedding, all layers with cached attention, final norm, LM head and
 argmax, i.e. what generate() runs per token. The caches are filled to the context length
 directly with random keys and values (a 2048-token prefill per point would take minutes on
-2 cores and does not change what a decode step reads). "compressed+fold" is the compressed model
-after vdproj_ext.models.fold_v_compress (v_compress folded into the value projection: one
-linear map x -> V_c), to measure whether that pays.
+2 cores and does not change what a decode step reads).
+
+The models (--models picks some): "uncompressed"; "v-only", compressed values (the preset's
+v_rank); "kv", latent keys as well (only for a preset with k_rank or joint_kv, such as
+pythia-70m-kv); and each compressed one "+fold", after model.prepare_for_inference() (the
+compress projections folded into the fused query/key/value projection: what generate() users
+and vdproj-generate decode with), to measure what the folds gain. Every model's tokens/s is
+also given as a ratio to the uncompressed model's.
 
 Writes a markdown table and a PNG plot (--out, default bench/results/), and prints which
 backend ran. The pytest functions at the bottom are small smoke benchmarks collected by
@@ -21,6 +27,7 @@ backend ran. The pytest functions at the bottom are small smoke benchmarks colle
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -35,7 +42,6 @@ except ImportError:  # run as a script from a source checkout without an install
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vdproj_ext
 from vdproj_ext import VDProjConfig, VDProjForCausalLM
-from vdproj_ext.models import fold_v_compress
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -44,17 +50,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Measurement
 
 
-def build_models(config, dtype, device, fold=True):
-    """Compressed and uncompressed models sharing every GPT-NeoX weight (same init seed)."""
-    comp = VDProjForCausalLM(config, init_seed=0).to(device, dtype).eval()
-    base = VDProjForCausalLM(config.replace(v_rank=None), init_seed=0).to(device, dtype).eval()
-    shared = base.state_dict()
-    for name, t in comp.state_dict().items():
-        if name in shared:
-            assert torch.equal(t, shared[name]), f"{name} differs between the two models"
-    models = {"uncompressed": base, "compressed": comp}
-    if fold:
-        models["compressed+fold"] = fold_v_compress(comp)
+def model_configs(config):
+    """name -> config of the compressed models a preset implies (module docstring)."""
+    configs = {"uncompressed": config.uncompressed(),
+               "v-only": config.replace(k_rank=None, joint_kv=False)}
+    if config.latent_keys:
+        configs["kv"] = config
+    return configs
+
+
+def build_models(config, dtype, device, names=None):
+    """The models of model_configs(config) (and their "+fold" variants) sharing every
+    GPT-NeoX weight (same init seed); names: which of them (default: all)."""
+    models = {}
+    for name, cfg in model_configs(config).items():
+        model = VDProjForCausalLM(cfg, init_seed=0).to(device, dtype).eval()
+        models[name] = model
+        if name != "uncompressed":
+            models[name + "+fold"] = copy.deepcopy(model).prepare_for_inference()
+    shared = models["uncompressed"].state_dict()
+    for name in ("v-only", "kv"):
+        for key, t in models[name].state_dict().items() if name in models else ():
+            if key in shared:
+                assert torch.equal(t, shared[key]), f"{key} differs between the models"
+    if names:
+        unknown = sorted(set(names) - set(models))
+        if unknown:
+            raise SystemExit(f"--models: unknown {unknown}; this preset has {list(models)}")
+        models = {n: m for n, m in models.items() if n in names or n == "uncompressed"}
     return models
 
 
@@ -64,8 +87,7 @@ def weight_bytes(model):
 
 def fill_cache(cache, context, gen):
     """Random finite keys/values in the first `context` slots, seqlens = context."""
-    bufs = cache.k_cache + (cache.vc_cache if hasattr(cache, "vc_cache") else cache.v_cache)
-    for buf in bufs:
+    for buf in cache.buffers():
         buf[:, :context].copy_(torch.randn(buf[:, :context].shape, generator=gen) * 0.5)
     cache.seqlens.fill_(context)
 
@@ -94,7 +116,7 @@ def decode_steps(model, cache, context, tokens, steps, device):
 def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, budget_bytes,
              log=print):
     rows = []
-    cfg = models["compressed"].config
+    vocab = models["uncompressed"].config.vocab_size
     gen = torch.Generator().manual_seed(0)
     for context in contexts:
         for batch in batches:
@@ -103,7 +125,7 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
                 cache = model.new_cache(batch, context + steps + warmup, dtype=dtype)
                 fill_cache(cache, context, gen)
                 caches[name] = cache
-            tokens = torch.randint(0, cfg.vocab_size, (batch, 1), generator=gen).to(device)
+            tokens = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
             per_step = {name: [] for name in models}
             for name, model in models.items():  # warm-up (allocator, OpenMP pool)
                 decode_steps(model, caches[name], context, tokens, warmup, device)
@@ -121,13 +143,11 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
                              "iqr_ms": 1e3 * _iqr(per_step[name]),
                              "max_batch_in_budget": max(0, (budget_bytes - weight_bytes(
                                  models[name])) // seq_bytes)}
-            row["speedup"] = row["compressed"]["tokens_per_s"] / row["uncompressed"]["tokens_per_s"]
-            if "compressed+fold" in models:
-                row["fold_speedup"] = (row["compressed+fold"]["tokens_per_s"]
-                                       / row["compressed"]["tokens_per_s"])
-            row["cache_reduction"] = 1 - (row["compressed"]["cache_bytes"]
-                                          / row["uncompressed"]["cache_bytes"])
-            log(_row_line(row))
+            base = row["uncompressed"]
+            for name in models:  # ratios to the uncompressed model
+                row[name]["speedup"] = row[name]["tokens_per_s"] / base["tokens_per_s"]
+                row[name]["cache_reduction"] = 1 - row[name]["cache_bytes"] / base["cache_bytes"]
+            log(_row_line(row, list(models)))
             rows.append(row)
             del caches
     return rows
@@ -138,33 +158,34 @@ def _iqr(xs):
     return q[2] - q[0]
 
 
-def _row_line(row):
-    u, c = row["uncompressed"], row["compressed"]
-    s = (f"batch {row['batch']:4d} ctx {row['context']:5d} | tok/s uncompressed "
-         f"{u['tokens_per_s']:9.1f} compressed {c['tokens_per_s']:9.1f} "
-         f"x{row['speedup']:.3f}")
-    if "fold_speedup" in row:
-        s += f" | fold {row['compressed+fold']['tokens_per_s']:9.1f} x{row['fold_speedup']:.3f}"
-    return s + f" | cache -{100 * row['cache_reduction']:.2f}%"
+def _row_line(row, names):
+    s = f"batch {row['batch']:4d} ctx {row['context']:5d} | tok/s"
+    for name in names:
+        r = row[name]
+        s += f" {name} {r['tokens_per_s']:.1f}"
+        if name != "uncompressed":
+            s += f" (x{r['speedup']:.3f}, cache -{100 * r['cache_reduction']:.2f}%)"
+    return s
 
 
 def markdown_table(rows, meta):
-    fold = "fold_speedup" in rows[0]
-    head = ("| batch | context | KV cache uncompressed (MiB) | compressed (MiB) | reduction "
-            "| tok/s uncompressed | tok/s compressed | speedup |"
-            + (" tok/s compressed+fold | fold vs compressed |" if fold else "")
-            + f" max batch in {meta['budget_gib']:g} GiB (uncompr. / compr.) |")
-    sep = "|" + "---|" * (head.count("|") - 1)
-    lines = [head, sep]
+    """One row per (batch, context): each model's cache (MiB), tokens/s and ratio to the
+    uncompressed model, and the largest batch of each model in the memory budget."""
+    names = [n for n in rows[0] if isinstance(rows[0][n], dict)]
+    head = "| batch | context |"
+    head += "".join(f" {n} cache (MiB) |" for n in names if not n.endswith("+fold"))
+    head += "".join(f" {n} tok/s |" + ("" if n == "uncompressed" else f" {n} vs uncompr. |")
+                    for n in names)
+    head += f" max batch in {meta['budget_gib']:g} GiB ({' / '.join(names)}) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        u, c = r["uncompressed"], r["compressed"]
-        line = (f"| {r['batch']} | {r['context']} | {u['cache_bytes'] / 2**20:.1f} | "
-                f"{c['cache_bytes'] / 2**20:.1f} | {100 * r['cache_reduction']:.2f}% | "
-                f"{u['tokens_per_s']:.1f} | {c['tokens_per_s']:.1f} | {r['speedup']:.3f}x |")
-        if fold:
-            line += (f" {r['compressed+fold']['tokens_per_s']:.1f} | "
-                     f"{r['fold_speedup']:.3f}x |")
-        line += f" {u['max_batch_in_budget']} / {c['max_batch_in_budget']} |"
+        line = f"| {r['batch']} | {r['context']} |"
+        line += "".join(f" {r[n]['cache_bytes'] / 2**20:.1f} |" for n in names
+                        if not n.endswith("+fold"))
+        line += "".join(f" {r[n]['tokens_per_s']:.1f} |" +
+                        ("" if n == "uncompressed" else f" {r[n]['speedup']:.3f}x |")
+                        for n in names)
+        line += f" {' / '.join(str(r[n]['max_batch_in_budget']) for n in names)} |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -175,34 +196,31 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
     contexts = sorted({r["context"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
+    names = [n for n in rows[0] if isinstance(rows[0][n], dict)]
+    styles = ["--o", "-s", ":^", "-D", ":v"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ctx in contexts:
         sel = [r for r in rows if r["context"] == ctx]
         bs = [r["batch"] for r in sel]
-        line = axes[0].plot(bs, [r["uncompressed"]["tokens_per_s"] for r in sel], "--o",
-                            label=f"uncompressed, ctx {ctx}")[0]
-        axes[0].plot(bs, [r["compressed"]["tokens_per_s"] for r in sel], "-s",
-                     color=line.get_color(), label=f"V-DProj, ctx {ctx}")
-        axes[1].plot(bs, [r["speedup"] for r in sel], "-s", color=line.get_color(),
-                     label=f"V-DProj, ctx {ctx}")
-        if "compressed+fold" in sel[0]:
-            axes[1].plot(bs, [r["compressed+fold"]["tokens_per_s"] / r["uncompressed"][
-                "tokens_per_s"] for r in sel], ":^", color=line.get_color(),
-                label=f"V-DProj + fold, ctx {ctx}")
-    axes[0].set_xscale("log", base=2)
-    axes[0].set_xlabel("batch size")
+        color = None
+        for name, style in zip(names, styles):
+            line = axes[0].plot(bs, [r[name]["tokens_per_s"] for r in sel], style, color=color,
+                                label=f"{name}, ctx {ctx}")[0]
+            color = line.get_color()
+            if name != "uncompressed":
+                axes[1].plot(bs, [r[name]["speedup"] for r in sel], style, color=color,
+                             label=f"{name}, ctx {ctx}")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("batch size")
+        ax.legend(fontsize=6)
     axes[0].set_ylabel("decode tokens / s")
-    axes[0].set_xticks(batches, [str(b) for b in batches])
-    axes[0].legend(fontsize=7)
     axes[0].set_title("decode throughput")
     axes[1].axhline(1.0, color="grey", lw=0.8)
-    axes[1].axhline(1.1, color="grey", lw=0.8, ls=":")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xticks(batches, [str(b) for b in batches])
-    axes[1].set_xlabel("batch size")
-    axes[1].set_ylabel("V-DProj / uncompressed")
-    axes[1].set_title("decode speedup (KV cache 18.75% smaller)")
-    axes[1].legend(fontsize=7)
+    axes[1].axhline(0.98, color="grey", lw=0.8, ls=":")
+    axes[1].set_ylabel("tokens/s relative to uncompressed")
+    axes[1].set_title("decode speed relative to the uncompressed model")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -223,7 +241,10 @@ def main(argv=None):
                    help="torch threads on CPU (default: all cores torch sees)")
     p.add_argument("--budget-gib", type=float, default=2.0,
                    help="memory budget (weights + KV cache) for the largest-batch column")
-    p.add_argument("--no-fold", action="store_true", help="skip the folded-v_compress variant")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="which models to time (default: all the preset implies; the "
+                        "uncompressed one always runs): uncompressed v-only v-only+fold kv "
+                        "kv+fold")
     p.add_argument("--quick", action="store_true", help="batches 1 8, contexts 256 2048")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
@@ -240,7 +261,7 @@ def main(argv=None):
         print("WARNING: compiled kernels unavailable; the compressed model runs the slow "
               f"pure-PyTorch reference ({info['extension_error']})")
     cfg = VDProjConfig.preset(args.preset)
-    models = build_models(cfg, dtype, device, fold=not args.no_fold)
+    models = build_models(cfg, dtype, device, args.models)
     budget = int(args.budget_gib * 2**30)
     t0 = time.time()
     rows = run_grid(models, args.batches, args.contexts, steps=args.steps, reps=args.reps,
@@ -274,17 +295,20 @@ def main(argv=None):
 # pytest-benchmark: one small decode step each (seconds, not minutes)
 
 
-def _small_setup(v_rank, batch=4, context=192):
-    cfg = VDProjConfig.preset("cpu-small")
-    model = VDProjForCausalLM(cfg if v_rank else cfg.replace(v_rank=None), init_seed=0).eval()
+def _small_setup(preset, batch=4, context=192):
+    """A prepared (folded) cpu-small model of `preset` ("uncompressed" for the baseline) with
+    a cache filled to `context`."""
+    cfg = (VDProjConfig.preset("cpu-small").uncompressed() if preset == "uncompressed"
+           else VDProjConfig.preset(preset))
+    model = VDProjForCausalLM(cfg, init_seed=0).prepare_for_inference()
     cache = model.new_cache(batch, context + 1)
     fill_cache(cache, context, torch.Generator().manual_seed(0))
     tokens = torch.zeros(batch, 1, dtype=torch.long)
     return model, cache, context, tokens
 
 
-def _bench_step(benchmark, v_rank):
-    model, cache, context, tokens = _small_setup(v_rank)
+def _bench_step(benchmark, preset):
+    model, cache, context, tokens = _small_setup(preset)
 
     def step():
         cache.seqlens.fill_(context)
@@ -296,31 +320,47 @@ def _bench_step(benchmark, v_rank):
 
 
 def test_decode_step_compressed(benchmark):
-    _bench_step(benchmark, True)
+    _bench_step(benchmark, "cpu-small")
+
+
+def test_decode_step_latent_kv(benchmark):
+    _bench_step(benchmark, "cpu-small-kv")
 
 
 def test_decode_step_uncompressed(benchmark):
-    _bench_step(benchmark, False)
+    _bench_step(benchmark, "uncompressed")
 
 
 def test_fold_matches_unfolded():
-    """The folded variant decodes the same logits as the compressed model (also tested in
-    python_tests/test_generate.py)."""
-    cfg = VDProjConfig.preset("smoke")
-    model = VDProjForCausalLM(cfg, init_seed=0).double().eval()
-    with torch.no_grad():
-        for attn in model.attention_modules():
-            attn.v_compress.bias.normal_()
-            attn.query_key_value.bias.normal_()
-    folded = fold_v_compress(model)
-    ids = torch.randint(0, cfg.vocab_size, (2, 9))
-    c1, c2 = model.new_cache(2, 12), folded.new_cache(2, 12)
-    with torch.no_grad():
-        a = torch.cat([model(ids[:, :5], cache=c1).logits] +
-                      [model(ids[:, i:i + 1], cache=c1).logits for i in range(5, 9)], 1)
-        b = torch.cat([folded(ids[:, :5], cache=c2).logits] +
-                      [folded(ids[:, i:i + 1], cache=c2).logits for i in range(5, 9)], 1)
-    assert (a - b).abs().max() < 1e-10
+    """The prepared (folded) variants decode the same logits as the models they come from
+    (also tested in python_tests/test_generate.py and test_latent_model.py)."""
+    for preset in ("smoke", "smoke-kv"):
+        cfg = VDProjConfig.preset(preset)
+        model = VDProjForCausalLM(cfg, init_seed=0).double().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_()
+        folded = copy.deepcopy(model).prepare_for_inference()
+        ids = torch.randint(0, cfg.vocab_size, (2, 9))
+        c1, c2 = model.new_cache(2, 12), folded.new_cache(2, 12)
+        with torch.no_grad():
+            a = torch.cat([model(ids[:, :5], cache=c1).logits] +
+                          [model(ids[:, i:i + 1], cache=c1).logits for i in range(5, 9)], 1)
+            b = torch.cat([folded(ids[:, :5], cache=c2).logits] +
+                          [folded(ids[:, i:i + 1], cache=c2).logits for i in range(5, 9)], 1)
+        assert (a - b).abs().max() < 1e-10, preset
+
+
+def test_grid_and_table_on_a_tiny_setting():
+    import pytest
+    models = build_models(VDProjConfig.preset("smoke-kv"), torch.float32, torch.device("cpu"))
+    assert list(models) == ["uncompressed", "v-only", "v-only+fold", "kv", "kv+fold"]
+    rows = run_grid(models, [2], [8], steps=1, reps=1, warmup=1, device=torch.device("cpu"),
+                    dtype=torch.float32, budget_bytes=2**20, log=lambda line: None)
+    assert rows[0]["kv"]["cache_reduction"] == pytest.approx(0.25)  # smoke: rotary on half
+    table = markdown_table(rows, {"budget_gib": 0.001})
+    assert table.count("\n") == 2 and "kv+fold vs uncompr." in table
 
 
 if __name__ == "__main__":

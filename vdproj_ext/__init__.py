@@ -5,8 +5,10 @@
 """
 from importlib import import_module
 
-from .ops import (CompressedVAttentionFunction, backend_info, compressed_attn_with_kvcache,
-                  compressed_v_attention, decode_linear, reference)
+from .ops import (CompressedKVAttentionFunction, CompressedVAttentionFunction, backend_info,
+                  compressed_attn_with_kvcache, compressed_kv_attention,
+                  compressed_kv_attn_with_kvcache, compressed_v_attention, decode_linear,
+                  reference)
 
 __version__ = "0.1.0"
 

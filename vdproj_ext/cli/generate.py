@@ -3,14 +3,17 @@
     vdproj-generate --checkpoint out/checkpoints/two_phase.pt --prompt "ROMEO:" --max-new-tokens 50
     vdproj-generate --checkpoint out --run e2e --prompt "To be"            # a training output dir
     vdproj-generate --checkpoint path/to/pythia-70m --v-rank 320 --prompt "Hello"   # HF folder
+    vdproj-generate --checkpoint path/to/pythia-70m --v-rank 320 --k-rank 192 --prompt "Hi"
 
 --checkpoint is one of
   * a training checkpoint written by `python -m vdproj_ext.train` (a .pt file holding the
     model config and state dict), or its output folder (then --run picks the run, default
     two_phase, else e2e, else baseline);
   * a Hugging Face GPT-NeoX folder (config.json + weights). With --v-rank it is compressed on
-    load, v_compress/v_restore fitted by --init on --calibration-text (default: the embedded
-    Shakespeare text when available).
+    load (with --k-rank its keys too: latent keys, SPEC 3b), the compress/restore pairs fitted
+    by --init on --calibration-text (default: the embedded Shakespeare text when available).
+A compressed model decodes after model.prepare_for_inference(), which folds the compress
+projections into the query/key/value projection (--no-fold skips it).
 The tokenizer is --tokenizer (a tokenizer.json, "neox" or "bytes"), else the one the checkpoint
 names or ships (tokenizer.json beside it), else the GPT-NeoX-20B tokenizer.
 Loading is vdproj_ext.experiment.inference.load_model; this module parses and prints.
@@ -24,8 +27,9 @@ import time
 import torch
 
 from ..experiment.inference import load_model
-from ..experiment.protocol import REFERENCE_RANKING
-from ..models import fold_v_compress, kv_cache_nbytes
+from ..experiment.protocol import REFERENCE_RANKING, RUN_NAMES
+from ..models import kv_cache_nbytes
+from ..models.calibration import INITS
 from ..ops import backend_info
 
 
@@ -54,18 +58,22 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-token-id", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json path, 'neox' or 'bytes'")
-    p.add_argument("--run", choices=REFERENCE_RANKING, default=None,
-                   help="which run of a training output folder")
+    p.add_argument("--run", choices=RUN_NAMES, default=None,
+                   help="which run of a training output folder (default: the first present "
+                        f"of {', '.join(REFERENCE_RANKING)})")
     p.add_argument("--v-rank", type=int, default=None,
                    help="compress a HF GPT-NeoX checkpoint to this rank on load")
-    p.add_argument("--init", default="pca", choices=["pca", "whitened_svd", "random"])
+    p.add_argument("--k-rank", type=int, default=None,
+                   help="with --v-rank: also compress the keys' non-rotary dims to this rank")
+    p.add_argument("--init", default="pca", choices=INITS)
     p.add_argument("--calibration-text", default=None, help="text file for --init pca/svd")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-fold", action="store_true",
-                   help="keep v_compress separate (by default a compressed model decodes with "
-                        "v_compress folded into the value projection, which is faster)")
+                   help="keep the compress projections separate (by default a compressed "
+                        "model decodes after model.prepare_for_inference(), which folds them "
+                        "into the query/key/value projection: faster)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error("--max-new-tokens must be >= 1")
@@ -83,15 +91,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         model, tok, desc = load_model(args.checkpoint, run=args.run, v_rank=args.v_rank,
-                                      init=args.init, calibration_text=args.calibration_text,
+                                      k_rank=args.k_rank, init=args.init,
+                                      calibration_text=args.calibration_text,
                                       tokenizer=args.tokenizer, dtype=getattr(torch, args.dtype),
                                       device=args.device)
     except (FileNotFoundError, ValueError, RuntimeError, TypeError) as exc:
         return _error(str(exc))
     cfg = model.config
     if cfg.v_rank is not None and not args.no_fold:
-        model = fold_v_compress(model, inplace=True)
-        desc += ", v_compress folded into the value projection"
+        model = model.prepare_for_inference()
+        desc += ", compress projections folded (prepare_for_inference)"
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         return _error("the prompt encodes to no tokens")
@@ -123,7 +132,7 @@ def _cache_line(cfg, max_len: int, dtype: torch.dtype) -> str:
     """The KV cache of one sequence of max_len tokens, against the uncompressed one."""
     elem = torch.empty((), dtype=dtype).element_size()
     shape = (cfg.num_layers, 1, max_len, cfg.num_heads, cfg.head_dim)
-    used = kv_cache_nbytes(*shape, cfg.v_rank, elem)
+    used = kv_cache_nbytes(*shape, cfg.v_rank, elem, config=cfg)  # the config knows latent keys
     full = kv_cache_nbytes(*shape, None, elem)
     if cfg.v_rank is not None:
         return (f"KV cache: {used} bytes ({_fmt_bytes(used)}) for {max_len} tokens; uncompressed "

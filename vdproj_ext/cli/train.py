@@ -15,7 +15,7 @@ import sys
 from typing import List, Optional
 
 from ..experiment.checkpoint import CheckpointError
-from ..experiment.protocol import MODES, RUN_NAMES, Settings, runs_for
+from ..experiment.protocol import DEFAULT_RUNS, MODES, RUN_NAMES, Settings, runs_for
 from ..experiment.runner import ExperimentOptions, default_jobs, run_jobs, train_runs
 from ..experiment.report import write_outputs
 from ..models import VDProjConfig
@@ -24,13 +24,15 @@ from ..models import VDProjConfig
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="vdproj-train", description="V-DProj experiment: baseline, end-to-end and "
-        "two-phase training of a GPT-NeoX model with a compressed value cache.")
+        "two-phase training of a GPT-NeoX model with a compressed value cache (and, in the "
+        "*_kv runs, latent keys as well).")
     p.add_argument("--out", default="runs/default", help="output folder (default runs/default)")
     p.add_argument("--preset", default="cpu-small", choices=VDProjConfig.PRESETS)
-    p.add_argument("--mode", default="all", choices=(*MODES, "all"))
+    p.add_argument("--mode", default="all", choices=(*MODES, "all"),
+                   help=f"the runs (default all: {', '.join(DEFAULT_RUNS)})")
     p.add_argument("--phase1", default="sgd", choices=("sgd", "pca", "both"),
                    help="phase 1 by SGD (the reference), by closed-form PCA, or both (adds "
-                        "the run two_phase_pca)")
+                        "the runs two_phase_pca and two_phase_kv_pca next to their SGD runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the runs whose checkpoints are in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -53,6 +55,8 @@ def parse_args(argv=None):
     g.add_argument("--patience", type=int, help="early-stopping patience (1)")
     g.add_argument("--batch-size", type=int, help="global batch size (8)")
     g.add_argument("--v-rank", type=int, help="override the preset's v_rank")
+    g.add_argument("--k-rank", type=int, help="the latent-key runs' k_rank (default: the "
+                   "preset's, else 0.375 * hidden size)")
     g.add_argument("--init-from", help="start every run from a local Hugging Face GPT-NeoX "
                    "checkpoint folder (e.g. Pythia-70m) instead of random weights; its shape "
                    "replaces the preset's, and its vocabulary must match the tokenizer")
@@ -90,7 +94,7 @@ def options(args) -> ExperimentOptions:
     return ExperimentOptions(
         out=args.out, preset=args.preset, settings=settings, seed=args.seed,
         phase1=args.phase1, resume=args.resume, data_text=args.data_text,
-        data_npy=args.data_npy, data_pt=args.data_pt, v_rank=args.v_rank,
+        data_npy=args.data_npy, data_pt=args.data_pt, v_rank=args.v_rank, k_rank=args.k_rank,
         init_from=args.init_from, amp=args.amp, backend=args.backend,
         save_every_steps=args.save_every_steps, save_every_s=args.save_every_s,
         pca_reference=not args.no_pca_reference, show_progress=not args.no_progress,

@@ -77,17 +77,25 @@ class EpochLog:
 
     Phase 1 by SGD logs epoch, train_recon, val_recon, time_s; phase 1 by PCA one entry with
     method "pca" and variance_kept; cross-entropy stages log the losses and perplexities, and
-    `recon` (validation reconstruction) when the model is compressed."""
+    `recon` (validation reconstruction) when the model is compressed. With latent keys, every
+    reconstruction figure also comes split by pair: *_k for the keys' k_nope, *_v for V."""
     epoch: int
     method: Optional[str] = None              # "pca": the closed-form phase 1
     train_recon: Optional[float] = None       # mean reconstruction loss over the epoch's steps
     val_recon: Optional[float] = None
+    train_recon_k: Optional[float] = None     # latent keys: train_recon's key part ...
+    train_recon_v: Optional[float] = None     # ... and its value part
+    val_recon_k: Optional[float] = None
+    val_recon_v: Optional[float] = None
     variance_kept: Optional[List[float]] = None  # PCA: fraction of V's variance, per layer
+    variance_kept_k: Optional[List[float]] = None  # PCA, latent keys: of k_nope's, per layer
     train_loss: Optional[float] = None        # mean cross-entropy over the epoch's steps
     train_ppl: Optional[float] = None
     val_loss: Optional[float] = None          # token-weighted validation cross-entropy
     val_ppl: Optional[float] = None
     recon: Optional[float] = None             # validation reconstruction during CE training
+    recon_k: Optional[float] = None           # latent keys: recon's key part ...
+    recon_v: Optional[float] = None           # ... and its value part
     time_s: Optional[float] = None            # training time of the epoch (evaluation excluded)
 
     def to_dict(self) -> dict:
@@ -101,6 +109,8 @@ class StageState:
     epoch: int = 1                 # the epoch in progress, from 1; past the limit: finished
     step: int = 0                  # optimizer steps done in that epoch
     loss_sum: float = 0.0          # sum over those steps of the global batch's mean loss
+    recon_k_sum: float = 0.0       # latent keys, phase 1: the same for the loss's key part ...
+    recon_v_sum: float = 0.0       # ... and for its value part
     train_time: float = 0.0        # seconds of training in that epoch
     log: List[EpochLog] = field(default_factory=list)  # the finished epochs
     best: float = math.inf         # best validation metric: recon (phase 1), else perplexity

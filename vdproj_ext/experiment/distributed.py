@@ -51,12 +51,16 @@ class Dist:
             dist.all_reduce(t)
         return t
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module to train: DDP over the process group, or the model itself."""
+    def wrap(self, model: torch.nn.Module, *,
+             find_unused_parameters: bool = False) -> torch.nn.Module:
+        """The module to train: DDP over the process group, or the model itself.
+        find_unused_parameters: some trainable parameter gets no gradient from the loss
+        (DDP then looks for them every step instead of waiting for their gradients)."""
         if self.world == 1:
             return model
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused_parameters)
 
     def close(self):
         if self.world > 1 and dist.is_initialized():

@@ -67,7 +67,8 @@ def calibration_ids(text_path: Optional[str], tokenizer, vocab_size: int, prompt
 
 
 def load_model(checkpoint, *, run: Optional[str] = None, v_rank: Optional[int] = None,
-               init: str = "pca", calibration_text: Optional[str] = None,
+               k_rank: Optional[int] = None, init: str = "pca",
+               calibration_text: Optional[str] = None,
                tokenizer: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                device=None) -> Tuple[VDProjForCausalLM, object, str]:
     """The one place that turns --checkpoint into (model, tokenizer, description).
@@ -78,27 +79,31 @@ def load_model(checkpoint, *, run: Optional[str] = None, v_rank: Optional[int] =
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist")
     if is_hf_folder(path):
-        return _load_hf_folder(path, v_rank=v_rank, init=init, tokenizer=tokenizer,
+        return _load_hf_folder(path, v_rank=v_rank, k_rank=k_rank, init=init, tokenizer=tokenizer,
                                calibration_text=calibration_text, dtype=dtype, device=device)
-    if v_rank is not None:
-        raise ValueError("--v-rank applies to Hugging Face GPT-NeoX folders; a training "
-                         "checkpoint already fixes its v_rank")
+    if v_rank is not None or k_rank is not None:
+        raise ValueError("--v-rank and --k-rank apply to Hugging Face GPT-NeoX folders; a "
+                         "training checkpoint already fixes its ranks")
     ckpt_path = find_checkpoint(path, [run] if run else REFERENCE_RANKING)
     model, ckpt = load_trained_model(ckpt_path)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     tok = load_tokenizer(tokenizer, ckpt.tokenizer, [ckpt_path.parent, ckpt_path.parent.parent])
-    return model, tok, f"training checkpoint {ckpt_path} (v_rank={model.config.v_rank})"
+    cfg = model.config
+    keys = f", k_rank={cfg.k_rank}" if cfg.k_rank is not None else ""
+    return model, tok, f"training checkpoint {ckpt_path} (v_rank={cfg.v_rank}{keys})"
 
 
-def _load_hf_folder(path: Path, *, v_rank, init, tokenizer, calibration_text, dtype, device):
+def _load_hf_folder(path: Path, *, v_rank, k_rank, init, tokenizer, calibration_text, dtype,
+                    device):
     hf = read_gpt_neox_config(path)
     tok = load_tokenizer(tokenizer, None, [path])
     calib = None
     if v_rank is not None and init != "random":
         calib = calibration_ids(calibration_text, tok, int(hf["vocab_size"]), tok.encode("\n"))
-    model = from_gpt_neox(path, v_rank=v_rank, init=init, calibration_ids=calib, dtype=dtype,
-                          device=device)
-    desc = f"Hugging Face GPT-NeoX {path}" + (f", converted to v_rank={v_rank} by {init}"
+    model = from_gpt_neox(path, v_rank=v_rank, k_rank=k_rank, init=init, calibration_ids=calib,
+                          dtype=dtype, device=device)
+    keys = f", k_rank={k_rank}" if k_rank is not None else ""
+    desc = f"Hugging Face GPT-NeoX {path}" + (f", converted to v_rank={v_rank}{keys} by {init}"
                                               if v_rank is not None else ", uncompressed")
     return model, tok, desc

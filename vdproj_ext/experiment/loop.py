@@ -69,10 +69,13 @@ class Evaluation:
     ppl: Optional[float] = None
     position_ppl: Optional[Dict[str, float]] = None  # "lo-hi" -> perplexity (POSITION_EDGES)
     recon: Optional[float] = None   # mean over samples of the model's reconstruction loss
+    recon_k: Optional[float] = None  # latent keys: its key part (k_nope) ...
+    recon_v: Optional[float] = None  # ... and its value part
 
     def summary(self) -> Dict[str, float]:
-        """loss, ppl and recon where measured (results.json "initial_val")."""
-        return {k: v for k, v in (("loss", self.loss), ("ppl", self.ppl), ("recon", self.recon))
+        """loss, ppl and the recon losses where measured (results.json "initial_val")."""
+        return {k: v for k, v in (("loss", self.loss), ("ppl", self.ppl), ("recon", self.recon),
+                                  ("recon_k", self.recon_k), ("recon_v", self.recon_v))
                 if v is not None}
 
 
@@ -87,6 +90,16 @@ def position_ppl(per_pos: torch.Tensor) -> Dict[str, float]:
     return buckets
 
 
+def recon_parts(out) -> Optional[torch.Tensor]:
+    """A latent-key model's reconstruction losses by pair, detached: (keys' k_nope, values);
+    None for a model whose keys are not compressed. (out.recon_loss, the objective, is the
+    mean of the pairs' losses.)"""
+    parts = out.recon_losses or {}
+    if "k" not in parts:
+        return None
+    return torch.stack((parts["k"].detach(), parts["v"].detach()))
+
+
 @torch.no_grad()
 def evaluate(s: Session, model, split: torch.Tensor, *, ce=True, recon=False) -> Evaluation:
     """Cross-entropy (with position buckets) and/or reconstruction loss over `split`."""
@@ -94,7 +107,9 @@ def evaluate(s: Session, model, split: torch.Tensor, *, ce=True, recon=False) ->
     model.eval()
     t = split.shape[1]
     pos_sum = torch.zeros(t - 1, dtype=torch.float64, device=s.dist.device)
-    stats = torch.zeros(2, dtype=torch.float64, device=s.dist.device)  # recon * samples, samples
+    # per sample: recon, recon_k, recon_v (summed over samples); then the sample count
+    stats = torch.zeros(4, dtype=torch.float64, device=s.dist.device)
+    split_recon = False
     for ids in s.eval_batches(split):
         with s.autocast():
             out = model(ids, labels=ids if ce else None, return_recon=recon,
@@ -103,18 +118,30 @@ def evaluate(s: Session, model, split: torch.Tensor, *, ce=True, recon=False) ->
             pos_sum += out.loss.double().sum(0)
         if recon and out.recon_loss is not None:
             stats[0] += out.recon_loss.double() * ids.shape[0]
-        stats[1] += ids.shape[0]
+            parts = recon_parts(out)
+            if parts is not None:
+                stats[1:3] += parts.double() * ids.shape[0]
+                split_recon = True
+        stats[3] += ids.shape[0]
     s.dist.sum_(pos_sum)
     s.dist.sum_(stats)
     model.train(was_training)
-    n = stats[1].item()
+    return _evaluation(pos_sum, stats.tolist(), t, ce=ce, recon=recon, split_recon=split_recon)
+
+
+def _evaluation(pos_sum: torch.Tensor, stats: List[float], t: int, *, ce: bool, recon: bool,
+                split_recon: bool) -> Evaluation:
+    """evaluate()'s sums over the split, turned into means."""
+    n = stats[3]
     res = Evaluation()
     if ce:
         res.loss = pos_sum.sum().item() / (n * (t - 1))
         res.ppl = ppl(res.loss)
         res.position_ppl = position_ppl((pos_sum / n).cpu())
     if recon:
-        res.recon = stats[0].item() / n if n else float("nan")
+        res.recon = stats[0] / n if n else float("nan")
+    if recon and split_recon:
+        res.recon_k, res.recon_v = (stats[1] / n, stats[2] / n) if n else (math.nan, math.nan)
     return res
 
 
@@ -124,10 +151,10 @@ def evaluate(s: Session, model, split: torch.Tensor, *, ce=True, recon=False) ->
 
 def set_trainable_(model, trains: str) -> List[torch.nn.Parameter]:
     """requires_grad per StageSpec.trains; returns the trainable parameters."""
-    v_proj = {id(p) for p in model.v_projection_parameters()}
+    pairs = {id(p) for p in model.v_projection_parameters()}  # every pair, keys' too
     for p in model.parameters():
-        is_v = id(p) in v_proj
-        p.requires_grad_({"v_projection": is_v, "all_but_v_projection": not is_v,
+        in_pair = id(p) in pairs
+        p.requires_grad_({"projections": in_pair, "all_but_projections": not in_pair,
                           "all": True}[trains])
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -154,7 +181,11 @@ class StageTrainer:
         """Train to the epoch limit or an early stop; leaves the best epoch's weights in the
         model, every parameter trainable again."""
         st, model = self.st, self.model
-        net = self.s.dist.wrap(model)
+        # k_restore's bias cancels in the softmax (SPEC 3b): cross-entropy never reaches it,
+        # so a latent-key model trained whole (e2e_kv) has a parameter without gradient
+        unreached = (model.config.latent_keys and not self.recon_objective
+                     and self.spec.trains == "all")
+        net = self.s.dist.wrap(model, find_unused_parameters=unreached)
         model.train()
         if st.initial is None:
             st.initial = self.evaluate().summary()
@@ -172,23 +203,24 @@ class StageTrainer:
                         recon=self.compressed)
 
     def train_epoch(self, net) -> torch.Tensor:
-        """The epoch's remaining steps. Returns this process's loss sum not yet folded into
-        st.loss_sum (kept on the device, so that no step waits for the GPU)."""
+        """The epoch's remaining steps. Returns this process's sums of the logged losses (see
+        train_step) not yet folded into st (kept on the device, so that no step waits for
+        the GPU)."""
         s, st = self.s, self.st
-        pending = torch.zeros((), dtype=torch.float64, device=s.dist.device)
+        pending = torch.zeros(3, dtype=torch.float64, device=s.dist.device)
         n_batches = num_batches(len(s.data.train), s.settings.batch_size)
         bar = self.progress_bar(n_batches)
         for ids in train_batches(s.data.train, seed=s.seed, epoch=st.epoch,
                                  global_batch=s.settings.batch_size, rank=s.dist.rank,
                                  world=s.dist.world, start_step=st.step):
-            loss = self.train_step(net, ids.to(s.dist.device, non_blocking=True))
-            pending += loss.detach().double()
+            logged = self.train_step(net, ids.to(s.dist.device, non_blocking=True))
+            pending[:len(logged)] += logged
             st.step += 1
             s.steps_done += 1
             if bar is not None:
                 bar.update(1)
                 if st.step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    bar.set_postfix(loss=f"{logged[0].item():.4f}")
             if s.kill_at_step and s.steps_done >= s.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die like a killed job
             if s.save_every_steps and st.step % s.save_every_steps == 0 and st.step < n_batches:
@@ -199,22 +231,33 @@ class StageTrainer:
         return pending
 
     def train_step(self, net, ids: torch.Tensor) -> torch.Tensor:
+        """One optimizer step. Returns the step's loss, detached, in float64, as a vector:
+        [loss], or [loss, key part, value part] for a latent-key model's phase 1."""
         with self.s.autocast():
             if self.recon_objective:
-                loss = net(ids, return_recon=True, skip_logits=True).recon_loss
+                out = net(ids, return_recon=True, skip_logits=True)
+                loss = out.recon_loss
             else:
-                loss = net(ids, labels=ids).loss
+                out = net(ids, labels=ids)
+                loss = out.loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.s.settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.s.settings.max_grad_norm)
         self.opt.step()
-        return loss
+        parts = recon_parts(out) if self.recon_objective else None
+        logged = loss.detach().reshape(1)
+        return (logged if parts is None else torch.cat((logged, parts))).double()
 
     def sync_loss(self, pending: torch.Tensor) -> torch.Tensor:
-        """Fold every process's pending loss sum into st.loss_sum (the sum over steps of the
-        global batch's loss), so that a checkpoint written by rank 0 holds it."""
-        self.st.loss_sum += self.s.dist.sum_(pending.clone()).item() / self.s.dist.world
+        """Fold every process's pending loss sums into st.loss_sum (the sum over steps of the
+        global batch's loss) and st.recon_k_sum / recon_v_sum, so that a checkpoint written by
+        rank 0 holds them."""
+        st = self.st
+        total = (self.s.dist.sum_(pending.clone()) / self.s.dist.world).tolist()
+        st.loss_sum += total[0]
+        st.recon_k_sum += total[1]
+        st.recon_v_sum += total[2]
         return torch.zeros_like(pending)
 
     def end_epoch(self, pending: torch.Tensor, t0: float):
@@ -239,17 +282,23 @@ class StageTrainer:
             for k, v in entry.to_dict().items() if k != "epoch")
             + ("" if improved else "  (no improvement)"))
         st.epoch, st.step, st.loss_sum, st.train_time = st.epoch + 1, 0, 0.0, 0.0
+        st.recon_k_sum = st.recon_v_sum = 0.0
         last = st.stopped or st.epoch > self.max_epochs
         if last or self.writer.seconds_since_save() >= self.s.save_every_s:
             self.writer.save(self.state, self.model, self.opt)
 
     def epoch_log(self, train_loss: float, val: Evaluation) -> EpochLog:
-        time_s = round(self.st.train_time, 3)
+        st = self.st
+        time_s = round(st.train_time, 3)
         if self.recon_objective:
-            return EpochLog(self.st.epoch, train_recon=train_loss, val_recon=val.recon,
-                            time_s=time_s)
-        return EpochLog(self.st.epoch, train_loss=train_loss, train_ppl=ppl(train_loss),
-                        val_loss=val.loss, val_ppl=val.ppl, recon=val.recon, time_s=time_s)
+            split = val.recon_k is not None  # a latent-key model: log each pair's part
+            return EpochLog(st.epoch, train_recon=train_loss, val_recon=val.recon,
+                            train_recon_k=st.recon_k_sum / st.step if split else None,
+                            train_recon_v=st.recon_v_sum / st.step if split else None,
+                            val_recon_k=val.recon_k, val_recon_v=val.recon_v, time_s=time_s)
+        return EpochLog(st.epoch, train_loss=train_loss, train_ppl=ppl(train_loss),
+                        val_loss=val.loss, val_ppl=val.ppl, recon=val.recon,
+                        recon_k=val.recon_k, recon_v=val.recon_v, time_s=time_s)
 
     def progress_bar(self, n_batches: int):
         if not (self.s.dist.main and self.s.show_progress):

@@ -2,15 +2,20 @@
 buckets, what each training stage trains, and THE table of runs.
 
 Protocol (fixed by the reference experiment; every preset keeps it):
-  * phase 1: only v_compress/v_restore train, on mean((V - V_restored)^2) averaged over layers;
+  * phase 1: only the compress/restore pairs train (v_compress/v_restore; with latent keys
+    k_compress/k_restore too), on the model's reconstruction loss: mean((V - V_restored)^2)
+    averaged over layers, and with latent keys the same for k_nope, logged separately;
     AdamW lr 1e-3, batch 8, <= 10 epochs, early stopping with patience 1 on validation
     reconstruction; the best epoch is kept. `--phase1 pca` replaces it by its closed-form
-    optimum, the mean-centred rank-R PCA of each layer's V.
-  * phase 2: v_compress/v_restore frozen, everything else trains on next-token cross-entropy;
+    optimum, the mean-centred rank-R PCA of each layer's V (and of its k_nope).
+  * phase 2: every pair frozen, everything else trains on next-token cross-entropy;
     AdamW lr 1e-4, batch 8, <= 30 epochs, patience 1 on validation perplexity; best kept;
     reconstruction loss logged every epoch.
   * e2e: the compressed model, everything trained together under the phase 2 settings.
   * baseline: the same model without compression under the same settings.
+Latent keys (SPEC sections 3b and 5): the runs marked latent_keys compress k_nope as well, to
+Rk = LATENT_KEY_RANK_FRACTION * H*D, next to the preset's Rv = 0.625 * H*D; with rotary on a
+quarter of each head that cuts the cache by 37.5% instead of 18.75%.
 Choices the reference leaves open: AdamW with betas (0.9, 0.999), no weight decay, constant
 learning rate, gradient-norm clipping at 1.0, Hugging Face GPT-NeoX init.
 """
@@ -34,6 +39,9 @@ PRESET_SETTINGS = {
     "smoke": dict(tokenizer="bytes", n_train=32, n_val=16, val_frac=0.1, eval_batch=16,
                   phase1_epochs=2, epochs=2),
 }
+
+# The latent-key runs' Rk as a fraction of H*D (SPEC section 5); --k-rank overrides it.
+LATENT_KEY_RANK_FRACTION = 0.375
 
 # Validation perplexity is also reported per bucket [lo, hi) of the predicted token's index.
 POSITION_EDGES = (0, 16, 32, 64, 96, 128)
@@ -81,15 +89,16 @@ class Settings:
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    objective: str      # "recon": mean (V - V_restored)^2; "ce": next-token cross-entropy
-    trains: str         # "v_projection" | "all_but_v_projection" | "all"
+    objective: str      # "recon": the pairs' reconstruction loss; "ce": next-token cross-entropy
+    trains: str         # "projections" (every compress/restore pair) | "all_but_projections"
+                        # | "all"
     lr_setting: str     # the Settings field of its learning rate
     epochs_setting: str  # the Settings field of its epoch limit
 
 
 STAGES: Dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("phase1", "recon", "v_projection", "phase1_lr", "phase1_epochs"),
-    StageSpec("phase2", "ce", "all_but_v_projection", "lr", "epochs"),
+    StageSpec("phase1", "recon", "projections", "phase1_lr", "phase1_epochs"),
+    StageSpec("phase2", "ce", "all_but_projections", "lr", "epochs"),
     StageSpec("train", "ce", "all", "lr", "epochs"),
 )}
 
@@ -108,6 +117,8 @@ class RunSpec:
     phase1: Optional[str] = None  # a fixed phase-1 method; None: --phase1 chooses
     variant_of: Optional[str] = None  # added next to that run by --phase1 both; not a --mode
     reference_rank: Optional[int] = None  # the reference's claimed order (1: best perplexity)
+    latent_keys: bool = False     # keys compressed too (k_compress/k_restore, SPEC 3b)
+    default: bool = True          # part of the default job (--mode all)
 
     @property
     def two_phase(self) -> bool:
@@ -124,11 +135,21 @@ RUNS: Dict[str, RunSpec] = {r.name: r for r in (
     RunSpec("two_phase", "V-DProj two-phase", True, ("phase1", "phase2"), reference_rank=1),
     RunSpec("two_phase_pca", "V-DProj two-phase (PCA phase 1)", True, ("phase1", "phase2"),
             phase1="pca", variant_of="two_phase"),
+    # Latent keys. The default job is the three runs above plus two_phase_kv (SPEC section
+    # 5); e2e_kv only on request (--mode e2e_kv): the default job must stay within 15 minutes
+    # on a 2-core machine, and the four runs already take about 13 CPU-minutes.
+    RunSpec("e2e_kv", "V-DProj + latent keys end-to-end", True, ("train",), latent_keys=True,
+            default=False),
+    RunSpec("two_phase_kv", "V-DProj + latent keys two-phase", True, ("phase1", "phase2"),
+            latent_keys=True),
+    RunSpec("two_phase_kv_pca", "V-DProj + latent keys two-phase (PCA phase 1)", True,
+            ("phase1", "phase2"), phase1="pca", variant_of="two_phase_kv", latent_keys=True),
 )}
 
 RUN_NAMES = tuple(RUNS)  # the table's order is the report's row order
 BASELINE_RUN = "baseline"  # the run the others are compared against
 MODES = tuple(name for name, r in RUNS.items() if r.variant_of is None)  # --mode, besides "all"
+DEFAULT_RUNS = tuple(name for name in MODES if RUNS[name].default)  # --mode all
 # Best expected perplexity first: the reference's finding, and vdproj-generate's default pick.
 REFERENCE_RANKING = tuple(sorted((n for n, r in RUNS.items() if r.reference_rank),
                                  key=lambda n: RUNS[n].reference_rank))
@@ -136,7 +157,7 @@ REFERENCE_RANKING = tuple(sorted((n for n, r in RUNS.items() if r.reference_rank
 
 def runs_for(mode: str, phase1: str) -> List[str]:
     """The runs of `--mode mode --phase1 phase1`."""
-    runs = list(MODES) if mode == "all" else [mode]
+    runs = list(DEFAULT_RUNS) if mode == "all" else [mode]
     if phase1 == "both":
         runs += [n for n, r in RUNS.items() if r.variant_of in runs]
     return runs

@@ -45,22 +45,41 @@ def _ce_log(name, r) -> list:
     return r["phase2"] if RUNS[name].two_phase else r["epochs"]
 
 
+def _latent_key_run(results):
+    """(name, result) of the first latent-key run in results, or None."""
+    return next(((n, r) for n, r in _runs(results) if RUNS[n].latent_keys), None)
+
+
+def _kv_reduction(results, name, r) -> float:
+    """The run's own KV-cache reduction (results written before runs recorded it: the
+    top-level V-only figure for compressed runs)."""
+    if "kv_cache_reduction" in r:
+        return r["kv_cache_reduction"]
+    return results["kv_cache_reduction"] if RUNS[name].compressed else 0.0
+
+
+def _k_v(k, v) -> str:
+    """A key / value pair of reconstruction losses ("-" when the keys are not compressed)."""
+    return "-" if k is None else f"{_sig(k)} / {_sig(v)}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables
 
 
 def summary_table(results) -> str:
     base = results["runs"].get(BASELINE_RUN, {}).get("best_val_ppl")
-    red = results["kv_cache_reduction"]
     rows = []
     for name, r in _runs(results):
         delta = "-" if base is None or name == BASELINE_RUN else \
             f"{100.0 * (r['best_val_ppl'] / base - 1.0):+.2f}%"
-        kv = f"-{100 * red:.2f}%" if RUNS[name].compressed else "-"
+        red = _kv_reduction(results, name, r)
         rows.append((RUNS[name].label, r["best_val_ppl"], r["best_epoch"],
-                     _sig(r.get("final_val_recon")), delta, kv))
-    return _table(("Method", "Best val PPL", "Best epoch", "Val recon loss", "PPL vs baseline",
-                   "KV cache"), rows)
+                     _sig(r.get("final_val_recon")),
+                     _k_v(r.get("final_val_recon_k"), r.get("final_val_recon_v")), delta,
+                     f"-{100 * red:.2f}%" if red else "-"))
+    return _table(("Method", "Best val PPL", "Best epoch", "Val recon loss",
+                   "Val recon K / V", "PPL vs baseline", "KV cache"), rows)
 
 
 def position_table(results) -> str:
@@ -71,24 +90,35 @@ def position_table(results) -> str:
 
 
 def epoch_table(log, recon_only=False) -> str:
+    """A stage's per-epoch log; a latent-key model's adds the key / value parts of the
+    reconstruction losses."""
+    split = any("val_recon_k" in e or "recon_k" in e for e in log)
     if recon_only:
-        rows = [(e["epoch"], _sig(e.get("train_recon")), _sig(e.get("val_recon")),
-                 e.get("time_s")) for e in log]
-        return _table(("Epoch", "Train recon", "Val recon", "Time (s)"), rows)
+        rows = [(e["epoch"], _sig(e.get("train_recon")), _sig(e.get("val_recon")))
+                + ((_k_v(e.get("train_recon_k"), e.get("train_recon_v")),
+                    _k_v(e.get("val_recon_k"), e.get("val_recon_v"))) if split else ())
+                + (e.get("time_s"),) for e in log]
+        return _table(("Epoch", "Train recon", "Val recon")
+                      + (("Train recon K / V", "Val recon K / V") if split else ())
+                      + ("Time (s)",), rows)
     rows = [(e["epoch"], e.get("train_loss"), e.get("train_ppl"), e.get("val_loss"),
-             e.get("val_ppl"), _sig(e.get("recon")), e.get("time_s")) for e in log]
-    return _table(("Epoch", "Train loss", "Train PPL", "Val loss", "Val PPL", "Val recon",
-                   "Time (s)"), rows)
+             e.get("val_ppl"), _sig(e.get("recon")))
+            + ((_k_v(e.get("recon_k"), e.get("recon_v")),) if split else ())
+            + (e.get("time_s"),) for e in log]
+    return _table(("Epoch", "Train loss", "Train PPL", "Val loss", "Val PPL", "Val recon")
+                  + (("Val recon K / V",) if split else ()) + ("Time (s)",), rows)
 
 
 def phase1_table(results) -> str:
-    rows = [(r.get("phase1_method"), _sig(r.get("phase1_initial_val_recon")),
-             _sig(r.get("phase1_best_val_recon")), r.get("phase1_best_epoch"),
-             _sig(r.get("phase1_pca_reference_val_recon")), _sig(r.get("final_val_recon")),
-             r["best_val_ppl"]) for name, r in _runs(results) if RUNS[name].two_phase]
-    return _table(("Phase 1", "Val recon before", "Val recon after phase 1",
-                   "Phase 1 best epoch", "PCA optimum (same model)", "Val recon after phase 2",
-                   "Final best val PPL"), rows)
+    rows = [(RUNS[name].label, r.get("phase1_method"), _sig(r.get("phase1_initial_val_recon")),
+             _sig(r.get("phase1_best_val_recon")),
+             _k_v(r.get("phase1_best_val_recon_k"), r.get("phase1_best_val_recon_v")),
+             r.get("phase1_best_epoch"), _sig(r.get("phase1_pca_reference_val_recon")),
+             _sig(r.get("final_val_recon")), r["best_val_ppl"])
+            for name, r in _runs(results) if RUNS[name].two_phase]
+    return _table(("Method", "Phase 1", "Val recon before", "Val recon after phase 1",
+                   "K / V after phase 1", "Phase 1 best epoch", "PCA optimum (same model)",
+                   "Val recon after phase 2", "Final best val PPL"), rows)
 
 
 def findings(results) -> str:
@@ -120,7 +150,7 @@ def _setup_section(results) -> List[str]:
         f"of {hd // cfg['num_heads']}, rotary {cfg['rotary_pct']}, "
         f"{'parallel' if cfg['use_parallel_residual'] else 'sequential'} residual, "
         f"vocab {cfg['vocab_size']}; V-DProj rank R = {cfg['v_rank']} "
-        f"({cfg['v_rank'] / hd:.3f} x H*D).",
+        f"({cfg['v_rank'] / hd:.3f} x H*D)." + _latent_key_sentence(results),
         f"Data: {data['source']}, tokenizer {data['tokenizer']}, {data['train_samples']} "
         f"training and {data['val_samples']} validation samples of {data['seq_len']} tokens "
         f"(validation = contiguous held-out tail).",
@@ -134,27 +164,64 @@ def _setup_section(results) -> List[str]:
     ]
 
 
-def _size_sections(results) -> List[str]:
-    p, cfg = results["params"], results["config"]
-    hd = cfg["hidden_size"]
-    return [
-        "## Parameters",
-        "",
-        _table(("Quantity", "Count"), [
-            ("Total (V-DProj model)", f"{p['total']:,}"),
+def _latent_key_sentence(results) -> str:
+    kv = _latent_key_run(results)
+    if kv is None:
+        return ""
+    r, hd = kv[1], results["config"]["hidden_size"]
+    if r.get("joint_kv"):
+        return (f" Latent-key runs: keys and values share one latent of R = {r['v_rank']}, "
+                f"{r['rotary_dims']} rotary dims per head stay uncompressed.")
+    return (f" Latent-key runs: Rk = {r['k_rank']} ({r['k_rank'] / hd:.3f} x H*D) for the "
+            f"keys' non-rotary dims, Rv = {r['v_rank']}; {r['rotary_dims']} rotary dims per "
+            f"head stay uncompressed.")
+
+
+def _param_rows(results) -> list:
+    p = results["params"]
+    rows = [("Total (V-DProj model)", f"{p['total']:,}"),
             ("V projection (v_compress + v_restore)", f"{p['v_projection']:,}"),
             ("Phase 2 trainable", f"{p['phase2_trainable']:,}"),
             ("Phase 2 frozen", f"{p['phase2_frozen']:,}"),
-            ("Baseline total (no compression)", f"{p.get('baseline_total', 0):,}"),
-        ]),
+            ("Baseline total (no compression)", f"{p.get('baseline_total', 0):,}")]
+    kv = _latent_key_run(results)
+    if kv is not None and "total_params" in kv[1]:
+        name, r = kv
+        rows.append(("Total (latent-key model)", f"{r['total_params']:,}"))
+        if RUNS[name].two_phase:  # its final stage, phase 2, trains all but the pairs
+            rows += [("Phase 2 trainable (latent-key model)", f"{r['trainable_params']:,}"),
+                     ("Phase 2 frozen (latent-key model: every pair)",
+                      f"{r['total_params'] - r['trainable_params']:,}")]
+    return rows
+
+
+def _cache_rows(results) -> list:
+    cfg = results["config"]
+    hd, r = cfg["hidden_size"], cfg["v_rank"]
+    rows = [("Baseline", f"{2 * hd} (K {hd} + V {hd})", "-"),
+            ("V-DProj", f"{hd + r} (K {hd} + V_c {r})",
+             f"{100 * results['kv_cache_reduction']:.2f}%")]
+    kv = _latent_key_run(results)
+    if kv is not None and "kv_cache_values_per_token_layer" in kv[1]:
+        k = kv[1]
+        rope = cfg["num_heads"] * k["rotary_dims"]
+        latents = (f"latent {k['v_rank']}" if k.get("joint_kv")
+                   else f"K_c {k['k_rank']} + V_c {k['v_rank']}")
+        rows.append(("V-DProj + latent keys",
+                     f"{k['kv_cache_values_per_token_layer']} (rotary K {rope} + {latents})",
+                     f"{100 * k['kv_cache_reduction']:.2f}%"))
+    return rows
+
+
+def _size_sections(results) -> List[str]:
+    return [
+        "## Parameters",
+        "",
+        _table(("Quantity", "Count"), _param_rows(results)),
         "",
         "## KV cache",
         "",
-        _table(("Model", "Values per token and layer", "Reduction"), [
-            ("Baseline", f"{2 * hd} (K {hd} + V {hd})", "-"),
-            ("V-DProj", f"{hd + cfg['v_rank']} (K {hd} + V_c {cfg['v_rank']})",
-             f"{100 * results['kv_cache_reduction']:.2f}%"),
-        ]),
+        _table(("Model", "Values per token and layer", "Reduction"), _cache_rows(results)),
         "",
     ]
 
@@ -168,7 +235,8 @@ def _results_sections(results) -> List[str]:
         findings(results),
         "",
         "Val recon loss: mean over layers of mean((V - V_restored)^2) on the validation set, "
-        "for the kept (best) model.",
+        "for the kept (best) model; with latent keys, the model's combined loss, and Val recon "
+        "K / V its parts: mean((k_nope - k_nope_restored)^2) and mean((V - V_restored)^2).",
         "",
         "## Position-wise validation perplexity",
         "",
@@ -188,9 +256,10 @@ def _log_sections(results) -> List[str]:
     for name, r in _runs(results):
         lines += [f"### {RUNS[name].label}", ""]
         if RUNS[name].two_phase:
+            frozen = ("every compress/restore pair" if RUNS[name].latent_keys
+                      else "v_compress/v_restore")
             lines += ["Phase 1 (reconstruction):", "", epoch_table(r["phase1"], recon_only=True),
-                      "", "Phase 2 (v_compress/v_restore frozen):", "",
-                      epoch_table(r["phase2"]), ""]
+                      "", f"Phase 2 ({frozen} frozen):", "", epoch_table(r["phase2"]), ""]
         else:
             lines += [epoch_table(r["epochs"]), ""]
         lines += [f"Stopped early: {r.get('stopped_early')}; wall time {_fmt(r.get('wall_s'), 1)}"
@@ -243,15 +312,21 @@ def _plot_reconstruction(runs, axes):
             start = [(0, r["phase1_initial_val_recon"])] \
                 if r.get("phase1_initial_val_recon") is not None else []
             pts = start + [(e["epoch"], e["val_recon"]) for e in p1]
-            axes[0].plot(*zip(*pts), marker="o", label=f"{label} val")
+            line, = axes[0].plot(*zip(*pts), marker="o", label=f"{label} val")
             axes[0].plot([e["epoch"] for e in p1], [e["train_recon"] for e in p1], ls="--",
                          label=f"{label} train")
+            for part, style in (("k", ":"), ("v", "-.")):  # latent keys: each pair's part
+                if any(f"val_recon_{part}" in e for e in p1):
+                    axes[0].plot([e["epoch"] for e in p1], [e[f"val_recon_{part}"] for e in p1],
+                                 ls=style, color=line.get_color(),
+                                 label=f"{label} val, {part.upper()} part")
         log = _ce_log(name, r)
         axes[1].plot([e["epoch"] for e in log], [e.get("recon") for e in log], marker="o",
                      label=label)
-    axes[0].set(xlabel="epoch", ylabel="mean (V - V_r)^2", title="Phase 1 reconstruction",
-                yscale="log")
-    axes[1].set(xlabel="epoch", ylabel="val mean (V - V_r)^2",
+    # with latent keys the loss is the mean of the keys' (k_nope) and the values' losses
+    axes[0].set(xlabel="epoch", ylabel="mean (V - V_r)^2 (latent keys: with K's)",
+                title="Phase 1 reconstruction", yscale="log")
+    axes[1].set(xlabel="epoch", ylabel="val mean (V - V_r)^2 (latent keys: with K's)",
                 title="Reconstruction during CE training", yscale="log")
 
 

@@ -29,7 +29,7 @@ from .checkpoint import (Checkpoint, CheckpointWriter, EpochLog, RunState, atomi
 from .data import load_dataset
 from .distributed import Dist
 from .loop import Session, StageTrainer, evaluate
-from .protocol import PROTOCOL, RUN_NAMES, RUNS, RunSpec, Settings
+from .protocol import LATENT_KEY_RANK_FRACTION, PROTOCOL, RUN_NAMES, RUNS, RunSpec, Settings
 from .report import write_outputs
 
 
@@ -47,6 +47,8 @@ class ExperimentOptions:
     data_npy: Optional[str]
     data_pt: Optional[str]
     v_rank: Optional[int]          # overrides the preset's
+    k_rank: Optional[int]          # the latent-key runs' (None: the preset's, else
+                                   # LATENT_KEY_RANK_FRACTION * H*D)
     init_from: Optional[str]       # a Hugging Face GPT-NeoX folder
     amp: str                       # auto | none | bf16 | fp16
     backend: str                   # of the attention ops
@@ -58,12 +60,14 @@ class ExperimentOptions:
 
 
 def resolve_config(opts: ExperimentOptions) -> VDProjConfig:
-    """The compressed model's config: the preset's, or the --init-from checkpoint's shape."""
+    """The compressed model's config: the preset's, or the --init-from checkpoint's shape.
+    Its k_rank (a latent-key preset's) is left for latent_key_config to use."""
     cfg = VDProjConfig.preset(opts.preset)
     if opts.v_rank is not None:
         cfg = cfg.replace(v_rank=opts.v_rank)
     if opts.init_from:  # a pretrained GPT-NeoX (e.g. Pythia-70m): its shape wins
-        cfg = config_from_gpt_neox(read_gpt_neox_config(opts.init_from), v_rank=cfg.v_rank)
+        cfg = config_from_gpt_neox(read_gpt_neox_config(opts.init_from), v_rank=cfg.v_rank,
+                                   k_rank=cfg.k_rank, joint_kv=cfg.joint_kv)
     if cfg.v_rank is None:
         raise ValueError("the experiment needs a compressed model (v_rank set)")
     if opts.settings.seq_len > cfg.max_positions:
@@ -72,12 +76,24 @@ def resolve_config(opts: ExperimentOptions) -> VDProjConfig:
     return cfg
 
 
+def latent_key_config(cfg: VDProjConfig, k_rank: Optional[int] = None) -> VDProjConfig:
+    """The latent-key runs' config: cfg with k_rank from --k-rank, else the preset's, else
+    LATENT_KEY_RANK_FRACTION * H*D (SPEC section 5). A joint-latent preset (keys sharing the
+    value latent) is kept as it is."""
+    if cfg.joint_kv:
+        return cfg
+    k_rank = k_rank or cfg.k_rank or round(LATENT_KEY_RANK_FRACTION * cfg.hidden_size)
+    return cfg.replace(k_rank=k_rank)
+
+
 class Experiment:
     """This process's share of the experiment: trains runs one after another."""
 
     def __init__(self, opts: ExperimentOptions, dist: Dist):
         self.opts, self.dist = opts, dist
-        self.cfg = resolve_config(opts)
+        preset_cfg = resolve_config(opts)
+        self.cfg = preset_cfg.replace(k_rank=None, joint_kv=False)  # the V-only runs'
+        self.kv_cfg = latent_key_config(preset_cfg, opts.k_rank)    # the latent-key runs'
         if dist.main:
             os.makedirs(os.path.join(opts.out, "checkpoints"), exist_ok=True)
         self.amp = opts.amp if opts.amp != "auto" else (
@@ -108,21 +124,25 @@ class Experiment:
         """What must match for --resume to continue a checkpoint of this run."""
         s = self.opts.settings
         protocol = json.dumps({k: getattr(s, k) for k in sorted(PROTOCOL)}, sort_keys=True)
-        return {"run": spec.name, "config": json.dumps(self.cfg.to_dict(), sort_keys=True),
+        config = self.kv_cfg if spec.latent_keys else self.cfg
+        return {"run": spec.name, "config": json.dumps(config.to_dict(), sort_keys=True),
                 "data": self.data.fingerprint(), "seed": self.opts.seed,
                 "phase1": spec.phase1_method(self.opts.phase1),
                 "protocol": protocol + f" epochs={s.epochs} phase1_epochs={s.phase1_epochs}",
                 "amp": self.amp, "init_from": self.opts.init_from}
 
     def config_for(self, spec: RunSpec) -> VDProjConfig:
-        return self.cfg if spec.compressed else self.cfg.replace(v_rank=None)
+        if not spec.compressed:
+            return self.cfg.uncompressed()
+        return self.kv_cfg if spec.latent_keys else self.cfg
 
     def build_model(self, spec: RunSpec) -> VDProjForCausalLM:
         cfg = self.config_for(spec)
         if self.opts.init_from:
-            # Pretrained GPT-NeoX weights; v_compress/v_restore start from the model's random
-            # orthogonal pair (phase 1, or e2e training, fits them).
-            model = from_gpt_neox(self.opts.init_from, v_rank=cfg.v_rank, init="random")
+            # Pretrained GPT-NeoX weights; the compress/restore pairs start from the model's
+            # random orthogonal pairs (phase 1, or e2e training, fits them).
+            model = from_gpt_neox(self.opts.init_from, v_rank=cfg.v_rank, k_rank=cfg.k_rank,
+                                  joint_kv=cfg.joint_kv, init="random")
             if cfg.v_rank is not None:
                 model.init_weights_vproj_(self.opts.seed)
         else:
@@ -191,26 +211,38 @@ class Experiment:
             st.pca_reference_val_recon = self.pca_reference(model)
         StageTrainer(self.session, model, state, stage, writer, optimizer_state).fit()
 
-    def phase1_pca(self, state: RunState, model):
-        """Phase 1 in closed form: each layer's rank-R PCA of V (one "epoch")."""
-        st, t0 = state.stages["phase1"], time.time()
+    def fit_pca_(self, model, show_progress: bool = False):
+        """Every pair of the model set to its closed-form optimum, layer by layer: the PCA
+        of each layer's V and, with latent keys, of its k_nope (or of the joint [k_nope | v]).
+        Returns the fraction of variance kept per layer, of V and of k_nope (None without
+        latent keys)."""
         kept = fit_v_pca_(model, lambda: self.session.eval_batches(self.data.train),
-                          show_progress=self.dist.main and self.opts.show_progress,
-                          reduce_fn=self.dist.sum_)
+                          show_progress=show_progress, reduce_fn=self.dist.sum_, by_pair=True)
+        kept_k = [k["k"] for k in kept] if kept and "k" in kept[0] else None
+        return [k["v"] for k in kept], kept_k
+
+    def phase1_pca(self, state: RunState, model):
+        """Phase 1 in closed form: each layer's PCA of every pair (one "epoch")."""
+        st, t0 = state.stages["phase1"], time.time()
+        kept, kept_k = self.fit_pca_(model, self.dist.main and self.opts.show_progress)
         train = evaluate(self.session, model, self.data.train, ce=False, recon=True)
         val = evaluate(self.session, model, self.data.val, ce=False, recon=True)
         st.log = [EpochLog(1, method="pca", train_recon=train.recon, val_recon=val.recon,
-                           variance_kept=kept, time_s=round(time.time() - t0, 3))]
+                           train_recon_k=train.recon_k, train_recon_v=train.recon_v,
+                           val_recon_k=val.recon_k, val_recon_v=val.recon_v,
+                           variance_kept=kept, variance_kept_k=kept_k,
+                           time_s=round(time.time() - t0, 3))]
         st.best, st.best_epoch, st.stopped = val.recon, 1, False
         self.dist.log(f"[{state.run}/phase1] pca: train_recon {train.recon:.6f}, val_recon "
-                 f"{val.recon:.6f}, variance kept per layer "
-                 + ", ".join(f"{k:.3f}" for k in kept))
+                      f"{val.recon:.6f}, variance kept per layer "
+                      + ", ".join(f"{k:.3f}" for k in kept)
+                      + ("" if kept_k is None else ", of the keys "
+                         + ", ".join(f"{k:.3f}" for k in kept_k)))
 
     def pca_reference(self, model) -> float:
         """Validation reconstruction of the PCA optimum, on a copy of the phase-1 model."""
         ref = copy.deepcopy(model)
-        fit_v_pca_(ref, lambda: self.session.eval_batches(self.data.train),
-                   reduce_fn=self.dist.sum_)
+        self.fit_pca_(ref)
         return evaluate(self.session, ref, self.data.val, ce=False, recon=True).recon
 
     def run_result(self, spec: RunSpec, state: RunState, model) -> dict:
@@ -222,20 +254,43 @@ class Experiment:
                   "position_ppl": val.position_ppl, "stopped_early": final.stopped,
                   "epochs_run": len(final.log), "trainable_params": final.trainable,
                   "initial_val": final.initial}
-        if val.recon is not None:
-            result["final_val_recon"] = val.recon
+        result.update(self.run_shape(spec, model))
+        for key, value in (("final_val_recon", val.recon), ("final_val_recon_k", val.recon_k),
+                           ("final_val_recon_v", val.recon_v)):
+            if value is not None:
+                result[key] = value
         if not spec.two_phase:
             result["epochs"] = [e.to_dict() for e in final.log]
             return result
-        p1 = state.stages["phase1"]
+        p1, initial = state.stages["phase1"], state.stages["phase1"].initial or {}
         result.update(phase1_method=spec.phase1_method(self.opts.phase1),
                       phase1=[e.to_dict() for e in p1.log],
                       phase2=[e.to_dict() for e in final.log],
                       phase1_best_epoch=p1.best_epoch, phase1_best_val_recon=p1.best,
-                      phase1_initial_val_recon=(p1.initial or {}).get("recon"))
+                      phase1_initial_val_recon=initial.get("recon"))
+        best = next((e for e in p1.log if e.epoch == p1.best_epoch), None)
+        if best is not None and best.val_recon_k is not None:  # latent keys: each pair
+            per_pair = dict(phase1_initial_val_recon_k=initial.get("recon_k"),
+                            phase1_initial_val_recon_v=initial.get("recon_v"),
+                            phase1_best_val_recon_k=best.val_recon_k,
+                            phase1_best_val_recon_v=best.val_recon_v)
+            # (a PCA phase 1 has no initial evaluation)
+            result.update({k: v for k, v in per_pair.items() if v is not None})
         if p1.pca_reference_val_recon is not None:
             result["phase1_pca_reference_val_recon"] = p1.pca_reference_val_recon
         return result
+
+    def run_shape(self, spec: RunSpec, model) -> dict:
+        """The run's model size and cache size (results.json: each run's own
+        kv_cache_reduction; the top-level one is the V-only runs')."""
+        cfg = model.config
+        shape = {"kv_cache_reduction": cfg.kv_cache_reduction,
+                 "kv_cache_values_per_token_layer": cfg.cache_values_per_token(),
+                 "total_params": sum(p.numel() for p in model.parameters())}
+        if spec.latent_keys:
+            shape.update(k_rank=None if cfg.joint_kv else cfg.k_rank, v_rank=cfg.v_rank,
+                         joint_kv=cfg.joint_kv, rotary_dims=cfg.rotary_ndims)
+        return shape
 
     def results_skeleton(self) -> dict:
         """results.json without its runs."""
@@ -248,10 +303,11 @@ class Experiment:
             "params": {"total": counts["total"], "v_projection": counts["v_projection"],
                        "phase2_trainable": counts["total"] - counts["v_projection"],
                        "phase2_frozen": counts["v_projection"],
-                       "baseline_total": cfg.replace(v_rank=None).param_counts()["total"]},
+                       "baseline_total": cfg.uncompressed().param_counts()["total"]},
             "kv_cache_reduction": cfg.kv_cache_reduction,
-            "kv_cache_values_per_token_layer": {"baseline": 2 * cfg.hidden_size,
-                                                "compressed": cfg.hidden_size + cfg.v_rank},
+            "kv_cache_values_per_token_layer": {
+                "baseline": 2 * cfg.hidden_size, "compressed": cfg.hidden_size + cfg.v_rank,
+                "latent_keys": self.kv_cfg.cache_values_per_token()},
             "protocol": o.settings.protocol(),
             "data": self.data.summary(),
             "seed": o.seed, "phase1_method": o.phase1, "init_from": o.init_from,

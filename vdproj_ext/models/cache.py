@@ -1,11 +1,15 @@
 """KV caches for incremental decoding with VDProjForCausalLM.
 
-Two caches share one interface, so the model (and the decode benchmark) can swap them:
+Three caches share one interface, so the model (and the decode benchmark) can swap them:
 
 * `CompressedKVCache`: per layer a key cache (B, Tmax, H, D) and a compressed value cache
   (B, Tmax, R), in the layouts of SPEC section 2. `attend` runs
   `compressed_attn_with_kvcache`: the new values are compressed as they are written
   (compress-on-write) and restored after the softmax-weighted sum (restore-on-read).
+* `LatentKVCache`: latent keys as well (SPEC 3b): per layer the rotary keys (B, Tmax, H, Dr),
+  the keys' latent K_c (B, Tmax, Rk) (none with the joint latent) and the value latent
+  (B, Tmax, Rv). `attend` runs `compressed_kv_attn_with_kvcache`, which compresses the new
+  tokens' k_nope and v as it writes them.
 * `KVCache`: the plain uncompressed cache, keys and values (B, H, Tmax, D) per layer, attended
   with torch's scaled_dot_product_attention. It is the baseline of the decode benchmark, so
   it takes the fastest path torch offers (no mask at all when every sequence has the same
@@ -15,6 +19,7 @@ Interface (both):
     cache.seqlens        int32 (B,) on the cache's device: valid tokens per sequence
     cache.max_len        Tmax
     cache.nbytes         bytes of all buffers
+    cache.buffers()      the cached tensors of all layers, (B, Tmax, ...) each
     cache.advance(n)     seqlens += n (an int, or an int tensor (B,) per sequence)
     cache.reset()        seqlens = 0 (buffers are not cleared; invalid slots are never read)
     cache.new_token_positions(T) -> (B, T) positions seqlens[b] + 0 .. T-1
@@ -26,8 +31,8 @@ Interface (both):
 Ragged batches work through seqlens: sequences may hold different numbers of tokens; slots at
 or beyond a sequence's length are never read.
 
-A folded model (folding.py) calls `CompressedKVCache.attend_compressed`, which takes V_c
-instead of V.
+A folded model (folding.py) calls `attend_compressed` instead, which takes the latents (and
+only the rotary keys, with latent keys) as the fused projection made them.
 """
 from __future__ import annotations
 
@@ -36,15 +41,20 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from ..ops import compressed_attn_with_kvcache
+from ..ops import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
 
 
 def kv_cache_nbytes(num_layers, batch_size, max_len, num_heads, head_dim, v_rank,
-                    element_size=4) -> int:
+                    element_size=4, *, config=None) -> int:
     """Bytes a cache of this shape holds (what `.nbytes` reports), without allocating it:
     per token and layer H*D keys plus v_rank compressed values, or H*D values when v_rank
-    is None (the uncompressed KVCache)."""
-    per_token = num_heads * head_dim + (num_heads * head_dim if v_rank is None else v_rank)
+    is None (the uncompressed KVCache). With config (a VDProjConfig) the per-token count is
+    config.cache_values_per_token() instead, which knows latent keys; the other shape
+    arguments are then ignored but batch_size, max_len and element_size."""
+    if config is not None:
+        per_token, num_layers = config.cache_values_per_token(), config.num_layers
+    else:
+        per_token = num_heads * head_dim + (num_heads * head_dim if v_rank is None else v_rank)
     return num_layers * batch_size * max_len * per_token * element_size
 
 
@@ -104,14 +114,31 @@ class _CacheBase:
         """(B, T) positions where T new tokens go: seqlens[b] + 0 .. T-1."""
         return self.seqlens.long().unsqueeze(1) + torch.arange(t_new, device=self.device)
 
-    def _write_new_tokens(self, buffer, values, positions):
-        """buffer (B, Tmax, ...)[b, positions[b]] = values (B, T, ...), each sequence at its
-        own offset."""
+    def _new_token_slots(self, t_new: int):
+        """Where the T new tokens go, as an index of a (B, Tmax, ...) buffer: one slice when
+        every sequence holds the same number of tokens (a strided copy; decoding's usual
+        case, where an index_put per buffer and layer would cost more), else (rows,
+        positions) with positions from new_token_positions."""
+        lengths = self.seqlens.tolist()
+        if all(n == lengths[0] for n in lengths):
+            return slice(None), slice(lengths[0], lengths[0] + t_new)
         rows = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
-        buffer[rows, positions] = values.to(buffer.dtype)
+        return rows, self.new_token_positions(t_new)
+
+    @staticmethod
+    def _write_new_tokens(buffer, values, slots):
+        """buffer (B, Tmax, ...)[slots] = values (B, T, ...), slots from _new_token_slots."""
+        buffer[slots] = values.to(buffer.dtype)
 
     # -- checks of the T new tokens, before anything is written ---------------------------------
     def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name):
+        """Checks of cache.attend's arguments: k like q, values (B, T, value_width)."""
+        self._check_step(layer_idx, q, {"k": (k, (self.num_heads, self.head_dim)),
+                                        value_name: (values, (value_width,))})
+
+    def _check_step(self, layer_idx, q, new: dict):
+        """layer_idx, q (B, T, H, D), the new tokens' tensors (name -> (tensor, its shape
+        after (B, T))) and the room left, before anything is written."""
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or \
                 not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"layer_idx must be an int in [0, {self.num_layers}), "
@@ -121,13 +148,12 @@ class _CacheBase:
         if q.dim() != 4 or tuple(q.shape) != expect:
             raise ValueError(f"q must have shape (B={self.batch_size}, T, H={self.num_heads}, "
                              f"D={self.head_dim}) for this cache, got {tuple(q.shape)}")
-        if k is None or values is None:
-            raise ValueError(f"k and {value_name} (the new tokens) are required by cache.attend")
-        if tuple(k.shape) != tuple(q.shape):
-            raise ValueError(f"k must have shape {tuple(q.shape)} like q, got {tuple(k.shape)}")
-        if tuple(values.shape) != (q.shape[0], q.shape[1], value_width):
-            raise ValueError(f"{value_name} must have shape {(q.shape[0], q.shape[1], value_width)}"
-                             f", got {tuple(values.shape)}")
+        for name, (t, tail) in new.items():
+            if t is None:
+                raise ValueError(f"{name} (the new tokens) is required by cache.attend")
+            if tuple(t.shape) != (*q.shape[:2], *tail):
+                raise ValueError(f"{name} must have shape {(*q.shape[:2], *tail)} (B, T like "
+                                 f"q), got {tuple(t.shape)}")
         hi = int(self.seqlens.max())
         if hi + q.shape[1] > self.max_len:
             raise CacheOverflowError(
@@ -140,7 +166,7 @@ class _CacheBase:
     @property
     def nbytes(self) -> int:
         """Bytes of all key/value buffers (the (B,) seqlens bookkeeping is not counted)."""
-        return sum(t.numel() * t.element_size() for t in self._buffers())
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies over all layers."""
@@ -167,7 +193,7 @@ class CompressedKVCache(_CacheBase):
         self.vc_cache = [torch.zeros((batch_size, max_len, v_rank), dtype=self.dtype,
                                      device=self.device) for _ in range(num_layers)]
 
-    def _buffers(self):
+    def buffers(self):
         return self.k_cache + self.vc_cache
 
     def attend(self, layer_idx, q, k, v, attn_module):
@@ -185,13 +211,84 @@ class CompressedKVCache(_CacheBase):
         seqlens[b] + T positions."""
         self._check_new_tokens(layer_idx, q, k, v_c, self.v_rank, "v_c")
         t_new = q.shape[1]
-        positions = self.new_token_positions(t_new)
-        self._write_new_tokens(self.k_cache[layer_idx], k, positions)
-        self._write_new_tokens(self.vc_cache[layer_idx], v_c, positions)
+        slots = self._new_token_slots(t_new)
+        self._write_new_tokens(self.k_cache[layer_idx], k, slots)
+        self._write_new_tokens(self.vc_cache[layer_idx], v_c, slots)
         rest = attn_module.v_restore
         # k=None: the op only reads; Tk = seqlens + T keeps the bottom-right causal alignment.
         return compressed_attn_with_kvcache(
             q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
+            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend)
+
+
+class LatentKVCache(_CacheBase):
+    """Latent keys and values (SPEC 3b), per layer: krope_cache (B, Tmax, H, Dr), kc_cache
+    (B, Tmax, k_rank) and vc_cache (B, Tmax, v_rank). k_rank=None is the joint latent: no
+    kc_cache (its entries are None), vc_cache holds [k_nope | v]'s latent."""
+
+    def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, v_rank, *,
+                 rope_dims, k_rank=None, dtype=None, device=None):
+        super().__init__(num_layers, batch_size, max_len, num_heads, head_dim, dtype=dtype,
+                         device=device)
+        _check_positive_int("v_rank", v_rank)
+        _check_positive_int("rope_dims", rope_dims, allow_zero=True)
+        if rope_dims >= head_dim:
+            raise ValueError(f"rope_dims must be < head_dim={head_dim} (latent keys need "
+                             f"non-rotary dims), got {rope_dims}")
+        if k_rank is not None:
+            _check_positive_int("k_rank", k_rank)
+        self.v_rank, self.k_rank, self.rope_dims = v_rank, k_rank, rope_dims
+
+        def per_layer(*shape):
+            return [torch.zeros((batch_size, max_len, *shape), dtype=self.dtype,
+                                device=self.device) for _ in range(num_layers)]
+
+        self.krope_cache = per_layer(num_heads, rope_dims)
+        self.kc_cache = per_layer(k_rank) if k_rank is not None else [None] * num_layers
+        self.vc_cache = per_layer(v_rank)
+
+    @property
+    def joint(self) -> bool:
+        return self.k_rank is None
+
+    def buffers(self):
+        return self.krope_cache + [t for t in self.kc_cache if t is not None] + self.vc_cache
+
+    def attend(self, layer_idx, q, k, v, attn_module):
+        """The op compresses k_nope with attn_module.k_compress (joint: [k_nope | v] with
+        v_compress) and v with v_compress as it writes them."""
+        self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
+        comp, rest = attn_module.v_compress, attn_module.v_restore
+        k_comp = None if self.joint else attn_module.k_compress
+        return compressed_kv_attn_with_kvcache(
+            q, self.krope_cache[layer_idx], self.kc_cache[layer_idx], self.vc_cache[layer_idx],
+            attn_module.k_restore.weight, rest.weight, rest.bias, k=k, v=v,
+            w_kc=k_comp.weight if k_comp is not None else None,
+            b_kc=k_comp.bias if k_comp is not None else None, w_c=comp.weight, b_c=comp.bias,
+            cache_seqlens=self.seqlens, causal=True, backend=attn_module.backend)
+
+    def attend_compressed(self, layer_idx, q, k_rope, latents, attn_module):
+        """attend() for a folded layer (folding.py): k_rope (B, T, H, Dr) and latents =
+        (K_c (B, T, k_rank) or None when joint, V_c (B, T, v_rank)) are written as given,
+        then the op attends over the first seqlens[b] + T positions."""
+        k_c, v_c = latents
+        if self.joint and k_c is not None:
+            raise ValueError("k_c must be None: this cache holds a joint latent (k_rank=None)")
+        new = {"k_rope": (k_rope, (self.num_heads, self.rope_dims)),
+               "v_c": (v_c, (self.v_rank,))}
+        if not self.joint:
+            new["k_c"] = (k_c, (self.k_rank,))
+        self._check_step(layer_idx, q, new)
+        t_new = q.shape[1]
+        slots = self._new_token_slots(t_new)
+        self._write_new_tokens(self.krope_cache[layer_idx], k_rope, slots)
+        if k_c is not None:
+            self._write_new_tokens(self.kc_cache[layer_idx], k_c, slots)
+        self._write_new_tokens(self.vc_cache[layer_idx], v_c, slots)
+        rest = attn_module.v_restore
+        return compressed_kv_attn_with_kvcache(
+            q, self.krope_cache[layer_idx], self.kc_cache[layer_idx], self.vc_cache[layer_idx],
+            attn_module.k_restore.weight, rest.weight, rest.bias,
             cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend)
 
 
@@ -219,8 +316,8 @@ class KVCache(_CacheBase):
         self.k_cache = [t.transpose(1, 2) for t in self._k]
         self.v_cache = [t.transpose(1, 2) for t in self._v]
 
-    def _buffers(self):
-        return self._k + self._v
+    def buffers(self):
+        return self.k_cache + self.v_cache  # the (B, Tmax, H, D) views
 
     @torch.no_grad()
     def attend(self, layer_idx, q, k, v, attn_module=None):
@@ -247,8 +344,9 @@ class KVCache(_CacheBase):
             # Ragged: write the new tokens at each sequence's own offset, then mask per
             # sequence (key j visible to new token i of sequence b iff j <= seqlens[b] + i).
             positions = self.new_token_positions(t_new)
-            self._write_new_tokens(self.k_cache[layer_idx], k, positions)
-            self._write_new_tokens(self.v_cache[layer_idx], v, positions)
+            slots = (torch.arange(batch, device=self.device).unsqueeze(1), positions)
+            self._write_new_tokens(self.k_cache[layer_idx], k, slots)
+            self._write_new_tokens(self.v_cache[layer_idx], v, slots)
             end = max(lengths) + t_new
             j = torch.arange(end, device=q.device)
             mask = (j.view(1, 1, end) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, end)

@@ -1,4 +1,4 @@
-"""VDProjConfig: the shape of a GPT-NeoX model and of its V-DProj value projection.
+"""VDProjConfig: the shape of a GPT-NeoX model and of its V-DProj value (and key) projections.
 
 Parameter counts of the "pythia-70m" preset (see VDProjConfig.param_counts):
     without V-DProj (v_rank=None): 70,426,624 -- exactly Pythia-70m (vocab 50304, untied).
@@ -10,6 +10,22 @@ two 512-wide bias vectors per layer would account for (for example a value proje
 bias was dropped when V-DProj replaced it, plus the output bias), so its layer differs from
 GPT-NeoX's in some such detail. Ours keeps every GPT-NeoX parameter, so that a Pythia
 checkpoint loads unchanged.
+
+Latent keys (SPEC 3b): k_rank compresses the non-rotary part of every head's key, k_nope
+(H*Dn wide, Dn = head_dim - rope_dims), into one latent of k_rank values per token, and
+joint_kv makes the keys share the values' v_rank latent instead. Per token and layer the cache
+then holds H*Dr rotary keys + k_rank + v_rank values (joint: H*Dr + v_rank), against 2*H*D
+uncompressed. Valid combinations (check_latent_ranks):
+    v_rank=None                        uncompressed baseline (k_rank must be None, joint False)
+    v_rank=R                           V-DProj: compressed values, full keys
+    v_rank=Rv, k_rank=Rk               separate key and value latents
+    v_rank=R, joint_kv=True            one latent for both (k_rank must stay None)
+Latent keys need at least one non-rotary dimension per head (rotary_pct < 1).
+
+Dr, the per-head rotary dims kept whole (`rope_dims`), is what rotary actually rotates:
+rotary_ndims rounded up to even. GPT-NeoX (here and in transformers) rotates cos.shape[-1] =
+2 * ceil(rotary_ndims / 2) dims, so for an odd rotary_ndims (e.g. int(64 * 0.3) = 19) one more
+dim than rotary_ndims depends on the position and cannot go into the latent.
 """
 from __future__ import annotations
 
@@ -34,6 +50,8 @@ class VDProjConfig:
     attention_bias: bool = True          # bias of query_key_value and dense
     v_bias: bool = True                  # bias of v_compress and v_restore
     initializer_range: float = 0.02
+    k_rank: Optional[int] = None         # None: uncompressed keys (SPEC 3b)
+    joint_kv: bool = False               # True: keys share the v_rank latent
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -43,6 +61,8 @@ class VDProjConfig:
             raise ValueError(f"v_rank must be a positive int or None, got {self.v_rank}")
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct must lie in [0, 1], got {self.rotary_pct}")
+        check_latent_ranks(self.v_rank, self.k_rank, self.joint_kv, self.head_dim,
+                           self.rope_dims)
 
     @property
     def head_dim(self) -> int:
@@ -52,8 +72,22 @@ class VDProjConfig:
     def rotary_ndims(self) -> int:
         return int(self.head_dim * self.rotary_pct)
 
+    @property
+    def rope_dims(self) -> int:
+        """Dr: the dims of each head that rotary rotates (module docstring)."""
+        return rope_dims(self.rotary_ndims)
+
+    @property
+    def latent_keys(self) -> bool:
+        """Whether keys are compressed (k_rank set, or joint_kv)."""
+        return self.k_rank is not None or self.joint_kv
+
     def replace(self, **changes) -> "VDProjConfig":
         return dataclasses.replace(self, **changes)
+
+    def uncompressed(self) -> "VDProjConfig":
+        """The plain GPT-NeoX baseline of this shape (no value or key latent)."""
+        return self.replace(v_rank=None, k_rank=None, joint_kv=False)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,12 +97,17 @@ class VDProjConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    PRESETS = ("pythia-70m", "cpu-small", "smoke")
+    PRESETS = ("pythia-70m", "cpu-small", "smoke", "pythia-70m-kv", "cpu-small-kv", "smoke-kv")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "VDProjConfig":
-        """Named shapes. Every preset keeps R = 0.625 * H * D, the reference ratio."""
-        if name == "pythia-70m":  # the reference shape: Pythia-70m plus 512 -> 320 -> 512
+        """Named shapes. Every preset keeps R = 0.625 * H * D, the reference ratio; the "-kv"
+        ones add latent keys with k_rank = 0.375 * H * D (with rotary on 25% of each head, as
+        in pythia-70m and cpu-small, the cache is then 640/1024 of the uncompressed one)."""
+        if name in ("pythia-70m-kv", "cpu-small-kv", "smoke-kv"):
+            base = cls.preset(name[:-3])
+            cfg = base.replace(k_rank=int(0.375 * base.hidden_size))
+        elif name == "pythia-70m":  # the reference shape: Pythia-70m plus 512 -> 320 -> 512
             cfg = cls()
         elif name == "cpu-small":  # the default main job on a 2-core CPU (vocab: small BPE)
             cfg = cls(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4,
@@ -89,17 +128,60 @@ class VDProjConfig:
                      + h * h + h * ab            # dense
                      + h * i + i + i * h + h)    # MLP
         base = 2 * v * h + self.num_layers * per_layer + 2 * h
-        vproj = 0
+        vb = 1 if self.v_bias else 0
+
+        def pair(width, rank):  # Linear(width, rank) + Linear(rank, width)
+            return width * rank + rank * vb + rank * width + width * vb
+
+        vproj = kproj = 0
         if self.v_rank is not None:
-            r, vb = self.v_rank, 1 if self.v_bias else 0
-            vproj = self.num_layers * (h * r + r * vb + r * h + h * vb)
-        return {"total": base + vproj, "v_projection": vproj, "without_v_projection": base}
+            vproj = self.num_layers * pair(h, self.v_rank)
+        if self.latent_keys:
+            nope = self.num_heads * (self.head_dim - self.rope_dims)
+            rank = self.v_rank if self.joint_kv else self.k_rank
+            # joint: v_compress also reads k_nope (nope * rank more weights) and k_restore
+            # restores from the shared latent; separate: a pair of its own
+            kproj = self.num_layers * (pair(nope, rank) - (rank * vb if self.joint_kv else 0))
+        return {"total": base + vproj + kproj, "v_projection": vproj + kproj,
+                "k_projection": kproj, "without_v_projection": base}
+
+    def cache_values_per_token(self) -> int:
+        """Values one token occupies in one layer's KV cache."""
+        hd, rope = self.hidden_size, self.num_heads * self.rope_dims
+        values = hd if self.v_rank is None else self.v_rank
+        if not self.latent_keys:
+            return hd + values
+        return rope + values + (0 if self.joint_kv else self.k_rank)
 
     @property
     def kv_cache_reduction(self) -> float:
-        """Fraction of KV-cache values saved: each token and layer stores H*D keys and R
-        compressed values instead of 2*H*D."""
-        if self.v_rank is None:
-            return 0.0
-        hd = self.hidden_size
-        return 1.0 - (hd + self.v_rank) / (2 * hd)
+        """Fraction of KV-cache values saved against 2*H*D per token and layer: H*D keys and
+        R compressed values; with latent keys H*Dr rotary keys, k_rank key latent (none when
+        joint) and v_rank values (pythia-70m-kv: 1 - 640/1024 = 0.375)."""
+        return 1.0 - self.cache_values_per_token() / (2 * self.hidden_size)
+
+
+def rope_dims(rotary_ndims: int) -> int:
+    """The dims of each head rotary rotates: rotary_ndims rounded up to even."""
+    return 2 * ((rotary_ndims + 1) // 2)
+
+
+def check_latent_ranks(v_rank, k_rank, joint_kv, head_dim: int, rope_dims: int) -> None:
+    """The combinations of v_rank, k_rank and joint_kv a layer supports (module docstring)."""
+    if k_rank is not None and (isinstance(k_rank, bool) or not isinstance(k_rank, int)
+                               or k_rank <= 0):
+        raise ValueError(f"k_rank must be a positive int or None, got {k_rank!r}")
+    if not isinstance(joint_kv, bool):
+        raise TypeError(f"joint_kv must be a bool, got {type(joint_kv).__name__}")
+    if not (k_rank is not None or joint_kv):
+        return
+    what = "joint_kv=True" if joint_kv else f"k_rank={k_rank}"
+    if v_rank is None:
+        raise ValueError(f"{what} needs v_rank: latent keys come with compressed values (the "
+                         f"latent-key ops restore values from V_c; v_rank=H*D keeps them whole)")
+    if joint_kv and k_rank is not None:
+        raise ValueError(f"joint_kv=True makes the keys share the v_rank={v_rank} latent; "
+                         f"leave k_rank=None (got k_rank={k_rank})")
+    if rope_dims >= head_dim:
+        raise ValueError(f"latent keys ({what}) need non-rotary dims in each head, but rotary "
+                         f"covers {rope_dims} of head_dim={head_dim} (use rotary_pct < 1)")

@@ -2,14 +2,17 @@
 
     model = from_gpt_neox("path/to/pythia-70m", v_rank=320, init="pca",
                           calibration_ids=ids)          # ids: LongTensor (N, T)
+    model = from_gpt_neox("path/to/pythia-70m", v_rank=320, k_rank=192,   # latent keys
+                          init="score_aware", calibration_ids=ids)
 
 Needs only torch and safetensors: config.json is read as JSON and the weights are read from
 model.safetensors, pytorch_model.bin, or their sharded forms (*.index.json). transformers is
 not imported and nothing is downloaded.
 
-VDProjForCausalLM uses Hugging Face's module names, so the weights load 1:1. v_compress and
-v_restore are then initialised from calibration text (calibration.py: "pca", "whitened_svd"
-or "random").
+VDProjForCausalLM uses Hugging Face's module names, so the weights load 1:1. The compress /
+restore pairs (v_compress / v_restore, and k_compress / k_restore with latent keys) are then
+initialised from calibration text (calibration.py: "pca", "score_aware", "whitened_svd" or
+"random").
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 from .calibration import INITS, check_calibration_ids, init_v_projection_
 from .config import VDProjConfig
 from .gpt_neox import VDProjForCausalLM
-from .layers import is_v_projection
+from .layers import is_projection_pair
 
 # Buffers some GPT-NeoX checkpoints carry that are not weights (recomputed by the model).
 _SKIPPED_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
@@ -74,17 +77,30 @@ def _rotary_settings(hf: dict):
             float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))))
 
 
-def _check_v_rank(v_rank, hidden: int) -> None:
-    if v_rank is None:
+def _check_rank(name: str, rank, top: Optional[int] = None, what: str = "") -> None:
+    if rank is None:
         return
-    if isinstance(v_rank, bool) or not isinstance(v_rank, int):
-        raise TypeError(f"v_rank must be an int or None, got {type(v_rank).__name__}")
-    if not 1 <= v_rank <= hidden:
-        raise ValueError(f"v_rank must lie in [1, hidden_size={hidden}] (H*D of this "
-                         f"checkpoint), got {v_rank}")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"{name} must be an int or None, got {type(rank).__name__}")
+    if top is not None and not 1 <= rank <= top:
+        raise ValueError(f"{name} must lie in [1, {top}] ({what} of this checkpoint), "
+                         f"got {rank}")
 
 
-def config_from_gpt_neox(hf: dict, v_rank: Optional[int] = None) -> VDProjConfig:
+def _check_ranks(config: VDProjConfig) -> None:
+    """Ranks above the width of what a latent compresses would only add zero dimensions."""
+    nope = config.num_heads * (config.head_dim - config.rope_dims)
+    if config.joint_kv:
+        _check_rank("v_rank", config.v_rank, config.hidden_size + nope,
+                    "H*Dn + H*D, the width of [k_nope | v],")
+    else:
+        _check_rank("v_rank", config.v_rank, config.hidden_size,
+                    f"hidden_size={config.hidden_size}, H*D")
+    _check_rank("k_rank", config.k_rank, nope, "H*Dn, the non-rotary key dims,")
+
+
+def config_from_gpt_neox(hf: dict, v_rank: Optional[int] = None, k_rank: Optional[int] = None,
+                         joint_kv: bool = False) -> VDProjConfig:
     """Map a GPT-NeoX config.json dict onto VDProjConfig; unsupported features raise."""
     def need(key):
         if key not in hf:
@@ -100,8 +116,9 @@ def config_from_gpt_neox(hf: dict, v_rank: Optional[int] = None) -> VDProjConfig
     if hidden % heads:
         raise ValueError(f"unsupported GPT-NeoX config: hidden_size {hidden} is not divisible "
                          f"by num_attention_heads {heads}")
-    _check_v_rank(v_rank, hidden)
-    return VDProjConfig(
+    _check_rank("v_rank", v_rank)  # the types; the ranges once the config knows the shape
+    _check_rank("k_rank", k_rank)
+    config = VDProjConfig(
         vocab_size=int(need("vocab_size")),
         hidden_size=hidden,
         num_layers=int(need("num_hidden_layers")),
@@ -115,7 +132,11 @@ def config_from_gpt_neox(hf: dict, v_rank: Optional[int] = None) -> VDProjConfig
         attention_bias=bool(hf.get("attention_bias", True)),
         v_rank=v_rank,
         v_bias=True,
+        k_rank=k_rank,
+        joint_kv=joint_kv,
     )
+    _check_ranks(config)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,7 +185,7 @@ def _map_state_dict(hf_state: Dict[str, torch.Tensor], model: VDProjForCausalLM,
             key = "embed_out.weight"
         state[key] = value
     reference = model.state_dict()
-    ours = {k for k in reference if not is_v_projection(k)}
+    ours = {k for k in reference if not is_projection_pair(k)}
     if tied and "embed_out.weight" not in state and "gpt_neox.embed_in.weight" in state:
         state["embed_out.weight"] = state["gpt_neox.embed_in.weight"]
     missing = sorted(ours - state.keys())
@@ -180,29 +201,60 @@ def _map_state_dict(hf_state: Dict[str, torch.Tensor], model: VDProjForCausalLM,
     return state
 
 
+def save_gpt_neox(model: VDProjForCausalLM, path: Union[str, os.PathLike]) -> Path:
+    """Write an uncompressed model as a Hugging Face GPT-NeoX checkpoint folder (config.json
+    and model.safetensors, the keys unchanged), which from_gpt_neox and transformers read.
+    A compressed model has no GPT-NeoX form (its pairs are not part of the architecture)."""
+    cfg = model.config
+    if cfg.v_rank is not None:
+        raise ValueError("save_gpt_neox needs an uncompressed model (config.v_rank is None); "
+                         "GPT-NeoX has no compress/restore pairs")
+    from safetensors.torch import save_file  # optional dependency, needed only here
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"],
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+          "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu",
+          "rotary_pct": cfg.rotary_pct, "rotary_emb_base": cfg.rotary_base,
+          "max_position_embeddings": cfg.max_positions, "layer_norm_eps": cfg.layer_norm_eps,
+          "use_parallel_residual": cfg.use_parallel_residual,
+          "attention_bias": cfg.attention_bias, "tie_word_embeddings": False,
+          "torch_dtype": "float32"}
+    (folder / "config.json").write_text(json.dumps(hf, indent=1))
+    state = {k: v.detach().to("cpu", torch.float32).clone()  # tied weights: two copies
+             for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------
 # The entry point
 
 
 def from_gpt_neox(path: Union[str, os.PathLike], *, v_rank: Optional[int] = None,
-                  init: str = "pca", calibration_ids: Optional[torch.Tensor] = None,
+                  k_rank: Optional[int] = None, joint_kv: bool = False, init: str = "pca",
+                  calibration_ids: Optional[torch.Tensor] = None,
                   dtype: Optional[torch.dtype] = None, device=None,
                   calibration_batch_size: int = 8) -> VDProjForCausalLM:
     """Load a Hugging Face GPT-NeoX checkpoint folder into VDProjForCausalLM.
 
     v_rank=None keeps the model uncompressed (its logits equal the original's). Otherwise
-    v_compress/v_restore (rank v_rank <= hidden_size) are initialised by `init` ("pca",
-    "whitened_svd" or "random"; the first two need calibration_ids, a LongTensor (N, T)).
+    v_compress/v_restore (rank v_rank <= hidden_size) are initialised by `init`; k_rank
+    (<= H*Dn) adds a key latent and joint_kv=True makes the keys share the value latent
+    (v_rank <= H*Dn + H*D then), SPEC 3b. init is "pca", "score_aware", "whitened_svd" or
+    "random" (calibration.py); all but "random" need calibration_ids, a LongTensor (N, T).
     Calibration runs in float32; the model is then cast to `dtype` (default float32) and
-    moved to `device` (default CPU). The per-layer fraction of V variance kept is stored as
-    model.calibration_kept.
+    moved to `device` (default CPU). The per-layer fraction of V's variance kept is stored
+    as model.calibration_kept, and of k_nope's as model.calibration_kept_k (empty without
+    latent keys).
     """
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     hf = read_gpt_neox_config(path)
-    config = config_from_gpt_neox(hf, v_rank)
+    config = config_from_gpt_neox(hf, v_rank, k_rank, joint_kv)
     if v_rank is not None and init != "random":  # fail before reading the weights
         calibration_ids = check_calibration_ids(calibration_ids, config.vocab_size, init)
     hf_state = load_gpt_neox_state_dict(path)
@@ -216,10 +268,12 @@ def from_gpt_neox(path: Union[str, os.PathLike], *, v_rank: Optional[int] = None
     if device is not None:
         model.to(device)
     model.eval()
-    model.calibration_kept = []
+    kept = []
     if v_rank is not None:
-        model.calibration_kept = init_v_projection_(model, calibration_ids, init,
-                                                    calibration_batch_size)
+        kept = init_v_projection_(model, calibration_ids, init, calibration_batch_size,
+                                  by_pair=True)
+    model.calibration_kept = [k["v"] for k in kept]
+    model.calibration_kept_k = [k["k"] for k in kept if "k" in k]
     if dtype is not None:
         model.to(dtype)
     return model

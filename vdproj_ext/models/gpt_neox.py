@@ -9,6 +9,8 @@ dict maps 1:1 onto ours; V-DProj adds two Linear layers per attention block:
     gpt_neox.layers.N.attention.query_key_value    Linear(H*D, 3*H*D), per-head interleaved
     gpt_neox.layers.N.attention.v_compress         Linear(H*D, R)   (V-DProj only)
     gpt_neox.layers.N.attention.v_restore          Linear(R, H*D)   (V-DProj only)
+    gpt_neox.layers.N.attention.k_compress         Linear(H*Dn, Rk) (latent keys, separate)
+    gpt_neox.layers.N.attention.k_restore          Linear(Rk, H*Dn) (latent keys)
     gpt_neox.layers.N.attention.dense              Linear(H*D, H*D)
     gpt_neox.layers.N.mlp.dense_h_to_4h / dense_4h_to_h
     gpt_neox.final_layer_norm
@@ -17,16 +19,18 @@ dict maps 1:1 onto ours; V-DProj adds two Linear layers per attention block:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import generation
-from .cache import CompressedKVCache, KVCache
+from .cache import CompressedKVCache, KVCache, LatentKVCache
 from .config import VDProjConfig
-from .layers import CompressedVAttention, GPTNeoXLayer, Linear, is_v_projection, rotary_cos_sin
+from .folding import fold_v_compress
+from .layers import (CompressedVAttention, GPTNeoXLayer, Linear, is_projection_pair,
+                     rotary_cos_sin)
 
 
 class GPTNeoXModel(nn.Module):
@@ -39,8 +43,8 @@ class GPTNeoXModel(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids, cos, sin, cache=None, want_recon: bool = False):
-        """Final hidden states (B, T, H*D) and the compressed layers' reconstruction losses
-        (empty unless want_recon)."""
+        """Final hidden states (B, T, H*D) and the compressed layers' reconstruction losses,
+        one dict per layer (empty unless want_recon)."""
         x = self.embed_in(input_ids)
         recons = []
         for idx, layer in enumerate(self.layers):
@@ -54,7 +58,11 @@ class GPTNeoXModel(nn.Module):
 class CausalLMOutput:
     logits: Optional[torch.Tensor] = None        # (B, T, vocab); None with skip_logits
     loss: Optional[torch.Tensor] = None          # shifted next-token CE; None without labels
-    recon_loss: Optional[torch.Tensor] = None    # mean over layers of mean (V - V_r)^2
+    # With return_recon (phase 1): recon_losses {"v": mean over layers of mean (V - V_r)^2,
+    # and with latent keys "k": the same for k_nope}; recon_loss the mean of all pair losses
+    # (= recon_losses["v"] for a V-only model); layer_recon per layer the mean of its pairs.
+    recon_loss: Optional[torch.Tensor] = None
+    recon_losses: Optional[Dict[str, torch.Tensor]] = None
     layer_recon: Optional[List[torch.Tensor]] = None
     hidden_states: Optional[torch.Tensor] = None  # final hidden states (after final LN)
 
@@ -75,12 +83,22 @@ class VDProjForCausalLM(nn.Module):
         return [layer.attention for layer in self.gpt_neox.layers]
 
     def v_projection_parameters(self) -> List[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if is_v_projection(n)]
+        """Every compress/restore pair's parameters: v_compress, v_restore and, with latent
+        keys, k_compress and k_restore (phase 1 trains them, phase 2 freezes them)."""
+        return [p for n, p in self.named_parameters() if is_projection_pair(n)]
 
     def num_parameters(self) -> dict:
+        """Keys as in config.param_counts(): "v_projection" counts every pair, "k_projection"
+        the keys' share (k_compress, k_restore, and v_compress's k_nope columns if joint)."""
         total = sum(p.numel() for p in self.parameters())
         vproj = sum(p.numel() for p in self.v_projection_parameters())
-        return {"total": total, "v_projection": vproj, "without_v_projection": total - vproj}
+        kproj = sum(p.numel() for n, p in self.named_parameters()
+                    if ".k_compress." in n or ".k_restore." in n)
+        if self.config.joint_kv:
+            kproj += sum(a.v_compress.weight[:, :a.k_restore.out_features].numel()
+                         for a in self.attention_modules())
+        return {"total": total, "v_projection": vproj, "k_projection": kproj,
+                "without_v_projection": total - vproj}
 
     def set_backend(self, backend: str):
         """Backend for the functional ops ("auto", "ext" or "reference")."""
@@ -104,7 +122,7 @@ class VDProjForCausalLM(nn.Module):
         gen = torch.Generator().manual_seed(int(seed))
         std = self.config.initializer_range
         for name, p in self.named_parameters():
-            if is_v_projection(name):
+            if is_projection_pair(name):
                 continue
             if "layernorm" in name or "layer_norm" in name:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
@@ -116,20 +134,19 @@ class VDProjForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights_vproj_(self, seed: int = 0):
-        """v_compress/v_restore := a random orthogonal projection pair (see init_weights)."""
+        """Every compress/restore pair := a random orthogonal projection pair (see
+        init_weights). The key pairs draw from a generator of their own, so a V-only and a
+        latent-key model of one seed start with the same value pair (a joint latent, whose
+        restore rows are [k_restore; v_restore], draws from the values' generator)."""
         gen_v = torch.Generator().manual_seed(int(seed) + 1_000_003)
+        gen_k = torch.Generator().manual_seed(int(seed) + 2_000_003)
         for attn in self.attention_modules():
             if not attn.compressed:
                 continue
-            hd, r = attn.hidden_size, attn.v_rank
-            a = torch.randn(max(hd, r), min(hd, r), generator=gen_v, dtype=torch.float64)
-            qmat, _ = torch.linalg.qr(a)  # orthonormal columns
-            w_r = qmat if hd >= r else qmat.T  # (hd, r)
-            attn.v_restore.weight.copy_(w_r.to(attn.v_restore.weight))
-            attn.v_compress.weight.copy_(w_r.T.to(attn.v_compress.weight))
-            for lin in (attn.v_compress, attn.v_restore):
-                if lin.bias is not None:
-                    lin.bias.zero_()
+            restores = [attn.k_restore, attn.v_restore] if attn.joint_kv else [attn.v_restore]
+            _orthogonal_pair_(attn.v_compress, restores, gen_v)
+            if attn.k_rank is not None:
+                _orthogonal_pair_(attn.k_compress, [attn.k_restore], gen_k)
 
     # ---- forward
     def _rotary(self, positions: torch.Tensor):
@@ -143,7 +160,8 @@ class VDProjForCausalLM(nn.Module):
         logits[:, :-1] against labels[:, 1:], ignoring -100 (loss_reduction "mean", or "none"
         for the per-token (B, T-1) losses). With a cache the T tokens are appended at
         cache.seqlens (rotary positions seqlens[b] + arange(T)) and the cache advances by T.
-        return_recon adds the V reconstruction loss (phase 1), skip_logits skips the LM head.
+        return_recon adds the reconstruction losses of the pairs (phase 1; see CausalLMOutput),
+        skip_logits skips the LM head.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be 2-D (B, T), got shape {tuple(input_ids.shape)}")
@@ -159,8 +177,10 @@ class VDProjForCausalLM(nn.Module):
 
         out = CausalLMOutput(hidden_states=x)
         if return_recon and recons:
-            out.layer_recon = recons
-            out.recon_loss = torch.stack(recons).mean()
+            out.layer_recon = [torch.stack(list(r.values())).mean() for r in recons]
+            out.recon_losses = {name: torch.stack([r[name] for r in recons]).mean()
+                                for name in sorted(recons[0])}
+            out.recon_loss = torch.stack(out.layer_recon).mean()
         if skip_logits:
             return out
         out.logits = self.embed_out(x)
@@ -173,25 +193,56 @@ class VDProjForCausalLM(nn.Module):
         return out
 
     @torch.no_grad()
-    def layer_values(self, input_ids: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """V (B, T, H*D) of layer `layer_idx`, the layers before it running as they are."""
+    def layer_inputs(self, input_ids: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """What the attention of layer `layer_idx` reads (its input LayerNorm's output,
+        (B, T, H*D)), the layers before it running as they are."""
         cos, sin = self._rotary(torch.arange(input_ids.shape[1], device=input_ids.device)[None])
         x = self.gpt_neox.embed_in(input_ids)
         for layer in self.gpt_neox.layers[:layer_idx]:
             x, _ = layer(x, cos, sin)
-        layer = self.gpt_neox.layers[layer_idx]
-        return layer.attention.project_qkv(layer.input_layernorm(x), cos, sin)[2]
+        return self.gpt_neox.layers[layer_idx].input_layernorm(x)
+
+    @torch.no_grad()
+    def layer_values(self, input_ids: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """V (B, T, H*D) of layer `layer_idx`, the layers before it running as they are."""
+        x = self.layer_inputs(input_ids, layer_idx)
+        cos, sin = self._rotary(torch.arange(input_ids.shape[1], device=input_ids.device)[None])
+        return self.gpt_neox.layers[layer_idx].attention.project_qkv(x, cos, sin)[2]
 
     # ---- inference
-    def new_cache(self, batch_size: int, max_len: int, dtype=None):
-        """An empty KV cache: CompressedKVCache when v_rank is set, else KVCache."""
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, cache_dtype=None):
+        """An empty KV cache: LatentKVCache with latent keys, CompressedKVCache when only
+        v_rank is set, else KVCache. dtype: of the cached values (default: the model's).
+        cache_dtype: None (stored in dtype); the quantized caches of SPEC 3c are not built
+        yet."""
+        if cache_dtype is not None:
+            raise ValueError(f"cache_dtype={cache_dtype} is not supported yet: only None (the "
+                             f"model's dtype); the int8 / float8_e4m3fn caches of SPEC 3c are "
+                             f"not implemented")
         cfg = self.config
         param = next(self.parameters())
         dtype = dtype or param.dtype
         shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, cfg.head_dim)
+        if cfg.latent_keys:
+            return LatentKVCache(*shape, cfg.v_rank, rope_dims=cfg.rope_dims,
+                                 k_rank=cfg.k_rank, dtype=dtype, device=param.device)
         if cfg.v_rank is not None:
             return CompressedKVCache(*shape, cfg.v_rank, dtype=dtype, device=param.device)
         return KVCache(*shape, dtype=dtype, device=param.device)
+
+    def prepare_for_inference(self) -> "VDProjForCausalLM":
+        """Fold every compress projection into the fused query/key/value projection
+        (folding.py: x -> q, rotary keys and the latents in one Linear), in place, and switch
+        to eval mode; returns the model itself. Call it once before decoding with generate()
+        (bench/bench_decode.py does; generate() itself works on either form and never folds,
+        since the model may still be trained): logits are unchanged up to float rounding,
+        and decoding never computes V or k_nope. The model is inference-only afterwards (no
+        reconstruction loss; training would not update the folded weights). An uncompressed
+        model is only put in eval mode. Idempotent. For a folded copy instead, use
+        copy.deepcopy(model).prepare_for_inference() (or fold_v_compress(model))."""
+        if self.config.v_rank is not None:
+            fold_v_compress(self, inplace=True)
+        return self.eval()
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *,
                  temperature: float = 0.0, top_k: Optional[int] = None,
@@ -206,10 +257,26 @@ class VDProjForCausalLM(nn.Module):
 
     # ---- loading
     @classmethod
-    def from_gpt_neox(cls, path, *, v_rank=None, init="pca", calibration_ids=None, **kwargs):
+    def from_gpt_neox(cls, path, *, v_rank=None, k_rank=None, joint_kv=False, init="pca",
+                      calibration_ids=None, **kwargs):
         """Load a Hugging Face GPT-NeoX checkpoint folder (see models/convert.py)."""
         # The one import cycle of the package, by design (SPEC section 4 puts this entry point
         # on the class): convert.py builds a VDProjForCausalLM, so it is imported on call.
         from .convert import from_gpt_neox
-        return from_gpt_neox(path, v_rank=v_rank, init=init, calibration_ids=calibration_ids,
-                             **kwargs)
+        return from_gpt_neox(path, v_rank=v_rank, k_rank=k_rank, joint_kv=joint_kv, init=init,
+                             calibration_ids=calibration_ids, **kwargs)
+
+
+def _orthogonal_pair_(compress: nn.Linear, restores: List[nn.Linear], gen) -> None:
+    """compress.weight := Q^T and the restores' stacked weights := Q, for a random Q
+    (width, rank) with orthonormal columns (orthonormal rows when rank > width); biases 0."""
+    width, rank = compress.in_features, compress.out_features
+    a = torch.randn(max(width, rank), min(width, rank), generator=gen, dtype=torch.float64)
+    qmat, _ = torch.linalg.qr(a)  # orthonormal columns
+    w_r = qmat if width >= rank else qmat.T  # (width, rank)
+    compress.weight.copy_(w_r.T.to(compress.weight))
+    for lin, rows in zip(restores, w_r.split([r.out_features for r in restores])):
+        lin.weight.copy_(rows.to(lin.weight))
+    for lin in (compress, *restores):
+        if lin.bias is not None:
+            lin.bias.zero_()

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import compressed_v_attention, decode_linear
-from .config import VDProjConfig
+from ..ops import compressed_kv_attention, compressed_v_attention, decode_linear
+from .config import VDProjConfig, check_latent_ranks, rope_dims
 
 # ---------------------------------------------------------------------------------------------
 # Rotary embedding (GPT-NeoX style: rotate_half on the first rotary_ndims of each head)
@@ -69,9 +69,29 @@ def split_fused_qkv(t: torch.Tensor, num_heads: int):
     return per_head[:, :2].reshape(-1, *rest), per_head[:, 2].reshape(-1, *rest)
 
 
-def is_v_projection(param_name: str) -> bool:
-    """Whether a parameter belongs to v_compress / v_restore (what V-DProj adds to GPT-NeoX)."""
-    return ".v_compress." in param_name or ".v_restore." in param_name
+def fused_qkv_parts(t: torch.Tensor, num_heads: int, rope_dims: int = 0) -> dict:
+    """query_key_value's weight (3*H*D, in) or bias (3*H*D,) split by role, each part head by
+    head ((H*width, ...)): "q", "k", "v", and the rotary / non-rotary parts of the queries and
+    keys, "q_rope", "q_nope", "k_rope", "k_nope" (the first rope_dims dims of each head
+    and the rest)."""
+    rest = t.shape[1:]
+    per_head = t.reshape(num_heads, 3, -1, *rest)
+
+    def rows(role, dims=slice(None)):
+        return per_head[:, role, dims].reshape(-1, *rest)
+
+    rope, nope = slice(0, rope_dims), slice(rope_dims, None)
+    return {"q": rows(0), "k": rows(1), "v": rows(2), "q_rope": rows(0, rope),
+            "q_nope": rows(0, nope), "k_rope": rows(1, rope), "k_nope": rows(1, nope)}
+
+
+PAIR_MODULES = ("v_compress", "v_restore", "k_compress", "k_restore")
+
+
+def is_projection_pair(param_name: str) -> bool:
+    """Whether a parameter belongs to a compress/restore pair (what V-DProj adds to GPT-NeoX:
+    v_compress / v_restore and, with latent keys, k_compress / k_restore)."""
+    return any(f".{m}." in param_name for m in PAIR_MODULES)
 
 
 class CompressedVAttention(nn.Module):
@@ -81,32 +101,60 @@ class CompressedVAttention(nn.Module):
     Training and uncached forward passes call ops.compressed_v_attention (restore on read
     inside the op); cached passes hand q, k, v to the cache object, which calls
     ops.compressed_attn_with_kvcache (compress on write, restore on read).
+
+    Latent keys (SPEC 3b; config.py lists the valid combinations): with k_rank the
+    non-rotary part of every head's key, k_nope (H*Dn, Dn = head_dim - rope_dims), goes
+    through k_compress (Linear(H*Dn, k_rank)) into a latent that k_restore (Linear(k_rank,
+    H*Dn)) restores, absorbed into the query by ops.compressed_kv_attention; the first
+    rope_dims dims of each head's key (those rotary rotates, config.py) stay whole. With
+    joint_kv the keys share the value latent: v_compress is Linear(H*Dn + H*D, v_rank) on
+    [k_nope | v], k_restore is Linear(v_rank, H*Dn), and there is no k_compress. k_restore's
+    bias cancels in the softmax (the ops take none); it only matters for the reconstruction
+    loss.
     max_positions is accepted for GPT-NeoX's signature only: the rotary angles are computed
     for any position, so there is no table to size.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, v_rank: Optional[int] = None,
                  rotary_pct: float = 0.25, rotary_base: float = 10000.0,
-                 max_positions: int = 2048, bias: bool = True, v_bias: bool = True):
+                 max_positions: int = 2048, bias: bool = True, v_bias: bool = True,
+                 k_rank: Optional[int] = None, joint_kv: bool = False):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
                              f"({num_heads})")
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
-        self.v_rank = v_rank
+        self.v_rank, self.k_rank, self.joint_kv = v_rank, k_rank, joint_kv
         self.rotary_ndims = int(self.head_dim * rotary_pct)
+        self.rope_dims = rope_dims(self.rotary_ndims)
+        check_latent_ranks(v_rank, k_rank, joint_kv, self.head_dim, self.rope_dims)
         self.rotary_base = rotary_base
         self.backend = "auto"  # passed to the functional ops; tests force "reference"
         self.query_key_value = Linear(hidden_size, 3 * hidden_size, bias=bias)
+        nope = num_heads * (self.head_dim - self.rope_dims)
         if v_rank is not None:
-            self.v_compress = Linear(hidden_size, v_rank, bias=v_bias)
+            self.v_compress = Linear(hidden_size + (nope if joint_kv else 0), v_rank,
+                                     bias=v_bias)
             self.v_restore = Linear(v_rank, hidden_size, bias=v_bias)
+        if k_rank is not None:
+            self.k_compress = Linear(nope, k_rank, bias=v_bias)
+        if self.latent_keys:
+            self.k_restore = Linear(self.key_rank, nope, bias=v_bias)
         self.dense = Linear(hidden_size, hidden_size, bias=bias)
 
     @property
     def compressed(self) -> bool:
         return self.v_rank is not None
+
+    @property
+    def latent_keys(self) -> bool:
+        return self.k_rank is not None or self.joint_kv
+
+    @property
+    def key_rank(self) -> Optional[int]:
+        """Width of the keys' latent: k_rank, or v_rank when it is shared (joint_kv)."""
+        return self.v_rank if self.joint_kv else self.k_rank
 
     def project_qkv(self, x, cos, sin):
         """x (B, T, H*D) -> q, k (B, T, H, D) with rotary applied, v (B, T, H*D)."""
@@ -118,12 +166,23 @@ class CompressedVAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v.reshape(b, t, self.hidden_size)
 
+    def compress(self, k, v):
+        """The latents of the new tokens: (K_c (B, T, k_rank) or None, V_c (B, T, v_rank)),
+        and k_nope (B, T, H*Dn) (None without latent keys)."""
+        if not self.latent_keys:
+            return None, self.v_compress(v), None
+        k_nope = k[..., self.rope_dims:].reshape(*k.shape[:2], -1)
+        if self.joint_kv:
+            return None, self.v_compress(torch.cat((k_nope, v), -1)), k_nope
+        return self.k_compress(k_nope), self.v_compress(v), k_nope
+
     def forward(self, x, cos=None, sin=None, cache=None, layer_idx: int = 0,
                 want_recon: bool = False):
         """x (B, T, H*D); cos, sin from rotary_cos_sin (the model computes them once for all
-        layers; None: positions 0 .. T-1). Returns (out (B, T, H*D), recon): recon is
-        mean((V - V_restored)^2) in float32 when want_recon and the layer is compressed,
-        else None."""
+        layers; None: positions 0 .. T-1). Returns (out (B, T, H*D), recon): recon is None,
+        or, when want_recon and the layer is compressed, the reconstruction losses in
+        float32, {"v": mean((V - V_r)^2)} plus "k": mean((k_nope - k_nope_r)^2) with latent
+        keys."""
         b, t, _ = x.shape
         if cos is None:
             positions = torch.arange(t, device=x.device).unsqueeze(0)
@@ -133,20 +192,34 @@ class CompressedVAttention(nn.Module):
         if cache is not None:
             o = cache.attend(layer_idx, q, k, v, self)
         elif self.compressed:
-            v_c = self.v_compress(v)
-            dt = v_c.dtype  # under autocast the parameters stay fp32: give the op one dtype
-            w_r = self.v_restore.weight.to(dt)
-            b_r = self.v_restore.bias.to(dt) if self.v_restore.bias is not None else None
-            o = compressed_v_attention(q.to(dt), k.to(dt), v_c, w_r, b_r, causal=True,
-                                       backend=self.backend)
-            if want_recon:
-                recon = F.mse_loss(self.v_restore(v_c).float(), v.float())
+            o, recon = self._compressed_attention(q, k, v, want_recon)
         else:
             o = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2),
                 v.view(b, t, self.num_heads, self.head_dim).transpose(1, 2),
                 is_causal=True).transpose(1, 2)
         return self.dense(o.reshape(b, t, self.hidden_size).to(x.dtype)), recon
+
+    def _compressed_attention(self, q, k, v, want_recon: bool):
+        """Training / uncached attention through the package ops, and the recon losses."""
+        k_c, v_c, k_nope = self.compress(k, v)
+        dt = v_c.dtype  # under autocast the parameters stay fp32: give the op one dtype
+        w_r = self.v_restore.weight.to(dt)
+        b_r = self.v_restore.bias.to(dt) if self.v_restore.bias is not None else None
+        if self.latent_keys:
+            o = compressed_kv_attention(q.to(dt), k[..., :self.rope_dims].to(dt), k_c, v_c,
+                                        self.k_restore.weight.to(dt), w_r, b_r, causal=True,
+                                        backend=self.backend)
+        else:
+            o = compressed_v_attention(q.to(dt), k.to(dt), v_c, w_r, b_r, causal=True,
+                                       backend=self.backend)
+        if not want_recon:
+            return o, None
+        recon = {"v": F.mse_loss(self.v_restore(v_c).float(), v.float())}
+        if self.latent_keys:
+            k_lat = v_c if self.joint_kv else k_c
+            recon["k"] = F.mse_loss(self.k_restore(k_lat).float(), k_nope.float())
+        return o, recon
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +245,8 @@ class GPTNeoXLayer(nn.Module):
                                                      eps=config.layer_norm_eps)
         self.attention = CompressedVAttention(
             config.hidden_size, config.num_heads, config.v_rank, config.rotary_pct,
-            config.rotary_base, config.max_positions, config.attention_bias, config.v_bias)
+            config.rotary_base, config.max_positions, config.attention_bias, config.v_bias,
+            config.k_rank, config.joint_kv)
         self.mlp = GPTNeoXMLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, cache=None, layer_idx=0, want_recon=False):

@@ -2,10 +2,12 @@
 
     attention.py   compressed_v_attention and its autograd.Function
     kvcache.py     compressed_attn_with_kvcache
+    latent_attention.py  compressed_kv_attention (latent keys, SPEC 3b) and its autograd.Function
+    latent_kvcache.py    compressed_kv_attn_with_kvcache (latent keys, SPEC 3b)
     linear.py      decode_linear (the row policy of decode-sized CPU linears)
     checks.py      the input checks and their messages (the C++ checks use the same texts)
     backend.py     loading the kernels, backend resolution, backend_info()
-    routing.py     on CUDA: fused kernels or the ATen paths
+    routing.py     fused kernels, the ATen paths or the reference (CUDA; latent keys everywhere)
     aten_paths.py  ATen implementations for inputs the fused kernels do not take
     library.py     torch.library fake kernels and the registered autograd formula
     reference.py   the pure-PyTorch definition of the math
@@ -16,7 +18,11 @@ from . import reference
 from .attention import CompressedVAttentionFunction, compressed_v_attention
 from .backend import BACKENDS, backend_info
 from .kvcache import compressed_attn_with_kvcache
+from .latent_attention import CompressedKVAttentionFunction, compressed_kv_attention
+from .latent_kvcache import compressed_kv_attn_with_kvcache
 from .linear import decode_linear
 
-__all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "decode_linear",
-           "backend_info", "CompressedVAttentionFunction", "BACKENDS", "reference"]
+__all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "compressed_kv_attention",
+           "compressed_kv_attn_with_kvcache", "decode_linear", "backend_info",
+           "CompressedVAttentionFunction", "CompressedKVAttentionFunction", "BACKENDS",
+           "reference"]

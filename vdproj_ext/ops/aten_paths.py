@@ -37,12 +37,47 @@ def restore_then_sdpa(q, k, v_c, w_r, b_r, causal, scale):
     return o.transpose(1, 2)
 
 
+def _write_positions(cache_seqlens, t_new):
+    """(rows, pos), both (B, Tnew): cache_seqlens[b] onwards, for one indexed write of all
+    sequences at once."""
+    pos = cache_seqlens.long()[:, None] + torch.arange(t_new, device=cache_seqlens.device)
+    rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
+    return rows, pos
+
+
 def _append_new_tokens(k_cache, vc_cache, k, v, w_c, b_c, cache_seqlens):
     """Compress-on-write at cache_seqlens[b] onwards, every sequence in one indexed write."""
-    pos = cache_seqlens.long()[:, None] + torch.arange(k.shape[1], device=k.device)  # (B, Tnew)
-    rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(pos)
+    rows, pos = _write_positions(cache_seqlens, k.shape[1])
     k_cache[rows, pos] = k
     vc_cache[rows, pos] = reference.compress_values(v, w_c, b_c).to(vc_cache.dtype)
+
+
+def _visible_keys(total, t_max, tq, causal):
+    """valid (B, Tmax): cache rows inside each sequence's length; allowed (B, 1, Tq, Tmax): the
+    keys each query sees (bottom-right causal within the sequence's length)."""
+    j = torch.arange(t_max, device=total.device)
+    valid = j[None, :] < total[:, None]
+    allowed = valid[:, None, None, :]
+    if causal:
+        i = torch.arange(tq, device=total.device)
+        limit = i[None, :, None] + (total - tq)[:, None, None]                 # (B, Tq, 1)
+        allowed = allowed & (j[None, None, :] <= limit)[:, None]
+    return valid, allowed
+
+
+def _attend_restore_on_read(scores, allowed, valid, vc_cache, w_r, b_r, out_dtype):
+    """Softmax over the visible keys, weights times the compressed values (rows past a length
+    masked with torch.where, so NaN tails never leak), then the restore (SPEC section 1)."""
+    batch, heads, tq, _ = scores.shape
+    rank = vc_cache.shape[-1]
+    vv = torch.where(valid[:, :, None], vc_cache, 0).to(scores.dtype)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    ctx = torch.einsum("bhij,bjr->bihr", probs, vv)
+    out = torch.einsum("bihr,hdr->bihd", ctx, w_r.to(scores.dtype).reshape(heads, -1, rank))
+    if b_r is not None:
+        out = out + b_r.to(scores.dtype).view(heads, -1)
+    seen = allowed.any(-1).transpose(1, 2)                                    # (B, Tq, H)
+    return torch.where(seen[..., None], out, 0).to(out_dtype)
 
 
 def batched_kvcache_attention(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens,
@@ -50,27 +85,65 @@ def batched_kvcache_attention(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, ca
     """compressed_attn_with_kvcache with batched ATen ops over the whole cache: positions past
     each sequence's length are masked with torch.where (so NaN tails never leak), and the
     attention weights multiply the compressed values before the restore (SPEC section 1)."""
-    batch, tq, heads, head_dim = q.shape
-    t_max, rank = k_cache.shape[1], vc_cache.shape[-1]
     t_new = 0 if k is None else k.shape[1]
     if t_new:
         _append_new_tokens(k_cache, vc_cache, k, v, w_c, b_c, cache_seqlens)
-    total = cache_seqlens.long() + t_new                                       # (B,)
+    valid, allowed = _visible_keys(cache_seqlens.long() + t_new, k_cache.shape[1], q.shape[1],
+                                   causal)
     acc = reference.accumulation_dtype(q.dtype)
-    j = torch.arange(t_max, device=q.device)
-    valid = j[None, :] < total[:, None]                                        # (B, Tmax)
     kk = torch.where(valid[:, :, None, None], k_cache, 0).to(acc)
-    vv = torch.where(valid[:, :, None], vc_cache, 0).to(acc)
     scores = torch.einsum("bihd,bjhd->bhij", q.to(acc), kk) * scale
-    allowed = valid[:, None, None, :]
-    if causal:
-        i = torch.arange(tq, device=q.device)
-        limit = i[None, :, None] + (total - tq)[:, None, None]                 # (B, Tq, 1)
-        allowed = allowed & (j[None, None, :] <= limit)[:, None]
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
-    ctx = torch.einsum("bhij,bjr->bihr", probs, vv)
-    out = torch.einsum("bihr,hdr->bihd", ctx, w_r.to(acc).view(heads, head_dim, rank))
-    if b_r is not None:
-        out = out + b_r.to(acc).view(heads, head_dim)
-    seen = allowed.any(-1).transpose(1, 2)                                    # (B, Tq, H)
-    return torch.where(seen[..., None], out, 0).to(q.dtype)
+    return _attend_restore_on_read(scores, allowed, valid, vc_cache, w_r, b_r, q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent keys (SPEC 3b): until CUDA kernels exist, these run the ops on CUDA tensors.
+
+
+def restore_keys_then_sdpa(q, k_rope, k_c, v_c, w_kr, w_r, b_r, causal, scale):
+    """compressed_kv_attention as: restore the keys' non-rotary part with one GEMM, then
+    restore_then_sdpa; differentiable through autograd (k_c None: the joint latent)."""
+    k_full = reference.restore_keys(k_rope, k_c if k_c is not None else v_c, w_kr)
+    return restore_then_sdpa(q, k_full, v_c, w_r, b_r, causal, scale)
+
+
+def _append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c,
+                          cache_seqlens):
+    """Compress-on-write of the rotary keys and the latents, every sequence in one write each."""
+    rows, pos = _write_positions(cache_seqlens, k.shape[1])
+    rope_dim = krope_cache.shape[-1]
+    krope_cache[rows, pos] = k[..., :rope_dim]
+    if kc_cache is None:
+        vc_cache[rows, pos] = reference.compress_joint(k, v, w_c, b_c, rope_dim).to(vc_cache.dtype)
+        return
+    kc_cache[rows, pos] = reference.compress_keys(k, w_kc, b_kc, rope_dim).to(kc_cache.dtype)
+    vc_cache[rows, pos] = reference.compress_values(v, w_c, b_c).to(vc_cache.dtype)
+
+
+def _absorbed_scores(q, krope_cache, k_lat_cache, w_kr, valid, acc):
+    """q_rope . k_rope + (q_nope @ w_kr[h]) . K_lat per head: the restore absorbed into the
+    query, so the key latent is read once for all heads (masked rows read as zeros)."""
+    heads, rope_dim = q.shape[2], krope_cache.shape[-1]
+    q_ = q.to(acc)
+    k_rope = torch.where(valid[:, :, None, None], krope_cache, 0).to(acc)
+    k_lat = torch.where(valid[:, :, None], k_lat_cache, 0).to(acc)
+    w_kr_heads = w_kr.to(acc).reshape(heads, -1, k_lat.shape[-1])              # (H, Dn, Rk)
+    q_lat = torch.einsum("bihn,hnr->bihr", q_[..., rope_dim:], w_kr_heads)
+    return (torch.einsum("bihd,bjhd->bhij", q_[..., :rope_dim], k_rope)
+            + torch.einsum("bihr,bjr->bhij", q_lat, k_lat))
+
+
+def batched_latent_kvcache_attention(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v,
+                                     w_kc, b_kc, w_c, b_c, cache_seqlens, causal, scale):
+    """compressed_kv_attn_with_kvcache with batched ATen ops over the whole cache, no host
+    sync: as batched_kvcache_attention, with the absorbed latent-key scores."""
+    t_new = 0 if k is None else k.shape[1]
+    if t_new:
+        _append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c,
+                              cache_seqlens)
+    valid, allowed = _visible_keys(cache_seqlens.long() + t_new, krope_cache.shape[1],
+                                   q.shape[1], causal)
+    acc = reference.accumulation_dtype(q.dtype)
+    k_lat_cache = kc_cache if kc_cache is not None else vc_cache
+    scores = _absorbed_scores(q, krope_cache, k_lat_cache, w_kr, valid, acc) * scale
+    return _attend_restore_on_read(scores, allowed, valid, vc_cache, w_r, b_r, q.dtype)

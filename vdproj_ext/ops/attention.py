@@ -8,14 +8,12 @@ from .backend import resolve_backend
 from .library import kernel_backward, save_for_kernel_backward
 
 
-def _reference_backward(ctx, grad_out):
-    """Gradients of the reference, by recomputing it with autograd on."""
-    q, k, v_c, w_r, b_r = ctx.saved_tensors
-    inputs = [t.detach().requires_grad_() if t is not None else None
-              for t in (q, k, v_c, w_r, b_r)]
+def reference_backward(ctx, grad_out, reference_op=reference.compressed_v_attention):
+    """Gradients of reference_op (its tensor inputs saved, None for an absent one), by
+    recomputing it with autograd on."""
+    inputs = [t.detach().requires_grad_() if t is not None else None for t in ctx.saved_tensors]
     with torch.enable_grad():
-        out = reference.compressed_v_attention(*inputs, causal=ctx.causal,
-                                               softmax_scale=ctx.softmax_scale)
+        out = reference_op(*inputs, causal=ctx.causal, softmax_scale=ctx.softmax_scale)
         wanted = [t for t in inputs if t is not None]
         grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
     return tuple(next(grads) if t is not None else None for t in inputs)
@@ -45,7 +43,7 @@ class CompressedVAttentionFunction(torch.autograd.Function):
         if ctx.backend == "ext":
             grads = kernel_backward(ctx, grad_out)
         else:
-            grads = _reference_backward(ctx, grad_out)
+            grads = reference_backward(ctx, grad_out)
         return (*grads, None, None, None)  # no gradient for causal, softmax_scale, backend
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import bindings
-from .library import register_torch_library
+from .library import op_defined, register_torch_library
 
 BACKENDS = ("auto", "ext", "reference")
 
@@ -25,8 +25,10 @@ def has_kernel(device_type: str, op: str = "cva_forward") -> bool:
     """Whether compiled kernels exist for this device type (memoized: a hot-path check)."""
     if (device_type, op) not in _kernel_built:
         key = _DISPATCH_KEYS.get(device_type)
+        # An older build may lack an op altogether (e.g. the latent-key ckv_* ops).
         _kernel_built[device_type, op] = (
             load_kernels() is not None and key is not None
+            and op_defined(op)
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"vdproj_ext::{op}", key))
     return _kernel_built[device_type, op]
 

@@ -84,6 +84,41 @@ def check_same_dtype(named):
 
 
 # ---------------------------------------------------------------------------------------------
+# The caches and lengths of the kvcache ops
+
+
+def check_restore_and_new_token_ranks(w_r, b_r, k, v, w_c, b_c):
+    check_tensor("w_r", w_r, 2)
+    check_tensor("b_r", b_r, 1, optional=True)
+    check_tensor("k", k, 4, optional=True)
+    check_tensor("v", v, 3, optional=True)
+    check_tensor("w_c", w_c, 2, optional=True)
+    check_tensor("b_c", b_c, 1, optional=True)
+
+
+def check_seqlens_is_tensor(cache_seqlens, batch):
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({batch},), "
+                        f"got {type(cache_seqlens).__name__}")
+
+
+def check_seqlens_dtype_and_shape(cache_seqlens, batch):
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must have dtype torch.int32, got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape ({batch},), "
+                         f"got {tuple(cache_seqlens.shape)}")
+
+
+def check_written_in_place(named_caches):
+    """The caches are written in place through their last dimension: it must be unit-stride."""
+    for name, cache in named_caches:
+        if cache is not None and cache.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dimension "
+                             f"(got strides {cache.stride()}); it is written in place")
+
+
+# ---------------------------------------------------------------------------------------------
 # compressed_v_attention
 
 
@@ -116,15 +151,8 @@ def check_kvcache_ranks_and_devices(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b
     check_tensor("q", q, 4)
     check_tensor("k_cache", k_cache, 4)
     check_tensor("vc_cache", vc_cache, 3)
-    check_tensor("w_r", w_r, 2)
-    check_tensor("b_r", b_r, 1, optional=True)
-    check_tensor("k", k, 4, optional=True)
-    check_tensor("v", v, 3, optional=True)
-    check_tensor("w_c", w_c, 2, optional=True)
-    check_tensor("b_c", b_c, 1, optional=True)
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be an int32 tensor of shape ({q.shape[0]},), "
-                        f"got {type(cache_seqlens).__name__}")
+    check_restore_and_new_token_ranks(w_r, b_r, k, v, w_c, b_c)
+    check_seqlens_is_tensor(cache_seqlens, q.shape[0])
     check_same_device([("q", q), ("k_cache", k_cache), ("vc_cache", vc_cache), ("w_r", w_r),
                        ("b_r", b_r), ("k", k), ("v", v), ("w_c", w_c), ("b_c", b_c),
                        ("cache_seqlens", cache_seqlens)])
@@ -140,26 +168,26 @@ def check_kvcache_dtypes_and_shapes(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b
     check_shape("vc_cache", vc_cache, (batch, max_len, rank))
     check_shape("w_r", w_r, (heads * head_dim, rank))
     check_shape("b_r", b_r, (heads * head_dim,))
-    for name, cache in (("k_cache", k_cache), ("vc_cache", vc_cache)):
-        if cache.stride(-1) != 1:
-            raise ValueError(f"{name} must have a unit stride in its last dimension "
-                             f"(got strides {cache.stride()}); it is written in place")
+    check_written_in_place((("k_cache", k_cache), ("vc_cache", vc_cache)))
     _check_new_tokens(k, v, w_c, b_c, batch, heads, head_dim, rank)
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must have dtype torch.int32, got {cache_seqlens.dtype}")
-    if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"cache_seqlens must have shape ({batch},), "
-                         f"got {tuple(cache_seqlens.shape)}")
+    check_seqlens_dtype_and_shape(cache_seqlens, batch)
 
 
-def _check_new_tokens(k, v, w_c, b_c, batch, heads, head_dim, rank):
+def check_new_kv(k, v, batch, heads, head_dim) -> bool:
+    """k (B, Tnew, H, D) and v (B, Tnew, H*D) together or neither; whether they are given."""
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new tokens to append) or both None")
     if k is None:
-        return
+        return False
     t_new = k.shape[1]
     check_shape("k", k, (batch, t_new, heads, head_dim))
     check_shape("v", v, (batch, t_new, heads * head_dim))
+    return True
+
+
+def _check_new_tokens(k, v, w_c, b_c, batch, heads, head_dim, rank):
+    if not check_new_kv(k, v, batch, heads, head_dim):
+        return
     if w_c is None:
         raise ValueError("w_c (shape (R, H*D)) is required when new k and v are given")
     check_shape("w_c", w_c, (rank, heads * head_dim))
@@ -179,3 +207,112 @@ def check_seqlens_range(cache_seqlens, max_len, t_new):
     if hi + t_new > max_len:
         raise ValueError(f"writing {t_new} new tokens at cache_seqlens (max {hi}) would "
                          f"overflow the cache of Tmax={max_len}; nothing was written")
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent keys (SPEC section 3b): compressed_kv_attention and compressed_kv_attn_with_kvcache.
+# Dr (rotary dims per head) is read from k_rope / krope_cache; the key latent is k_c / kc_cache,
+# or the value latent itself when that is None (the joint latent).
+
+
+def check_rope_dim(name, rope_dim, head_dim):
+    """0 <= Dr < D: at least one non-rotary dimension per head is compressed."""
+    if not 0 <= rope_dim < head_dim:
+        raise ValueError(f"{name} must have 0 <= Dr < D rotary dims in its last dimension "
+                         f"(D={head_dim}, q's head_dim), got Dr={rope_dim}")
+
+
+def check_latent_attention_ranks_and_devices(q, k_rope, k_c, v_c, w_kr, w_r, b_r):
+    check_tensor("q", q, 4)
+    check_tensor("k_rope", k_rope, 4)
+    check_tensor("k_c", k_c, 3, optional=True)
+    check_tensor("v_c", v_c, 3)
+    check_tensor("w_kr", w_kr, 2)
+    check_tensor("w_r", w_r, 2)
+    check_tensor("b_r", b_r, 1, optional=True)
+    check_same_device([("q", q), ("k_rope", k_rope), ("k_c", k_c), ("v_c", v_c),
+                       ("w_kr", w_kr), ("w_r", w_r), ("b_r", b_r)])
+
+
+def check_latent_attention_dtypes_and_shapes(q, k_rope, k_c, v_c, w_kr, w_r, b_r):
+    check_same_dtype([("q", q), ("k_rope", k_rope), ("k_c", k_c), ("v_c", v_c),
+                      ("w_kr", w_kr), ("w_r", w_r), ("b_r", b_r)])
+    _check_latent_shapes(("k_rope", k_rope), ("k_c", k_c), ("v_c", v_c), w_kr, w_r, b_r,
+                         q.shape)
+
+
+def _check_latent_shapes(rope, key_latent, value_latent, w_kr, w_r, b_r, q_shape):
+    """The shapes both latent ops share. rope, key_latent, value_latent: (name, tensor) of the
+    rotary keys (B, T, H, Dr), the key latent (B, T, Rk) (tensor None: the joint latent) and
+    the value latent (B, T, Rv), T being Tk or Tmax. Returns (Dr, Rk, Rv)."""
+    batch, _, heads, head_dim = q_shape
+    (rope_name, rope_t), (k_name, k_lat), (v_name, v_lat) = rope, key_latent, value_latent
+    length, rope_dim = rope_t.shape[1], rope_t.shape[-1]
+    check_rope_dim(rope_name, rope_dim, head_dim)
+    v_rank = v_lat.shape[-1]
+    k_rank = k_lat.shape[-1] if k_lat is not None else v_rank
+    check_shape(rope_name, rope_t, (batch, length, heads, rope_dim))
+    check_shape(k_name, k_lat, (batch, length, k_rank))
+    check_shape(v_name, v_lat, (batch, length, v_rank))
+    check_shape("w_kr", w_kr, (heads * (head_dim - rope_dim), k_rank))
+    check_shape("w_r", w_r, (heads * head_dim, v_rank))
+    check_shape("b_r", b_r, (heads * head_dim,))
+    return rope_dim, k_rank, v_rank
+
+
+def check_latent_kvcache_ranks_and_devices(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r,
+                                           k, v, w_kc, b_kc, w_c, b_c, cache_seqlens):
+    check_tensor("q", q, 4)
+    check_tensor("krope_cache", krope_cache, 4)
+    check_tensor("kc_cache", kc_cache, 3, optional=True)
+    check_tensor("vc_cache", vc_cache, 3)
+    check_tensor("w_kr", w_kr, 2)
+    check_restore_and_new_token_ranks(w_r, b_r, k, v, w_c, b_c)
+    check_tensor("w_kc", w_kc, 2, optional=True)
+    check_tensor("b_kc", b_kc, 1, optional=True)
+    check_seqlens_is_tensor(cache_seqlens, q.shape[0])
+    check_same_device([("q", q), ("krope_cache", krope_cache), ("kc_cache", kc_cache),
+                       ("vc_cache", vc_cache), ("w_kr", w_kr), ("w_r", w_r), ("b_r", b_r),
+                       ("k", k), ("v", v), ("w_kc", w_kc), ("b_kc", b_kc), ("w_c", w_c),
+                       ("b_c", b_c), ("cache_seqlens", cache_seqlens)])
+
+
+def check_latent_kvcache_dtypes_and_shapes(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r,
+                                           k, v, w_kc, b_kc, w_c, b_c, cache_seqlens):
+    check_same_dtype([("q", q), ("krope_cache", krope_cache), ("kc_cache", kc_cache),
+                      ("vc_cache", vc_cache), ("w_kr", w_kr), ("w_r", w_r), ("b_r", b_r),
+                      ("k", k), ("v", v), ("w_kc", w_kc), ("b_kc", b_kc), ("w_c", w_c),
+                      ("b_c", b_c)])
+    batch, _, heads, head_dim = q.shape
+    rope_dim, k_rank, v_rank = _check_latent_shapes(
+        ("krope_cache", krope_cache), ("kc_cache", kc_cache), ("vc_cache", vc_cache), w_kr, w_r,
+        b_r, q.shape)
+    check_written_in_place((("krope_cache", krope_cache), ("kc_cache", kc_cache),
+                            ("vc_cache", vc_cache)))
+    _check_new_latent_tokens(k, v, w_kc, b_kc, w_c, b_c, kc_cache is None,
+                             (batch, heads, head_dim, rope_dim, k_rank, v_rank))
+    check_seqlens_dtype_and_shape(cache_seqlens, batch)
+
+
+def _check_new_latent_tokens(k, v, w_kc, b_kc, w_c, b_c, joint, dims):
+    """The new tokens and their compress weights: w_kc/b_kc (separate latents) or none of them
+    (joint latent, where w_c compresses [k_nope | v]), checked whether or not k is given."""
+    batch, heads, head_dim, rope_dim, k_rank, v_rank = dims
+    nope = heads * (head_dim - rope_dim)
+    if joint and (w_kc is not None or b_kc is not None):
+        name = "w_kc" if w_kc is not None else "b_kc"
+        raise ValueError(f"{name} must be None with the joint latent (kc_cache is None): "
+                         f"w_c compresses [k_nope | v] into vc_cache")
+    if not check_new_kv(k, v, batch, heads, head_dim):
+        return
+    if not joint:
+        if w_kc is None:
+            raise ValueError("w_kc (shape (Rk, H*Dn)) is required when new k and v are given "
+                             "with a separate key latent (kc_cache)")
+        check_shape("w_kc", w_kc, (k_rank, nope))
+        check_shape("b_kc", b_kc, (k_rank,))
+    if w_c is None:
+        width = "H*D" if not joint else "H*Dn + H*D"
+        raise ValueError(f"w_c (shape (R, {width})) is required when new k and v are given")
+    check_shape("w_c", w_c, (v_rank, nope + heads * head_dim if joint else heads * head_dim))
+    check_shape("b_c", b_c, (v_rank,))

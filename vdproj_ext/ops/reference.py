@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementation of the V-DProj ops: the definition of the math.
 
-This file is the executable form of SPEC sections 1-3. It favours clarity over speed: values
+This file is the executable form of SPEC sections 1-3b. It favours clarity over speed: values
 are restored to full width first, then ordinary attention runs over them. Every compiled kernel
 is tested against these functions evaluated in float64.
 
@@ -100,5 +100,88 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
             continue  # nothing cached and nothing new: every row sees no key
         out[b:b + 1] = compressed_v_attention(
             q[b:b + 1], k_cache[b:b + 1, :tk], vc_cache[b:b + 1, :tk], w_r, b_r,
+            causal=causal, softmax_scale=scale)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Latent keys (SPEC section 3b). Keys are [k_rope | k_nope] per head; k_nope of all heads is
+# compressed to one latent K_c (or shares the value latent: the joint latent). The reference
+# restores K's non-rotary part and V to full width, then runs the plain attention above; the
+# kernels absorb w_kr into the query instead (same math, see the SPEC).
+#
+#     q (B, Tq, H, D), k_rope (B, Tk, H, Dr), k_c (B, Tk, Rk) or None, v_c (B, Tk, Rv),
+#     w_kr (H*Dn, Rk), w_r (H*D, Rv), b_r (H*D,), Dn = D - Dr
+#     krope_cache (B, Tmax, H, Dr), kc_cache (B, Tmax, Rk) or None, vc_cache (B, Tmax, Rv)
+
+
+def restore_keys(k_rope: torch.Tensor, k_lat: torch.Tensor, w_kr: torch.Tensor) -> torch.Tensor:
+    """Full keys [k_rope | K_lat @ w_kr.T] per head: (B, T, H, D). No b_kr: the softmax cancels it."""
+    k_nope = torch.nn.functional.linear(k_lat, w_kr).unflatten(-1, (k_rope.shape[2], -1))
+    return torch.cat([k_rope, k_nope], dim=-1)
+
+
+def compressed_kv_attention(q, k_rope, k_c, v_c, w_kr, w_r, b_r=None, *, causal=False,
+                            softmax_scale=None):
+    """compressed_v_attention over keys restored from (k_rope, k_c), or from (k_rope, v_c) with
+    the joint latent (k_c None)."""
+    num_heads, head_dim = q.shape[2], q.shape[3]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    acc = accumulation_dtype(q.dtype)
+    q_, k_rope_, k_c_, v_c_, w_kr_, w_r_, b_r_ = _upcast(acc, q, k_rope, k_c, v_c, w_kr, w_r, b_r)
+    k_full = restore_keys(k_rope_, k_c_ if k_c is not None else v_c_, w_kr_)
+    v_r = restore_values(v_c_, w_r_, b_r_, num_heads)
+    allowed = causal_mask(q.shape[1], k_rope.shape[1], q.device) if causal else None
+    return attention(q_, k_full, v_r, allowed, scale).to(q.dtype)
+
+
+def compress_keys(k: torch.Tensor, w_kc: torch.Tensor, b_kc: Optional[torch.Tensor],
+                  rope_dim: int) -> torch.Tensor:
+    """K_c = k_nope @ w_kc.T + b_kc: (B, T, H, D) -> (B, T, Rk), rounded once to k's dtype."""
+    return compress_values(k[..., rope_dim:].flatten(-2), w_kc, b_kc)
+
+
+def compress_joint(k: torch.Tensor, v: torch.Tensor, w_c: torch.Tensor,
+                   b_c: Optional[torch.Tensor], rope_dim: int) -> torch.Tensor:
+    """The joint latent L = [k_nope | v] @ w_c.T + b_c: (B, T, R), rounded once to v's dtype."""
+    return compress_values(torch.cat([k[..., rope_dim:].flatten(-2), v], dim=-1), w_c, b_c)
+
+
+def append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c,
+                         lengths):
+    """Compress-on-write of the new tokens at lengths[b] onwards: k's rotary part as it is, the
+    key latent (separate) and the value latent, or the joint latent alone."""
+    rope_dim, t_new = krope_cache.shape[-1], k.shape[1]
+    if kc_cache is not None:
+        k_c_new = compress_keys(k, w_kc, b_kc, rope_dim).to(kc_cache.dtype)
+        v_c_new = compress_values(v, w_c, b_c).to(vc_cache.dtype)
+    else:
+        v_c_new = compress_joint(k, v, w_c, b_c, rope_dim).to(vc_cache.dtype)
+    for b, start in enumerate(lengths):
+        krope_cache[b, start:start + t_new] = k[b, :, :, :rope_dim]
+        if kc_cache is not None:
+            kc_cache[b, start:start + t_new] = k_c_new[b]
+        vc_cache[b, start:start + t_new] = v_c_new[b]
+
+
+def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r=None, *,
+                                    k=None, v=None, w_kc=None, b_kc=None, w_c=None, b_c=None,
+                                    cache_seqlens, causal=True, softmax_scale=None):
+    """Append the new tokens (rotary keys and latents) at cache_seqlens, then attend over each
+    sequence's valid prefix. Mutates the caches in place; never reads past a sequence's length."""
+    head_dim = q.shape[3]
+    scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
+    t_new = 0 if k is None else k.shape[1]
+    lengths = [int(n) for n in cache_seqlens.tolist()]
+    if k is not None:
+        append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c, lengths)
+    out = q.new_zeros(q.shape)
+    for b, start in enumerate(lengths):
+        tk = start + t_new
+        if tk == 0:
+            continue  # nothing cached and nothing new: every row sees no key
+        k_c = kc_cache[b:b + 1, :tk] if kc_cache is not None else None
+        out[b:b + 1] = compressed_kv_attention(
+            q[b:b + 1], krope_cache[b:b + 1, :tk], k_c, vc_cache[b:b + 1, :tk], w_kr, w_r, b_r,
             causal=causal, softmax_scale=scale)
     return out

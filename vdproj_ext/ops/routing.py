@@ -8,10 +8,14 @@
 
 What the kernels accept (dtypes, head_dim, rank, alignment, shared memory on this device) is
 the extension's to say: cuda_kernel_support in csrc/cuda. Nothing here repeats those limits.
+
+The latent-key ops (SPEC 3b) pick between their kernels, the ATen paths and the reference with
+latent_path (below), on every device.
 """
 from __future__ import annotations
 
 from .. import bindings
+from .backend import has_kernel, resolve_backend
 
 # PLACEHOLDER until measured on a GPU (bench/bench_gpu.py prints both paths side by side): the
 # absorbed kernel spends 2*(D+R) CUDA-core flops per (query, key, head); restore-then-SDPA spends
@@ -40,3 +44,24 @@ def kvcache_uses_batched_aten(q, k_cache, vc_cache, w_r, k, v, w_c) -> bool:
     t_new = 0 if k is None else k.shape[1]
     return bool(cuda_kernel_unsupported("kvcache", q, vc_cache.shape[-1],
                                         [k_cache, vc_cache, w_r, k, v, w_c], t_new, False))
+
+
+def latent_path(backend, device, op) -> str:
+    """Which implementation of a latent-key op (SPEC 3b) runs: "kernel" (the compiled `op`),
+    "aten" (aten_paths, batched) or "reference".
+
+    There are no CUDA kernels for latent keys yet: on CUDA, "ext" (and "auto" when the
+    extension is built for CUDA) runs the ATen path. On CPU a build without the ckv_* ops
+    falls back to the reference under "auto" and says so under "ext".
+    """
+    if resolve_backend(backend, device) == "reference":
+        return "reference"
+    if has_kernel(device.type, op):
+        return "kernel"
+    if device.type == "cuda":
+        return "aten"
+    if backend == "auto":
+        return "reference"
+    raise RuntimeError(f"backend='ext' requested for a {device.type} tensor, but the loaded "
+                       f"vdproj_ext kernels have no {op} (built before the latent-key ops; "
+                       f"rebuild the extension)")
