@@ -1,7 +1,12 @@
-"""vdproj_ext: V-DProj compressed-V KV cache attention for PyTorch.
+"""vdproj_ext: V-DProj compressed KV-cache attention for PyTorch.
 
     from vdproj_ext import compressed_v_attention, compressed_attn_with_kvcache
+    from vdproj_ext import compressed_kv_attention, compressed_kv_attn_with_kvcache
     from vdproj_ext import CompressedVAttention, VDProjConfig, VDProjForCausalLM
+
+The facade of the layered package (README, "Layout"): the ops layer's public API, imported
+eagerly, and the models layer's, imported on first use. Nothing here imports the experiment or
+command-line layers.
 """
 from importlib import import_module
 
@@ -19,10 +24,12 @@ _LAZY = {
     "VDProjForCausalLM": "models",
     "CompressedKVCache": "models",
     "KVCache": "models",
+    "LatentKVCache": "models",
 }
 
-__all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "backend_info",
-           "CompressedVAttentionFunction", "decode_linear", *_LAZY]
+__all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "compressed_kv_attention",
+           "compressed_kv_attn_with_kvcache", "backend_info", "CompressedVAttentionFunction",
+           "CompressedKVAttentionFunction", "decode_linear", "reference", *_LAZY]
 
 
 def __getattr__(name):
