@@ -57,17 +57,6 @@ AttnParams attn_params(const at::Tensor& q, const at::Tensor& keys, const at::Te
   return p;
 }
 
-// The combine / restore parameters of an attention launch (outputs set by the caller).
-CombineParams combine_params(const AttnParams& p) {
-  CombineParams c{};
-  c.part_acc = p.part_acc;
-  c.part_ml = p.part_ml;
-  c.B = p.B; c.Tq = p.Tq; c.H = p.H; c.R = p.R; c.nrows = p.nrows; c.nsplit = p.nsplit;
-  c.dtype = p.dtype;
-  c.head_dim = p.head_dim;
-  return c;
-}
-
 // out (B, Tq, H, D) = ctx_h @ w_r[h].T + b_r[h], zero rows where lse == -inf; float32 math.
 at::Tensor restore_with_aten(const at::Tensor& ctx_f, const at::Tensor& lse, const at::Tensor& w_r,
                              const std::optional<at::Tensor>& b_r, at::ScalarType out_dtype) {

@@ -76,6 +76,18 @@ struct CombineParams {
   int head_dim;
 };
 
+// The combine / restore parameters of an attention launch (outputs set by the caller). Shared
+// by cuda_api.cpp and the CPU emulator's harness (python_tests/cuda_emu), which runs the same chain.
+inline CombineParams combine_params(const AttnParams& p) {
+  CombineParams c{};
+  c.part_acc = p.part_acc;
+  c.part_ml = p.part_ml;
+  c.B = p.B; c.Tq = p.Tq; c.H = p.H; c.R = p.R; c.nrows = p.nrows; c.nsplit = p.nsplit;
+  c.dtype = p.dtype;
+  c.head_dim = p.head_dim;
+  return c;
+}
+
 // Compress-on-write: vc_cache[b, seqlens[b] + t] = v[b, t] @ w_c.T + b_c; k_cache[b, ...] = k[b, t].
 struct CompressParams {
   const void* k;    // (B, Tnew, H, D) contiguous
