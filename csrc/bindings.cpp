@@ -6,8 +6,17 @@
 //   kvcache_attention(q, k_cache!, vc_cache!, w_r, b_r?, k?, v?, w_c?, b_c?, cache_seqlens,
 //                     causal, softmax_scale) -> out
 //   decode_linear(x, weight, bias?) -> y
+// Latent keys (SPEC 3b; CPU kernels only so far, CUDA tensors take an ATen path in Python):
+//   ckv_forward(q, k_rope, k_c?, v_c, w_kr, w_r, b_r?, causal, softmax_scale)
+//       -> (out, softmax_lse, ctx)
+//   ckv_backward(grad_out, q, k_rope, k_c?, v_c, w_kr, w_r, softmax_lse, ctx, causal,
+//                softmax_scale) -> (grad_q, grad_k_rope, grad_k_c, grad_v_c, grad_w_kr,
+//                                   grad_w_r, grad_b_r)   (grad_k_c empty when k_c is None)
+//   ckv_kvcache_attention(q, krope_cache!, kc_cache!?, vc_cache!, w_kr, w_r, b_r?, k?, v?,
+//                         w_kc?, b_kc?, w_c?, b_c?, cache_seqlens, causal, softmax_scale) -> out
 //
-// Implementations: csrc/cpu/cpu_ops.cpp (CPU) and csrc/cuda/cuda_api.cpp (CUDA).
+// Implementations: csrc/cpu/cpu_ops.cpp and csrc/cpu/latent_ops.cpp (CPU),
+// csrc/cuda/cuda_api.cpp (CUDA).
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -25,6 +34,15 @@ TORCH_LIBRARY(vdproj_ext, m) {
         "Tensor? b_r, Tensor? k, Tensor? v, Tensor? w_c, Tensor? b_c, Tensor cache_seqlens, "
         "bool causal, float softmax_scale) -> Tensor");
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("ckv_forward(Tensor q, Tensor k_rope, Tensor? k_c, Tensor v_c, Tensor w_kr, Tensor w_r, "
+        "Tensor? b_r, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
+  m.def("ckv_backward(Tensor grad_out, Tensor q, Tensor k_rope, Tensor? k_c, Tensor v_c, "
+        "Tensor w_kr, Tensor w_r, Tensor softmax_lse, Tensor ctx, bool causal, "
+        "float softmax_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("ckv_kvcache_attention(Tensor q, Tensor(a!) krope_cache, Tensor(b!)? kc_cache, "
+        "Tensor(c!) vc_cache, Tensor w_kr, Tensor w_r, Tensor? b_r, Tensor? k, Tensor? v, "
+        "Tensor? w_kc, Tensor? b_kc, Tensor? w_c, Tensor? b_c, Tensor cache_seqlens, "
+        "bool causal, float softmax_scale) -> Tensor");
 }
 
 namespace {

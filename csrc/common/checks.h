@@ -158,13 +158,11 @@ inline AttnDims check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
   return d;
 }
 
-// cva_backward: the forward's inputs, plus grad_out (B, Tq, H, D) and ctx (B, Tq, H, R) like q,
-// and softmax_lse (B, H, Tq) float32 (both as cva_forward returned them).
-inline AttnDims check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
-                                      const at::Tensor& k, const at::Tensor& v_c,
-                                      const at::Tensor& w_r, const at::Tensor& softmax_lse,
-                                      const at::Tensor& ctx, double softmax_scale) {
-  const AttnDims d = check_attention_inputs(q, k, v_c, w_r, nullptr, softmax_scale);
+// What a backward op takes besides its forward's inputs: grad_out (B, Tq, H, D) and ctx
+// (B, Tq, H, R) like q, and softmax_lse (B, H, Tq) float32 (as the forward returned them).
+inline void check_backward_extras(const at::Tensor& q, const at::Tensor& grad_out,
+                                  const at::Tensor& softmax_lse, const at::Tensor& ctx,
+                                  const AttnDims& d) {
   check_dim(&grad_out, "grad_out", 4);
   check_dim(&ctx, "ctx", 4);
   check_dim(&softmax_lse, "softmax_lse", 3);
@@ -177,6 +175,15 @@ inline AttnDims check_backward_inputs(const at::Tensor& grad_out, const at::Tens
   check_shape(&grad_out, "grad_out", {d.B, d.Tq, d.H, d.D});
   check_shape(&ctx, "ctx", {d.B, d.Tq, d.H, d.R});
   check_shape(&softmax_lse, "softmax_lse", {d.B, d.H, d.Tq});
+}
+
+// cva_backward: the forward's inputs and the backward extras.
+inline AttnDims check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                      const at::Tensor& k, const at::Tensor& v_c,
+                                      const at::Tensor& w_r, const at::Tensor& softmax_lse,
+                                      const at::Tensor& ctx, double softmax_scale) {
+  const AttnDims d = check_attention_inputs(q, k, v_c, w_r, nullptr, softmax_scale);
+  check_backward_extras(q, grad_out, softmax_lse, ctx, d);
   return d;
 }
 
@@ -197,15 +204,40 @@ struct KvcacheInputs {
   const at::Tensor& cache_seqlens;
 };
 
-// The new tokens of kvcache_attention: k (B, Tnew, H, D) and v (B, Tnew, H*D) together, then
-// w_c (R, H*D) required, b_c (R,). Returns Tnew (0 without new tokens).
-inline int64_t check_new_tokens(const KvcacheInputs& in, const KvcacheDims& d) {
-  TORCH_CHECK_VALUE((in.k == nullptr) == (in.v == nullptr),
+// New tokens: k (B, Tnew, H, D) and v (B, Tnew, H*D) together or neither. Whether given.
+inline bool check_new_kv(const at::Tensor* k, const at::Tensor* v, int64_t B, int64_t H,
+                         int64_t D) {
+  TORCH_CHECK_VALUE((k == nullptr) == (v == nullptr),
                     "k and v must be given together (new tokens to append) or both None");
-  if (in.k == nullptr) return 0;
+  if (k == nullptr) return false;
+  const int64_t t_new = k->size(1);
+  check_shape(k, "k", {B, t_new, H, D});
+  check_shape(v, "v", {B, t_new, H * D});
+  return true;
+}
+
+// The caches are written in place through their last dimension: it must be unit-stride.
+inline void check_written_in_place(std::initializer_list<NamedTensor> caches) {
+  for (const auto& [name, cache] : caches) {
+    if (cache == nullptr) continue;
+    TORCH_CHECK_VALUE(cache->stride(-1) == 1, name,
+                      " must have a unit stride in its last dimension (got strides ",
+                      py_tuple(cache->strides()), "); it is written in place");
+  }
+}
+
+inline void check_seqlens_tensor(const at::Tensor& lens, int64_t B) {
+  TORCH_CHECK_TYPE(lens.scalar_type() == at::kInt,
+                   "cache_seqlens must have dtype torch.int32, got ", py_dtype(lens.scalar_type()));
+  TORCH_CHECK_VALUE(lens.dim() == 1 && lens.size(0) == B, "cache_seqlens must have shape (",
+                    B, ",), got ", py_tuple(lens.sizes()));
+}
+
+// The new tokens of kvcache_attention: k and v (check_new_kv), then w_c (R, H*D) required,
+// b_c (R,). Returns Tnew (0 without new tokens).
+inline int64_t check_new_tokens(const KvcacheInputs& in, const KvcacheDims& d) {
+  if (!check_new_kv(in.k, in.v, d.B, d.H, d.D)) return 0;
   const int64_t t_new = in.k->size(1);
-  check_shape(in.k, "k", {d.B, t_new, d.H, d.D});
-  check_shape(in.v, "v", {d.B, t_new, d.H * d.D});
   TORCH_CHECK_VALUE(in.w_c != nullptr,
                     "w_c (shape (R, H*D)) is required when new k and v are given");
   check_shape(in.w_c, "w_c", {d.R, d.H * d.D});
@@ -239,19 +271,156 @@ inline KvcacheDims check_kvcache_inputs(const KvcacheInputs& in, double softmax_
   check_shape(&in.vc_cache, "vc_cache", {d.B, d.Tmax, d.R});
   check_shape(&in.w_r, "w_r", {d.H * d.D, d.R});
   check_shape(in.b_r, "b_r", {d.H * d.D});
-  for (const auto& [name, cache] : {NamedTensor{"k_cache", &in.k_cache},
-                                    NamedTensor{"vc_cache", &in.vc_cache}}) {
-    TORCH_CHECK_VALUE(cache->stride(-1) == 1, name,
-                      " must have a unit stride in its last dimension (got strides ",
-                      py_tuple(cache->strides()), "); it is written in place");
-  }
+  check_written_in_place({{"k_cache", &in.k_cache}, {"vc_cache", &in.vc_cache}});
   d.Tnew = check_new_tokens(in, d);
-  const at::Tensor& lens = in.cache_seqlens;
-  TORCH_CHECK_TYPE(lens.scalar_type() == at::kInt,
-                   "cache_seqlens must have dtype torch.int32, got ", py_dtype(lens.scalar_type()));
-  TORCH_CHECK_VALUE(lens.dim() == 1 && lens.size(0) == d.B, "cache_seqlens must have shape (",
-                    d.B, ",), got ", py_tuple(lens.sizes()));
+  check_seqlens_tensor(in.cache_seqlens, d.B);
   return d;
+}
+
+// ---- latent keys (SPEC 3b): ckv_forward, ckv_backward, ckv_kvcache_attention ----------------
+// Dr (rotary dims per head) is read from k_rope / krope_cache. The key latent is k_c /
+// kc_cache, or the value latent itself when that is absent (the joint latent).
+
+struct LatentDims {
+  int64_t B, Tq, H, D, Dr, T, Rk, Rv;  // T: Tk, or Tmax for the caches
+};
+
+// The shapes both latent ops share: rope (B, T, H, Dr) with 0 <= Dr < D, the key latent
+// (B, T, Rk) (absent: the joint latent, Rk = Rv), the value latent (B, T, Rv),
+// w_kr (H*(D-Dr), Rk), w_r (H*D, Rv), b_r (H*D,).
+inline LatentDims check_latent_shapes(const at::Tensor& q, NamedTensor rope, NamedTensor k_lat,
+                                      NamedTensor v_lat, const at::Tensor& w_kr,
+                                      const at::Tensor& w_r, const at::Tensor* b_r) {
+  const auto& [rope_name, rope_t] = rope;
+  LatentDims d{q.size(0), q.size(1), q.size(2), q.size(3), rope_t->size(-1), rope_t->size(1),
+               0, v_lat.second->size(-1)};
+  TORCH_CHECK_VALUE(0 <= d.Dr && d.Dr < d.D, rope_name,
+                    " must have 0 <= Dr < D rotary dims in its last dimension (D=", d.D,
+                    ", q's head_dim), got Dr=", d.Dr);
+  d.Rk = k_lat.second != nullptr ? k_lat.second->size(-1) : d.Rv;
+  check_shape(rope_t, rope_name, {d.B, d.T, d.H, d.Dr});
+  check_shape(k_lat.second, k_lat.first, {d.B, d.T, d.Rk});
+  check_shape(v_lat.second, v_lat.first, {d.B, d.T, d.Rv});
+  check_shape(&w_kr, "w_kr", {d.H * (d.D - d.Dr), d.Rk});
+  check_shape(&w_r, "w_r", {d.H * d.D, d.Rv});
+  check_shape(b_r, "b_r", {d.H * d.D});
+  return d;
+}
+
+// ckv_forward: q (B, Tq, H, D), k_rope (B, Tk, H, Dr), k_c (B, Tk, Rk) or none, v_c (B, Tk, Rv),
+// w_kr (H*(D-Dr), Rk), w_r (H*D, Rv), b_r (H*D,).
+inline LatentDims check_latent_attention_inputs(const at::Tensor& q, const at::Tensor& k_rope,
+                                                const at::Tensor* k_c, const at::Tensor& v_c,
+                                                const at::Tensor& w_kr, const at::Tensor& w_r,
+                                                const at::Tensor* b_r, double softmax_scale) {
+  check_dim(&q, "q", 4);
+  check_dim(&k_rope, "k_rope", 4);
+  check_dim(k_c, "k_c", 3);
+  check_dim(&v_c, "v_c", 3);
+  check_dim(&w_kr, "w_kr", 2);
+  check_dim(&w_r, "w_r", 2);
+  check_dim(b_r, "b_r", 1);
+  check_same_device({{"q", &q}, {"k_rope", &k_rope}, {"k_c", k_c}, {"v_c", &v_c},
+                     {"w_kr", &w_kr}, {"w_r", &w_r}, {"b_r", b_r}});
+  check_scale(softmax_scale);
+  check_same_dtype({{"q", &q}, {"k_rope", &k_rope}, {"k_c", k_c}, {"v_c", &v_c},
+                    {"w_kr", &w_kr}, {"w_r", &w_r}, {"b_r", b_r}});
+  return check_latent_shapes(q, {"k_rope", &k_rope}, {"k_c", k_c}, {"v_c", &v_c}, w_kr, w_r,
+                             b_r);
+}
+
+// ckv_backward: the forward's inputs and the backward extras (ctx (B, Tq, H, Rv)).
+inline LatentDims check_latent_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q,
+                                               const at::Tensor& k_rope, const at::Tensor* k_c,
+                                               const at::Tensor& v_c, const at::Tensor& w_kr,
+                                               const at::Tensor& w_r,
+                                               const at::Tensor& softmax_lse,
+                                               const at::Tensor& ctx, double softmax_scale) {
+  const LatentDims d =
+      check_latent_attention_inputs(q, k_rope, k_c, v_c, w_kr, w_r, nullptr, softmax_scale);
+  check_backward_extras(q, grad_out, softmax_lse, ctx, {d.B, d.Tq, d.H, d.D, d.T, d.Rv});
+  return d;
+}
+
+struct LatentKvcacheInputs {
+  const at::Tensor& q;
+  const at::Tensor& krope_cache;
+  const at::Tensor* kc_cache;  // null: the joint latent
+  const at::Tensor& vc_cache;
+  const at::Tensor& w_kr;
+  const at::Tensor& w_r;
+  const at::Tensor* b_r;
+  const at::Tensor* k;
+  const at::Tensor* v;
+  const at::Tensor* w_kc;
+  const at::Tensor* b_kc;
+  const at::Tensor* w_c;
+  const at::Tensor* b_c;
+  const at::Tensor& cache_seqlens;
+};
+
+// The new tokens of ckv_kvcache_attention and their compress weights: w_kc (Rk, H*Dn) and b_kc
+// with separate latents (never with the joint latent, new tokens or not); w_c (Rv, H*D), or
+// (Rv, H*Dn + H*D) for the joint latent, and b_c. Returns Tnew (0 without new tokens).
+inline int64_t check_new_latent_tokens(const LatentKvcacheInputs& in, const LatentDims& d) {
+  const bool joint = in.kc_cache == nullptr;
+  const int64_t nope = d.H * (d.D - d.Dr);
+  TORCH_CHECK_VALUE(!joint || (in.w_kc == nullptr && in.b_kc == nullptr),
+                    in.w_kc != nullptr ? "w_kc" : "b_kc",
+                    " must be None with the joint latent (kc_cache is None): w_c compresses "
+                    "[k_nope | v] into vc_cache");
+  if (!check_new_kv(in.k, in.v, d.B, d.H, d.D)) return 0;
+  if (!joint) {
+    TORCH_CHECK_VALUE(in.w_kc != nullptr,
+                      "w_kc (shape (Rk, H*Dn)) is required when new k and v are given with a "
+                      "separate key latent (kc_cache)");
+    check_shape(in.w_kc, "w_kc", {d.Rk, nope});
+    check_shape(in.b_kc, "b_kc", {d.Rk});
+  }
+  TORCH_CHECK_VALUE(in.w_c != nullptr, "w_c (shape (R, ", joint ? "H*Dn + H*D" : "H*D",
+                    ")) is required when new k and v are given");
+  check_shape(in.w_c, "w_c", {d.Rv, joint ? nope + d.H * d.D : d.H * d.D});
+  check_shape(in.b_c, "b_c", {d.Rv});
+  return in.k->size(1);
+}
+
+// ckv_kvcache_attention: q (B, Tq, H, D), krope_cache (B, Tmax, H, Dr), kc_cache (B, Tmax, Rk)
+// or none, vc_cache (B, Tmax, Rv) (all with a unit last stride: written in place), w_kr, w_r,
+// b_r, the new tokens, and cache_seqlens int32 (B,). Returns the dims and Tnew. The range of
+// cache_seqlens is checked by the caller, which reads it.
+inline std::pair<LatentDims, int64_t> check_latent_kvcache_inputs(const LatentKvcacheInputs& in,
+                                                                  double softmax_scale) {
+  check_dim(&in.q, "q", 4);
+  check_dim(&in.krope_cache, "krope_cache", 4);
+  check_dim(in.kc_cache, "kc_cache", 3);
+  check_dim(&in.vc_cache, "vc_cache", 3);
+  check_dim(&in.w_kr, "w_kr", 2);
+  check_dim(&in.w_r, "w_r", 2);
+  check_dim(in.b_r, "b_r", 1);
+  check_dim(in.k, "k", 4);
+  check_dim(in.v, "v", 3);
+  check_dim(in.w_c, "w_c", 2);
+  check_dim(in.b_c, "b_c", 1);
+  check_dim(in.w_kc, "w_kc", 2);
+  check_dim(in.b_kc, "b_kc", 1);
+  check_same_device({{"q", &in.q}, {"krope_cache", &in.krope_cache}, {"kc_cache", in.kc_cache},
+                     {"vc_cache", &in.vc_cache}, {"w_kr", &in.w_kr}, {"w_r", &in.w_r},
+                     {"b_r", in.b_r}, {"k", in.k}, {"v", in.v}, {"w_kc", in.w_kc},
+                     {"b_kc", in.b_kc}, {"w_c", in.w_c}, {"b_c", in.b_c},
+                     {"cache_seqlens", &in.cache_seqlens}});
+  check_scale(softmax_scale);
+  check_same_dtype({{"q", &in.q}, {"krope_cache", &in.krope_cache}, {"kc_cache", in.kc_cache},
+                    {"vc_cache", &in.vc_cache}, {"w_kr", &in.w_kr}, {"w_r", &in.w_r},
+                    {"b_r", in.b_r}, {"k", in.k}, {"v", in.v}, {"w_kc", in.w_kc},
+                    {"b_kc", in.b_kc}, {"w_c", in.w_c}, {"b_c", in.b_c}});
+  const LatentDims d = check_latent_shapes(in.q, {"krope_cache", &in.krope_cache},
+                                           {"kc_cache", in.kc_cache}, {"vc_cache", &in.vc_cache},
+                                           in.w_kr, in.w_r, in.b_r);
+  check_written_in_place({{"krope_cache", &in.krope_cache}, {"kc_cache", in.kc_cache},
+                          {"vc_cache", &in.vc_cache}});
+  const int64_t t_new = check_new_latent_tokens(in, d);
+  check_seqlens_tensor(in.cache_seqlens, d.B);
+  return {d, t_new};
 }
 
 }  // namespace vdproj

@@ -22,4 +22,9 @@ inline std::optional<at::Tensor> opt_contiguous(const std::optional<at::Tensor>&
   return t->contiguous();
 }
 
+inline std::optional<at::Tensor> opt_contiguous(const at::Tensor* t) {
+  if (t == nullptr) return std::nullopt;
+  return t->contiguous();
+}
+
 }  // namespace vdproj

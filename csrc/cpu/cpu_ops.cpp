@@ -1,15 +1,16 @@
-// CPU implementations of the vdproj_ext ops (schemas in csrc/bindings.cpp): input checks
-// (csrc/common/checks.h), argument blocks, and the choice of instruction set.
+// CPU implementations of the V-only vdproj_ext ops and decode_linear (schemas in
+// csrc/bindings.cpp; the latent-key ops are in latent_ops.cpp): input checks
+// (csrc/common/checks.h), argument blocks (dispatch.h), and the kernels themselves.
 #include <torch/extension.h>
 
 #include "../common/checks.h"
+#include "dispatch.h"
 #include "prelude.h"
 
 // The kernels of kernels.h, compiled for several instruction sets without tying the binary to
 // the build machine: AVX-512 and AVX2+FMA variants via `#pragma GCC target`, and a baseline
-// (SSE2 on x86-64) built with the default flags. cpu_isa() picks one at run time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VDPROJ_MULTI_ISA 1
+// (SSE2 on x86-64) built with the default flags. cpu_isa() (dispatch.h) picks one at run time.
+#ifdef VDPROJ_MULTI_ISA
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
 #define VDPROJ_ISA_NS isa_avx512
@@ -38,88 +39,6 @@
 namespace vdproj {
 namespace {
 
-using cpu::Kind;
-
-enum class Isa { Base, Avx2, Avx512 };
-
-// Best instruction set of this CPU; VDPROJ_CPU_ISA=baseline|avx2|avx512 can lower it (tests).
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::Base;
-#ifdef VDPROJ_MULTI_ISA
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::Avx2;
-    if (best == Isa::Avx2 && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq"))
-      best = Isa::Avx512;
-#endif
-    const char* env = std::getenv("VDPROJ_CPU_ISA");
-    if (env != nullptr) {
-      const std::string want(env);
-      if (want == "baseline") best = Isa::Base;
-      if (want == "avx2" && best == Isa::Avx512) best = Isa::Avx2;
-    }
-    return best;
-  }();
-  return isa;
-}
-
-#ifdef VDPROJ_MULTI_ISA
-#define VDPROJ_ISA_CALL(fn, ...)                                          \
-  switch (cpu_isa()) {                                                    \
-    case Isa::Avx512: cpu::isa_avx512::fn(__VA_ARGS__); break;            \
-    case Isa::Avx2: cpu::isa_avx2::fn(__VA_ARGS__); break;                \
-    default: cpu::isa_base::fn(__VA_ARGS__); break;                       \
-  }
-#else
-#define VDPROJ_ISA_CALL(fn, ...) cpu::isa_base::fn(__VA_ARGS__)
-#endif
-
-// The storage kind of a tensor whose dtype the checks have admitted.
-Kind kind_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kDouble: return Kind::F64;
-    case at::kBFloat16: return Kind::BF16;
-    case at::kHalf: return Kind::F16;
-    default: return Kind::F32;
-  }
-}
-
-// The dispatcher sends an op here when its tensors are on the CPU; the checks compare every other
-// input's device with q's.
-void check_on_cpu(const at::Tensor& q) {
-  TORCH_CHECK(q.device().is_cpu(), "vdproj_ext CPU kernels: q must be a CPU tensor, got ",
-              q.device());
-}
-
-// The attention's argument block. keys (B, *, H, D) and values (B, *, R) are read through their
-// strides (a contiguous tensor or a cache); seqlen[b] keys of sequence b are visible.
-cpu::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                        const at::Tensor& w_r, const std::optional<at::Tensor>& b_r,
-                        const std::vector<int64_t>& seqlen, bool causal, double softmax_scale) {
-  cpu::AttnArgs a{};
-  a.q = q.data_ptr();
-  a.k = keys.data_ptr();
-  a.k_sb = keys.stride(0);
-  a.k_st = keys.stride(1);
-  a.k_sh = keys.stride(2);
-  a.vc = values.data_ptr();
-  a.v_sb = values.stride(0);
-  a.v_st = values.stride(1);
-  a.w_r = w_r.data_ptr();
-  a.b_r = opt_ptr(b_r);
-  a.seqlen = seqlen.data();
-  a.B = q.size(0);
-  a.Tq = q.size(1);
-  a.H = q.size(2);
-  a.D = q.size(3);
-  a.R = values.size(2);
-  a.causal = causal;
-  a.scale = softmax_scale;
-  return a;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cva_forward_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_c_in,
     const at::Tensor& w_r_in, const std::optional<at::Tensor>& b_r_in, bool causal,
@@ -136,7 +55,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cva_forward_cpu(
   at::Tensor lse = at::empty({d.B, d.H, d.Tq}, q.options().dtype(at::kFloat));
   at::Tensor ctx = at::empty({d.B, d.Tq, d.H, d.R}, q.options());
   const std::vector<int64_t> seqlen(d.B, d.Tk);
-  cpu::AttnArgs a = attn_args(q, k, v_c, w_r, b_r, seqlen, causal, softmax_scale);
+  const at::Tensor q_acc = to_accumulation(q);
+  cpu::AttnArgs a = attn_args(q_acc, k, v_c, w_r, b_r, seqlen, causal, softmax_scale);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
   a.ctx = ctx.data_ptr();
@@ -155,27 +75,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cva_backw
                    v_c = v_c_in.contiguous(), w_r = w_r_in.contiguous(),
                    lse = lse_in.contiguous(), ctx = ctx_in.contiguous();
   const auto opts = q.options();
-  at::Tensor dq = at::empty(q.sizes(), opts), dk = at::empty(k.sizes(), opts),
+  const at::Tensor q_acc = to_accumulation(q);
+  at::Tensor dq = at::empty_like(q_acc), dk = at::empty(k.sizes(), opts),
              dvc = at::empty(v_c.sizes(), opts), dwr = at::empty(w_r.sizes(), opts),
              dbr = at::empty({d.H * d.D}, opts);
-  cpu::BwdArgs a{};
-  a.dout = dout.data_ptr();
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.vc = v_c.data_ptr();
-  a.w_r = w_r.data_ptr();
-  a.lse = lse.data_ptr<float>();
-  a.ctx = ctx.data_ptr();
+  cpu::BwdArgs a = bwd_args(dout, q_acc, k, v_c, w_r, lse, ctx, causal, softmax_scale);
   a.dq = dq.data_ptr();
   a.dk = dk.data_ptr();
   a.dvc = dvc.data_ptr();
   a.dwr = dwr.data_ptr();
   a.dbr = dbr.data_ptr();
-  a.B = d.B; a.Tq = d.Tq; a.Tk = d.Tk; a.H = d.H; a.D = d.D; a.R = d.R;
-  a.causal = causal;
-  a.scale = softmax_scale;
   VDPROJ_ISA_CALL(attention_backward, kind_of(q), a);
-  return {dq, dk, dvc, dwr, dbr};
+  return {dq.to(q.scalar_type()), dk, dvc, dwr, dbr};
 }
 
 // Compress-on-write of Tnew new tokens at slots pos[b] .. pos[b] + Tnew - 1.
@@ -184,20 +95,9 @@ void append_new_tokens(const at::Tensor& k_in, const at::Tensor& v_in, const at:
                        at::Tensor& vc_cache, const std::vector<int64_t>& pos) {
   const at::Tensor k = k_in.contiguous(), v = v_in.contiguous(), w_c = w_c_in.contiguous();
   const std::optional<at::Tensor> b_c = opt_contiguous(b_c_in);
-  cpu::AppendArgs a{};
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
-  a.w_c = w_c.data_ptr();
-  a.b_c = opt_ptr(b_c);
-  a.k_cache = k_cache.data_ptr();
-  a.k_sb = k_cache.stride(0);
-  a.k_st = k_cache.stride(1);
-  a.k_sh = k_cache.stride(2);
-  a.vc_cache = vc_cache.data_ptr();
-  a.v_sb = vc_cache.stride(0);
-  a.v_st = vc_cache.stride(1);
-  a.pos = pos.data();
-  a.B = k.size(0); a.Tnew = k.size(1); a.H = k.size(2); a.D = k.size(3); a.R = w_c.size(0);
+  cpu::AppendArgs a = append_args(k, k_cache, pos);
+  a.jobs[0] = compress_job(v, w_c, b_c, vc_cache);
+  a.njobs = 1;
   VDPROJ_ISA_CALL(append, kind_of(k), a);
 }
 
@@ -212,14 +112,7 @@ at::Tensor kvcache_attention_cpu(
        opt(b_c_in), cache_seqlens},
       softmax_scale);
   check_on_cpu(q_in);
-  // Validate every length before writing anything: an overflow leaves the caches untouched.
-  const at::Tensor lens = cache_seqlens.contiguous();
-  const int32_t* lp = lens.data_ptr<int32_t>();
-  if (d.B > 0) {
-    const auto [lo, hi] = std::minmax_element(lp, lp + d.B);
-    check_seqlens_range(*lo, *hi, d.Tmax, d.Tnew);
-  }
-  const std::vector<int64_t> pos(lp, lp + d.B);
+  const std::vector<int64_t> pos = read_positions(cache_seqlens, d.B, d.Tmax, d.Tnew);
   std::vector<int64_t> seqlen(pos);
   for (int64_t& len : seqlen) len += d.Tnew;
 
@@ -230,7 +123,8 @@ at::Tensor kvcache_attention_cpu(
   const at::Tensor q = q_in.contiguous(), w_r = w_r_in.contiguous();
   const std::optional<at::Tensor> b_r = opt_contiguous(b_r_in);
   at::Tensor out = at::empty({d.B, d.Tq, d.H, d.D}, q.options());
-  cpu::AttnArgs a = attn_args(q, k_cache, vc_cache, w_r, b_r, seqlen, causal, softmax_scale);
+  const at::Tensor q_acc = to_accumulation(q);
+  cpu::AttnArgs a = attn_args(q_acc, k_cache, vc_cache, w_r, b_r, seqlen, causal, softmax_scale);
   a.out = out.data_ptr();
   VDPROJ_ISA_CALL(attention, kind_of(q), a);
   return out;

@@ -12,14 +12,23 @@ namespace cpu {
 // float32, rounded once when stored. float64 runs natively with float64 accumulation.
 enum class Kind { F32, F64, BF16, F16 };
 
-// Attention over a key/value source with per-sequence key counts.
-// q, out: (B, Tq, H, D) contiguous. Keys: k + b*k_sb + j*k_st + h*k_sh (unit stride in D).
-// Compressed values: vc + b*v_sb + j*v_st (unit stride in R). w_r (H*D, R), b_r (H*D,)
-// contiguous. lse (B, H, Tq) float32 and ctx (B, Tq, H, R) are optional outputs.
+// Attention over a key/value source with per-sequence key counts, in the absorbed form.
+// A key has two segments, and the query of head h is the matching [q_h1 | q_h2]:
+//   per head:          k + b*k_sb + j*k_st + h*k_sh, width Dk (unit stride);
+//   shared by heads:   kl + b*kl_sb + j*kl_st, width Dl (0: none), read once for all heads.
+// The V-only ops use Dk = D, Dl = 0; the latent-key ops Dk = Dr and the key latent as kl
+// (kl_is_vc: the joint latent, kl is the V_c row itself).
+// q: (B, Tq, H, Dk + Dl) contiguous, in accumulation precision (float32, or float64 for
+// float64). Compressed values: vc + b*v_sb + j*v_st (unit stride in R). w_r (H*D, R), b_r
+// (H*D,) contiguous. out (B, Tq, H, D); lse (B, H, Tq) float32 and ctx (B, Tq, H, R) are
+// optional outputs.
 struct AttnArgs {
   const void* q;
   const void* k;
   int64_t k_sb, k_st, k_sh;
+  const void* kl;           // may be null when Dl = 0
+  int64_t kl_sb, kl_st;
+  bool kl_is_vc;
   const void* vc;
   int64_t v_sb, v_st;
   const void* w_r;
@@ -28,43 +37,66 @@ struct AttnArgs {
   void* out;
   float* lse;               // may be null
   void* ctx;                // may be null
-  int64_t B, Tq, H, D, R;
+  int64_t B, Tq, H, D, Dk, Dl, R;
   bool causal;
   double scale;
 };
 
-// Backward of cva_forward. All tensors contiguous; grads are outputs of the input shapes.
+// Backward of the attention above, all tensors contiguous: q (B, Tq, H, Dk + Dl) and dq (its
+// gradient) in accumulation precision; k (B, Tk, H, Dk), kl (B, Tk, Dl) and v_c (B, Tk, R) and
+// the other gradients in storage precision. With kl_is_vc (joint latent) the shared segment's
+// gradient is added into dvc and dkl is null.
 struct BwdArgs {
   const void* dout;
   const void* q;
   const void* k;
+  const void* kl;
+  bool kl_is_vc;
   const void* vc;
   const void* w_r;
   const float* lse;
   const void* ctx;
   void* dq;
   void* dk;
+  void* dkl;
   void* dvc;
   void* dwr;
   void* dbr;
-  int64_t B, Tq, Tk, H, D, R;
+  int64_t B, Tq, Tk, H, D, Dk, Dl, R;
   bool causal;
   double scale;
 };
 
-// Compress-on-write: vc_cache[b, pos[b] + t] = v[b, t] @ w_c.T + b_c and k_cache[b, pos[b] + t]
-// = k[b, t] for t < Tnew. Cache strides as in AttnArgs.
+// One compressed cache written on append: dst[b, pos[b] + t] = x[b, t] @ w.T + bias.
+struct CompressJob {
+  const void* x;            // (B, Tnew, K) contiguous
+  const void* w;            // (R, K) contiguous
+  const void* bias;         // (R,) or null
+  void* dst;                // (B, Tmax, R), unit stride in R
+  int64_t sb, st;
+  int64_t K, R;
+};
+
+// Compress-on-write of Tnew new tokens at slots pos[b] .. pos[b] + Tnew - 1:
+// k_cache[b, pos[b] + t, h] = k[b, t, h, :Dk] (copied exactly), then each compress job.
 struct AppendArgs {
   const void* k;            // (B, Tnew, H, D) contiguous
-  const void* v;            // (B, Tnew, H*D) contiguous
-  const void* w_c;          // (R, H*D) contiguous
-  const void* b_c;          // (R,) or null
-  void* k_cache;
+  void* k_cache;            // (B, Tmax, H, Dk), unit stride in Dk
   int64_t k_sb, k_st, k_sh;
-  void* vc_cache;
-  int64_t v_sb, v_st;
   const int64_t* pos;       // (B,) first slot written
-  int64_t B, Tnew, H, D, R;
+  int64_t B, Tnew, H, D, Dk;
+  CompressJob jobs[2];
+  int njobs;
+};
+
+// The absorbed query of the latent-key ops: q_eff[n, h] = [q[n, h, :Dr] | q[n, h, Dr:] @
+// w_kr[h]] with w_kr[h] = rows h*(D-Dr) .. (h+1)*(D-Dr) of w_kr (H*(D-Dr), Rk). q (rows, H, D)
+// and w_kr contiguous in storage precision; q_eff (rows, H, Dr + Rk) in accumulation precision.
+struct QueryArgs {
+  const void* q;
+  const void* w_kr;
+  void* q_eff;
+  int64_t rows, H, D, Dr, Rk;
 };
 
 // Decode-sized linear: y (M, N) = x (M, K) @ w (N, K).T + bias (N,), all contiguous, float32
@@ -83,6 +115,7 @@ struct LinearArgs {
   void attention(Kind kind, const AttnArgs& a);                    \
   void attention_backward(Kind kind, const BwdArgs& a);            \
   void append(Kind kind, const AppendArgs& a);                     \
+  void effective_query(Kind kind, const QueryArgs& a);             \
   void linear(Kind kind, const LinearArgs& a);                     \
   }
 VDPROJ_DECLARE_ISA(isa_avx512)

@@ -18,6 +18,7 @@ namespace {
 constexpr int kVBytes = VDPROJ_VBYTES;
 constexpr int64_t kKeyBlock = 64;     // keys per block: scores, softmax, then one rank update
 constexpr int64_t kTileRows = 64;     // query rows (queries x heads) per attention work item
+constexpr int64_t kTileQueryBytes = 32 << 10;  // wide (latent-key) query rows per tile: ~L1
 constexpr int64_t kMinSplit = 256;    // fewest keys per flash-decoding split
 constexpr int64_t kBwdKeyTile = 64;   // keys owned by one backward work item
 constexpr int64_t kMinWorkPerThread = 1 << 18;  // multiply-adds worth waking a thread for
@@ -87,13 +88,25 @@ template <> struct HSum<double, 64> {
 #endif
 template <typename A> inline A hsum(vec_t<A> v) { return HSum<A, kVBytes>::run(v); }
 
-inline void prefetch_lines(const void* p, int64_t bytes, bool to_l2 = false) {
+// Software prefetch of [p, p + bytes) into L1 (prefetcht0) or L2 (prefetcht2). On x86-64 an
+// asm volatile: GCC can judge a function made only of __builtin_prefetch calls free of side
+// effects and delete its calls, and did so silently (the next-block key prefetches of the V-only
+// kernel never ran; adding them back as prefetcht0 made a V-only step ~6% slower).
+template <bool kToL2> inline void prefetch_lines(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  if (to_l2)
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 1);
-  else
-    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  for (int64_t o = 0; o < bytes; o += 64) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (kToL2)
+      asm volatile("prefetcht2 %0" : : "m"(*(c + o)));
+    else
+      asm volatile("prefetcht0 %0" : : "m"(*(c + o)));
+#else
+    __builtin_prefetch(c + o, 0, kToL2 ? 1 : 3);
+#endif
+  }
 }
+inline void prefetch_l1(const void* p, int64_t bytes) { prefetch_lines<false>(p, bytes); }
+inline void prefetch_l2(const void* p, int64_t bytes) { prefetch_lines<true>(p, bytes); }
 
 template <typename A> inline A dot(const A* a, const A* b, int64_t n) {
   constexpr int N = VecT<A>::N;
@@ -291,6 +304,11 @@ void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v, int64
 // (running max m, running sum l), and adds P_block @ V_c_block to the R-wide accumulators of
 // all rows at once, so each V_c row is read once for all heads. Restore (ctx @ w_r[h].T + b_r)
 // runs once per output row at the end.
+//
+// A key is [per-head segment (Dk) | shared segment (Dl)] (AttnArgs). The V-only ops have no
+// shared segment and keep their own score loop (kShared = false); the latent-key ops score a
+// key for a group of heads at once, so each shared K_c (or joint latent) vector is loaded once
+// for all of them, like multi-query attention.
 
 template <typename A> struct TileState {
   A* m;
@@ -298,58 +316,132 @@ template <typename A> struct TileState {
   A* acc;  // rows x R
 };
 
-template <typename T, typename A>
-void attend_range(const A* qs, int64_t nq, const int64_t* lim, int64_t H, int64_t D, int64_t R,
-                  const T* kb, int64_t kst, int64_t ksh, const T* vb, int64_t vst, int64_t j0,
-                  int64_t j1, TileState<A> st, A* sbuf, A* kbuf, A* vbuf) {
+// The keys and values of one sequence, and per-thread buffers for upcast blocks.
+template <typename T> struct KeySource {
+  const T* k;   // per-head segment: k + j*k_st + h*k_sh
+  int64_t k_st, k_sh;
+  const T* l;   // shared segment: l + j*l_st (unused without one)
+  int64_t l_st;
+  const T* v;   // values: v + j*v_st
+  int64_t v_st;
+};
+template <typename A> struct Scratch {
+  A* s;  // scores, rows x kKeyBlock
+  A* k;  // upcast key blocks (bf16 / fp16 storage only)
+  A* l;
+  A* v;
+};
+
+// Scores of one key for RB consecutive heads of one query: out[r * ldo] = q_r . [k + r*ksh | l],
+// with q_r = q + r*ldq = [per-head part (Dk) | shared part (Dl)]. Each shared vector is loaded
+// once for the RB heads, and a head's two segments share one accumulator. Measured and not
+// kept: two keys at a time (sharing the query loads) is ~9% faster from cache but ~1.6x slower
+// streaming from memory, and a separate pass over the block's shared segments ~25% slower.
+template <typename A, int RB>
+inline void key_scores_rows(const A* q, int64_t ldq, const A* k, int64_t ksh, int64_t Dk,
+                            const A* l, int64_t Dl, A* out, int64_t ldo) {
+  constexpr int N = VecT<A>::N;
+  vec_t<A> acc[RB];
+  A tail[RB];
+  for (int r = 0; r < RB; ++r) {
+    acc[r] = vec_t<A>{};
+    tail[r] = 0;
+  }
+  int64_t c = 0;
+  for (; c + N <= Dk; c += N)
+    for (int r = 0; r < RB; ++r) acc[r] += vload(q + r * ldq + c) * vload(k + r * ksh + c);
+  for (; c < Dk; ++c)
+    for (int r = 0; r < RB; ++r) tail[r] += q[r * ldq + c] * k[r * ksh + c];
+  const A* ql = q + Dk;
+  for (c = 0; c + N <= Dl; c += N) {
+    const vec_t<A> lv = vload(l + c);
+    for (int r = 0; r < RB; ++r) acc[r] += vload(ql + r * ldq + c) * lv;
+  }
+  for (; c < Dl; ++c)
+    for (int r = 0; r < RB; ++r) tail[r] += ql[r * ldq + c] * l[c];
+  for (int r = 0; r < RB; ++r) out[r * ldo] = hsum<A>(acc[r]) + tail[r];
+}
+
+// key_scores_rows for all H heads of one query: groups of 8 heads, then one at a time.
+template <typename A>
+inline void key_scores(const A* q, int64_t ldq, const A* k, int64_t ksh, int64_t Dk, const A* l,
+                       int64_t Dl, int64_t H, A* out, int64_t ldo) {
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8)
+    key_scores_rows<A, 8>(q + h * ldq, ldq, k + h * ksh, ksh, Dk, l, Dl, out + h * ldo, ldo);
+  for (; h < H; ++h)
+    key_scores_rows<A, 1>(q + h * ldq, ldq, k + h * ksh, ksh, Dk, l, Dl, out + h * ldo, ldo);
+}
+
+template <typename T, typename A, bool kShared>
+void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const int64_t R,
+                  const bool kl_is_vc, const A* qs, int64_t nq, const int64_t* lim,
+                  const KeySource<T> src, int64_t j0, int64_t j1, TileState<A> st,
+                  const Scratch<A> buf) {
+  constexpr bool same = std::is_same<T, A>::value;
+  const int64_t Dl = kShared ? Dl_in : 0, Dq = Dk + Dl;
+  const bool l_is_v = kShared && kl_is_vc;
   const int64_t rows = nq * H;
   int64_t maxlim = -1;
   for (int64_t i = 0; i < nq; ++i) maxlim = std::max(maxlim, lim[i]);
   j1 = std::min(j1, maxlim + 1);
   const A ninf = -std::numeric_limits<A>::infinity();
+  A* sbuf = buf.s;
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, j1 - jb);
     const A* kp;
+    const A* lp = nullptr;
     const A* vp;
-    int64_t ks_t, ks_h, vs;
-    if constexpr (std::is_same<T, A>::value) {
-      kp = kb + jb * kst;
-      vp = vb + jb * vst;
-      ks_t = kst;
-      ks_h = ksh;
-      vs = vst;
+    int64_t ks_t, ks_h, ls = 0, vs;
+    if constexpr (same) {
+      kp = src.k + jb * src.k_st;
+      vp = src.v + jb * src.v_st;
+      ks_t = src.k_st;
+      ks_h = src.k_sh;
+      vs = src.v_st;
+      if constexpr (kShared) {
+        lp = src.l + jb * src.l_st;
+        ls = src.l_st;
+      }
     } else {
       for (int64_t jj = 0; jj < nk; ++jj) {
         for (int64_t h = 0; h < H; ++h)
-          load_row(kbuf + (jj * H + h) * D, kb + (jb + jj) * kst + h * ksh, D);
-        load_row(vbuf + jj * R, vb + (jb + jj) * vst, R);
+          load_row(buf.k + (jj * H + h) * Dk, src.k + (jb + jj) * src.k_st + h * src.k_sh, Dk);
+        if (kShared && !l_is_v) load_row(buf.l + jj * Dl, src.l + (jb + jj) * src.l_st, Dl);
+        load_row(buf.v + jj * R, src.v + (jb + jj) * src.v_st, R);
       }
-      kp = kbuf;
-      vp = vbuf;
-      ks_t = H * D;
-      ks_h = D;
+      kp = buf.k;
+      vp = buf.v;
+      ks_t = H * Dk;
+      ks_h = Dk;
       vs = R;
+      lp = l_is_v ? buf.v : buf.l;
+      ls = l_is_v ? R : Dl;
     }
     // Scores: each key row is read once for all query rows of the tile. Meanwhile prefetch
-    // this block's V_c rows (the rank update walks them column chunk by column chunk, which
-    // the hardware prefetcher follows poorly) and the next block's key rows. Without these
-    // prefetches a decode step is about 20% slower (bench/RESULTS.md).
+    // this block's V_c rows into L1 (the rank update walks them column chunk by column chunk,
+    // which the hardware prefetcher follows poorly; without it a decode step is about 20%
+    // slower) and, for latent keys, the next block's shared rows into L2 (2-11% faster). The
+    // per-head key rows are left to the hardware prefetcher: prefetching them as well measured
+    // 6-12% slower (next block, into L1 or L2), as did V_c into L2 and K_c two blocks ahead
+    // (bench/cpu_decode.py shapes, 2026-12-02).
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     for (int64_t jj = 0; jj < nk; ++jj) {
       const A* krow = kp + jj * ks_t;
-      if constexpr (std::is_same<T, A>::value) {
-        prefetch_lines(vp + jj * vs, R * sizeof(A));
-        if (jj < nk_next)  // into L2 only: 3-4% faster than into L1, which 128 KiB overflow
-          for (int64_t h = 0; h < H; ++h)
-            prefetch_lines(krow + kKeyBlock * ks_t + h * ks_h, D * sizeof(A), /*to_l2=*/true);
+      if constexpr (same) {
+        // The joint latent's V_c rows are this block's keys: the scores read them already.
+        if (!l_is_v) prefetch_l1(vp + jj * vs, R * sizeof(A));
+        if (kShared && jj < nk_next) prefetch_l2(lp + (jj + kKeyBlock) * ls, Dl * sizeof(A));
       }
       for (int64_t i = 0; i < nq; ++i) {
         A* srow = sbuf + i * H * kKeyBlock + jj;
         if (jb + jj > lim[i]) {
           for (int64_t h = 0; h < H; ++h) srow[h * kKeyBlock] = ninf;
+        } else if constexpr (kShared) {
+          key_scores(qs + i * H * Dq, Dq, krow, ks_h, Dk, lp + jj * ls, Dl, H, srow, kKeyBlock);
         } else {
           for (int64_t h = 0; h < H; ++h)
-            srow[h * kKeyBlock] = dot(qs + (i * H + h) * D, krow + h * ks_h, D);
+            srow[h * kKeyBlock] = dot(qs + (i * H + h) * Dq, krow + h * ks_h, Dk);
         }
       }
     }
@@ -424,18 +516,23 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, TileSta
   }
 }
 
-template <typename T, typename A>
-void attention_impl(const AttnArgs& a) {
+template <typename T, typename A, bool kShared>
+void attention_run(const AttnArgs& a) {
   const int64_t B = a.B, Tq = a.Tq, H = a.H, D = a.D, R = a.R;
-  if (B == 0 || Tq == 0 || H == 0) return;
+  const int64_t Dk = a.Dk, Dl = kShared ? a.Dl : 0, Dq = Dk + Dl;
   AsAcc<A, T> wr(a.w_r, H * D * R), br(a.b_r, H * D);
-  const T* q = static_cast<const T*>(a.q);
+  const A* q = static_cast<const A*>(a.q);
   const T* k = static_cast<const T*>(a.k);
+  const T* kl = static_cast<const T*>(a.kl);
   const T* vc = static_cast<const T*>(a.vc);
   const A scale = static_cast<A>(a.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
 
-  const int64_t QT = std::max<int64_t>(1, std::min<int64_t>(Tq, kTileRows / H));
+  // Latent-key query rows are wide (Dr + Rk): fewer per tile keeps the tile's queries in L1.
+  const int64_t tile_rows =
+      kShared ? std::max(H, std::min(kTileRows, kTileQueryBytes / (Dq * int64_t(sizeof(A)))))
+              : kTileRows;
+  const int64_t QT = std::max<int64_t>(1, std::min<int64_t>(Tq, tile_rows / H));
   const int64_t nqt = (Tq + QT - 1) / QT;
   const int64_t tiles = B * nqt;
   int64_t maxlen = 0, keys = 0;
@@ -445,7 +542,7 @@ void attention_impl(const AttnArgs& a) {
   }
   // Waking a second thread costs more than a small call's whole work (and, on a busy
   // machine, up to a scheduler time slice), so small calls run on fewer threads.
-  const int64_t work = keys * Tq * H * (D + R + 8);
+  const int64_t work = keys * Tq * H * (Dq + R + 8);
   const int nth = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread)));
   // Flash-decoding: with fewer tiles than threads x 4, split each sequence's keys so every
@@ -471,14 +568,17 @@ void attention_impl(const AttnArgs& a) {
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nsplit > 1 ? tiles : 0]);
   for (int64_t t = 0; t < (nsplit > 1 ? tiles : 0); ++t) done[t].store(0);
   const bool same = std::is_same<T, A>::value;
+  const bool own_l = kShared && !same && !a.kl_is_vc;  // an upcast buffer for the shared rows
 
 #pragma omp parallel num_threads(nth)
   {
-    std::vector<A> qs(rows_max * D), sbuf(rows_max * kKeyBlock);
-    std::vector<A> kbuf(same ? 0 : kKeyBlock * H * D), vbuf(same ? 0 : kKeyBlock * R);
+    std::vector<A> qs(rows_max * Dq), sbuf(rows_max * kKeyBlock);
+    std::vector<A> kbuf(same ? 0 : kKeyBlock * H * Dk), vbuf(same ? 0 : kKeyBlock * R);
+    std::vector<A> lbuf(own_l ? kKeyBlock * Dl : 0);
     std::vector<A> own(nsplit > 1 ? 0 : part_stride), comb(nsplit > 1 ? part_stride : 0);
     std::vector<A> rows_buf(rows_max * R), out_buf(rows_max * D);
     std::vector<int64_t> lim(QT);
+    const Scratch<A> scratch{sbuf.data(), kbuf.data(), lbuf.data(), vbuf.data()};
     auto state_at = [&](A* base) {
       return TileState<A>{base, base + rows_max, base + 2 * rows_max};
     };
@@ -496,15 +596,13 @@ void attention_impl(const AttnArgs& a) {
       std::fill(st.m, st.m + rows, ninf);
       std::fill(st.l, st.l + rows, A(0));
       std::fill(st.acc, st.acc + rows * R, A(0));
-      for (int64_t i = 0; i < nq; ++i)
-        for (int64_t h = 0; h < H; ++h) {
-          const T* src = q + ((b * Tq + i0 + i) * H + h) * D;
-          A* dst = qs.data() + (i * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<A>(static_cast<A>(src[d]) * scale);
-        }
-      attend_range<T, A>(qs.data(), nq, lim.data(), H, D, R, k + b * a.k_sb, a.k_st, a.k_sh,
-                         vc + b * a.v_sb, a.v_st, j0, j1, st, sbuf.data(), kbuf.data(),
-                         vbuf.data());
+      const A* qsrc = q + (b * Tq + i0) * H * Dq;
+      for (int64_t n = 0; n < rows * Dq; ++n) qs[n] = qsrc[n] * scale;
+      const KeySource<T> src{k + b * a.k_sb, a.k_st, a.k_sh,
+                             kShared ? kl + b * a.kl_sb : nullptr, a.kl_st,
+                             vc + b * a.v_sb, a.v_st};
+      attend_range<T, A, kShared>(H, Dk, Dl, R, a.kl_is_vc, qs.data(), nq, lim.data(), src, j0,
+                                  j1, st, scratch);
       if (nsplit == 1) {
         finalize_rows<T, A>(a, b, i0, nq, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
                             out_buf.data());
@@ -540,26 +638,46 @@ void attention_impl(const AttnArgs& a) {
   }
 }
 
+template <typename T, typename A>
+void attention_impl(const AttnArgs& a) {
+  if (a.B == 0 || a.Tq == 0 || a.H == 0) return;
+  if (a.Dl > 0)
+    attention_run<T, A, true>(a);
+  else
+    attention_run<T, A, false>(a);
+}
+
 // ------------------------------------------------------------------------------------------
-// Backward. Race-free: gradients of k and v_c are owned by (sequence, key tile) work items;
-// dq gets one private buffer per thread, summed at the end; dW_r and db_r are owned by rows.
+// Backward. Race-free: gradients of k (both key segments) and v_c are owned by (sequence, key
+// tile) work items; dq gets one private buffer per thread, summed at the end; dW_r and db_r are
+// owned by rows. The shared key segment's gradient sums over heads inside its work item.
 
 template <typename T, typename A>
 void backward_impl(const BwdArgs& a) {
   const int64_t B = a.B, Tq = a.Tq, Tk = a.Tk, H = a.H, D = a.D, R = a.R, HD = H * D;
+  const int64_t Dk = a.Dk, Dl = a.Dl, Dq = Dk + Dl, HDk = H * Dk, HDq = H * Dq;
   const A scale = static_cast<A>(a.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t nrow = B * Tq * H;  // (b, i, h) attention rows
-  AsAcc<A, T> dO(a.dout, nrow * D), qA(a.q, nrow * D), kA(a.k, B * Tk * HD),
-      vA(a.vc, B * Tk * R), wr(a.w_r, HD * R), ctxA(a.ctx, nrow * R);
-  T* dq = static_cast<T*>(a.dq);
+  AsAcc<A, T> dO(a.dout, nrow * D), kA(a.k, B * Tk * HDk),
+      klA(a.kl_is_vc ? nullptr : a.kl, B * Tk * Dl), vA(a.vc, B * Tk * R), wr(a.w_r, HD * R),
+      ctxA(a.ctx, nrow * R);
+  const A* qA = static_cast<const A*>(a.q);
+  const A* kl = a.kl_is_vc ? vA.ptr : klA.ptr;  // shared key rows (B, Tk, Dl)
+  // The score of the scaled query row qrow (head h) for key j of sequence b.
+  auto score = [&](const A* qrow, int64_t b, int64_t j, int64_t h) {
+    const A s = dot(qrow, kA.ptr + ((b * Tk + j) * H + h) * Dk, Dk);
+    return Dl > 0 ? s + dot(qrow + Dk, kl + (b * Tk + j) * Dl, Dl) : s;
+  };
+  A* dq = static_cast<A*>(a.dq);
   T* dk = static_cast<T*>(a.dk);
+  T* dkl = static_cast<T*>(a.dkl);
   T* dvc = static_cast<T*>(a.dvc);
   T* dwr = static_cast<T*>(a.dwr);
   T* dbr = static_cast<T*>(a.dbr);
 
   const int64_t BT = B * Tq;
-  std::vector<A> lse(nrow), dctx(nrow * R, A(0)), delta(nrow), qs(nrow * D);
+  std::vector<A> lse(nrow), dctx(nrow * R, A(0)), delta(nrow), qs(nrow * Dq);
   // dctx[b, i, h] = dO[b, i, h] @ w_r[h]: per head a (BT x D) @ (D x R) product.
   const int64_t chunk = 64, nchunk = (BT + chunk - 1) / chunk;
   at::parallel_for(0, H * nchunk, 1, [&](int64_t lo, int64_t hi) {
@@ -580,14 +698,14 @@ void backward_impl(const BwdArgs& a) {
       const int64_t lim = a.causal ? std::min(Tk - 1, i + Tk - Tq) : Tk - 1;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t row = bi * H + h;  // index into (B, Tq, H)
-        A* qrow = qs.data() + row * D;
-        for (int64_t d = 0; d < D; ++d) qrow[d] = qA.ptr[row * D + d] * scale;
+        A* qrow = qs.data() + row * Dq;
+        for (int64_t d = 0; d < Dq; ++d) qrow[d] = qA[row * Dq + d] * scale;
         A L = static_cast<A>(a.lse[(b * H + h) * Tq + i]);
         if constexpr (std::is_same<A, double>::value) {
           if (lim >= 0) {
             A mx = ninf;
             for (int64_t j = 0; j <= lim; ++j) {
-              srow[j] = dot(qrow, kA.ptr + ((b * Tk + j) * H + h) * D, D);
+              srow[j] = score(qrow, b, j, h);
               mx = std::max(mx, srow[j]);
             }
             A sum = 0;
@@ -632,22 +750,24 @@ void backward_impl(const BwdArgs& a) {
 
   // Main pass over (b, key tile), per head and chunk of queries, as register-tiled products:
   //   S = qs k^T, P = exp(S - lse), dP = dctx v_c^T, dS = P * (dP - delta),
-  //   dq += dS k (per-thread buffer), dk += dS^T qs, dv_c += P^T dctx (owned by the item).
+  //   dq += dS k (per-thread buffer), dk += dS^T qs, dv_c += P^T dctx (owned by the item);
+  // each product in two parts for the two key segments.
   const int64_t ntile = (Tk + kBwdKeyTile - 1) / kBwdKeyTile;
   const int64_t items = B * ntile;
   constexpr int64_t KT = kBwdKeyTile, QC = 64;
   const int nth = std::max(1, at::get_num_threads());
-  std::vector<A> dq_part(static_cast<size_t>(nth) * nrow * D, A(0));
+  std::vector<A> dq_part(static_cast<size_t>(nth) * nrow * Dq, A(0));
 #pragma omp parallel num_threads(nth)
   {
-    A* dqt = dq_part.data() + static_cast<int64_t>(omp_get_thread_num()) * nrow * D;
-    std::vector<A> dk_loc(KT * HD), dv_loc(KT * R), vT(R * KT);
+    A* dqt = dq_part.data() + static_cast<int64_t>(omp_get_thread_num()) * nrow * Dq;
+    std::vector<A> dk_loc(KT * HDk), dkl_loc(KT * Dl), dv_loc(KT * R), vT(R * KT);
     std::vector<A> P(QC * KT), dS(QC * KT), PT(KT * QC), dST(KT * QC);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
       const int64_t b = it / ntile, j0 = (it % ntile) * KT;
       const int64_t nk = std::min(Tk, j0 + KT) - j0;
       std::fill(dk_loc.begin(), dk_loc.end(), A(0));
+      std::fill(dkl_loc.begin(), dkl_loc.end(), A(0));
       std::fill(dv_loc.begin(), dv_loc.end(), A(0));
       for (int64_t jj = 0; jj < nk; ++jj)
         for (int64_t c = 0; c < R; ++c) vT[c * KT + jj] = vA.ptr[(b * Tk + j0 + jj) * R + c];
@@ -667,9 +787,8 @@ void backward_impl(const BwdArgs& a) {
               std::fill(prow, prow + KT, A(0));
               continue;
             }
-            const A* qrow = qs.data() + row * D;
-            for (int64_t jj = 0; jj < n; ++jj)
-              prow[jj] = dot(qrow, kA.ptr + ((b * Tk + j0 + jj) * H + h) * D, D);
+            const A* qrow = qs.data() + row * Dq;
+            for (int64_t jj = 0; jj < n; ++jj) prow[jj] = score(qrow, b, j0 + jj, h);
             exp_row(prow, n, L);
             std::fill(prow + n, prow + KT, A(0));
           }
@@ -685,24 +804,34 @@ void backward_impl(const BwdArgs& a) {
               dST[jj * QC + q] = g;
             }
           }
-          rank_update(dqt + row0 * D, HD, dS.data(), KT, kA.ptr + ((b * Tk + j0) * H + h) * D,
-                      HD, nq, nk, D);
-          rank_update(dk_loc.data() + h * D, HD, dST.data(), QC, qs.data() + row0 * D, HD, nk,
-                      nq, D);
+          rank_update(dqt + row0 * Dq, HDq, dS.data(), KT,
+                      kA.ptr + ((b * Tk + j0) * H + h) * Dk, HDk, nq, nk, Dk);
+          rank_update(dk_loc.data() + h * Dk, HDk, dST.data(), QC, qs.data() + row0 * Dq, HDq,
+                      nk, nq, Dk);
+          if (Dl > 0) {
+            rank_update(dqt + row0 * Dq + Dk, HDq, dS.data(), KT, kl + (b * Tk + j0) * Dl, Dl,
+                        nq, nk, Dl);
+            rank_update(dkl_loc.data(), Dl, dST.data(), QC, qs.data() + row0 * Dq + Dk, HDq,
+                        nk, nq, Dl);
+          }
           rank_update(dv_loc.data(), R, PT.data(), QC, dctx.data() + row0 * R, H * R, nk, nq, R);
         }
       }
-      store_row(dk + (b * Tk + j0) * HD, dk_loc.data(), nk * HD);
+      store_row(dk + (b * Tk + j0) * HDk, dk_loc.data(), nk * HDk);
+      if (Dl > 0 && a.kl_is_vc)  // the joint latent: V_c is also the keys' latent
+        axpy(dv_loc.data(), A(1), dkl_loc.data(), nk * R);
+      else if (Dl > 0)
+        store_row(dkl + (b * Tk + j0) * Dl, dkl_loc.data(), nk * Dl);
       store_row(dvc + (b * Tk + j0) * R, dv_loc.data(), nk * R);
     }
   }
   at::parallel_for(0, nrow, 64, [&](int64_t lo, int64_t hi) {
-    std::vector<A> acc(D);
+    std::vector<A> acc(Dq);
     for (int64_t row = lo; row < hi; ++row) {
       std::fill(acc.begin(), acc.end(), A(0));
       for (int t = 0; t < nth; ++t)
-        axpy(acc.data(), scale, dq_part.data() + (t * nrow + row) * D, D);
-      store_row(dq + row * D, acc.data(), D);
+        axpy(acc.data(), scale, dq_part.data() + (t * nrow + row) * Dq, Dq);
+      store_row(dq + row * Dq, acc.data(), Dq);
     }
   });
 }
@@ -712,37 +841,79 @@ void backward_impl(const BwdArgs& a) {
 
 template <typename T, typename A>
 void append_impl(const AppendArgs& a) {
-  const int64_t B = a.B, Tn = a.Tnew, H = a.H, D = a.D, R = a.R, HD = H * D;
+  const int64_t B = a.B, Tn = a.Tnew, H = a.H, D = a.D, Dk = a.Dk;
   if (B == 0 || Tn == 0) return;
-  AsAcc<A, T> wc(a.w_c, R * HD), bc(a.b_c, R);
   const T* k = static_cast<const T*>(a.k);
-  const T* v = static_cast<const T*>(a.v);
   T* kc = static_cast<T*>(a.k_cache);
-  T* vcc = static_cast<T*>(a.vc_cache);
-  // Parallel over (token, chunk of R) so that a single decode token still uses every core.
-  const int64_t rchunk = 64;
-  const int64_t nrc = std::max<int64_t>(1, (R + rchunk - 1) / rchunk);
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (rchunk * HD + 1));
-  at::parallel_for(0, B * Tn * nrc, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<A> vrow(HD);
-    int64_t loaded = -1;
-    for (int64_t it = lo; it < hi; ++it) {
-      const int64_t bt = it / nrc, rc = it % nrc;
-      const int64_t b = bt / Tn, t = bt % Tn, pos = a.pos[b] + t;
-      if (rc == 0)
+  // The first Dk dims of each head's key, exactly (all of it for V-only, the rotary part for
+  // latent keys).
+  if (Dk > 0) {
+    at::parallel_for(0, B * Tn, 256, [&](int64_t lo, int64_t hi) {
+      for (int64_t bt = lo; bt < hi; ++bt) {
+        const int64_t b = bt / Tn, pos = a.pos[b] + bt % Tn;
         for (int64_t h = 0; h < H; ++h)
           std::memcpy(kc + b * a.k_sb + pos * a.k_st + h * a.k_sh, k + (bt * H + h) * D,
-                      D * sizeof(T));
-      if (loaded != bt) {
-        load_row(vrow.data(), v + bt * HD, HD);
-        loaded = bt;
+                      Dk * sizeof(T));
       }
-      T* dst = vcc + b * a.v_sb + pos * a.v_st;
-      for (int64_t r = rc * rchunk; r < std::min(R, (rc + 1) * rchunk); ++r) {
-        A x = dot(vrow.data(), wc.ptr + r * HD, HD);
-        if (bc.ptr) x += bc.ptr[r];
+    });
+  }
+  // The compressed rows of every job, parallel over (job, token, chunk of R) so that a single
+  // decode token still uses every core.
+  constexpr int64_t rchunk = 64;
+  std::vector<std::unique_ptr<AsAcc<A, T>>> w, bias;
+  int64_t first[3] = {0, 0, 0}, nrc[2] = {1, 1}, kmax = 1;
+  for (int j = 0; j < a.njobs; ++j) {
+    const CompressJob& job = a.jobs[j];
+    w.emplace_back(new AsAcc<A, T>(job.w, job.R * job.K));
+    bias.emplace_back(new AsAcc<A, T>(job.bias, job.R));
+    nrc[j] = std::max<int64_t>(1, (job.R + rchunk - 1) / rchunk);
+    first[j + 1] = first[j] + B * Tn * nrc[j];
+    kmax = std::max(kmax, job.K);
+  }
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (rchunk * kmax + 1));
+  at::parallel_for(0, first[a.njobs], grain, [&](int64_t lo, int64_t hi) {
+    std::vector<A> xrow(kmax);
+    int64_t loaded = -1;
+    for (int64_t it = lo; it < hi; ++it) {
+      const int j = it < first[1] ? 0 : 1;
+      const CompressJob& job = a.jobs[j];
+      const int64_t bt = (it - first[j]) / nrc[j], rc = (it - first[j]) % nrc[j];
+      const int64_t b = bt / Tn, pos = a.pos[b] + bt % Tn;
+      if (loaded != j * B * Tn + bt) {
+        load_row(xrow.data(), static_cast<const T*>(job.x) + bt * job.K, job.K);
+        loaded = j * B * Tn + bt;
+      }
+      T* dst = static_cast<T*>(job.dst) + b * job.sb + pos * job.st;
+      const A* wj = w[j]->ptr;
+      const A* bj = bias[j]->ptr;
+      for (int64_t r = rc * rchunk; r < std::min(job.R, (rc + 1) * rchunk); ++r) {
+        A x = dot(xrow.data(), wj + r * job.K, job.K);
+        if (bj) x += bj[r];
         dst[r] = static_cast<T>(x);
       }
+    }
+  });
+}
+
+// q_eff = [q_rope | q_nope @ w_kr[h]] per (row, head), in accumulation precision.
+template <typename T, typename A>
+void effective_query_impl(const QueryArgs& a) {
+  const int64_t H = a.H, D = a.D, Dr = a.Dr, Dn = D - Dr, Rk = a.Rk, Dq = Dr + Rk;
+  const int64_t n = a.rows * H;
+  if (n == 0) return;
+  AsAcc<A, T> w(a.w_kr, H * Dn * Rk);
+  const T* q = static_cast<const T*>(a.q);
+  A* out = static_cast<A*>(a.q_eff);
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (Dn * Rk + 1));
+  at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<A> qrow(D);
+    for (int64_t r = lo; r < hi; ++r) {
+      load_row(qrow.data(), q + r * D, D);
+      A* o = out + r * Dq;
+      std::copy(qrow.data(), qrow.data() + Dr, o);
+      std::fill(o + Dr, o + Dq, A(0));
+      const A* wh = w.ptr + (r % H) * Dn * Rk;
+      for (int64_t d = 0; d < Dn; ++d) axpy(o + Dr, qrow[Dr + d], wh + d * Rk, Rk);
     }
   });
 }
@@ -894,6 +1065,9 @@ void linear_impl(const LinearArgs& a) {
 void attention(Kind kind, const AttnArgs& a) { VDPROJ_DISPATCH(kind, attention_impl, a) }
 void attention_backward(Kind kind, const BwdArgs& a) { VDPROJ_DISPATCH(kind, backward_impl, a) }
 void append(Kind kind, const AppendArgs& a) { VDPROJ_DISPATCH(kind, append_impl, a) }
+void effective_query(Kind kind, const QueryArgs& a) {
+  VDPROJ_DISPATCH(kind, effective_query_impl, a)
+}
 void linear(Kind kind, const LinearArgs& a) {
   if (kind == Kind::F64)
     linear_impl<double>(a);
