@@ -244,3 +244,84 @@ def logits_through_cache(model, ids, cache, cuts):
             pieces.append(model(ids[:, start:end], cache=cache).logits)
             start = end
     return torch.cat(pieces, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad-input cases that every op of the same family shares (SPEC section 3's error classes); each
+# test file adds the cases of its own arguments. A case: name -> (edit, exception, message).
+
+
+def replace_args(args: dict, **changes) -> dict:
+    return dict(args, **changes)
+
+
+def shared_attention_bad_cases() -> dict:
+    """Query, compressed values and restore pair: the same checks on every attention op."""
+    return {
+        "q rank": (lambda a: replace_args(a, q=a["q"][0]), ValueError, r"q must be 4-D"),
+        "int dtype": (lambda a: replace_args(a, q=a["q"].long()), TypeError, r"q must be float32"),
+        "v_c length": (lambda a: replace_args(a, v_c=a["v_c"][:, :-1]), ValueError,
+                       r"v_c must have shape"),
+        "v_c rank": (lambda a: replace_args(a, v_c=a["v_c"][0]), ValueError, r"v_c must be 3-D"),
+        "w_r shape": (lambda a: replace_args(a, w_r=a["w_r"][:, :-1]), ValueError,
+                      r"w_r must have shape"),
+        "b_r shape": (lambda a: replace_args(a, b_r=a["b_r"][:-1]), ValueError,
+                      r"b_r must have shape"),
+        "b_r rank": (lambda a: replace_args(a, b_r=a["b_r"][None]), ValueError, r"b_r must be 1-D"),
+        "w_r dtype": (lambda a: replace_args(a, w_r=a["w_r"].half()), TypeError,
+                      r"w_r must have dtype"),
+        "w_r not a tensor": (lambda a: replace_args(a, w_r=a["w_r"].tolist()), TypeError,
+                             r"w_r must be a torch.Tensor"),
+        "v_c device": (lambda a: replace_args(a, v_c=a["v_c"].to("meta")), ValueError,
+                       r"v_c must be on cpu"),
+        "v_c None": (lambda a: replace_args(a, v_c=None), TypeError,
+                     r"v_c must be a tensor, got None"),
+    }
+
+
+def shared_seqlens_bad_cases(batch: int, t_max: int, t_new: int) -> dict:
+    """cache_seqlens of a KV-cache op whose cache holds t_max slots and which writes t_new tokens:
+    type, dtype, shape, device, range and overflow."""
+    def lens(first):
+        return torch.tensor([first] + [0] * (batch - 1), dtype=torch.int32)
+    shape = rf"cache_seqlens must have shape \({batch},\)"
+    in_range = rf"cache_seqlens must lie in \[0, {t_max}\]"
+    return {
+        "seqlens int64": (lambda a: replace_args(a, cache_seqlens=a["cache_seqlens"].long()),
+                          TypeError, r"cache_seqlens must have dtype torch.int32"),
+        "seqlens list": (lambda a: replace_args(a, cache_seqlens=lens(3).tolist()), TypeError,
+                         r"cache_seqlens must be an int32 tensor"),
+        "seqlens shape": (lambda a: replace_args(a, cache_seqlens=a["cache_seqlens"][:1]),
+                          ValueError, shape),
+        "seqlens 2-D": (lambda a: replace_args(a, cache_seqlens=a["cache_seqlens"][:, None]),
+                        ValueError, shape),
+        "seqlens negative": (lambda a: replace_args(a, cache_seqlens=lens(-1)), ValueError,
+                             in_range),
+        "seqlens past Tmax": (lambda a: replace_args(a, cache_seqlens=lens(t_max + 1)),
+                              ValueError, in_range),
+        "seqlens device": (lambda a: replace_args(a, cache_seqlens=a["cache_seqlens"].to("meta")),
+                           ValueError, r"cache_seqlens must be on cpu"),
+        "overflow": (lambda a: replace_args(a, cache_seqlens=lens(t_max - t_new + 1)), ValueError,
+                     rf"writing {t_new} new tokens .* would overflow the cache of Tmax={t_max}"),
+    }
+
+
+def error_of(call):
+    """(type, message) of the exception call() raises, or None."""
+    try:
+        call()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        return type(exc), str(exc)
+    return None
+
+
+def assert_same_error_on_every_backend(call, backends, after_each=lambda: None):
+    """One set of messages: call(backend) fails on the reference (the Python checks) and on
+    "ext" (the C++ checks) with the same type and message; after_each() runs after every call
+    (for example to check that nothing was written)."""
+    errors = {}
+    for backend in backends:
+        errors[backend] = error_of(lambda: call(backend))
+        after_each()
+    assert errors["reference"] is not None, "the reference accepted the bad input"
+    assert errors["ext"] == errors["reference"]

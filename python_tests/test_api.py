@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from helpers import make_cache, make_step
+from helpers import (assert_same_error_on_every_backend, make_cache, make_step, replace_args,
+                     shared_attention_bad_cases, shared_seqlens_bad_cases)
 from vdproj_ext import backend_info, compressed_attn_with_kvcache, compressed_v_attention
 
 B, TQ, TK, H, D, R = 2, 3, 5, 2, 8, 6
@@ -83,29 +84,12 @@ def test_bad_backend(backend):
 # bad input for compressed_v_attention: every class of SPEC section 3, on both backends
 
 
-def _replace(args, **changes):
-    out = dict(args)
-    out.update(changes)
-    return out
-
-
 ATTN_BAD = {
-    "q rank": (lambda a: _replace(a, q=a["q"][0]), ValueError, r"q must be 4-D"),
-    "k shape": (lambda a: _replace(a, k=a["k"][..., :-1]), ValueError, r"k must have shape"),
-    "k heads": (lambda a: _replace(a, k=a["k"][:, :, :1]), ValueError, r"k must have shape"),
-    "v_c length": (lambda a: _replace(a, v_c=a["v_c"][:, :-1]), ValueError, r"v_c must have shape"),
-    "v_c rank": (lambda a: _replace(a, v_c=a["v_c"][0]), ValueError, r"v_c must be 3-D"),
-    "w_r shape": (lambda a: _replace(a, w_r=a["w_r"][:, :-1]), ValueError, r"w_r must have shape"),
-    "b_r shape": (lambda a: _replace(a, b_r=a["b_r"][:-1]), ValueError, r"b_r must have shape"),
-    "mixed dtype": (lambda a: _replace(a, k=a["k"].double()), TypeError, r"k must have dtype"),
-    "int dtype": (lambda a: _replace(a, q=a["q"].long()), TypeError, r"q must be float32"),
-    "mixed device": (lambda a: _replace(a, v_c=a["v_c"].to("meta")), ValueError,
-                     r"v_c must be on cpu"),
-    "not a tensor": (lambda a: _replace(a, w_r=a["w_r"].tolist()), TypeError,
-                     r"w_r must be a torch.Tensor"),
-    "q None": (lambda a: _replace(a, q=None), TypeError, r"q must be a tensor, got None"),
-    "b_r rank": (lambda a: _replace(a, b_r=a["b_r"][None]), ValueError, r"b_r must be 1-D"),
-    "w_r dtype": (lambda a: _replace(a, w_r=a["w_r"].half()), TypeError, r"w_r must have dtype"),
+    **shared_attention_bad_cases(),
+    "k shape": (lambda a: replace_args(a, k=a["k"][..., :-1]), ValueError, r"k must have shape"),
+    "k heads": (lambda a: replace_args(a, k=a["k"][:, :, :1]), ValueError, r"k must have shape"),
+    "mixed dtype": (lambda a: replace_args(a, k=a["k"].double()), TypeError, r"k must have dtype"),
+    "q None": (lambda a: replace_args(a, q=None), TypeError, r"q must be a tensor, got None"),
 }
 
 
@@ -138,43 +122,28 @@ def test_bad_causal_flag(backend):
 # bad input for compressed_attn_with_kvcache
 
 CACHE_BAD = {
-    "seqlens int64": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"].long()), TypeError,
-                      r"cache_seqlens must have dtype torch.int32"),
-    "seqlens list": (lambda a: _replace(a, cache_seqlens=[3, 0]), TypeError,
-                     r"cache_seqlens must be an int32 tensor"),
-    "seqlens shape": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"][:1]), ValueError,
-                      r"cache_seqlens must have shape \(2,\)"),
-    "seqlens negative": (lambda a: _replace(a, cache_seqlens=torch.tensor([-1, 0], dtype=torch.int32)),
-                         ValueError, r"cache_seqlens must lie in \[0, 8\]"),
-    "seqlens past Tmax": (lambda a: _replace(a, cache_seqlens=torch.tensor([9, 0], dtype=torch.int32)),
-                          ValueError, r"cache_seqlens must lie in \[0, 8\]"),
-    "k without v": (lambda a: _replace(a, v=None), ValueError, r"k and v must be given together"),
-    "no w_c": (lambda a: _replace(a, w_c=None), ValueError, r"w_c .* is required"),
-    "w_c shape": (lambda a: _replace(a, w_c=a["w_c"].t()), ValueError, r"w_c must have shape"),
-    "b_c shape": (lambda a: _replace(a, b_c=a["b_c"][:-1]), ValueError, r"b_c must have shape"),
-    "v shape": (lambda a: _replace(a, v=a["v"][..., :-1]), ValueError, r"v must have shape"),
-    "k shape": (lambda a: _replace(a, k=a["k"][:, :, :1]), ValueError, r"k must have shape"),
-    "vc_cache rank": (lambda a: _replace(a, vc_cache=a["vc_cache"][0]), ValueError,
+    **shared_seqlens_bad_cases(batch=2, t_max=8, t_new=2),
+    "k without v": (lambda a: replace_args(a, v=None), ValueError, r"k and v must be given together"),
+    "no w_c": (lambda a: replace_args(a, w_c=None), ValueError, r"w_c .* is required"),
+    "w_c shape": (lambda a: replace_args(a, w_c=a["w_c"].t()), ValueError, r"w_c must have shape"),
+    "b_c shape": (lambda a: replace_args(a, b_c=a["b_c"][:-1]), ValueError, r"b_c must have shape"),
+    "v shape": (lambda a: replace_args(a, v=a["v"][..., :-1]), ValueError, r"v must have shape"),
+    "k shape": (lambda a: replace_args(a, k=a["k"][:, :, :1]), ValueError, r"k must have shape"),
+    "vc_cache rank": (lambda a: replace_args(a, vc_cache=a["vc_cache"][0]), ValueError,
                       r"vc_cache must be 3-D"),
-    "vc_cache length": (lambda a: _replace(a, vc_cache=a["vc_cache"][:, :-1]), ValueError,
+    "vc_cache length": (lambda a: replace_args(a, vc_cache=a["vc_cache"][:, :-1]), ValueError,
                         r"vc_cache must have shape"),
-    "k_cache dtype": (lambda a: _replace(a, k_cache=a["k_cache"].half()), TypeError,
+    "k_cache dtype": (lambda a: replace_args(a, k_cache=a["k_cache"].half()), TypeError,
                       r"k_cache must have dtype"),
-    "cache stride": (lambda a: _replace(a, vc_cache=a["vc_cache"].transpose(0, 2).contiguous()
+    "cache stride": (lambda a: replace_args(a, vc_cache=a["vc_cache"].transpose(0, 2).contiguous()
                                         .transpose(0, 2)), ValueError, r"vc_cache must have a unit stride"),
-    "seqlens device": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"].to("meta")), ValueError,
-                       r"cache_seqlens must be on cpu"),
-    "seqlens 2-D": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"][:, None]), ValueError,
-                    r"cache_seqlens must have shape \(2,\)"),
-    "overflow": (lambda a: _replace(a, cache_seqlens=torch.tensor([7, 0], dtype=torch.int32)),
-                 ValueError, r"writing 2 new tokens .* would overflow the cache of Tmax=8"),
-    "q not a tensor": (lambda a: _replace(a, q=a["q"].tolist()), TypeError,
+    "q not a tensor": (lambda a: replace_args(a, q=a["q"].tolist()), TypeError,
                        r"q must be a torch.Tensor"),
-    "q int dtype": (lambda a: _replace(a, q=a["q"].long()), TypeError, r"q must be float32"),
-    "k rank": (lambda a: _replace(a, k=a["k"][0]), ValueError, r"k must be 4-D"),
-    "b_c rank": (lambda a: _replace(a, b_c=a["b_c"][None]), ValueError, r"b_c must be 1-D"),
-    "w_c dtype": (lambda a: _replace(a, w_c=a["w_c"].double()), TypeError, r"w_c must have dtype"),
-    "k_cache device": (lambda a: _replace(a, k_cache=a["k_cache"].to("meta")), ValueError,
+    "q int dtype": (lambda a: replace_args(a, q=a["q"].long()), TypeError, r"q must be float32"),
+    "k rank": (lambda a: replace_args(a, k=a["k"][0]), ValueError, r"k must be 4-D"),
+    "b_c rank": (lambda a: replace_args(a, b_c=a["b_c"][None]), ValueError, r"b_c must be 1-D"),
+    "w_c dtype": (lambda a: replace_args(a, w_c=a["w_c"].double()), TypeError, r"w_c must have dtype"),
+    "k_cache device": (lambda a: replace_args(a, k_cache=a["k_cache"].to("meta")), ValueError,
                        r"k_cache must be on cpu"),
 }
 
@@ -201,36 +170,24 @@ def test_kvcache_overflow_writes_nothing(backend):
     torch.testing.assert_close(args["vc_cache"], before[1], equal_nan=True, rtol=0, atol=0)
 
 
-def _error_of(call):
-    """(type, message) of the exception call() raises, or None."""
-    try:
-        call()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        return type(exc), str(exc)
-    return None
-
-
 @pytest.mark.parametrize("case", sorted(ATTN_BAD))
 def test_attention_bad_input_same_error_on_every_backend(case):
     """One set of messages: the Python checks (reference) and the C++ checks (ext) agree."""
     args = ATTN_BAD[case][0](attn_inputs())
-    errors = {backend: _error_of(lambda: call_attn(args, backend=backend))
-              for backend in BACKENDS}
-    assert errors["reference"] is not None
-    assert errors["ext"] == errors["reference"]
+    assert_same_error_on_every_backend(lambda backend: call_attn(args, backend=backend), BACKENDS)
 
 
 @pytest.mark.parametrize("case", sorted(CACHE_BAD))
 def test_kvcache_bad_input_same_error_on_every_backend(case):
     args = CACHE_BAD[case][0](cache_inputs())
     before = [args["k_cache"].clone(), args["vc_cache"].clone()]
-    errors = {}
-    for backend in BACKENDS:
-        errors[backend] = _error_of(lambda: call_cache(args, backend=backend))
-        for cache, old in zip((args["k_cache"], args["vc_cache"]), before):  # nothing written
+
+    def nothing_written():
+        for cache, old in zip((args["k_cache"], args["vc_cache"]), before):
             torch.testing.assert_close(cache, old, equal_nan=True, rtol=0, atol=0)
-    assert errors["reference"] is not None
-    assert errors["ext"] == errors["reference"]
+
+    assert_same_error_on_every_backend(lambda backend: call_cache(args, backend=backend),
+                                       BACKENDS, nothing_written)
 
 
 def test_direct_op_call_with_bad_shapes_raises_not_crashes():

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from conftest import TOLERANCES, rel_error
-from helpers import (check_low_precision_against_reference, make_latent_attention_inputs,
-                     make_latent_cache, make_latent_step, run_latent_attention,
-                     run_latent_kvcache, to_float64)
+from helpers import (assert_same_error_on_every_backend, check_low_precision_against_reference,
+                     make_latent_attention_inputs, make_latent_cache, make_latent_step, replace_args, run_latent_attention,
+                     run_latent_kvcache, shared_attention_bad_cases, shared_seqlens_bad_cases,
+                     to_float64)
 from vdproj_ext import (compressed_attn_with_kvcache, compressed_kv_attention,
                         compressed_kv_attn_with_kvcache, compressed_v_attention, reference)
 from vdproj_ext.ops import aten_paths
@@ -473,36 +474,27 @@ def call_cache(a, **kw):
                                            **{n: a[n] for n in names}, **kw)
 
 
-def _replace(args, **changes):
-    return dict(args, **changes)
-
-
 LATENT_ATTN_BAD = {
-    "q rank": (lambda a: _replace(a, q=a["q"][0]), ValueError, r"q must be 4-D"),
-    "k_rope rank": (lambda a: _replace(a, k_rope=a["k_rope"][0]), ValueError,
+    **shared_attention_bad_cases(),
+    "k_rope rank": (lambda a: replace_args(a, k_rope=a["k_rope"][0]), ValueError,
                     r"k_rope must be 4-D"),
-    "k_rope heads": (lambda a: _replace(a, k_rope=a["k_rope"][:, :, :1]), ValueError,
+    "k_rope heads": (lambda a: replace_args(a, k_rope=a["k_rope"][:, :, :1]), ValueError,
                      r"k_rope must have shape"),
-    "Dr == D": (lambda a: _replace(a, k_rope=torch.randn(B, TK, H, D)), ValueError,
+    "Dr == D": (lambda a: replace_args(a, k_rope=torch.randn(B, TK, H, D)), ValueError,
                 r"k_rope must have 0 <= Dr < D .*D=8.*Dr=8"),
-    "k_c length": (lambda a: _replace(a, k_c=a["k_c"][:, :-1]), ValueError, r"k_c must have shape"),
-    "k_c rank": (lambda a: _replace(a, k_c=a["k_c"][0]), ValueError, r"k_c must be 3-D"),
-    "v_c length": (lambda a: _replace(a, v_c=a["v_c"][:, :-1]), ValueError, r"v_c must have shape"),
-    "w_kr columns": (lambda a: _replace(a, w_kr=a["w_kr"][:, :-1]), ValueError,
+    "k_c length": (lambda a: replace_args(a, k_c=a["k_c"][:, :-1]), ValueError, r"k_c must have shape"),
+    "k_c rank": (lambda a: replace_args(a, k_c=a["k_c"][0]), ValueError, r"k_c must be 3-D"),
+    "w_kr columns": (lambda a: replace_args(a, w_kr=a["w_kr"][:, :-1]), ValueError,
                   r"w_kr must have shape \(12, 7\)"),
-    "w_kr rows": (lambda a: _replace(a, w_kr=torch.randn(H * D, RK)), ValueError,
+    "w_kr rows": (lambda a: replace_args(a, w_kr=torch.randn(H * D, RK)), ValueError,
                   r"w_kr must have shape \(12, 7\)"),
-    "w_r shape": (lambda a: _replace(a, w_r=a["w_r"][:, :-1]), ValueError, r"w_r must have shape"),
-    "b_r shape": (lambda a: _replace(a, b_r=a["b_r"][:-1]), ValueError, r"b_r must have shape"),
-    "mixed dtype": (lambda a: _replace(a, k_c=a["k_c"].double()), TypeError,
+    "mixed dtype": (lambda a: replace_args(a, k_c=a["k_c"].double()), TypeError,
                     r"k_c must have dtype torch.float32 like q"),
-    "w_kr dtype": (lambda a: _replace(a, w_kr=a["w_kr"].half()), TypeError, r"w_kr must have dtype"),
-    "int dtype": (lambda a: _replace(a, q=a["q"].long()), TypeError, r"q must be float32"),
-    "mixed device": (lambda a: _replace(a, k_rope=a["k_rope"].to("meta")), ValueError,
+    "w_kr dtype": (lambda a: replace_args(a, w_kr=a["w_kr"].half()), TypeError, r"w_kr must have dtype"),
+    "mixed device": (lambda a: replace_args(a, k_rope=a["k_rope"].to("meta")), ValueError,
                      r"k_rope must be on cpu"),
-    "not a tensor": (lambda a: _replace(a, w_kr=a["w_kr"].tolist()), TypeError,
+    "not a tensor": (lambda a: replace_args(a, w_kr=a["w_kr"].tolist()), TypeError,
                      r"w_kr must be a torch.Tensor"),
-    "v_c None": (lambda a: _replace(a, v_c=None), TypeError, r"v_c must be a tensor, got None"),
 }
 
 
@@ -518,7 +510,7 @@ def test_attention_bad_input(case, backend):
 def test_attention_bad_joint_shapes_scale_and_flag(backend):
     a = attn_args(joint=True)
     with pytest.raises(ValueError, match=r"w_kr must have shape \(12, 6\)"):  # (H*Dn, Rv)
-        call_attn(_replace(a, w_kr=torch.randn(H * (D - DR), RK)), backend=backend)
+        call_attn(replace_args(a, w_kr=torch.randn(H * (D - DR), RK)), backend=backend)
     for scale, exc in ((float("nan"), ValueError), (-math.inf, ValueError), ("0.1", TypeError)):
         with pytest.raises(exc, match="softmax_scale"):
             call_attn(a, softmax_scale=scale, backend=backend)
@@ -531,64 +523,51 @@ def _seqlens(*values):
 
 
 LATENT_CACHE_BAD = {
-    "seqlens int64": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"].long()), TypeError,
-                      r"cache_seqlens must have dtype torch.int32"),
-    "seqlens list": (lambda a: _replace(a, cache_seqlens=[3, 0]), TypeError,
-                     r"cache_seqlens must be an int32 tensor"),
-    "seqlens shape": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"][:1]), ValueError,
-                      r"cache_seqlens must have shape \(2,\)"),
-    "seqlens negative": (lambda a: _replace(a, cache_seqlens=_seqlens(-1, 0)), ValueError,
-                         r"cache_seqlens must lie in \[0, 8\]"),
-    "seqlens past Tmax": (lambda a: _replace(a, cache_seqlens=_seqlens(9, 0)), ValueError,
-                          r"cache_seqlens must lie in \[0, 8\]"),
-    "seqlens device": (lambda a: _replace(a, cache_seqlens=a["cache_seqlens"].to("meta")),
-                       ValueError, r"cache_seqlens must be on cpu"),
-    "overflow": (lambda a: _replace(a, cache_seqlens=_seqlens(7, 0)), ValueError,
-                 r"writing 2 new tokens .* would overflow the cache of Tmax=8"),
-    "Dr == D": (lambda a: _replace(a, krope_cache=torch.randn(B, TMAX, H, D)), ValueError,
+    **shared_seqlens_bad_cases(batch=B, t_max=TMAX, t_new=2),
+    "Dr == D": (lambda a: replace_args(a, krope_cache=torch.randn(B, TMAX, H, D)), ValueError,
                 r"krope_cache must have 0 <= Dr < D"),
-    "krope_cache heads": (lambda a: _replace(a, krope_cache=a["krope_cache"][:, :, :1]),
+    "krope_cache heads": (lambda a: replace_args(a, krope_cache=a["krope_cache"][:, :, :1]),
                           ValueError, r"krope_cache must have shape"),
-    "kc_cache length": (lambda a: _replace(a, kc_cache=a["kc_cache"][:, :-1]), ValueError,
+    "kc_cache length": (lambda a: replace_args(a, kc_cache=a["kc_cache"][:, :-1]), ValueError,
                         r"kc_cache must have shape"),
-    "vc_cache rank": (lambda a: _replace(a, vc_cache=a["vc_cache"][0]), ValueError,
+    "vc_cache rank": (lambda a: replace_args(a, vc_cache=a["vc_cache"][0]), ValueError,
                       r"vc_cache must be 3-D"),
-    "kc_cache stride": (lambda a: _replace(a, kc_cache=a["kc_cache"].transpose(0, 2).contiguous()
+    "kc_cache stride": (lambda a: replace_args(a, kc_cache=a["kc_cache"].transpose(0, 2).contiguous()
                                            .transpose(0, 2)), ValueError,
                         r"kc_cache must have a unit stride"),
-    "krope_cache dtype": (lambda a: _replace(a, krope_cache=a["krope_cache"].half()), TypeError,
+    "krope_cache dtype": (lambda a: replace_args(a, krope_cache=a["krope_cache"].half()), TypeError,
                           r"krope_cache must have dtype"),
-    "kc_cache device": (lambda a: _replace(a, kc_cache=a["kc_cache"].to("meta")), ValueError,
+    "kc_cache device": (lambda a: replace_args(a, kc_cache=a["kc_cache"].to("meta")), ValueError,
                         r"kc_cache must be on cpu"),
-    "w_kr shape": (lambda a: _replace(a, w_kr=a["w_kr"].t()), ValueError, r"w_kr must have shape"),
-    "k without v": (lambda a: _replace(a, v=None), ValueError, r"k and v must be given together"),
-    "k shape": (lambda a: _replace(a, k=a["k"][..., :-1]), ValueError, r"k must have shape"),
-    "v shape": (lambda a: _replace(a, v=a["v"][..., :-1]), ValueError, r"v must have shape"),
-    "no w_kc": (lambda a: _replace(a, w_kc=None), ValueError, r"w_kc .* is required"),
-    "w_kc shape": (lambda a: _replace(a, w_kc=a["w_kc"].t()), ValueError,
+    "w_kr shape": (lambda a: replace_args(a, w_kr=a["w_kr"].t()), ValueError, r"w_kr must have shape"),
+    "k without v": (lambda a: replace_args(a, v=None), ValueError, r"k and v must be given together"),
+    "k shape": (lambda a: replace_args(a, k=a["k"][..., :-1]), ValueError, r"k must have shape"),
+    "v shape": (lambda a: replace_args(a, v=a["v"][..., :-1]), ValueError, r"v must have shape"),
+    "no w_kc": (lambda a: replace_args(a, w_kc=None), ValueError, r"w_kc .* is required"),
+    "w_kc shape": (lambda a: replace_args(a, w_kc=a["w_kc"].t()), ValueError,
                    r"w_kc must have shape \(7, 12\)"),
-    "b_kc shape": (lambda a: _replace(a, b_kc=a["b_kc"][:-1]), ValueError, r"b_kc must have shape"),
-    "no w_c": (lambda a: _replace(a, w_c=None), ValueError, r"w_c .* is required"),
-    "w_c shape": (lambda a: _replace(a, w_c=a["w_c"][:, :-1]), ValueError,
+    "b_kc shape": (lambda a: replace_args(a, b_kc=a["b_kc"][:-1]), ValueError, r"b_kc must have shape"),
+    "no w_c": (lambda a: replace_args(a, w_c=None), ValueError, r"w_c .* is required"),
+    "w_c shape": (lambda a: replace_args(a, w_c=a["w_c"][:, :-1]), ValueError,
                   r"w_c must have shape \(6, 16\)"),
-    "w_c dtype": (lambda a: _replace(a, w_c=a["w_c"].double()), TypeError, r"w_c must have dtype"),
-    "b_c rank": (lambda a: _replace(a, b_c=a["b_c"][None]), ValueError, r"b_c must be 1-D"),
-    "q not a tensor": (lambda a: _replace(a, q=a["q"].tolist()), TypeError,
+    "w_c dtype": (lambda a: replace_args(a, w_c=a["w_c"].double()), TypeError, r"w_c must have dtype"),
+    "b_c rank": (lambda a: replace_args(a, b_c=a["b_c"][None]), ValueError, r"b_c must be 1-D"),
+    "q not a tensor": (lambda a: replace_args(a, q=a["q"].tolist()), TypeError,
                        r"q must be a torch.Tensor"),
 }
 
 LATENT_JOINT_CACHE_BAD = {
-    "w_kc with joint": (lambda a: _replace(a, w_kc=torch.randn(RK, H * (D - DR))), ValueError,
+    "w_kc with joint": (lambda a: replace_args(a, w_kc=torch.randn(RK, H * (D - DR))), ValueError,
                         r"w_kc must be None with the joint latent"),
-    "b_kc with joint": (lambda a: _replace(a, b_kc=torch.randn(RK)), ValueError,
+    "b_kc with joint": (lambda a: replace_args(a, b_kc=torch.randn(RK)), ValueError,
                         r"b_kc must be None with the joint latent"),
-    "joint w_c shape": (lambda a: _replace(a, w_c=torch.randn(RV, H * D)), ValueError,
+    "joint w_c shape": (lambda a: replace_args(a, w_c=torch.randn(RV, H * D)), ValueError,
                         r"w_c must have shape \(6, 28\)"),
-    "joint no w_c": (lambda a: _replace(a, w_c=None), ValueError,
+    "joint no w_c": (lambda a: replace_args(a, w_c=None), ValueError,
                      r"w_c \(shape \(R, H\*Dn \+ H\*D\)\) is required"),
-    "joint w_kr shape": (lambda a: _replace(a, w_kr=torch.randn(H * (D - DR), RK)), ValueError,
+    "joint w_kr shape": (lambda a: replace_args(a, w_kr=torch.randn(H * (D - DR), RK)), ValueError,
                          r"w_kr must have shape \(12, 6\)"),
-    "joint overflow": (lambda a: _replace(a, cache_seqlens=_seqlens(3, 7)), ValueError,
+    "joint overflow": (lambda a: replace_args(a, cache_seqlens=_seqlens(3, 7)), ValueError,
                        r"would overflow the cache of Tmax=8; nothing was written"),
 }
 
@@ -634,24 +613,13 @@ def test_kvcache_overflow_writes_nothing(backend, joint):
         call_cache(cache_args(joint), softmax_scale=float("inf"), backend=backend)
 
 
-def _error_of(call):
-    """(type, message) of the exception call() raises, or None."""
-    try:
-        call()
-    except (TypeError, ValueError, RuntimeError) as exc:
-        return type(exc), str(exc)
-    return None
-
-
 @needs_training_kernels
 @pytest.mark.parametrize("case", sorted(LATENT_ATTN_BAD))
 def test_attention_bad_input_same_error_on_every_backend(case):
     """One set of messages: the Python checks (reference) and the C++ checks (ext) agree."""
     args = LATENT_ATTN_BAD[case][0](attn_args())
-    errors = {backend: _error_of(lambda: call_attn(args, backend=backend))
-              for backend in ("reference", "ext")}
-    assert errors["reference"] is not None
-    assert errors["ext"] == errors["reference"]
+    assert_same_error_on_every_backend(lambda backend: call_attn(args, backend=backend),
+                                       ("reference", "ext"))
 
 
 @needs_decode_kernel
@@ -659,12 +627,9 @@ def test_attention_bad_input_same_error_on_every_backend(case):
 def test_kvcache_bad_input_same_error_on_every_backend(case, joint):
     args, _, _ = _bad_cache_args(case, joint)
     before = _cache_snapshot(args)
-    errors = {}
-    for backend in ("reference", "ext"):
-        errors[backend] = _error_of(lambda: call_cache(args, backend=backend))
-        assert_nothing_written(args, before)
-    assert errors["reference"] is not None
-    assert errors["ext"] == errors["reference"]
+    assert_same_error_on_every_backend(lambda backend: call_cache(args, backend=backend),
+                                       ("reference", "ext"),
+                                       lambda: assert_nothing_written(args, before))
 
 
 @needs_training_kernels
