@@ -92,6 +92,7 @@ setup(
     entry_points={"console_scripts": [
         "vdproj-train=vdproj_ext.train:main",
         "vdproj-generate=vdproj_ext.generate:main",
+        "vdproj-study=vdproj_ext.study:main",
     ]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

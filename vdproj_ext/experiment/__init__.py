@@ -8,6 +8,10 @@
     runner       a whole run, the runs of one process, the job runner over processes
     report       report.md and plots from results.json, merging results
     inference    loading a trained (or Hugging Face) model to generate with
+    study        vdproj-study: the runs over seeds, ranks and data sizes (plan, run folders,
+                 estimate, execution); study_stats (t quantile, intervals, paired
+                 differences), study_analysis (the sweeps' statistics and verdicts),
+                 study_report (study.json and its check), study_markdown, study_plots
 
 It imports the models and ops layers, torch and the standard library, never vdproj_ext.cli.
 Import the submodules directly; this package re-exports nothing.

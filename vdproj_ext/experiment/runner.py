@@ -57,6 +57,7 @@ class ExperimentOptions:
     pca_reference: bool            # report the PCA optimum next to SGD phase 1
     show_progress: bool
     kill_at_step: int              # test hook
+    joint_kv: bool = False         # the latent-key runs share the values' latent (SPEC 3b)
 
 
 def resolve_config(opts: ExperimentOptions) -> VDProjConfig:
@@ -76,10 +77,13 @@ def resolve_config(opts: ExperimentOptions) -> VDProjConfig:
     return cfg
 
 
-def latent_key_config(cfg: VDProjConfig, k_rank: Optional[int] = None) -> VDProjConfig:
+def latent_key_config(cfg: VDProjConfig, k_rank: Optional[int] = None,
+                      joint_kv: bool = False) -> VDProjConfig:
     """The latent-key runs' config: cfg with k_rank from --k-rank, else the preset's, else
-    LATENT_KEY_RANK_FRACTION * H*D (SPEC section 5). A joint-latent preset (keys sharing the
-    value latent) is kept as it is."""
+    LATENT_KEY_RANK_FRACTION * H*D (SPEC section 5). joint_kv, or a joint-latent preset, makes
+    the keys share the value latent instead."""
+    if joint_kv:
+        return cfg.replace(k_rank=None, joint_kv=True)
     if cfg.joint_kv:
         return cfg
     k_rank = k_rank or cfg.k_rank or round(LATENT_KEY_RANK_FRACTION * cfg.hidden_size)
@@ -93,7 +97,8 @@ class Experiment:
         self.opts, self.dist = opts, dist
         preset_cfg = resolve_config(opts)
         self.cfg = preset_cfg.replace(k_rank=None, joint_kv=False)  # the V-only runs'
-        self.kv_cfg = latent_key_config(preset_cfg, opts.k_rank)    # the latent-key runs'
+        self.kv_cfg = latent_key_config(preset_cfg, opts.k_rank,     # the latent-key runs'
+                                        opts.joint_kv)
         if dist.main:
             os.makedirs(os.path.join(opts.out, "checkpoints"), exist_ok=True)
         self.amp = opts.amp if opts.amp != "auto" else (
@@ -413,9 +418,11 @@ def run_jobs(opts: ExperimentOptions, runs: List[str], jobs: int, *,
     return results
 
 
-def _run_processes(commands, jobs: int) -> List[str]:
+def _run_processes(commands, jobs: int,
+                   on_done: Optional[Callable[[str, int], None]] = None) -> List[str]:
     """Run (name, argv) commands, `jobs` at a time, in order; the names of those that failed.
-    Interrupted, it stops the running ones too (their checkpoints stay for --resume)."""
+    on_done(name, exit status) is called as each one ends. Interrupted, it stops the running
+    ones too (their checkpoints stay for --resume)."""
     pending, running, failed = list(commands), {}, []
     try:
         while pending or running:
@@ -428,6 +435,8 @@ def _run_processes(commands, jobs: int) -> List[str]:
                     del running[name]
                     if proc.returncode != 0:
                         failed.append(f"{name} (exit status {proc.returncode})")
+                    if on_done is not None:
+                        on_done(name, proc.returncode)
     finally:
         for proc in running.values():
             proc.terminate()
