@@ -79,7 +79,7 @@ for src in "${SOURCES[@]}"; do
   # Everything but ptxas' resource report is shown; the report is summarized per kernel (sm_90).
   grep -v -e '^ptxas info' -e '^    [0-9]* bytes stack frame' "$OUT/$name.log" | sed 's/^/        /' | head -60 || true
   if [[ "$name" == *.cu ]]; then
-    awk '/Compiling entry function/ { fn = "?"; if (match($0, /(attn_fwd|attn_bwd|restore|compress_write|combine)_kernel[A-Za-z0-9_]*/)) { fn = substr($0, RSTART, RLENGTH); sub(/E*v?NS0_.*/, "", fn) }; arch = $NF }
+    awk '/Compiling entry function/ { fn = "?"; if (match($0, /(attn_fwd|attn_bwd|restore|compress_write|combine|latent_query|latent_attn|latent_compress|latent_bwd)_kernel[A-Za-z0-9_]*/)) { fn = substr($0, RSTART, RLENGTH); sub(/E*v?NS0_.*/, "", fn) }; arch = $NF }
          /bytes stack frame/ { stack = $1; spill = $5 + $9 }
          /Used [0-9]+ registers/ { if (arch == "'"'"'sm_90'"'"'") printf "        sm_90 %-42.42s regs %3d  stack %3dB  spill %3dB\n", fn, $5, stack, spill }' "$OUT/$name.log"
   fi

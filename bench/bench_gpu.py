@@ -11,6 +11,9 @@
    set, rotating over enough sets that their total is several times the 60 MB L2; medians of
    CUDA-event timings after warm-up. A second column times decode with append (compress-on-write
    of one new token, cache_seqlens = T - 1).
+   A third table times the latent-key decode op (SPEC 3b) at the same (B, T): H=8, D=64,
+   Dr=16, Rk=192, Rv=320, torch.ops.vdproj_ext.ckv_kvcache_attention, against the same SDPA
+   time; its GB/s counts the rotary keys, K_c and V_c it must read.
 3. Training, bf16, B=8, T in {128, 1024, 4096}, H=8, D=64, R=320, causal, forward + backward:
    the public API (backend "auto": the shape-based choice of vdproj_ext.ops.routing), the
    absorbed kernels forced, and the baseline "restore V with a GEMM + SDPA".
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 H, D, R = 8, 64, 320
+DR, RK = 16, 192  # latent keys: rotary dims per head, key latent rank (values: R)
 L2_BYTES = 60 * 2 ** 20
 DECODE_SHAPES = [(1, 32768), (32, 4096), (128, 2048)]
 TRAIN_T = [128, 1024, 4096]
@@ -142,6 +146,59 @@ def bench_decode(batch, t, copy_bw, iters):
                 speedup=best[1] / ours_ms if sdpa else float("nan"), err=err)
 
 
+def bench_latent_decode(batch, t, copy_bw, sdpa_us, iters):
+    """The latent-key decode op at (B, T), every position valid, against the SDPA time of the
+    same shape; the error of one set against the float64 reference."""
+    from vdproj_ext.ops.backend import load_kernels
+    op = load_kernels().ckv_kvcache_attention
+    dt = torch.bfloat16
+    ours_bytes = batch * t * (H * DR + RK + R) * 2
+    sets = n_sets(ours_bytes)
+    scale = D ** -0.5
+    w_kr = (torch.randn(H * (D - DR), RK, device="cuda") / RK ** 0.5).to(dt)
+    w_r = (torch.randn(H * D, R, device="cuda") / R ** 0.5).to(dt)
+    b_r = torch.randn(H * D, device="cuda").to(dt)
+    full = torch.full((batch,), t, dtype=torch.int32, device="cuda")
+    data = [dict(q=torch.randn(batch, 1, H, D, device="cuda", dtype=dt),
+                 kr=torch.randn(batch, t, H, DR, device="cuda", dtype=dt),
+                 kc=torch.randn(batch, t, RK, device="cuda", dtype=dt),
+                 vc=torch.randn(batch, t, R, device="cuda", dtype=dt)) for _ in range(sets)]
+    calls = [lambda d=d: op(d["q"], d["kr"], d["kc"], d["vc"], w_kr, w_r, b_r, None, None, None,
+                            None, None, None, full, True, scale) for d in data]
+    ours_ms, _ = graph_median(calls, iters)
+    from vdproj_ext import reference
+    d, nb = data[0], min(batch, 2)
+    out = calls[0]()
+    ref = reference.compressed_kv_attn_with_kvcache(
+        d["q"][:nb].double(), d["kr"][:nb].double(), d["kc"][:nb].double(), d["vc"][:nb].double(),
+        w_kr.double(), w_r.double(), b_r.double(), cache_seqlens=full[:nb], causal=True,
+        softmax_scale=scale)
+    err = ((out[:nb].double() - ref).norm() / ref.norm()).item()
+    del data, calls
+    torch.cuda.empty_cache()
+    gbps = ours_bytes / (ours_ms * 1e-3) / 1e9
+    return dict(ours_us=ours_ms * 1e3, gbps=gbps, pct_copy=100 * gbps * 1e9 / copy_bw,
+                speedup=sdpa_us / (ours_ms * 1e3), err=err)
+
+
+LATENT_HEADER = (
+    "", f"## Decode with latent keys: bf16, H={H}, D={D}, Dr={DR}, Rk={RK}, Rv={R}, Tq=1, all "
+    "positions valid", "",
+    "GB/s counts the rotary keys, K_c and V_c the kernels must read; speedup = SDPA time (table "
+    "above) / our time.", "",
+    "| B | T | ours us | ours GB/s | % of copy | speedup vs SDPA | rel err |",
+    "|---|---|---|---|---|---|---|")
+
+
+def latent_decode_row(batch, t, copy_bw, sdpa_us, iters):
+    """bench_latent_decode at (B, T), printed and as a row of the LATENT_HEADER table."""
+    k = bench_latent_decode(batch, t, copy_bw, sdpa_us, iters)
+    print(f"  latent decode B={batch} T={t}: {k['ours_us']:.1f} us, {k['gbps']:.0f} GB/s, "
+          f"speedup {k['speedup']:.2f}x, err {k['err']:.1e}", flush=True)
+    return (f"| {batch} | {t} | {k['ours_us']:.1f} | {k['gbps']:.0f} | {k['pct_copy']:.0f}% | "
+            f"{k['speedup']:.2f}x | {k['err']:.1e} |")
+
+
 def sdpa_decode_ms(batch, t, sets, scale, iters):
     """{SDPA backend: median ms} of decode over the equivalent uncompressed cache (K and V,
     each (B, T, H, D)), for the flash and memory-efficient backends that take the shape."""
@@ -251,8 +308,10 @@ def main(argv=None):
              "| B | T | sets | ours us | +append us | ours GB/s | % of copy | SDPA backend | "
              "SDPA us | SDPA GB/s | speedup | rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    latent = list(LATENT_HEADER)
     for batch, t in DECODE_SHAPES:
         r = bench_decode(batch, t, copy_bw, iters)
+        latent.append(latent_decode_row(batch, t, copy_bw, r["sdpa_us"], iters))
         print(f"  decode B={batch} T={t}: {r['ours_us']:.1f} us, {r['gbps']:.0f} GB/s "
               f"({r['pct_copy']:.0f}% of copy), SDPA {r['sdpa_backend']} {r['sdpa_us']:.1f} us, "
               f"speedup {r['speedup']:.2f}x, err {r['err']:.1e}", flush=True)
@@ -260,6 +319,7 @@ def main(argv=None):
                      f"{r['gbps']:.0f} | {r['pct_copy']:.0f}% | {r['sdpa_backend']} | "
                      f"{r['sdpa_us']:.1f} | {r['sdpa_gbps']:.0f} | {r['speedup']:.2f}x | "
                      f"{r['err']:.1e} |")
+    lines += latent
     lines += train_table(iters)
     lines += ["", f"Benchmark wall time: {time.time() - t0:.0f} s"]
     table = "\n".join(lines)

@@ -3,8 +3,10 @@
 # torch already installed; needs no network. In order, each step time-limited (total < 8 min):
 #   1. build and install the package: pip install --no-build-isolation --no-deps .
 #   2. the CUDA tests (python_tests/test_cuda.py, and the device-parametrized tests on cuda)
-#   3. compute-sanitizer memcheck and racecheck on a small decode and training case
-#   4. the GPU benchmarks (bench/bench_gpu.py), which print the results table last
+#   3. compute-sanitizer memcheck and racecheck on small decode and training cases (V-only and
+#      latent keys)
+#   4. the GPU benchmarks (bench/bench_gpu.py: decode, latent-key decode, training), which print
+#      the results table last
 # Results and logs go to $OUT when set (the device tool's output folder), else bench/.
 # Usage: bash bench/gpu_check.sh
 set -uo pipefail
@@ -35,11 +37,12 @@ cd /tmp
 "$PY" -c "import json, vdproj_ext; print(json.dumps(vdproj_ext.backend_info()))" 2>&1 | tee -a "$LOG"
 
 stamp "2. CUDA tests"
-if ! timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider --benchmark-disable \
+if ! timeout 240 "$PY" -m pytest -q -x -p no:cacheprovider --benchmark-disable \
     "$REPO/python_tests/test_cuda.py" >>"$LOG" 2>&1; then fail "test_cuda.py failed"; fi
 tail -5 "$LOG"
 if ! timeout 90 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable -k cuda \
-    "$REPO/python_tests/test_attention.py" "$REPO/python_tests/test_kvcache.py" >>"$LOG" 2>&1; then
+    "$REPO/python_tests/test_attention.py" "$REPO/python_tests/test_kvcache.py" \
+    "$REPO/python_tests/test_latent_ops.py" >>"$LOG" 2>&1; then
   fail "device-parametrized tests failed on cuda"; fi
 tail -3 "$LOG"
 
@@ -65,8 +68,21 @@ x = [torch.randn(1, 40, 2, 64, device=dev, dtype=dt), torch.randn(1, 50, 2, 64, 
 x = [t.requires_grad_() for t in x]
 out = ops.CompressedVAttentionFunction.apply(*x, None, True, 0.125, "ext")
 out.float().sum().backward()
+# Latent keys (Dr=16, Rk=192): decode with append (separate and joint latents), training.
+Dr, Rk = 16, 192
+kr = torch.full((B, T + 8, H, Dr), float("nan"), device=dev, dtype=dt); kr[:, :T] = torch.randn(B, T, H, Dr, device=dev).to(dt)
+kl = torch.full((B, T + 8, Rk), float("nan"), device=dev, dtype=dt); kl[:, :T] = torch.randn(B, T, Rk, device=dev).to(dt)
+wkr = torch.randn(H * (D - Dr), Rk, device=dev, dtype=dt) / 20; wkrj = torch.randn(H * (D - Dr), R, device=dev, dtype=dt) / 20
+wkc = torch.randn(Rk, H * (D - Dr), device=dev, dtype=dt) / 20; wcj = torch.randn(R, H * (2 * D - Dr), device=dev, dtype=dt) / 20
+ol = torch.ops.vdproj_ext.ckv_kvcache_attention(q, kr, kl, vc, wkr, wr, None, k1, v1, wkc, None, wc, None, lens, True, 0.125)
+oj = torch.ops.vdproj_ext.ckv_kvcache_attention(q, kr, None, vc, wkrj, wr, None, k1, v1, None, None, wcj, None, lens1, True, 0.125)
+y = [torch.randn(1, 40, 2, 64, device=dev, dtype=dt), torch.randn(1, 50, 2, Dr, device=dev, dtype=dt), torch.randn(1, 50, Rk, device=dev, dtype=dt), torch.randn(1, 50, 64, device=dev, dtype=dt), torch.randn(2 * (64 - Dr), Rk, device=dev, dtype=dt) / 20, torch.randn(128, 64, device=dev, dtype=dt)]
+y = [t.requires_grad_() for t in y]
+outl = ops.CompressedKVAttentionFunction.apply(*y, None, True, 0.125, "ext")
+outl.float().sum().backward()
 torch.cuda.synchronize()
-print("sanitizer case ok", torch.isfinite(o).all().item(), torch.isfinite(o1).all().item(), torch.isfinite(out).all().item())
+print("sanitizer case ok", torch.isfinite(o).all().item(), torch.isfinite(o1).all().item(), torch.isfinite(out).all().item(),
+      torch.isfinite(ol).all().item(), torch.isfinite(oj).all().item(), torch.isfinite(outl).all().item())
 '
 if [[ -x "$SAN" ]]; then
   for tool in memcheck racecheck; do

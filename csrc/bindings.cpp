@@ -6,7 +6,7 @@
 //   kvcache_attention(q, k_cache!, vc_cache!, w_r, b_r?, k?, v?, w_c?, b_c?, cache_seqlens,
 //                     causal, softmax_scale) -> out
 //   decode_linear(x, weight, bias?) -> y
-// Latent keys (SPEC 3b; CPU kernels only so far, CUDA tensors take an ATen path in Python):
+// Latent keys (SPEC 3b):
 //   ckv_forward(q, k_rope, k_c?, v_c, w_kr, w_r, b_r?, causal, softmax_scale)
 //       -> (out, softmax_lse, ctx)
 //   ckv_backward(grad_out, q, k_rope, k_c?, v_c, w_kr, w_r, softmax_lse, ctx, causal,
@@ -16,7 +16,7 @@
 //                         w_kc?, b_kc?, w_c?, b_c?, cache_seqlens, causal, softmax_scale) -> out
 //
 // Implementations: csrc/cpu/cpu_ops.cpp and csrc/cpu/latent_ops.cpp (CPU),
-// csrc/cuda/cuda_api.cpp (CUDA).
+// csrc/cuda/cuda_api.cpp (CUDA, all seven ops).
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -67,13 +67,17 @@ pybind11::dict build_info() {
 constexpr const char* kSupportDoc = R"doc(
 Whether the fused CUDA kernels take these inputs: "" when they do, else a short reason.
 
-op: "cva" (cva_forward, and cva_backward too when backward=True) or "kvcache"
-(kvcache_attention). q: the queries (B, Tq, H, D); rank: R. vector_loaded: the inputs the
-kernels read with 16-byte vector loads, exactly as they will be passed to the op (None
-entries are skipped): for "cva" [k, v_c], for "kvcache" [k_cache, vc_cache, w_r, k, v, w_c].
-t_new: new tokens written by "kvcache" (0 for none). The answer covers dtype, head_dim, rank,
-grid limits, 16-byte alignment and shared memory against q's device; the ops raise a
-RuntimeError with the same reason when called with inputs it rejects.)doc";
+op: "cva" (cva_forward, and cva_backward too when backward=True), "kvcache"
+(kvcache_attention), "ckv" (ckv_forward, and ckv_backward when backward=True) or
+"ckv_kvcache" (ckv_kvcache_attention). q: the queries (B, Tq, H, D); rank: R (Rv for the
+latent-key ops). vector_loaded: the inputs the kernels read with 16-byte vector loads, exactly
+as they will be passed to the op (None entries are skipped): for "cva" [k, v_c], for "kvcache"
+[k_cache, vc_cache, w_r, k, v, w_c], for "ckv" [k_rope, k_c, v_c], for "ckv_kvcache"
+[krope_cache, kc_cache, vc_cache, w_r, k, v, w_kc, w_c]. t_new: new tokens written by the
+kvcache ops (0 for none). rope_dim (Dr) and k_rank (Rk; 0 for the joint latent) describe the
+latent keys of the "ckv" ops. The answer covers dtype, head_dim, ranks, rotary dims, grid
+limits, 16-byte alignment and shared memory against q's device; the ops raise a RuntimeError
+with the same reason when called with inputs it rejects.)doc";
 
 }  // namespace
 
@@ -83,7 +87,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef VDPROJ_WITH_CUDA
   m.def("cuda_kernel_support", &vdproj::cuda::kernel_support, kSupportDoc, pybind11::arg("op"),
         pybind11::arg("q"), pybind11::arg("rank"), pybind11::arg("vector_loaded"),
-        pybind11::arg("t_new"), pybind11::arg("backward"));
+        pybind11::arg("t_new"), pybind11::arg("backward"), pybind11::arg("rope_dim") = 0,
+        pybind11::arg("k_rank") = 0);
   m.def("cuda_kernel_smem_bytes", &vdproj::cuda::kernel_smem_bytes,
         "Shared memory (bytes) the CUDA kernels need for a shape: [attention (one stage), "
         "compress-on-write, backward]",
@@ -93,9 +98,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cuda_kernel_support",
       [](const std::string&, const at::Tensor&, int64_t,
-         const std::vector<std::optional<at::Tensor>>&, int64_t,
-         bool) -> std::string { return "vdproj_ext was built without CUDA kernels"; },
+         const std::vector<std::optional<at::Tensor>>&, int64_t, bool, int64_t,
+         int64_t) -> std::string { return "vdproj_ext was built without CUDA kernels"; },
       kSupportDoc, pybind11::arg("op"), pybind11::arg("q"), pybind11::arg("rank"),
-      pybind11::arg("vector_loaded"), pybind11::arg("t_new"), pybind11::arg("backward"));
+      pybind11::arg("vector_loaded"), pybind11::arg("t_new"), pybind11::arg("backward"),
+      pybind11::arg("rope_dim") = 0, pybind11::arg("k_rank") = 0);
 #endif
 }

@@ -7,9 +7,11 @@ bit-exact, latents to float tolerance).
 
   * the reference itself: the V-only ops are its special case (exactly), half inputs accumulate
     in float32, decoding token by token equals one causal call;
-  * the ATen paths (what "ext" runs on CUDA), called directly on the CPU;
+  * the ATen paths (what "ext" runs on CUDA for inputs the CUDA kernels do not take), called
+    directly on the CPU;
   * the public ops with backend="ext": the ckv_* CPU kernels (skipped, with the reason, while
-    the loaded build lacks them), or on CUDA the ATen paths;
+    the loaded build lacks them), or on CUDA the ATen paths (these odd head sizes are not ones
+    the CUDA kernels take; test_cuda.py runs those kernels);
   * bad input (every case on every backend, nothing written), torch.library and torch.compile.
 """
 import math
@@ -39,7 +41,7 @@ EXT_DECODE = pytest.param("ext", marks=needs_decode_kernel)
 
 
 def skip_without_kernel(device, op):
-    """On CPU "ext" needs the compiled op; on CUDA it runs the ATen path."""
+    """On CPU "ext" needs the compiled op; on CUDA these shapes take the ATen path."""
     if device.type == "cpu" and not has_kernel("cpu", op):
         pytest.skip(_NOT_BUILT.format(op))
 
@@ -222,7 +224,7 @@ def test_decode_token_by_token_matches_one_causal_call(joint, backend):
 
 
 # =================================================================================================
-# The ATen paths (backend "ext" on CUDA), called directly on the CPU
+# The ATen paths (backend "ext" on CUDA when the kernels decline), called directly on the CPU
 
 
 def _aten_attention(inputs, backend, causal, grad_out=None, scale=None):
@@ -318,7 +320,7 @@ def test_aten_kvcache_strided_caches_and_float64():
 
 
 # =================================================================================================
-# The public ops with backend="ext": the ckv_* kernels on CPU, the ATen paths on CUDA
+# The public ops with backend="ext": the ckv_* kernels on CPU, the ATen paths on CUDA (odd sizes)
 
 
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=ATTN_IDS)

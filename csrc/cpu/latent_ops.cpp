@@ -7,6 +7,7 @@
 // each cached row once for all heads.
 #include <torch/extension.h>
 
+#include "../common/absorbed_query.h"
 #include "../common/checks.h"
 #include "dispatch.h"
 
@@ -31,26 +32,6 @@ void set_shared_keys(cpu::AttnArgs& a, const at::Tensor& latent, bool is_values)
   a.kl_st = latent.stride(1);
   a.Dl = latent.size(2);
   a.kl_is_vc = is_values;
-}
-
-// From the gradient of q_eff (accumulation precision) to those of q and w_kr:
-// dq = [dq_rope | dq_lat_h @ w_kr[h].T] and dw_kr[h] = sum over (b, i) of q_nope_h^T dq_lat_h,
-// per-head GEMMs in accumulation precision, rounded once to the inputs' dtype.
-std::pair<at::Tensor, at::Tensor> absorbed_query_grads(const at::Tensor& q,
-                                                       const at::Tensor& w_kr,
-                                                       const at::Tensor& dq_eff,
-                                                       int64_t rope_dim) {
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), Dn = q.size(3) - rope_dim;
-  const int64_t Rk = w_kr.size(1);
-  const at::Tensor w = w_kr.to(dq_eff.scalar_type()).view({H, Dn, Rk});
-  // (H, B*Tq, *): one batch entry per head.
-  const at::Tensor dq_lat = dq_eff.narrow(3, rope_dim, Rk).reshape({B * Tq, H, Rk}).transpose(0, 1);
-  const at::Tensor q_nope = q.narrow(3, rope_dim, Dn).to(dq_eff.scalar_type())
-                                .reshape({B * Tq, H, Dn}).transpose(0, 1);
-  const at::Tensor dq_nope = at::bmm(dq_lat, w.transpose(1, 2)).transpose(0, 1);
-  const at::Tensor dq = at::cat({dq_eff.narrow(3, 0, rope_dim), dq_nope.reshape({B, Tq, H, Dn})}, 3);
-  const at::Tensor dw = at::bmm(q_nope.transpose(1, 2), dq_lat).reshape({H * Dn, Rk});
-  return {dq.to(q.scalar_type()), dw.to(w_kr.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ckv_forward_cpu(

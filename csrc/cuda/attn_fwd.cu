@@ -15,10 +15,6 @@
 // with one split, the normalized ctx and the log-sum-exp directly ("final mode", cva_forward).
 #include <vector>
 
-#include <map>
-#include <mutex>
-#include <tuple>
-
 #include "device_utils.h"
 
 namespace vdproj {
@@ -33,8 +29,6 @@ struct AttnLayout {
   int64_t k_row;     // elements per staged K row (heads_per_tile * D + 16-byte pad)
   int64_t q_off, p_off, misc_off, stage_off, stage_bytes, k_bytes, total;
 };
-
-__host__ __device__ inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 
 template <typename T, int D>
 __host__ __device__ inline AttnLayout attn_layout(int64_t heads_per_tile, int64_t R, int nstages) {
@@ -181,53 +175,16 @@ attn_fwd_kernel(const AttnParams p, const int nstages) {
         const bool visible = pos < kstop && (!p.causal || pos <= my_limit);
         s = visible ? dot * p.scale_log2 : -INFINITY;
       }
-      const float m_new = fmaxf(m_run, warp_max(s));
-      float pr, alpha;
-      if (m_new == -INFINITY) {  // nothing visible yet: keep everything at zero
-        pr = 0.f;
-        alpha = 1.f;
-      } else {
-        pr = exp2f(s - m_new);
-        alpha = exp2f(m_run - m_new);
-      }
-      l_run = l_run * alpha + warp_sum(pr);
-      m_run = m_new;
+      float alpha;
+      const float pr = online_softmax_step(s, m_run, l_run, alpha);
       ps[lane * kRowsPerBlock + warp] = pr;
       if (lane == 0) alpha_s[warp] = alpha;
     }
     __syncthreads();
 
     // 3. acc[row] = alpha[row] * acc[row] + sum_j P[row, j] * V_c[j]  (all rows share V_c[j]).
-    {
-      const int jmax = int(min(int64_t(kTileKeys), kstop - t0));
-      float al[kRowsPerBlock];
-#pragma unroll
-      for (int w = 0; w < kRowsPerBlock; ++w) al[w] = alpha_s[w];
-#pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        const int c = tid + kk * kThreads;
-        if (c < nchunk) {
-#pragma unroll
-          for (int w = 0; w < kRowsPerBlock; ++w) {
-            acc[kk][w][0] *= al[w];
-            acc[kk][w][1] *= al[w];
-          }
-          const T* vcol = vs + c * kRowChunk;
-#pragma unroll 4
-          for (int j = 0; j < jmax; ++j) {
-            const float2 v = load2(vcol + j * R);
-            const float4 pa = *reinterpret_cast<const float4*>(ps + j * kRowsPerBlock);
-            const float4 pb = *reinterpret_cast<const float4*>(ps + j * kRowsPerBlock + 4);
-            const float pw[kRowsPerBlock] = {pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w};
-#pragma unroll
-            for (int w = 0; w < kRowsPerBlock; ++w) {
-              acc[kk][w][0] = fmaf(pw[w], v.x, acc[kk][w][0]);
-              acc[kk][w][1] = fmaf(pw[w], v.y, acc[kk][w][1]);
-            }
-          }
-        }
-      }
-    }
+    const int jmax = int(min(int64_t(kTileKeys), kstop - t0));
+    accumulate_pv<T, kRowsPerBlock>(acc, alpha_s, ps, vs, R, jmax, nchunk, tid);
     __syncthreads();  // the stage and ps are overwritten next iteration
     if (nstages == 1 && n + 1 < ntiles) {  // single buffer: load the next tile only now
       load_tile(t0 + kTileKeys, 0);
@@ -276,13 +233,6 @@ attn_fwd_kernel(const AttnParams p, const int nstages) {
   }
 }
 
-inline int max_smem_optin() {
-  int dev = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return bytes;
-}
-
 // Two stages when they fit, else one (no overlap of copy and math inside the block).
 template <typename T, int D>
 int choose_stages(const AttnParams& p, int64_t* bytes) {
@@ -310,31 +260,7 @@ size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, in
   });
 }
 
-// Resident blocks per SM of `kernel` with `bytes` of dynamic shared memory on the current
-// device. It depends on nothing else, and a decode step asks for every layer while the
-// occupancy query costs microseconds of host time, so it is cached per (device, kernel, bytes)
-// (every instantiation of attn_fwd_kernel has the same function type: the pointer tells them
-// apart).
-template <typename Kernel>
-int blocks_per_sm(Kernel kernel, size_t bytes) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, const void*, size_t>, int> cache;
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel), bytes);
-  const auto hit = cache.find(key);
-  if (hit != cache.end()) return hit->second;
-  set_smem_limit(kernel, bytes);
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
-  cache.emplace(key, per_sm);
-  return per_sm;
-}
-
-// Splits per (b, row group): minimize the tiles handled by the busiest block slot, counting
-// whole waves, plus a small charge per split for the combine. PLACEHOLDER cost model until
-// measured on a GPU.
+// Splits per (b, row group): choose_num_splits (vdproj_cuda.h) over this device's block slots.
 int64_t attn_num_splits(const AttnParams& p, int64_t max_keys) {
   if (p.final_mode) return 1;
   return VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
@@ -346,26 +272,7 @@ int64_t attn_num_splits(const AttnParams& p, int64_t max_keys) {
       const int per_sm = blocks_per_sm(kernel, size_t(bytes));
       const int64_t slots = int64_t(current_device_sms()) * (per_sm > 0 ? per_sm : 1);
       const int64_t groups = (p.nrows + kRowsPerBlock - 1) / kRowsPerBlock;
-      const int64_t base = p.B * groups;
-      const int64_t tiles = (max_keys + kTileKeys - 1) / kTileKeys;
-      if (tiles <= 1) return int64_t(1);
-      int64_t best = 1;
-      double best_cost = -1.0;
-      const int64_t max_split = tiles < kMaxSplits ? tiles : kMaxSplits;
-      for (int64_t s = 1; s <= max_split; ++s) {
-        const int64_t tps = (tiles + s - 1) / s;          // tiles per split
-        const int64_t used = (tiles + tps - 1) / tps;      // splits that get work
-        if (used != s) continue;                           // same as a smaller s
-        const int64_t waves = (base * used + slots - 1) / slots;
-        // In units of one tile's time: the busiest slot, plus the combine launch and its
-        // partials (guessed at half a tile and 1% of a tile per split).
-        const double cost = double(waves * tps) + (s > 1 ? 0.5 + 0.01 * double(s) : 0.0);
-        if (best_cost < 0.0 || cost < best_cost) {
-          best_cost = cost;
-          best = s;
-        }
-      }
-      return best;
+      return choose_num_splits(slots, p.B * groups, (max_keys + kTileKeys - 1) / kTileKeys);
     });
   });
 }

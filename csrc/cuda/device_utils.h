@@ -12,6 +12,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "vdproj_cuda.h"
 
@@ -21,6 +24,9 @@
 
 namespace vdproj {
 namespace cuda {
+
+// Byte offsets of shared-memory layouts are kept 16-byte aligned (cp.async, float4 accesses).
+__host__ __device__ inline int64_t align16(int64_t x) { return (x + 15) & ~int64_t(15); }
 
 // ---- element <-> float ---------------------------------------------------------------------
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -82,6 +88,77 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
+// ---- the attention's inner steps (attn_fwd.cu, latent_attn.cu) ------------------------------
+// One step of a row's online softmax over a tile of keys, in the log2 domain: lane j holds the
+// scaled score s of key j (-inf when masked). Returns the lane's unnormalized weight P and sets
+// alpha, the factor that rescales what the row accumulated before. All 32 lanes call it.
+__device__ __forceinline__ float online_softmax_step(float s, float& m_run, float& l_run,
+                                                     float& alpha) {
+  const float m_new = fmaxf(m_run, warp_max(s));
+  float pr;
+  if (m_new == -INFINITY) {  // nothing visible yet: keep everything at zero
+    pr = 0.f;
+    alpha = 1.f;
+  } else {
+    pr = exp2f(s - m_new);
+    alpha = exp2f(m_run - m_new);
+  }
+  l_run = l_run * alpha + warp_sum(pr);
+  m_run = m_new;
+  return pr;
+}
+
+// acc[row] = alpha[row] * acc[row] + sum_j P[j, row] * V_c[j] over jmax staged keys, for the
+// thread's r-chunks (chunk c = tid + kk * kThreads, r = c * kRowChunk, c < nchunk): every V_c
+// element read from shared memory serves all ROWS rows (a multiple of 4). ps: [keys][ROWS];
+// vs: the staged V_c rows, v_row elements apart.
+template <typename T, int ROWS>
+__device__ __forceinline__ void accumulate_pv(float (&acc)[2][ROWS][kRowChunk],
+                                              const float* alpha_s, const float* ps, const T* vs,
+                                              int64_t v_row, int jmax, int nchunk, int tid) {
+  static_assert(ROWS % 4 == 0 && kRowChunk == 2, "float4 reads of P, float2 reads of V_c");
+  float al[ROWS];
+#pragma unroll
+  for (int w = 0; w < ROWS; ++w) al[w] = alpha_s[w];
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    const int c = tid + kk * kThreads;
+    if (c >= nchunk) continue;
+#pragma unroll
+    for (int w = 0; w < ROWS; ++w) {
+      acc[kk][w][0] *= al[w];
+      acc[kk][w][1] *= al[w];
+    }
+    const T* vcol = vs + c * kRowChunk;
+#pragma unroll 4
+    for (int j = 0; j < jmax; ++j) {
+      const float2 v = load2(vcol + j * v_row);
+      float pw[ROWS];
+#pragma unroll
+      for (int w = 0; w < ROWS; w += 4) {
+        const float4 pq = *reinterpret_cast<const float4*>(ps + j * ROWS + w);
+        pw[w] = pq.x; pw[w + 1] = pq.y; pw[w + 2] = pq.z; pw[w + 3] = pq.w;
+      }
+#pragma unroll
+      for (int w = 0; w < ROWS; ++w) {
+        acc[kk][w][0] = fmaf(pw[w], v.x, acc[kk][w][0]);
+        acc[kk][w][1] = fmaf(pw[w], v.y, acc[kk][w][1]);
+      }
+    }
+  }
+}
+
+// 16 bytes as float, or zeros when `ok` is false (nothing is read then).
+template <typename T>
+__device__ __forceinline__ void load16_or_zero(const T* p, bool ok, float* out) {
+  if (ok) {
+    load16_as_float(p, out);
+  } else {
+#pragma unroll
+    for (int v = 0; v < Vec16<T>::N; ++v) out[v] = 0.f;
+  }
+}
+
 // ---- host-side helpers ----------------------------------------------------------------------
 // Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
 template <typename Kernel>
@@ -97,6 +174,35 @@ inline int current_device_sms() {
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   return sms;
+}
+
+// Shared memory one block may opt in to on the current device (bytes).
+inline int max_smem_optin() {
+  int dev = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return bytes;
+}
+
+// Resident blocks per SM of `kernel` with `bytes` of dynamic shared memory on the current
+// device. It depends on nothing else, and a decode step asks for every layer while the
+// occupancy query costs microseconds of host time, so it is cached per (device, kernel, bytes)
+// (the instantiations of a kernel template share a function type: the pointer tells them apart).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, size_t bytes) {
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, size_t>, int> cache;
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel), bytes);
+  const auto hit = cache.find(key);
+  if (hit != cache.end()) return hit->second;
+  set_smem_limit(kernel, bytes);
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, bytes));
+  cache.emplace(key, per_sm);
+  return per_sm;
 }
 
 // Static switches: dtype -> storage type, head dim -> compile-time constant.

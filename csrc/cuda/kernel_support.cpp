@@ -39,16 +39,30 @@ int64_t smem_optin_bytes(int device) {
   return bytes;
 }
 
+std::string rank_reason(const char* name, int64_t rank) {
+  if (rank <= 0 || rank % 8 != 0 || rank > kMaxRank) {
+    return c10::str("rank ", name, "=", rank, " (kernels: a positive multiple of 8, at most ",
+                    kMaxRank, ")");
+  }
+  return "";
+}
+
 // The head dims and ranks the kernels are instantiated and laid out for.
 std::string dims_reason(int64_t head_dim, int64_t rank) {
   if (head_dim != 64 && head_dim != 128) {
     return c10::str("head_dim ", head_dim, " (kernels: 64 or 128)");
   }
-  if (rank <= 0 || rank % 8 != 0 || rank > kMaxRank) {
-    return c10::str("rank R=", rank, " (kernels: a positive multiple of 8, at most ", kMaxRank,
-                    ")");
+  return rank_reason("R", rank);
+}
+
+// Latent keys: rotary dims the 16-byte copies move whole (a multiple of 8 elements), and the
+// key latent's rank (k_rank 0: the joint latent, whose rank is R).
+std::string latent_dims_reason(int64_t head_dim, int64_t rope_dim, int64_t k_rank) {
+  if (rope_dim < 0 || rope_dim >= head_dim || rope_dim % 8 != 0) {
+    return c10::str("rotary dims Dr=", rope_dim, " (kernels: a multiple of 8 below head_dim ",
+                    head_dim, ")");
   }
-  return "";
+  return k_rank == 0 ? "" : rank_reason("Rk", k_rank);
 }
 
 // The launch grids of attn_fwd.cu, attn_bwd.cu and kvcache.cu (batch on y or z; row groups,
@@ -121,6 +135,33 @@ std::string smem_reason(bool kvcache, DType dtype, const at::Tensor& q, int64_t 
   return "";
 }
 
+// The latent-key kernels: attention (one stage) and absorbed query, and per op the
+// compress-on-write and restore (decode) or the backward (training).
+std::string latent_smem_reason(bool kvcache, DType dtype, const at::Tensor& q, int64_t Rv,
+                               int64_t rope_dim, int64_t k_rank, int64_t t_new, bool backward) {
+  const int64_t limit = smem_optin_bytes(q.device().index());
+  const int64_t Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const bool joint = k_rank == 0;
+  const int64_t Rk = joint ? Rv : k_rank;
+  const bool queries = Tq > 0;
+  const std::pair<const char*, int64_t> needs[] = {
+      {"latent attention",
+       queries ? int64_t(latent_attn_min_smem_bytes(dtype, H, Tq, rope_dim, Rk, Rv, joint)) : 0},
+      {"absorbed query", queries ? int64_t(latent_query_smem_bytes(D, rope_dim)) : 0},
+      {"latent compress-on-write",
+       kvcache && t_new > 0 ? int64_t(latent_compress_smem_bytes(H, D, rope_dim)) : 0},
+      {"restore", kvcache ? int64_t(kCombineRows) * Rv * 4 : 0},
+      {"latent backward",
+       !kvcache && backward ? int64_t(latent_bwd_smem_bytes(rope_dim, Rk, Rv, joint)) : 0}};
+  for (const auto& [name, bytes] : needs) {
+    if (bytes > limit) {
+      return c10::str("the ", name, " kernel needs ", bytes, " bytes of shared memory per "
+                      "block, the device allows ", limit);
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
 std::optional<DType> kernel_dtype(at::ScalarType type) {
@@ -134,9 +175,10 @@ std::optional<DType> kernel_dtype(at::ScalarType type) {
 
 std::string kernel_support(const std::string& op, const at::Tensor& q, int64_t rank,
                            const std::vector<std::optional<at::Tensor>>& vector_loaded,
-                           int64_t t_new, bool backward) {
-  TORCH_CHECK_VALUE(op == "cva" || op == "kvcache",
-                    "cuda_kernel_support: op must be \"cva\" or \"kvcache\", got \"", op, "\"");
+                           int64_t t_new, bool backward, int64_t rope_dim, int64_t k_rank) {
+  TORCH_CHECK_VALUE(op == "cva" || op == "kvcache" || op == "ckv" || op == "ckv_kvcache",
+                    "cuda_kernel_support: op must be \"cva\", \"kvcache\", \"ckv\" or "
+                    "\"ckv_kvcache\", got \"", op, "\"");
   TORCH_CHECK_VALUE(q.dim() == 4, "cuda_kernel_support: q must be 4-D, got shape ",
                     py_tuple(q.sizes()));
   if (!q.is_cuda()) return c10::str("q is on ", q.device().str(), ", not a CUDA device");
@@ -145,11 +187,18 @@ std::string kernel_support(const std::string& op, const at::Tensor& q, int64_t r
     return c10::str("dtype ", py_dtype(q.scalar_type()),
                     " (kernels: float32, float16 or bfloat16)");
   }
-  const bool kvcache = op == "kvcache";
+  const bool latent = op == "ckv" || op == "ckv_kvcache";
+  const bool kvcache = op == "kvcache" || op == "ckv_kvcache";
+  // The latent ops' query kernel has the restore's grid (heads on y): checked as for kvcache.
   for (const std::string& reason :
-       {dims_reason(q.size(3), rank), grid_reason(kvcache, q.size(0), q.size(1), q.size(2)),
+       {dims_reason(q.size(3), rank),
+        latent ? latent_dims_reason(q.size(3), rope_dim, k_rank) : std::string(),
+        grid_reason(kvcache || latent, q.size(0), q.size(1), q.size(2)),
         alignment_reason(vector_loaded)}) {
     if (!reason.empty()) return reason;
+  }
+  if (latent) {
+    return latent_smem_reason(kvcache, *dtype, q, rank, rope_dim, k_rank, t_new, backward);
   }
   return smem_reason(kvcache, *dtype, q, rank, t_new, backward);
 }

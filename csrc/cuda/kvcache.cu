@@ -28,12 +28,7 @@ __global__ void __launch_bounds__(kThreads) compress_write_kernel(const Compress
   for (int64_t idx = tid; idx < vchunks; idx += kThreads) {
     const int64_t m = idx / (HD / V), c = idx - m * (HD / V);
     float vals[V];
-    if (m < nt) {
-      load16_as_float(v + m * HD + c * V, vals);
-    } else {
-#pragma unroll
-      for (int e = 0; e < V; ++e) vals[e] = 0.f;
-    }
+    load16_or_zero(v + m * HD + c * V, m < nt, vals);
 #pragma unroll
     for (int e = 0; e < V; ++e) vs[m * HD + c * V + e] = vals[e];
   }

@@ -25,12 +25,39 @@ constexpr int kMaxSplits = 256;     // flash-decoding splits per (batch, row gro
 constexpr int kCombineRows = 16;    // (b, i) rows per block in combine + restore
 constexpr int kCompressTokens = 4;  // new tokens per block in compress-on-write
 
-// Bound on the heads spanned by kRowsPerBlock consecutive head-major rows (row = h * Tq + i):
-// the heads whose K an attention block stages (0 without queries: no block runs).
-inline int64_t heads_per_tile(int64_t H, int64_t Tq) {
+// Bound on the heads spanned by `rows` consecutive head-major rows (row = h * Tq + i): the heads
+// whose K an attention block stages (0 without queries: no block runs). Host and device: the
+// latent attention's blocks derive their shared-memory layout from it.
+__host__ __device__ inline int64_t heads_per_tile(int64_t H, int64_t Tq,
+                                                  int64_t rows = kRowsPerBlock) {
   if (Tq <= 0) return 0;
-  const int64_t bound = (kRowsPerBlock - 1) / Tq + 2;
+  const int64_t bound = (rows - 1) / Tq + 2;
   return bound < H ? bound : H;
+}
+
+// Flash-decoding split count shared by the attention launchers: minimize the tiles handled by
+// the busiest block slot, counting whole waves, plus a small charge per split for the combine.
+// slots: resident blocks on the device; base: blocks of one split (batch x row groups); tiles:
+// key tiles of the longest key range. PLACEHOLDER cost model until measured on a GPU.
+inline int64_t choose_num_splits(int64_t slots, int64_t base, int64_t tiles) {
+  if (tiles <= 1) return 1;
+  int64_t best = 1;
+  double best_cost = -1.0;
+  const int64_t max_split = tiles < kMaxSplits ? tiles : kMaxSplits;
+  for (int64_t s = 1; s <= max_split; ++s) {
+    const int64_t tps = (tiles + s - 1) / s;      // tiles per split
+    const int64_t used = (tiles + tps - 1) / tps;  // splits that get work
+    if (used != s) continue;                       // same as a smaller s
+    const int64_t waves = (base * used + slots - 1) / slots;
+    // In units of one tile's time: the busiest slot, plus the combine launch and its partials
+    // (guessed at half a tile and 1% of a tile per split).
+    const double cost = double(waves * tps) + (s > 1 ? 0.5 + 0.01 * double(s) : 0.0);
+    if (best_cost < 0.0 || cost < best_cost) {
+      best_cost = cost;
+      best = s;
+    }
+  }
+  return best;
 }
 
 // Restore-on-read attention over a key range: the forward of compressed_v_attention (one split,
@@ -124,6 +151,112 @@ struct BwdParams {
   int head_dim;
 };
 
+// ---- latent keys (SPEC 3b) ------------------------------------------------------------------
+// A key of head h is [k_rope_h (Dr) | K_lat (Rk)]: the rotary dims per head and one latent row
+// that all heads share (K_c, or V_c itself with the joint latent). The restore of the latent is
+// absorbed into the query: q_eff_h = [q_rope_h | q_nope_h @ w_kr[h]] (float32, Dq = Dr + Rk).
+
+// q_eff (M, H, Dr + Rk) float32 from q (M, H, D) and w_kr (H*Dn, Rk), both contiguous (M = B*Tq).
+struct LatentQueryParams {
+  const void* q;
+  const void* w_kr;
+  float* q_eff;
+  int64_t M, H, Dr, Rk;
+  DType dtype;
+  int head_dim;
+};
+
+// Restore-on-read attention over latent keys: as AttnParams (same partial / final outputs, so
+// combine_kernel and restore_kernel serve both), with the absorbed query in float32.
+struct LatentAttnParams {
+  const float* q_eff;  // (B, Tq, H, Dr + Rk) contiguous
+  const void* krope;   // (B, *, H, Dr)
+  const void* klat;    // (B, *, Rk); ignored with the joint latent (the V_c rows serve)
+  const void* vc;      // (B, *, Rv)
+  int64_t kr_sb, kr_st, kr_sh;
+  int64_t kl_sb, kl_st;
+  int64_t vc_sb, vc_st;
+  const int32_t* seqlens;  // as AttnParams: L_b = min((seqlens ? seqlens[b] : 0) + len_add, len_max)
+  int64_t len_add, len_max;
+  int64_t B, Tq, H, Dr, Rk, Rv;
+  int64_t nrows;           // Tq * H, head-major
+  int64_t nsplit;
+  bool joint;
+  float scale_log2;
+  bool causal, final_mode;
+  float* part_acc;  // [B][nsplit][nrows][Rv]
+  float* part_ml;   // [B][nsplit][nrows][2]
+  float* ctx_out;   // (B, Tq, H, Rv)
+  float* lse_out;   // (B, H, Tq)
+  DType dtype;
+  int head_dim;
+};
+
+// (head, query) rows per latent attention block: 8 (one per warp) or 16 (two per warp), so that
+// up to 16 heads of a decode step share one read of each cached row. PLACEHOLDER choice until
+// measured on a GPU: two rows per warp take about 208 registers (ptxas, sm_90), so one block
+// per SM, against about 128 for one row per warp.
+constexpr int kLatentMaxRowsPerWarp = 2;
+inline int latent_rows_per_block(int64_t nrows) {
+  return nrows > kRowsPerBlock ? kRowsPerBlock * kLatentMaxRowsPerWarp : kRowsPerBlock;
+}
+
+inline CombineParams combine_params(const LatentAttnParams& p) {
+  CombineParams c{};
+  c.part_acc = p.part_acc;
+  c.part_ml = p.part_ml;
+  c.B = p.B; c.Tq = p.Tq; c.H = p.H; c.R = p.Rv; c.nrows = p.nrows; c.nsplit = p.nsplit;
+  c.dtype = p.dtype;
+  c.head_dim = p.head_dim;
+  return c;
+}
+
+// Compress-on-write of new tokens with latent keys, at slots seqlens[b] + t:
+//   krope_cache <- k[..., :Dr] of every head (bit for bit);
+//   separate latents: kc_cache <- k_nope @ w_kc.T + b_kc, vc_cache <- v @ w_c.T + b_c;
+//   joint latent:     vc_cache <- [k_nope | v] @ w_c.T + b_c.
+struct LatentCompressParams {
+  const void* k;     // (B, Tnew, H, D) contiguous
+  const void* v;     // (B, Tnew, H*D) contiguous
+  const void* w_kc;  // (Rk, H*Dn) contiguous; nullptr with the joint latent
+  const void* b_kc;  // (Rk,) or nullptr
+  const void* w_c;   // (Rv, H*D), or (Rv, H*Dn + H*D) with the joint latent; contiguous
+  const void* b_c;   // (Rv,) or nullptr
+  void* krope_cache;
+  void* kc_cache;    // nullptr with the joint latent
+  void* vc_cache;
+  int64_t kr_sb, kr_st, kr_sh;
+  int64_t kc_sb, kc_st;
+  int64_t vc_sb, vc_st;
+  const int32_t* seqlens;
+  int64_t B, Tnew, H, Dr, Rk, Rv;
+  int64_t len_max;  // slots outside [0, len_max) are never written (the op raises before)
+  bool joint;
+  DType dtype;
+  int head_dim;
+};
+
+// Backward of the latent attention, given dctx = dO_h @ w_r[h] and delta = rowsum(dctx * ctx)
+// (float32, as for BwdParams): dq_eff (accumulated atomically), dk_rope, dK_lat and dV_c, all
+// float32. With the joint latent the key gradient of each latent row is added into dvc.
+struct LatentBwdParams {
+  const float* q_eff;  // (B, Tq, H, Dr + Rk)
+  const void* krope;   // (B, Tk, H, Dr) contiguous
+  const void* klat;    // (B, Tk, Rk) contiguous; ignored with the joint latent
+  const void* vc;      // (B, Tk, Rv) contiguous
+  const float* dctx;   // (B, Tq, H, Rv)
+  const float* lse;    // (B, H, Tq), natural log
+  const float* delta;  // (B, H, Tq)
+  float* dq_eff;  // (B, Tq, H, Dr + Rk), zero-initialized, atomically accumulated
+  float* dkrope;  // (B, Tk, H, Dr)
+  float* dklat;   // (B, Tk, Rk); unused with the joint latent
+  float* dvc;     // (B, Tk, Rv)
+  int64_t B, Tq, Tk, H, Dr, Rk, Rv;
+  float scale;
+  bool causal, joint;
+  DType dtype;
+};
+
 // Launchers (defined in the .cu files). Each checks its launches with C10_CUDA_KERNEL_LAUNCH_CHECK.
 // Dynamic shared memory of the attention kernel with one stage: the least it can run with.
 size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, int64_t R);
@@ -138,6 +271,19 @@ size_t compress_smem_bytes(const CompressParams& p);
 void launch_compress_write(const CompressParams& p, cudaStream_t stream);
 size_t bwd_smem_bytes(const BwdParams& p);
 void launch_attention_bwd(const BwdParams& p, cudaStream_t stream);
+
+// Latent keys (latent_attn.cu, latent_kvcache.cu, latent_bwd.cu). The smem functions give the
+// least dynamic shared memory each kernel runs with (the attention with one stage).
+size_t latent_query_smem_bytes(int64_t head_dim, int64_t Dr);
+void launch_latent_query(const LatentQueryParams& p, cudaStream_t stream);
+size_t latent_attn_min_smem_bytes(DType dtype, int64_t H, int64_t Tq, int64_t Dr, int64_t Rk,
+                                  int64_t Rv, bool joint);
+int64_t latent_num_splits(const LatentAttnParams& p, int64_t max_keys);
+void launch_latent_attention(const LatentAttnParams& p, cudaStream_t stream);
+size_t latent_compress_smem_bytes(int64_t H, int64_t head_dim, int64_t Dr);
+void launch_latent_compress_write(const LatentCompressParams& p, cudaStream_t stream);
+size_t latent_bwd_smem_bytes(int64_t Dr, int64_t Rk, int64_t Rv, bool joint);
+void launch_latent_attention_bwd(const LatentBwdParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vdproj

@@ -2,6 +2,7 @@
 // csrc/cuda/cuda_api.cpp runs, and compares every result with a float64 reference:
 //   decode:   compress-on-write -> split-K attention -> combine (when split) -> restore
 //   training: attention forward (final mode: ctx, lse) -> attention backward (dq, dk, dv_c)
+// and the same chains of the latent-key ops (latent_cases.cpp).
 // Every case runs in a child process (a sanitizer abort or a hang fails that case only).
 //
 //   harness --kernels K.txt [--order forward|reverse|random] [--copy issue|wait] [--seed N]
@@ -25,141 +26,18 @@
 #include <string>
 #include <vector>
 
+#include "harness_util.h"
 #include "reference.h"
 #include "selftest.h"
 
+// The latent-key cases (latent_cases.cpp).
+void add_latent_cases(std::vector<emu_harness::Case>& cases);
+
 namespace {
 
+using namespace emu_harness;
 using vdproj::cuda::DType;
 using emu_ref::Vec;
-
-constexpr double kLog2e = 1.4426950408889634;  // cuda_api.cpp: scale_log2 = scale * log2(e)
-
-// ---- storage types --------------------------------------------------------------------------------
-size_t dtype_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
-const char* dtype_name(DType dt) {
-  return dt == DType::kFloat32 ? "f32" : dt == DType::kFloat16 ? "f16" : "bf16";
-}
-// Relative-error bounds against float64 (python_tests/conftest.py TOLERANCES).
-double tolerance(DType dt) { return dt == DType::kFloat32 ? 1e-5 : dt == DType::kFloat16 ? 5e-3 : 3e-2; }
-
-double load(DType dt, const void* base, size_t i) {
-  switch (dt) {
-    case DType::kFloat32: return static_cast<const float*>(base)[i];
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(base)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-  }
-  return 0.0;
-}
-// Stores x rounded to the storage type and returns the stored value.
-double store(DType dt, void* base, size_t i, double x) {
-  switch (dt) {
-    case DType::kFloat32: static_cast<float*>(base)[i] = float(x); break;
-    case DType::kFloat16: static_cast<__half*>(base)[i] = __float2half_rn(float(x)); break;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(float(x)); break;
-  }
-  return load(dt, base, i);
-}
-
-// ---- "device" memory: exact-size heap blocks (ASan sees one element past the end), registered
-// so that cp.async checks its reads, and filled with NaN like uninitialized GPU memory in tests.
-class Buffer {
- public:
-  Buffer() = default;
-  Buffer(size_t bytes, unsigned char fill = 0xFF) : bytes_(bytes) {
-    if (posix_memalign(&p_, 16, bytes > 0 ? bytes : 16) != 0) throw std::bad_alloc();
-    std::memset(p_, fill, bytes);
-    emu::register_global(p_, bytes);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
-  Buffer& operator=(Buffer&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(bytes_, o.bytes_);
-    return *this;
-  }
-  ~Buffer() {
-    if (p_ == nullptr) return;
-    emu::unregister_global(p_);
-    std::free(p_);
-  }
-  void* get() const { return p_; }
-  float* f32() const { return static_cast<float*>(p_); }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* p_ = nullptr;
-  size_t bytes_ = 0;
-};
-
-// A tensor of the case's storage type with random values; `values` keeps what was stored.
-struct Tensor {
-  DType dt;
-  Buffer buf;
-  Vec values;
-  Tensor(DType d, size_t n) : dt(d), buf(n * dtype_size(d)), values(n) {}
-  void fill(std::mt19937_64& rng, double stddev, double mean = 0.0) {
-    std::normal_distribution<double> nd(mean, stddev);
-    for (size_t i = 0; i < values.size(); ++i) values[i] = store(dt, buf.get(), i, nd(rng));
-  }
-  Vec read() const {
-    Vec out(values.size());
-    for (size_t i = 0; i < out.size(); ++i) out[i] = load(dt, buf.get(), i);
-    return out;
-  }
-};
-
-Vec read_f32(const Buffer& b, size_t n) {
-  Vec v(n);
-  for (size_t i = 0; i < n; ++i) v[i] = b.f32()[i];
-  return v;
-}
-
-// ---- results --------------------------------------------------------------------------------------
-struct Outcome {
-  std::vector<std::string> failures;
-  std::string notes;
-  void expect_close(const char* what, const Vec& got, const Vec& want, double tol) {
-    const double err = emu_ref::rel_error(got, want);
-    char buf[160];
-    std::snprintf(buf, sizeof buf, "%s %.1e", what, err);
-    notes += (notes.empty() ? "" : ", ") + std::string(buf);
-    if (!(err <= tol)) {
-      std::snprintf(buf, sizeof buf, "%s: relative error %.3g > %.1g", what, err, tol);
-      failures.push_back(buf);
-    }
-  }
-  void expect(bool ok, const std::string& what) {
-    if (!ok) failures.push_back(what);
-  }
-};
-
-uint64_t seed_of(const std::string& name) {
-  uint64_t h = 1469598103934665603ull;
-  for (char c : name) h = (h ^ uint64_t(uint8_t(c))) * 1099511628211ull;
-  return h;
-}
-
-int device_for(const emu::DeviceConfig& cfg) {
-  static int next = 0;
-  const int index = ++next;  // a fresh device index: the launchers cache occupancy per device
-  emu::set_device_config(index, cfg);
-  if (cudaSetDevice(index) != cudaSuccess) throw std::runtime_error("cudaSetDevice failed");
-  return index;
-}
-
-// The launch records added since `from` (what the launchers actually ran).
-std::vector<emu::LaunchRecord> launches_since(size_t from) {
-  size_t n = 0;
-  const emu::LaunchRecord* log = emu::launch_log(&n);
-  return std::vector<emu::LaunchRecord>(log + from, log + n);
-}
-size_t launch_count() {
-  size_t n = 0;
-  emu::launch_log(&n);
-  return n;
-}
 
 // ---- decode: compressed_attn_with_kvcache --------------------------------------------------------
 struct DecodeCase {
@@ -336,48 +214,18 @@ vdproj::cuda::AttnParams attn_params(DType dt, int D, int B, int Tq, int H, int 
   return p;
 }
 
-// attend_cache of cuda_api.cpp: split-K attention, combine when split, restore. Checks which
-// split and stage path the launchers took against what the case asks for.
+// attend_cache of cuda_api.cpp: split-K attention, combine when split, restore.
 Buffer run_attend_cache(const DecodeCase& c, DecodeInputs& in, double scale, Outcome& res) {
-  const int64_t HD = int64_t(c.H) * c.D;
-  Buffer out(size_t(c.B) * c.Tq * HD * dtype_size(c.dt));
   vdproj::cuda::AttnParams p =
       attn_params(c.dt, c.D, c.B, c.Tq, c.H, c.R, in.q.buf.get(), in.k_cache.get(), in.vc_cache.get(),
                   in.lay.kc_sb, in.lay.kc_st, in.lay.kc_sh, in.lay.vc_sb, in.lay.vc_st,
                   static_cast<const int32_t*>(in.seqlens.get()), c.Tnew, c.Tmax, c.causal, scale);
   p.final_mode = false;
   p.nsplit = vdproj::cuda::attn_num_splits(p, c.Tmax);
-  Buffer ctx_f(size_t(c.B) * c.Tq * c.H * c.R * 4), lse(size_t(c.B) * c.H * c.Tq * 4), part_acc, part_ml;
-  const size_t before = launch_count();
-  if (p.nsplit == 1) {
-    p.final_mode = true;
-    p.ctx_out = ctx_f.f32();
-    p.lse_out = lse.f32();
-    vdproj::cuda::launch_attention(p, nullptr);
-  } else {
-    part_acc = Buffer(size_t(c.B * p.nsplit * p.nrows * c.R) * 4);
-    part_ml = Buffer(size_t(c.B * p.nsplit * p.nrows * 2) * 4);
-    p.part_acc = part_acc.f32();
-    p.part_ml = part_ml.f32();
-    vdproj::cuda::launch_attention(p, nullptr);
-    vdproj::cuda::launch_combine(vdproj::cuda::combine_params(p), ctx_f.f32(), lse.f32(), nullptr);
-  }
-  const std::vector<emu::LaunchRecord> attn = launches_since(before);
   const size_t min_bytes = vdproj::cuda::attn_min_smem_bytes(c.dt, c.D, p.heads_per_tile, c.R);
-  const int stages = attn.empty() ? 0 : attn[0].dynamic_smem == min_bytes ? 1 : 2;
-  res.notes += "splits " + std::to_string(p.nsplit) + ", stages " + std::to_string(stages);
-  res.expect(c.want_splits == 0 || (c.want_splits == 1) == (p.nsplit == 1),
-             "coverage: the case needs " + std::string(c.want_splits == 1 ? "one split" : "several splits") +
-                 ", the launcher chose " + std::to_string(p.nsplit));
-  res.expect(c.want_stages == 0 || c.want_stages == stages,
-             "coverage: the case needs " + std::to_string(c.want_stages) + " cp.async stage(s), the launch used " +
-                 std::to_string(stages));
-  vdproj::cuda::CombineParams cp = vdproj::cuda::combine_params(p);
-  cp.w_r = in.w_r.buf.get();
-  cp.b_r = c.bias ? in.b_r.buf.get() : nullptr;
-  cp.out = out.get();
-  vdproj::cuda::launch_restore(cp, ctx_f.f32(), lse.f32(), nullptr);
-  return out;
+  const RestoreArgs restore{in.w_r.buf.get(), c.bias ? in.b_r.buf.get() : nullptr, c.D, c.dt};
+  return attend_combine_restore(p, &vdproj::cuda::launch_attention, min_bytes, restore, c.want_splits,
+                                c.want_stages, res);
 }
 
 // Cache slots outside the new tokens must keep their bytes (NaN tails included); the new slots
@@ -419,12 +267,6 @@ void check_caches(const DecodeCase& c, const DecodeInputs& in, const Buffer& kc_
                                               static_cast<const char*>(vc_before.get()) + i * es, es) != 0;
   res.expect(k_changed == 0, std::to_string(k_changed) + " k_cache elements outside the new tokens changed");
   res.expect(v_changed == 0, std::to_string(v_changed) + " vc_cache elements outside the new tokens changed");
-}
-
-Buffer copy_of(const Buffer& b) {
-  Buffer c(b.bytes());
-  std::memcpy(c.get(), b.get(), b.bytes());
-  return c;
 }
 
 Outcome run_decode(const DecodeCase& c) {
@@ -474,38 +316,12 @@ void train_forward(const TrainCase& c, const TrainInputs& in, double scale, Buff
   res.expect_close("lse", read_f32(lse, want.lse.size()), want.lse, tolerance(c.dt));
 }
 
-// dctx = dout_h @ w_r[h] and delta = rowsum(dctx * ctx) in float32, as cva_backward's ATen part
-// computes them from the ctx the forward returned in the storage dtype; rows that see no key
-// get no gradient.
-void backward_inputs(const TrainCase& c, const TrainInputs& in, const Buffer& ctx_f, const Buffer& lse,
-                     Buffer& dctx, Buffer& delta) {
-  const int64_t B = c.B, Tq = c.Tq, H = c.H, D = c.D, R = c.R;
-  Buffer ctx_t(size_t(B * Tq * H * R) * dtype_size(c.dt));
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t i = 0; i < Tq; ++i) {
-      for (int64_t h = 0; h < H; ++h) {
-        const bool empty = std::isinf(lse.f32()[(b * H + h) * Tq + i]);
-        double dl = 0.0;
-        for (int64_t r = 0; r < R; ++r) {
-          double a = 0.0;
-          for (int64_t d = 0; d < D && !empty; ++d)
-            a += in.dout.values[size_t(((b * Tq + i) * H + h) * D + d)] * in.w_r.values[size_t((h * D + d) * R + r)];
-          const size_t at = size_t(((b * Tq + i) * H + h) * R + r);
-          dctx.f32()[at] = float(a);
-          dl += double(dctx.f32()[at]) * float(store(c.dt, ctx_t.get(), at, ctx_f.f32()[at]));
-        }
-        delta.f32()[(b * H + h) * Tq + i] = float(dl);
-      }
-    }
-  }
-}
-
 // cva_backward's kernel part: dq (zeroed, accumulated atomically across key tiles), dk, dv_c.
 void train_backward(const TrainCase& c, const TrainInputs& in, double scale, const Buffer& ctx_f,
                     const Buffer& lse, Outcome& res) {
   const int64_t HD = int64_t(c.H) * c.D, B = c.B, Tq = c.Tq, Tk = c.Tk, R = c.R;
   Buffer dctx(size_t(B * Tq * c.H * R) * 4), delta(size_t(B * c.H * Tq) * 4);
-  backward_inputs(c, in, ctx_f, lse, dctx, delta);
+  backward_inputs(c.dt, B, Tq, c.H, c.D, R, in.dout.values, in.w_r.values, ctx_f, lse, dctx, delta);
   Buffer dq(size_t(B * Tq * HD) * 4, 0), dk(size_t(B * Tk * HD) * 4, 0), dvc(size_t(B * Tk * R) * 4, 0);
   vdproj::cuda::BwdParams g{};
   g.q = in.q.buf.get();
@@ -568,33 +384,11 @@ Outcome run_smem_refusal(DType dt, int D) {
   Buffer ctx_f(2 * 64 * 4), lse(2 * 4);
   p.ctx_out = ctx_f.f32();
   p.lse_out = lse.f32();
-  bool threw = false;
-  const size_t before = launch_count();
-  try {
-    vdproj::cuda::launch_attention(p, nullptr);
-  } catch (const std::exception& e) {
-    threw = std::string(e.what()).find("shared memory") != std::string::npos;
-  }
-  res.expect(threw, "launch_attention on a 16 KB device did not refuse with a shared-memory error");
-  res.expect(launch_count() == before, "launch_attention launched a kernel it has no shared memory for");
+  expect_smem_refusal([&] { vdproj::cuda::launch_attention(p, nullptr); }, "launch_attention", res);
   return res;
 }
 
 // ---- the suite -----------------------------------------------------------------------------------
-struct Case {
-  std::string name;
-  std::function<Outcome()> run;
-};
-
-emu::DeviceConfig big_device() { return emu::DeviceConfig{}; }  // H100-like: 132 SMs, 227 KB per block
-// One SM that holds one block: the split heuristic keeps one split.
-emu::DeviceConfig one_sm(int smem_optin) {
-  emu::DeviceConfig d;
-  d.sm_count = 1;
-  d.smem_per_block_optin = smem_optin;
-  d.smem_per_sm = smem_optin + 1024;
-  return d;
-}
 // A device that fits exactly one attention stage for this shape (no double buffering).
 emu::DeviceConfig one_stage_device(DType dt, int D, int H, int Tq, int R, int sms) {
   emu::DeviceConfig d;
@@ -750,6 +544,7 @@ std::vector<Case> all_cases() {
   for (DType dt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16})
     for (int D : {64, 128}) add_standard_cases(dt, D, cases);
   add_shape_cases(cases);
+  add_latent_cases(cases);
   add_selftest_cases(cases);
   return cases;
 }

@@ -97,7 +97,7 @@ def batched_kvcache_attention(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, ca
 
 
 # ---------------------------------------------------------------------------------------------
-# Latent keys (SPEC 3b): until CUDA kernels exist, these run the ops on CUDA tensors.
+# Latent keys (SPEC 3b): what the ops run on CUDA tensors the kernels do not take (routing.py).
 
 
 def restore_keys_then_sdpa(q, k_rope, k_c, v_c, w_kr, w_r, b_r, causal, scale):

@@ -53,6 +53,11 @@ def compressed_kv_attention(q, k_rope, k_c, v_c, w_kr, w_r, b_r=None, *, causal=
     checks.check_flag("causal", causal)
     scale = checks.check_softmax_scale(softmax_scale, q.shape[-1])
     path = routing.latent_path(backend, q.device, "ckv_forward")
+    if path == "kernel" and q.device.type == "cuda":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in inputs)
+        if routing.ckv_uses_restore_keys_then_sdpa(q, k_rope, k_c, v_c, needs_grad):
+            path = "aten"
     if path == "kernel":  # the kernels check the rest themselves (csrc/, same messages)
         inputs = [t.contiguous() if t is not None else None for t in inputs]
         return CompressedKVAttentionFunction.apply(*inputs, causal, scale, "ext")

@@ -29,6 +29,9 @@ def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_
     q, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c = (
         t.contiguous() if t is not None else None
         for t in (q, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c))
+    if path == "kernel" and q.device.type == "cuda" and routing.ckv_kvcache_uses_batched_aten(
+            q, krope_cache, kc_cache, vc_cache, w_r, k, v, w_kc, w_c):
+        path = "aten"
     if path == "aten":
         _check_for_python_path(*args)
         return aten_paths.batched_latent_kvcache_attention(

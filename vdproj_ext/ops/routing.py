@@ -10,7 +10,8 @@ What the kernels accept (dtypes, head_dim, rank, alignment, shared memory on thi
 the extension's to say: cuda_kernel_support in csrc/cuda. Nothing here repeats those limits.
 
 The latent-key ops (SPEC 3b) pick between their kernels, the ATen paths and the reference with
-latent_path (below), on every device.
+latent_path (below), on every device; on CUDA the kernels run when the extension says they take
+the inputs (ckv_uses_restore_keys_then_sdpa, ckv_kvcache_uses_batched_aten), as above.
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ from .backend import has_kernel, resolve_backend
 _CVA_COMPOSITE_MIN_QK = 128 * 128
 
 
-def cuda_kernel_unsupported(op, q, rank, vector_loaded, t_new=0, backward=False) -> str:
-    """Why the fused CUDA kernels of `op` ("cva" or "kvcache") cannot take these inputs, or ""
-    when they can. vector_loaded: the inputs the kernels read with 16-byte vector loads, exactly
-    as the op will receive them (the extension's docstring lists them per op)."""
-    return bindings.load().cuda_kernel_support(op, q, rank, list(vector_loaded), t_new, backward)
+def cuda_kernel_unsupported(op, q, rank, vector_loaded, t_new=0, backward=False, rope_dim=0,
+                            k_rank=0) -> str:
+    """Why the fused CUDA kernels of `op` ("cva", "kvcache", "ckv" or "ckv_kvcache") cannot
+    take these inputs, or "" when they can. vector_loaded: the inputs the kernels read with
+    16-byte vector loads, exactly as the op will receive them (the extension's docstring lists
+    them per op). rope_dim, k_rank: the latent keys' Dr and Rk (0: the joint latent)."""
+    return bindings.load().cuda_kernel_support(op, q, rank, list(vector_loaded), t_new, backward,
+                                               rope_dim=rope_dim, k_rank=k_rank)
 
 
 def cva_uses_restore_then_sdpa(q, k, v_c, needs_grad=False) -> bool:
@@ -46,13 +50,39 @@ def kvcache_uses_batched_aten(q, k_cache, vc_cache, w_r, k, v, w_c) -> bool:
                                         [k_cache, vc_cache, w_r, k, v, w_c], t_new, False))
 
 
+def ckv_uses_restore_keys_then_sdpa(q, k_rope, k_c, v_c, needs_grad=False) -> bool:
+    """compressed_kv_attention on CUDA: the ATen path when the ckv kernels do not take the
+    inputs, and by shape otherwise (the same algorithm choice as compressed_v_attention)."""
+    as_passed = [t for t in (k_rope, k_c, v_c) if t is not None and t.is_contiguous()]
+    if cuda_kernel_unsupported("ckv", q, v_c.shape[-1], as_passed, 0, needs_grad,
+                               rope_dim=k_rope.shape[-1], k_rank=_key_rank(k_c)):
+        return True
+    return q.shape[1] * k_rope.shape[1] >= _CVA_COMPOSITE_MIN_QK
+
+
+def ckv_kvcache_uses_batched_aten(q, krope_cache, kc_cache, vc_cache, w_r, k, v, w_kc,
+                                  w_c) -> bool:
+    """The arguments as the kernel would receive them (q, w_r, k, v, w_kc, w_c contiguous)."""
+    t_new = 0 if k is None else k.shape[1]
+    return bool(cuda_kernel_unsupported(
+        "ckv_kvcache", q, vc_cache.shape[-1], [krope_cache, kc_cache, vc_cache, w_r, k, v, w_kc,
+                                               w_c],
+        t_new, False, rope_dim=krope_cache.shape[-1], k_rank=_key_rank(kc_cache)))
+
+
+def _key_rank(key_latent) -> int:
+    """Rk of a separate key latent, 0 for the joint latent (as cuda_kernel_support takes it)."""
+    return 0 if key_latent is None else key_latent.shape[-1]
+
+
 def latent_path(backend, device, op) -> str:
     """Which implementation of a latent-key op (SPEC 3b) runs: "kernel" (the compiled `op`),
     "aten" (aten_paths, batched) or "reference".
 
-    There are no CUDA kernels for latent keys yet: on CUDA, "ext" (and "auto" when the
-    extension is built for CUDA) runs the ATen path. On CPU a build without the ckv_* ops
-    falls back to the reference under "auto" and says so under "ext".
+    On CUDA a build without the latent-key kernels runs the ATen path; with them, the ops ask
+    the extension whether the kernels take the inputs (the functions above) and run the ATen
+    path when they do not. On CPU a build without the ckv_* ops falls back to the reference
+    under "auto" and says so under "ext".
     """
     if resolve_backend(backend, device) == "reference":
         return "reference"

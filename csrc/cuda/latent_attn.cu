@@ -1,0 +1,431 @@
+// Latent keys (SPEC 3b), forward side: the absorbed query and the restore-on-read attention.
+//
+//   latent_query_kernel  q_eff_h = [q_rope_h | q_nope_h @ w_kr[h]] in float32, once per query
+//   latent_attn_kernel   ctx = softmax(scale * q_eff_h . [k_rope_h | K_lat]^T) @ V_c
+//
+// The attention follows attn_fwd.cu (one block = one batch element, one group of head-major
+// (head, query) rows, one split of the key range; tiles of kTileKeys keys staged with 16-byte
+// cp.async, double-buffered when they fit; online softmax in the log2 domain) with two changes:
+//   * a key is [k_rope_h (Dr, per head) | K_lat (Rk, one row for all heads)]: each tile stages
+//     the rotary keys of the group's heads, the latent rows once (with the joint latent the V_c
+//     rows themselves), and the V_c rows once;
+//   * a block holds up to 16 rows (two per warp when H * Tq > 8), so that the 16 heads of a
+//     decode step read each cached row once. Lane j scores key j for all the warp's rows, each
+//     latent vector it loads serving all of them.
+// Outputs are those of attn_fwd_kernel (split partials for combine_kernel, or ctx and lse), so
+// combine_kernel and restore_kernel (kvcache.cu) finish the decode step as for the V-only op.
+#include "device_utils.h"
+
+namespace vdproj {
+namespace cuda {
+namespace {
+
+constexpr int kQueryRows = 16;  // (b, i) rows per block of latent_query_kernel
+
+static_assert(kTileKeys == 32, "one lane per key in the score phase");
+
+// ---- the absorbed query ---------------------------------------------------------------------
+// Block = kQueryRows (b, i) rows of one head h: their q_nope staged as float; each thread owns
+// output columns c (coalesced reads of a w_kr row) for all staged rows.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) latent_query_kernel(const LatentQueryParams p) {
+  extern __shared__ __align__(16) float qn[];  // [kQueryRows][Dn]
+  const int tid = threadIdx.x;
+  const int64_t m0 = int64_t(blockIdx.x) * kQueryRows, h = blockIdx.y;
+  const int64_t D = p.head_dim, Dr = p.Dr, Dn = D - Dr, Rk = p.Rk, Dq = Dr + Rk, H = p.H;
+  const int64_t rows = min(int64_t(kQueryRows), p.M - m0);
+  const T* q = static_cast<const T*>(p.q);
+  for (int64_t idx = tid; idx < kQueryRows * Dn; idx += kThreads) {
+    const int64_t m = idx / Dn, n = idx - m * Dn;
+    qn[idx] = m < rows ? to_float(q[((m0 + m) * H + h) * D + Dr + n]) : 0.f;
+  }
+  for (int64_t idx = tid; idx < rows * Dr; idx += kThreads) {  // the rotary part, upcast
+    const int64_t m = idx / Dr, d = idx - m * Dr;
+    p.q_eff[((m0 + m) * H + h) * Dq + d] = to_float(q[((m0 + m) * H + h) * D + d]);
+  }
+  __syncthreads();
+
+  const T* w = static_cast<const T*>(p.w_kr) + h * Dn * Rk;
+  for (int64_t c = tid; c < Rk; c += kThreads) {
+    float acc[kQueryRows];
+#pragma unroll
+    for (int m = 0; m < kQueryRows; ++m) acc[m] = 0.f;
+    for (int64_t n = 0; n < Dn; ++n) {
+      const float wv = to_float(w[n * Rk + c]);
+#pragma unroll
+      for (int m = 0; m < kQueryRows; ++m) acc[m] = fmaf(qn[m * Dn + n], wv, acc[m]);
+    }
+#pragma unroll
+    for (int m = 0; m < kQueryRows; ++m) {
+      if (m < rows) p.q_eff[((m0 + m) * H + h) * Dq + Dr + c] = acc[m];
+    }
+  }
+}
+
+// ---- the attention --------------------------------------------------------------------------
+// Shared-memory layout in bytes (all offsets 16-aligned). Staged rows are padded by 16 bytes so
+// that lanes reading different keys at the same offset hit different banks.
+struct LatentLayout {
+  int64_t kr_row, kl_row, v_row;  // elements per staged row: rotary (all staged heads), K_c, V_c
+  int64_t q_off, p_off, misc_off, stage_off, kr_bytes, kl_bytes, stage_bytes, total;
+};
+
+template <typename T>
+__host__ __device__ inline LatentLayout latent_layout(int rows, int64_t heads, int64_t Dr,
+                                                      int64_t Rk, int64_t Rv, bool joint,
+                                                      int nstages) {
+  constexpr int64_t pad = 16 / int64_t(sizeof(T));
+  LatentLayout L;
+  L.kr_row = heads * Dr + pad;
+  L.kl_row = joint ? 0 : Rk + pad;
+  L.v_row = Rv + pad;
+  L.q_off = 0;
+  L.p_off = align16(L.q_off + int64_t(rows) * (Dr + Rk) * 4);
+  L.misc_off = align16(L.p_off + int64_t(kTileKeys) * rows * 4);
+  L.stage_off = align16(L.misc_off + 2 * int64_t(rows) * 4);
+  L.kr_bytes = Dr > 0 ? align16(int64_t(kTileKeys) * L.kr_row * int64_t(sizeof(T))) : 0;
+  L.kl_bytes = joint ? 0 : align16(int64_t(kTileKeys) * L.kl_row * int64_t(sizeof(T)));
+  L.stage_bytes = L.kr_bytes + L.kl_bytes + align16(int64_t(kTileKeys) * L.v_row * int64_t(sizeof(T)));
+  L.total = L.stage_off + nstages * L.stage_bytes;
+  return L;
+}
+
+// RPW: rows per warp (1 or 2); a block holds kWarps * RPW rows.
+template <typename T, int RPW>
+__global__ void __launch_bounds__(kThreads)
+latent_attn_kernel(const LatentAttnParams p, const int nstages) {
+  constexpr int V = Vec16<T>::N;
+  constexpr int ROWS = kWarps * RPW;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t Dr = p.Dr, Rk = p.Rk, Rv = p.Rv, Dq = Dr + Rk, Tq = p.Tq, nrows = p.nrows;
+  const LatentLayout lay =
+      latent_layout<T>(ROWS, heads_per_tile(p.H, Tq, ROWS), Dr, Rk, Rv, p.joint, nstages);
+  float* qs = reinterpret_cast<float*>(smem + lay.q_off);          // [rows][Dq]
+  float* ps = reinterpret_cast<float*>(smem + lay.p_off);          // [keys][rows]
+  float* alpha_s = reinterpret_cast<float*>(smem + lay.misc_off);  // [rows]
+  float* l_s = alpha_s + ROWS;                                     // [rows]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t split = blockIdx.y, r0 = int64_t(blockIdx.x) * ROWS, b = blockIdx.z;
+  const int64_t rows_here = nrows - r0 < ROWS ? nrows - r0 : ROWS;
+  const int64_t h_lo = r0 / Tq, h_hi = (r0 + rows_here - 1) / Tq;
+  const int64_t nh = h_hi - h_lo + 1;  // <= heads_per_tile(H, Tq, ROWS)
+
+  // Key range of this (b, group, split), as in attn_fwd_kernel.
+  const int64_t L = max(int64_t(0), min(p.len_max, (p.seqlens != nullptr ? int64_t(p.seqlens[b])
+                                                                         : int64_t(0)) + p.len_add));
+  int64_t kend = L;
+  if (p.causal) {
+    int64_t max_i = 0;
+    for (int64_t w = 0; w < rows_here; ++w) max_i = max(max_i, (r0 + w) % Tq);
+    kend = min(L, max(int64_t(0), max_i + L - Tq + 1));
+  }
+  const int64_t per_split = (kend + p.nsplit - 1) / p.nsplit;
+  const int64_t chunk = (per_split + kTileKeys - 1) / kTileKeys * kTileKeys;
+  const int64_t kstart = min(kend, split * chunk);
+  const int64_t kstop = min(kend, kstart + chunk);
+  const int64_t ntiles = (kstop - kstart + kTileKeys - 1) / kTileKeys;
+
+  // This warp's rows: local row w = warp + kWarps * rr.
+  bool row_ok[RPW];
+  int64_t my_h[RPW], my_limit[RPW];
+#pragma unroll
+  for (int rr = 0; rr < RPW; ++rr) {
+    const int64_t w = warp + kWarps * rr;
+    row_ok[rr] = w < rows_here;
+    const int64_t row = r0 + w, i = row_ok[rr] ? row % Tq : 0;
+    my_h[rr] = row_ok[rr] ? row / Tq : h_lo;
+    my_limit[rr] = p.causal ? i + L - Tq : L;  // last visible key (inclusive) if causal
+  }
+
+  // The group's absorbed queries (zeros for rows past the end).
+  const float* qg = p.q_eff + b * Tq * p.H * Dq;
+  for (int64_t idx = tid; idx < ROWS * Dq; idx += kThreads) {
+    const int64_t w = idx / Dq, d = idx - w * Dq;
+    float val = 0.f;
+    if (w < rows_here) {
+      const int64_t row = r0 + w, h = row / Tq, i = row - h * Tq;
+      val = qg[(i * p.H + h) * Dq + d];
+    }
+    qs[idx] = val;
+  }
+
+  // (No offset is applied to a pointer the launch leaves null: no rotary dims, joint latent.)
+  const T* vb = static_cast<const T*>(p.vc) + b * p.vc_sb;
+  const T* krb = Dr > 0 ? static_cast<const T*>(p.krope) + b * p.kr_sb : vb;
+  const T* klb = p.joint ? vb : static_cast<const T*>(p.klat) + b * p.kl_sb;
+  auto stage = [&](int st) { return smem + lay.stage_off + st * lay.stage_bytes; };
+  auto stage_kr = [&](int st) { return reinterpret_cast<T*>(stage(st)); };
+  auto stage_kl = [&](int st) { return reinterpret_cast<T*>(stage(st) + lay.kr_bytes); };
+  auto stage_v = [&](int st) {
+    return reinterpret_cast<T*>(stage(st) + lay.kr_bytes + lay.kl_bytes);
+  };
+  // One tile: positions past the key range are zero-filled, never read (NaN tails).
+  auto load_tile = [&](int64_t t0, int st) {
+    if (Dr > 0) {
+      T* krs = stage_kr(st);
+      const int64_t cpr = Dr / V;  // 16-byte chunks per (key, head)
+      for (int64_t idx = tid; idx < kTileKeys * nh * cpr; idx += kThreads) {
+        const int64_t j = idx / (nh * cpr), rem = idx - j * (nh * cpr);
+        const int64_t hh = rem / cpr, c = rem - hh * cpr, pos = t0 + j;
+        const bool ok = pos < kstop;
+        const T* src = ok ? krb + pos * p.kr_st + (h_lo + hh) * p.kr_sh + c * V : krb;
+        cp_async16(krs + j * lay.kr_row + hh * Dr + c * V, src, ok);
+      }
+    }
+    if (!p.joint) {
+      T* kls = stage_kl(st);
+      const int64_t cpr = Rk / V;
+      for (int64_t idx = tid; idx < kTileKeys * cpr; idx += kThreads) {
+        const int64_t j = idx / cpr, c = idx - j * cpr, pos = t0 + j;
+        const bool ok = pos < kstop;
+        cp_async16(kls + j * lay.kl_row + c * V, ok ? klb + pos * p.kl_st + c * V : klb, ok);
+      }
+    }
+    T* vs = stage_v(st);
+    const int64_t cpr = Rv / V;
+    for (int64_t idx = tid; idx < kTileKeys * cpr; idx += kThreads) {
+      const int64_t j = idx / cpr, c = idx - j * cpr, pos = t0 + j;
+      const bool ok = pos < kstop;
+      cp_async16(vs + j * lay.v_row + c * V, ok ? vb + pos * p.vc_st + c * V : vb, ok);
+    }
+  };
+
+  float m_run[RPW], l_run[RPW];
+  float acc[2][ROWS][kRowChunk];
+#pragma unroll
+  for (int rr = 0; rr < RPW; ++rr) {
+    m_run[rr] = -INFINITY;
+    l_run[rr] = 0.f;
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+    for (int w = 0; w < ROWS; ++w)
+#pragma unroll
+      for (int e = 0; e < kRowChunk; ++e) acc[kk][w][e] = 0.f;
+  const int nchunk = int(Rv / kRowChunk);
+
+  if (ntiles > 0) {
+    load_tile(kstart, 0);
+    cp_async_commit();
+  }
+  for (int64_t n = 0; n < ntiles; ++n) {
+    const int64_t t0 = kstart + n * kTileKeys;
+    if (nstages == 2 && n + 1 < ntiles) {
+      load_tile(t0 + kTileKeys, int((n + 1) & 1));
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const int st = nstages == 2 ? int(n & 1) : 0;
+    const T* vs = stage_v(st);
+
+    // Scores: lane = key, for each of the warp's rows; online softmax (log2 domain).
+    {
+      const int64_t pos = t0 + lane;
+      float dot[RPW];
+#pragma unroll
+      for (int rr = 0; rr < RPW; ++rr) dot[rr] = 0.f;
+      const T* lrow = p.joint ? vs + lane * lay.v_row : stage_kl(st) + lane * lay.kl_row;
+      for (int64_t c = 0; c < Rk; c += V) {  // the shared latent: one load for all rows
+        float kv[V];
+        load16_as_float(lrow + c, kv);
+#pragma unroll
+        for (int rr = 0; rr < RPW; ++rr) {
+          const float* qrow = qs + (warp + kWarps * rr) * Dq + Dr + c;
+#pragma unroll
+          for (int e = 0; e < V; ++e) dot[rr] = fmaf(qrow[e], kv[e], dot[rr]);
+        }
+      }
+#pragma unroll
+      for (int rr = 0; rr < RPW; ++rr) {  // each row's own head: the rotary part
+        const T* krow = stage_kr(st) + lane * lay.kr_row + (my_h[rr] - h_lo) * Dr;
+        const float* qrow = qs + (warp + kWarps * rr) * Dq;
+        for (int64_t d = 0; d < Dr; d += V) {
+          float kv[V];
+          load16_as_float(krow + d, kv);
+#pragma unroll
+          for (int e = 0; e < V; ++e) dot[rr] = fmaf(qrow[d + e], kv[e], dot[rr]);
+        }
+      }
+#pragma unroll
+      for (int rr = 0; rr < RPW; ++rr) {
+        const bool visible = row_ok[rr] && pos < kstop && (!p.causal || pos <= my_limit[rr]);
+        float alpha;
+        const float pr = online_softmax_step(visible ? dot[rr] * p.scale_log2 : -INFINITY,
+                                             m_run[rr], l_run[rr], alpha);
+        const int w = warp + kWarps * rr;
+        ps[lane * ROWS + w] = pr;
+        if (lane == 0) alpha_s[w] = alpha;
+      }
+    }
+    __syncthreads();
+
+    // acc[row] = alpha[row] * acc[row] + sum_j P[row, j] * V_c[j]  (all rows share V_c[j]).
+    const int jmax = int(min(int64_t(kTileKeys), kstop - t0));
+    accumulate_pv<T, ROWS>(acc, alpha_s, ps, vs, lay.v_row, jmax, nchunk, tid);
+    __syncthreads();  // the stage and ps are overwritten next iteration
+    if (nstages == 1 && n + 1 < ntiles) {  // single buffer: load the next tile only now
+      load_tile(t0 + kTileKeys, 0);
+      cp_async_commit();
+    }
+  }
+
+  if (lane == 0) {
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) l_s[warp + kWarps * rr] = l_run[rr];
+  }
+  __syncthreads();
+
+  if (p.final_mode) {
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+      if (lane == 0 && row_ok[rr]) {
+        const int64_t row = r0 + warp + kWarps * rr, i = row - my_h[rr] * Tq;
+        p.lse_out[(b * p.H + my_h[rr]) * Tq + i] =
+            l_run[rr] > 0.f ? (m_run[rr] + log2f(l_run[rr])) * kLn2F : -INFINITY;
+      }
+    }
+  } else {
+    const int64_t base = (b * p.nsplit + split) * nrows;
+#pragma unroll
+    for (int rr = 0; rr < RPW; ++rr) {
+      if (lane == 0 && row_ok[rr]) {
+        const int64_t row = r0 + warp + kWarps * rr;
+        p.part_ml[(base + row) * 2 + 0] = m_run[rr];
+        p.part_ml[(base + row) * 2 + 1] = l_run[rr];
+      }
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    const int c = tid + kk * kThreads;
+    if (c >= nchunk) continue;
+#pragma unroll
+    for (int w = 0; w < ROWS; ++w) {
+      if (w >= rows_here) continue;
+      const int64_t row = r0 + w;
+      if (p.final_mode) {
+        const int64_t h = row / Tq, i = row - h * Tq;
+        const float inv = l_s[w] > 0.f ? 1.f / l_s[w] : 0.f;
+        *reinterpret_cast<float2*>(p.ctx_out + ((b * Tq + i) * p.H + h) * Rv + c * kRowChunk) =
+            make_float2(acc[kk][w][0] * inv, acc[kk][w][1] * inv);
+      } else {
+        *reinterpret_cast<float2*>(p.part_acc + ((b * p.nsplit + split) * nrows + row) * Rv +
+                                   c * kRowChunk) = make_float2(acc[kk][w][0], acc[kk][w][1]);
+      }
+    }
+  }
+}
+
+// Rows per warp of the launch: a compile-time constant kRPW for the kernel template.
+#define VDPROJ_DISPATCH_LATENT_RPW(NROWS, ...)                                            \
+  [&] {                                                                                   \
+    if (latent_rows_per_block(NROWS) > kRowsPerBlock) { constexpr int kRPW = 2; return __VA_ARGS__(); } \
+    constexpr int kRPW = 1;                                                               \
+    return __VA_ARGS__();                                                                 \
+  }()
+
+template <typename T, int RPW>
+LatentLayout layout_of(const LatentAttnParams& p, int nstages) {
+  constexpr int rows = kWarps * RPW;
+  return latent_layout<T>(rows, heads_per_tile(p.H, p.Tq, rows), p.Dr, p.Rk, p.Rv, p.joint,
+                          nstages);
+}
+
+// Two stages when they fit, else one.
+template <typename T, int RPW>
+int latent_stages(const LatentAttnParams& p, int64_t* bytes) {
+  const int64_t limit = max_smem_optin();
+  for (int st = 2; st >= 1; --st) {
+    const int64_t need = layout_of<T, RPW>(p, st).total;
+    if (need <= limit) {
+      *bytes = need;
+      return st;
+    }
+  }
+  TORCH_CHECK(false, "vdproj_ext CUDA latent attention: a tile of ", kTileKeys, " keys needs ",
+              layout_of<T, RPW>(p, 1).total, " bytes of shared memory, more than the device's ",
+              limit, " (Dr=", p.Dr, ", Rk=", p.Rk, ", Rv=", p.Rv, ")");
+  return 0;
+}
+
+}  // namespace
+
+size_t latent_query_smem_bytes(int64_t head_dim, int64_t Dr) {
+  return size_t(kQueryRows) * size_t(head_dim - Dr) * sizeof(float);
+}
+
+void launch_latent_query(const LatentQueryParams& p, cudaStream_t stream) {
+  if (p.M == 0 || p.H == 0) return;
+  const int64_t blocks = (p.M + kQueryRows - 1) / kQueryRows;
+  TORCH_CHECK(blocks <= 2147483647 && p.H <= 65535, "vdproj_ext CUDA: query grid too large");
+  const size_t bytes = latent_query_smem_bytes(p.head_dim, p.Dr);
+  VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
+    auto kernel = latent_query_kernel<T>;
+    set_smem_limit(kernel, bytes);
+    kernel<<<dim3(unsigned(blocks), unsigned(p.H)), kThreads, bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+size_t latent_attn_min_smem_bytes(DType dtype, int64_t H, int64_t Tq, int64_t Dr, int64_t Rk,
+                                  int64_t Rv, bool joint) {
+  LatentAttnParams p{};
+  p.H = H; p.Tq = Tq; p.Dr = Dr; p.Rk = Rk; p.Rv = Rv; p.joint = joint;
+  return VDPROJ_DISPATCH_DTYPE(dtype, [&] {
+    return VDPROJ_DISPATCH_LATENT_RPW(Tq * H, [&] {
+      return size_t(layout_of<T, kRPW>(p, 1).total);
+    });
+  });
+}
+
+// Splits per (b, row group): choose_num_splits over this device's block slots.
+int64_t latent_num_splits(const LatentAttnParams& p, int64_t max_keys) {
+  if (p.final_mode) return 1;
+  return VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
+    return VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
+      int64_t bytes = 0;
+      latent_stages<T, kRPW>(p, &bytes);
+      const int per_sm = blocks_per_sm(latent_attn_kernel<T, kRPW>, size_t(bytes));
+      const int64_t slots = int64_t(current_device_sms()) * (per_sm > 0 ? per_sm : 1);
+      const int64_t rows = latent_rows_per_block(p.nrows);
+      const int64_t groups = (p.nrows + rows - 1) / rows;
+      return choose_num_splits(slots, p.B * groups, (max_keys + kTileKeys - 1) / kTileKeys);
+    });
+  });
+}
+
+void launch_latent_attention(const LatentAttnParams& p, cudaStream_t stream) {
+  TORCH_CHECK(!p.final_mode || p.nsplit == 1, "vdproj_ext CUDA: final mode needs one split");
+  for (const int64_t rank : {p.Rk, p.Rv}) {
+    TORCH_CHECK(rank % 8 == 0 && rank > 0 && rank <= kMaxRank,
+                "vdproj_ext CUDA: ranks must be positive multiples of 8 and at most ", kMaxRank,
+                ", got ", rank);
+  }
+  TORCH_CHECK(p.Dr >= 0 && p.Dr % 8 == 0 && p.Dr < p.head_dim,
+              "vdproj_ext CUDA: rotary dims Dr must be a multiple of 8 below head_dim, got ", p.Dr);
+  TORCH_CHECK(!p.joint || p.Rk == p.Rv, "vdproj_ext CUDA: the joint latent needs Rk == Rv");
+  const int64_t rows = latent_rows_per_block(p.nrows);
+  const int64_t groups = (p.nrows + rows - 1) / rows;
+  TORCH_CHECK(groups <= 2147483647 && p.B <= 65535 && p.nsplit <= kMaxSplits,
+              "vdproj_ext CUDA: grid too large (rows=", p.nrows, ", batch=", p.B, ")");
+  if (p.B == 0 || p.nrows == 0) return;
+  VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
+    VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
+      int64_t bytes = 0;
+      const int nstages = latent_stages<T, kRPW>(p, &bytes);
+      auto kernel = latent_attn_kernel<T, kRPW>;
+      set_smem_limit(kernel, size_t(bytes));
+      const dim3 grid(unsigned(groups), unsigned(p.nsplit), unsigned(p.B));
+      kernel<<<grid, kThreads, size_t(bytes), stream>>>(p, nstages);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace vdproj

@@ -1,0 +1,121 @@
+// Latent keys (SPEC 3b), decode side: compress-on-write of the new tokens. The attention, the
+// combine and the restore of the decode step are latent_attn.cu's and kvcache.cu's kernels.
+//
+// Block = up to kCompressTokens new tokens of one sequence. Their inputs are staged once as
+// float rows X = [k_nope (H*Dn) | v (H*D)]; each warp then produces output columns with a
+// 16-byte-vectorized dot over the slice of X it compresses:
+//   separate latents: columns 0..Rk-1 are K_c = k_nope @ w_kc.T + b_kc (X[:H*Dn]), columns
+//                     Rk..Rk+Rv-1 are V_c = v @ w_c.T + b_c (X[H*Dn:]);
+//   joint latent:     columns 0..Rv-1 are [k_nope | v] @ w_c.T + b_c (all of X).
+// The rotary dims of every head are copied bit for bit into krope_cache.
+#include "device_utils.h"
+
+namespace vdproj {
+namespace cuda {
+namespace {
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) latent_compress_kernel(const LatentCompressParams p) {
+  constexpr int V = Vec16<T>::N;
+  extern __shared__ __align__(16) float xs[];  // [kCompressTokens][X]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t b = blockIdx.y, t0 = int64_t(blockIdx.x) * kCompressTokens;
+  const int64_t D = p.head_dim, Dr = p.Dr, Dn = D - Dr, H = p.H;
+  const int64_t HD = H * D, HDn = H * Dn, X = HDn + HD;
+  const int64_t nt = min(int64_t(kCompressTokens), p.Tnew - t0);
+  const int64_t pos0 = int64_t(p.seqlens[b]) + t0;  // first cache slot written by this block
+  const T* k = static_cast<const T*>(p.k) + (b * p.Tnew + t0) * HD;
+  const T* v = static_cast<const T*>(p.v) + (b * p.Tnew + t0) * HD;
+
+  // X rows (zeros past the block's tokens): k_nope of each head, then v.
+  const int64_t ncpr = Dn / V;  // 16-byte chunks of one head's k_nope
+  for (int64_t idx = tid; idx < kCompressTokens * H * ncpr; idx += kThreads) {
+    const int64_t m = idx / (H * ncpr), rem = idx - m * (H * ncpr);
+    const int64_t h = rem / ncpr, c = rem - h * ncpr;
+    float vals[V];
+    load16_or_zero(k + m * HD + h * D + Dr + c * V, m < nt, vals);
+#pragma unroll
+    for (int e = 0; e < V; ++e) xs[m * X + h * Dn + c * V + e] = vals[e];
+  }
+  for (int64_t idx = tid; idx < kCompressTokens * (HD / V); idx += kThreads) {
+    const int64_t m = idx / (HD / V), c = idx - m * (HD / V);
+    float vals[V];
+    load16_or_zero(v + m * HD + c * V, m < nt, vals);
+#pragma unroll
+    for (int e = 0; e < V; ++e) xs[m * X + HDn + c * V + e] = vals[e];
+  }
+  // Rotary keys: plain 16-byte copies into the (possibly strided) cache.
+  if (Dr > 0) {
+    T* kr = static_cast<T*>(p.krope_cache) + b * p.kr_sb;
+    const int64_t rcpr = Dr / V;
+    for (int64_t idx = tid; idx < nt * H * rcpr; idx += kThreads) {
+      const int64_t m = idx / (H * rcpr), rem = idx - m * (H * rcpr);
+      const int64_t h = rem / rcpr, c = rem - h * rcpr, pos = pos0 + m;
+      if (pos < 0 || pos >= p.len_max) continue;  // defensive: the op raises first
+      *reinterpret_cast<uint4*>(kr + pos * p.kr_st + h * p.kr_sh + c * V) =
+          *reinterpret_cast<const uint4*>(k + m * HD + h * D + c * V);
+    }
+  }
+  __syncthreads();
+
+  const int64_t nout = p.joint ? p.Rv : p.Rk + p.Rv;
+  for (int64_t o = warp; o < nout; o += kWarps) {
+    const bool key = !p.joint && o < p.Rk;
+    const int64_t r = key ? o : (p.joint ? o : o - p.Rk);  // column of its cache
+    const int64_t x0 = key || p.joint ? 0 : HDn;            // the slice of X it compresses
+    const int64_t width = key ? HDn : (p.joint ? X : HD);
+    const T* wrow = static_cast<const T*>(key ? p.w_kc : p.w_c) + r * width;
+    const T* bias = static_cast<const T*>(key ? p.b_kc : p.b_c);
+    float acc[kCompressTokens];
+#pragma unroll
+    for (int m = 0; m < kCompressTokens; ++m) acc[m] = 0.f;
+    for (int64_t e0 = int64_t(lane) * V; e0 < width; e0 += 32 * V) {
+      float w[V];
+      load16_as_float(wrow + e0, w);
+#pragma unroll
+      for (int m = 0; m < kCompressTokens; ++m) {
+        const float* x = xs + m * X + x0 + e0;
+#pragma unroll
+        for (int e = 0; e < V; e += 4) {
+          const float4 xv = *reinterpret_cast<const float4*>(x + e);
+          acc[m] = fmaf(w[e], xv.x, fmaf(w[e + 1], xv.y, fmaf(w[e + 2], xv.z, fmaf(w[e + 3], xv.w, acc[m]))));
+        }
+      }
+    }
+    const float bv = bias != nullptr ? to_float(bias[r]) : 0.f;
+    T* cache = static_cast<T*>(key ? p.kc_cache : p.vc_cache) + b * (key ? p.kc_sb : p.vc_sb);
+    const int64_t st = key ? p.kc_st : p.vc_st;
+#pragma unroll
+    for (int m = 0; m < kCompressTokens; ++m) {
+      const float total = warp_sum(acc[m]);
+      const int64_t pos = pos0 + m;
+      if (lane == 0 && m < nt && pos >= 0 && pos < p.len_max) cache[pos * st + r] = from_float<T>(total + bv);
+    }
+  }
+}
+
+}  // namespace
+
+size_t latent_compress_smem_bytes(int64_t H, int64_t head_dim, int64_t Dr) {
+  return size_t(kCompressTokens) * size_t(H * (2 * head_dim - Dr)) * sizeof(float);
+}
+
+void launch_latent_compress_write(const LatentCompressParams& p, cudaStream_t stream) {
+  if (p.B == 0 || p.Tnew == 0) return;
+  TORCH_CHECK(p.Dr >= 0 && p.Dr % 8 == 0 && p.Dr < p.head_dim,
+              "vdproj_ext CUDA: rotary dims Dr must be a multiple of 8 below head_dim, got ", p.Dr);
+  TORCH_CHECK(p.joint == (p.kc_cache == nullptr), "vdproj_ext CUDA: kc_cache is absent exactly "
+              "with the joint latent");
+  const int64_t blocks = (p.Tnew + kCompressTokens - 1) / kCompressTokens;
+  TORCH_CHECK(blocks <= 2147483647 && p.B <= 65535, "vdproj_ext CUDA: too many new tokens");
+  const size_t bytes = latent_compress_smem_bytes(p.H, p.head_dim, p.Dr);
+  VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
+    auto kernel = latent_compress_kernel<T>;
+    set_smem_limit(kernel, bytes);
+    kernel<<<dim3(unsigned(blocks), unsigned(p.B)), kThreads, bytes, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda
+}  // namespace vdproj
