@@ -45,18 +45,10 @@ AttnParams attn_params(const at::Tensor& q, const at::Tensor& keys, const at::Te
   p.q_sb = q.stride(0); p.q_st = q.stride(1); p.q_sh = q.stride(2);
   p.k_sb = keys.stride(0); p.k_st = keys.stride(1); p.k_sh = keys.stride(2);
   p.vc_sb = values.stride(0); p.vc_st = values.stride(1);
-  p.seqlens = seqlens;
-  p.len_add = len_add;
-  p.len_max = len_max;
-  p.B = q.size(0); p.Tq = q.size(1); p.H = q.size(2); p.R = values.size(2);
-  p.nrows = p.Tq * p.H;
-  p.nsplit = 1;
+  set_attn_common(p, seqlens, len_add, len_max, q.size(0), q.size(1), q.size(2),
+                  static_cast<int>(q.size(3)), *kernel_dtype(q.scalar_type()), causal, softmax_scale);
+  p.R = values.size(2);
   p.heads_per_tile = heads_per_tile(p.H, p.Tq);
-  p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
-  p.causal = causal;
-  p.final_mode = true;
-  p.dtype = *kernel_dtype(q.scalar_type());
-  p.head_dim = static_cast<int>(q.size(3));
   return p;
 }
 
@@ -309,19 +301,10 @@ LatentAttnParams latent_attn_params(const at::Tensor& q, const at::Tensor& q_eff
   p.kr_sb = rope.stride(0); p.kr_st = rope.stride(1); p.kr_sh = rope.stride(2);
   p.kl_sb = lat.stride(0); p.kl_st = lat.stride(1);
   p.vc_sb = values.stride(0); p.vc_st = values.stride(1);
-  p.seqlens = seqlens;
-  p.len_add = len_add;
-  p.len_max = len_max;
-  p.B = q.size(0); p.Tq = q.size(1); p.H = q.size(2);
+  set_attn_common(p, seqlens, len_add, len_max, q.size(0), q.size(1), q.size(2),
+                  static_cast<int>(q.size(3)), *kernel_dtype(q.scalar_type()), causal, softmax_scale);
   p.Dr = rope.size(3); p.Rk = lat.size(2); p.Rv = values.size(2);
-  p.nrows = p.Tq * p.H;
-  p.nsplit = 1;
   p.joint = k_lat == nullptr;
-  p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
-  p.causal = causal;
-  p.final_mode = true;
-  p.dtype = *kernel_dtype(q.scalar_type());
-  p.head_dim = static_cast<int>(q.size(3));
   return p;
 }
 

@@ -148,6 +148,30 @@ __device__ __forceinline__ void accumulate_pv(float (&acc)[2][ROWS][kRowChunk],
   }
 }
 
+// acc[m] = w . xs[m] over n elements, partial per lane (warp_sum finishes it): a warp walks
+// the global row w (T, 16-byte loads, lane l from l * V in steps of 32 * V) once for all M
+// staged float rows of xs (x_row floats apart, 16-byte aligned), so each weight serves M rows.
+template <typename T, int M>
+__device__ __forceinline__ void warp_rows_dot(const T* w, const float* xs, int64_t x_row,
+                                              int64_t n, int lane, float (&acc)[M]) {
+  constexpr int V = Vec16<T>::N;
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int64_t e0 = int64_t(lane) * V; e0 < n; e0 += 32 * V) {
+    float wv[V];
+    load16_as_float(w + e0, wv);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float* x = xs + m * x_row + e0;
+#pragma unroll
+      for (int e = 0; e < V; e += 4) {
+        const float4 xv = *reinterpret_cast<const float4*>(x + e);
+        acc[m] = fmaf(wv[e], xv.x, fmaf(wv[e + 1], xv.y, fmaf(wv[e + 2], xv.z, fmaf(wv[e + 3], xv.w, acc[m]))));
+      }
+    }
+  }
+}
+
 // 16 bytes as float, or zeros when `ok` is false (nothing is read then).
 template <typename T>
 __device__ __forceinline__ void load16_or_zero(const T* p, bool ok, float* out) {
@@ -167,6 +191,16 @@ inline void set_smem_limit(Kernel kernel, size_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
   }
+}
+
+// Launches `kernel` with kThreads threads and `bytes` of dynamic shared memory (raising the
+// kernel's limit first when needed) and checks the launch.
+template <typename Kernel, typename... Args>
+inline void launch_kernel(Kernel kernel, dim3 grid, size_t bytes, cudaStream_t stream,
+                          const Args&... args) {
+  set_smem_limit(kernel, bytes);
+  kernel<<<grid, kThreads, bytes, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 inline int current_device_sms() {

@@ -51,21 +51,7 @@ __global__ void __launch_bounds__(kThreads) compress_write_kernel(const Compress
   T* vcc = static_cast<T*>(p.vc_cache) + b * p.vcc_sb;
   for (int64_t r = warp; r < p.R; r += kWarps) {
     float acc[kCompressTokens];
-#pragma unroll
-    for (int m = 0; m < kCompressTokens; ++m) acc[m] = 0.f;
-    const T* wrow = wc + r * HD;
-    for (int64_t e0 = int64_t(lane) * V; e0 < HD; e0 += 32 * V) {
-      float w[V];
-      load16_as_float(wrow + e0, w);
-#pragma unroll
-      for (int m = 0; m < kCompressTokens; ++m) {
-#pragma unroll
-        for (int e = 0; e < V; e += 4) {
-          const float4 x = *reinterpret_cast<const float4*>(vs + m * HD + e0 + e);
-          acc[m] = fmaf(w[e], x.x, fmaf(w[e + 1], x.y, fmaf(w[e + 2], x.z, fmaf(w[e + 3], x.w, acc[m]))));
-        }
-      }
-    }
+    warp_rows_dot(wc + r * HD, vs, HD, HD, lane, acc);
     const float bias = bc != nullptr ? to_float(bc[r]) : 0.f;
 #pragma unroll
     for (int m = 0; m < kCompressTokens; ++m) {
@@ -144,7 +130,6 @@ combine_kernel(const CombineParams p, float* __restrict__ ctx_out, float* __rest
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
 restore_kernel(const CombineParams p, const float* __restrict__ ctx, const float* __restrict__ lse) {
-  constexpr int V = Vec16<T>::N;
   constexpr int BM = kCombineRows;
   extern __shared__ __align__(16) float cs[];  // [BM][R]
   __shared__ int empty_s[BM];
@@ -174,21 +159,7 @@ restore_kernel(const CombineParams p, const float* __restrict__ ctx, const float
   T* out = static_cast<T*>(p.out);
   for (int d = warp; d < D; d += kWarps) {
     float o[BM];
-#pragma unroll
-    for (int m = 0; m < BM; ++m) o[m] = 0.f;
-    const T* wrow = w + (h * D + d) * R;
-    for (int64_t r0 = int64_t(lane) * V; r0 < R; r0 += 32 * V) {
-      float wv[V];
-      load16_as_float(wrow + r0, wv);
-#pragma unroll
-      for (int m = 0; m < BM; ++m) {
-#pragma unroll
-        for (int e = 0; e < V; e += 4) {
-          const float4 x = *reinterpret_cast<const float4*>(cs + m * R + r0 + e);
-          o[m] = fmaf(wv[e], x.x, fmaf(wv[e + 1], x.y, fmaf(wv[e + 2], x.z, fmaf(wv[e + 3], x.w, o[m]))));
-        }
-      }
-    }
+    warp_rows_dot(w + (h * D + d) * R, cs, R, R, lane, o);
     const float bv = bias != nullptr ? to_float(bias[h * D + d]) : 0.f;
 #pragma unroll
     for (int m = 0; m < BM; ++m) {
@@ -215,10 +186,7 @@ void launch_compress_write(const CompressParams& p, cudaStream_t stream) {
   const size_t bytes = compress_smem_bytes(p);
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
     VDPROJ_DISPATCH_HEADDIM(p.head_dim, [&] {
-      auto kernel = compress_write_kernel<T, kD>;
-      set_smem_limit(kernel, bytes);
-      kernel<<<dim3(unsigned(blocks), unsigned(p.B)), kThreads, bytes, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(compress_write_kernel<T, kD>, dim3(unsigned(blocks), unsigned(p.B)), bytes, stream, p);
     });
   });
 }
@@ -239,10 +207,7 @@ void launch_restore(const CombineParams& p, const float* ctx, const float* lse, 
   const size_t bytes = size_t(kCombineRows) * size_t(p.R) * sizeof(float);
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
     VDPROJ_DISPATCH_HEADDIM(p.head_dim, [&] {
-      auto kernel = restore_kernel<T, kD>;
-      set_smem_limit(kernel, bytes);
-      kernel<<<dim3(unsigned(mt), unsigned(p.H)), kThreads, bytes, stream>>>(p, ctx, lse);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(restore_kernel<T, kD>, dim3(unsigned(mt), unsigned(p.H)), bytes, stream, p, ctx, lse);
     });
   });
 }

@@ -14,7 +14,7 @@
 //     latent vector it loads serving all of them.
 // Outputs are those of attn_fwd_kernel (split partials for combine_kernel, or ctx and lse), so
 // combine_kernel and restore_kernel (kvcache.cu) finish the decode step as for the V-only op.
-#include "device_utils.h"
+#include "attn_tiles.h"
 
 namespace vdproj {
 namespace cuda {
@@ -100,31 +100,16 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
   const int64_t Dr = p.Dr, Rk = p.Rk, Rv = p.Rv, Dq = Dr + Rk, Tq = p.Tq, nrows = p.nrows;
   const LatentLayout lay =
       latent_layout<T>(ROWS, heads_per_tile(p.H, Tq, ROWS), Dr, Rk, Rv, p.joint, nstages);
-  float* qs = reinterpret_cast<float*>(smem + lay.q_off);          // [rows][Dq]
-  float* ps = reinterpret_cast<float*>(smem + lay.p_off);          // [keys][rows]
-  float* alpha_s = reinterpret_cast<float*>(smem + lay.misc_off);  // [rows]
-  float* l_s = alpha_s + ROWS;                                     // [rows]
+  const FwdScratch sc = fwd_scratch(smem, lay, ROWS);
+  float *qs = sc.qs, *ps = sc.ps, *alpha_s = sc.alpha_s, *l_s = sc.l_s;  // qs: [rows][Dq]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t split = blockIdx.y, r0 = int64_t(blockIdx.x) * ROWS, b = blockIdx.z;
   const int64_t rows_here = nrows - r0 < ROWS ? nrows - r0 : ROWS;
   const int64_t h_lo = r0 / Tq, h_hi = (r0 + rows_here - 1) / Tq;
-  const int64_t nh = h_hi - h_lo + 1;  // <= heads_per_tile(H, Tq, ROWS)
-
-  // Key range of this (b, group, split), as in attn_fwd_kernel.
-  const int64_t L = max(int64_t(0), min(p.len_max, (p.seqlens != nullptr ? int64_t(p.seqlens[b])
-                                                                         : int64_t(0)) + p.len_add));
-  int64_t kend = L;
-  if (p.causal) {
-    int64_t max_i = 0;
-    for (int64_t w = 0; w < rows_here; ++w) max_i = max(max_i, (r0 + w) % Tq);
-    kend = min(L, max(int64_t(0), max_i + L - Tq + 1));
-  }
-  const int64_t per_split = (kend + p.nsplit - 1) / p.nsplit;
-  const int64_t chunk = (per_split + kTileKeys - 1) / kTileKeys * kTileKeys;
-  const int64_t kstart = min(kend, split * chunk);
-  const int64_t kstop = min(kend, kstart + chunk);
-  const int64_t ntiles = (kstop - kstart + kTileKeys - 1) / kTileKeys;
+  const int nh = int(h_hi - h_lo + 1);  // <= heads_per_tile(H, Tq, ROWS)
+  const KeyRange kr = block_key_range(p, b, split, r0, rows_here);
+  const int64_t kstop = kr.kstop;
 
   // This warp's rows: local row w = warp + kWarps * rr.
   bool row_ok[RPW];
@@ -135,20 +120,14 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
     row_ok[rr] = w < rows_here;
     const int64_t row = r0 + w, i = row_ok[rr] ? row % Tq : 0;
     my_h[rr] = row_ok[rr] ? row / Tq : h_lo;
-    my_limit[rr] = p.causal ? i + L - Tq : L;  // last visible key (inclusive) if causal
+    my_limit[rr] = p.causal ? i + kr.L - Tq : kr.L;  // last visible key (inclusive) if causal
   }
 
   // The group's absorbed queries (zeros for rows past the end).
   const float* qg = p.q_eff + b * Tq * p.H * Dq;
-  for (int64_t idx = tid; idx < ROWS * Dq; idx += kThreads) {
-    const int64_t w = idx / Dq, d = idx - w * Dq;
-    float val = 0.f;
-    if (w < rows_here) {
-      const int64_t row = r0 + w, h = row / Tq, i = row - h * Tq;
-      val = qg[(i * p.H + h) * Dq + d];
-    }
-    qs[idx] = val;
-  }
+  stage_query_rows(qs, ROWS, Dq, r0, rows_here, Tq, tid, [&](int64_t h, int64_t i, int64_t d) {
+    return qg[(i * p.H + h) * Dq + d];
+  });
 
   // (No offset is applied to a pointer the launch leaves null: no rotary dims, joint latent.)
   const T* vb = static_cast<const T*>(p.vc) + b * p.vc_sb;
@@ -160,35 +139,14 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
   auto stage_v = [&](int st) {
     return reinterpret_cast<T*>(stage(st) + lay.kr_bytes + lay.kl_bytes);
   };
-  // One tile: positions past the key range are zero-filled, never read (NaN tails).
+  // One tile: the rotary keys of the group's heads, the latent rows, the V_c rows.
   auto load_tile = [&](int64_t t0, int st) {
     if (Dr > 0) {
-      T* krs = stage_kr(st);
-      const int64_t cpr = Dr / V;  // 16-byte chunks per (key, head)
-      for (int64_t idx = tid; idx < kTileKeys * nh * cpr; idx += kThreads) {
-        const int64_t j = idx / (nh * cpr), rem = idx - j * (nh * cpr);
-        const int64_t hh = rem / cpr, c = rem - hh * cpr, pos = t0 + j;
-        const bool ok = pos < kstop;
-        const T* src = ok ? krb + pos * p.kr_st + (h_lo + hh) * p.kr_sh + c * V : krb;
-        cp_async16(krs + j * lay.kr_row + hh * Dr + c * V, src, ok);
-      }
+      stage_tile_async(stage_kr(st), lay.kr_row, krb, p.kr_st, p.kr_sh, h_lo, nh, int(Dr), t0,
+                       kstop, tid);
     }
-    if (!p.joint) {
-      T* kls = stage_kl(st);
-      const int64_t cpr = Rk / V;
-      for (int64_t idx = tid; idx < kTileKeys * cpr; idx += kThreads) {
-        const int64_t j = idx / cpr, c = idx - j * cpr, pos = t0 + j;
-        const bool ok = pos < kstop;
-        cp_async16(kls + j * lay.kl_row + c * V, ok ? klb + pos * p.kl_st + c * V : klb, ok);
-      }
-    }
-    T* vs = stage_v(st);
-    const int64_t cpr = Rv / V;
-    for (int64_t idx = tid; idx < kTileKeys * cpr; idx += kThreads) {
-      const int64_t j = idx / cpr, c = idx - j * cpr, pos = t0 + j;
-      const bool ok = pos < kstop;
-      cp_async16(vs + j * lay.v_row + c * V, ok ? vb + pos * p.vc_st + c * V : vb, ok);
-    }
+    if (!p.joint) stage_tile_async(stage_kl(st), lay.kl_row, klb, p.kl_st, 0, 0, 1, int(Rk), t0, kstop, tid);
+    stage_tile_async(stage_v(st), lay.v_row, vb, p.vc_st, 0, 0, 1, int(Rv), t0, kstop, tid);
   };
 
   float m_run[RPW], l_run[RPW];
@@ -198,31 +156,11 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
     m_run[rr] = -INFINITY;
     l_run[rr] = 0.f;
   }
-#pragma unroll
-  for (int kk = 0; kk < 2; ++kk)
-#pragma unroll
-    for (int w = 0; w < ROWS; ++w)
-#pragma unroll
-      for (int e = 0; e < kRowChunk; ++e) acc[kk][w][e] = 0.f;
+  zero_acc(acc);
   const int nchunk = int(Rv / kRowChunk);
 
-  if (ntiles > 0) {
-    load_tile(kstart, 0);
-    cp_async_commit();
-  }
-  for (int64_t n = 0; n < ntiles; ++n) {
-    const int64_t t0 = kstart + n * kTileKeys;
-    if (nstages == 2 && n + 1 < ntiles) {
-      load_tile(t0 + kTileKeys, int((n + 1) & 1));
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();
-    const int st = nstages == 2 ? int(n & 1) : 0;
+  pipelined_key_tiles(kr.kstart, kr.ntiles, nstages, load_tile, [&](int64_t t0, int st) {
     const T* vs = stage_v(st);
-
     // Scores: lane = key, for each of the warp's rows; online softmax (log2 domain).
     {
       const int64_t pos = t0 + lane;
@@ -243,13 +181,7 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
 #pragma unroll
       for (int rr = 0; rr < RPW; ++rr) {  // each row's own head: the rotary part
         const T* krow = stage_kr(st) + lane * lay.kr_row + (my_h[rr] - h_lo) * Dr;
-        const float* qrow = qs + (warp + kWarps * rr) * Dq;
-        for (int64_t d = 0; d < Dr; d += V) {
-          float kv[V];
-          load16_as_float(krow + d, kv);
-#pragma unroll
-          for (int e = 0; e < V; ++e) dot[rr] = fmaf(qrow[d + e], kv[e], dot[rr]);
-        }
+        dot[rr] = dot_staged(qs + (warp + kWarps * rr) * Dq, krow, Dr, dot[rr]);
       }
 #pragma unroll
       for (int rr = 0; rr < RPW; ++rr) {
@@ -267,58 +199,18 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
     // acc[row] = alpha[row] * acc[row] + sum_j P[row, j] * V_c[j]  (all rows share V_c[j]).
     const int jmax = int(min(int64_t(kTileKeys), kstop - t0));
     accumulate_pv<T, ROWS>(acc, alpha_s, ps, vs, lay.v_row, jmax, nchunk, tid);
-    __syncthreads();  // the stage and ps are overwritten next iteration
-    if (nstages == 1 && n + 1 < ntiles) {  // single buffer: load the next tile only now
-      load_tile(t0 + kTileKeys, 0);
-      cp_async_commit();
-    }
-  }
+  });
 
   if (lane == 0) {
 #pragma unroll
     for (int rr = 0; rr < RPW; ++rr) l_s[warp + kWarps * rr] = l_run[rr];
   }
   __syncthreads();
-
-  if (p.final_mode) {
 #pragma unroll
-    for (int rr = 0; rr < RPW; ++rr) {
-      if (lane == 0 && row_ok[rr]) {
-        const int64_t row = r0 + warp + kWarps * rr, i = row - my_h[rr] * Tq;
-        p.lse_out[(b * p.H + my_h[rr]) * Tq + i] =
-            l_run[rr] > 0.f ? (m_run[rr] + log2f(l_run[rr])) * kLn2F : -INFINITY;
-      }
-    }
-  } else {
-    const int64_t base = (b * p.nsplit + split) * nrows;
-#pragma unroll
-    for (int rr = 0; rr < RPW; ++rr) {
-      if (lane == 0 && row_ok[rr]) {
-        const int64_t row = r0 + warp + kWarps * rr;
-        p.part_ml[(base + row) * 2 + 0] = m_run[rr];
-        p.part_ml[(base + row) * 2 + 1] = l_run[rr];
-      }
-    }
+  for (int rr = 0; rr < RPW; ++rr) {
+    if (lane == 0 && row_ok[rr]) store_row_stats(p, b, split, r0 + warp + kWarps * rr, m_run[rr], l_run[rr]);
   }
-#pragma unroll
-  for (int kk = 0; kk < 2; ++kk) {
-    const int c = tid + kk * kThreads;
-    if (c >= nchunk) continue;
-#pragma unroll
-    for (int w = 0; w < ROWS; ++w) {
-      if (w >= rows_here) continue;
-      const int64_t row = r0 + w;
-      if (p.final_mode) {
-        const int64_t h = row / Tq, i = row - h * Tq;
-        const float inv = l_s[w] > 0.f ? 1.f / l_s[w] : 0.f;
-        *reinterpret_cast<float2*>(p.ctx_out + ((b * Tq + i) * p.H + h) * Rv + c * kRowChunk) =
-            make_float2(acc[kk][w][0] * inv, acc[kk][w][1] * inv);
-      } else {
-        *reinterpret_cast<float2*>(p.part_acc + ((b * p.nsplit + split) * nrows + row) * Rv +
-                                   c * kRowChunk) = make_float2(acc[kk][w][0], acc[kk][w][1]);
-      }
-    }
-  }
+  store_row_acc(p, acc, l_s, b, split, r0, rows_here, Rv, nchunk, tid);
 }
 
 // Rows per warp of the launch: a compile-time constant kRPW for the kernel template.
@@ -339,18 +231,8 @@ LatentLayout layout_of(const LatentAttnParams& p, int nstages) {
 // Two stages when they fit, else one.
 template <typename T, int RPW>
 int latent_stages(const LatentAttnParams& p, int64_t* bytes) {
-  const int64_t limit = max_smem_optin();
-  for (int st = 2; st >= 1; --st) {
-    const int64_t need = layout_of<T, RPW>(p, st).total;
-    if (need <= limit) {
-      *bytes = need;
-      return st;
-    }
-  }
-  TORCH_CHECK(false, "vdproj_ext CUDA latent attention: a tile of ", kTileKeys, " keys needs ",
-              layout_of<T, RPW>(p, 1).total, " bytes of shared memory, more than the device's ",
-              limit, " (Dr=", p.Dr, ", Rk=", p.Rk, ", Rv=", p.Rv, ")");
-  return 0;
+  return choose_smem_stages([&](int st) { return layout_of<T, RPW>(p, st).total; }, bytes,
+                            "latent attention", "Dr=", p.Dr, ", Rk=", p.Rk, ", Rv=", p.Rv);
 }
 
 }  // namespace
@@ -365,10 +247,7 @@ void launch_latent_query(const LatentQueryParams& p, cudaStream_t stream) {
   TORCH_CHECK(blocks <= 2147483647 && p.H <= 65535, "vdproj_ext CUDA: query grid too large");
   const size_t bytes = latent_query_smem_bytes(p.head_dim, p.Dr);
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
-    auto kernel = latent_query_kernel<T>;
-    set_smem_limit(kernel, bytes);
-    kernel<<<dim3(unsigned(blocks), unsigned(p.H)), kThreads, bytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(latent_query_kernel<T>, dim3(unsigned(blocks), unsigned(p.H)), bytes, stream, p);
   });
 }
 
@@ -383,46 +262,28 @@ size_t latent_attn_min_smem_bytes(DType dtype, int64_t H, int64_t Tq, int64_t Dr
   });
 }
 
-// Splits per (b, row group): choose_num_splits over this device's block slots.
+// Splits per (b, row group) over this device's block slots.
 int64_t latent_num_splits(const LatentAttnParams& p, int64_t max_keys) {
   if (p.final_mode) return 1;
+  const int64_t rows = latent_rows_per_block(p.nrows);
   return VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
     return VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
-      int64_t bytes = 0;
-      latent_stages<T, kRPW>(p, &bytes);
-      const int per_sm = blocks_per_sm(latent_attn_kernel<T, kRPW>, size_t(bytes));
-      const int64_t slots = int64_t(current_device_sms()) * (per_sm > 0 ? per_sm : 1);
-      const int64_t rows = latent_rows_per_block(p.nrows);
-      const int64_t groups = (p.nrows + rows - 1) / rows;
-      return choose_num_splits(slots, p.B * groups, (max_keys + kTileKeys - 1) / kTileKeys);
+      return splits_over_slots(latent_attn_kernel<T, kRPW>, latent_stages<T, kRPW>, p,
+                               (p.nrows + rows - 1) / rows, max_keys);
     });
   });
 }
 
 void launch_latent_attention(const LatentAttnParams& p, cudaStream_t stream) {
-  TORCH_CHECK(!p.final_mode || p.nsplit == 1, "vdproj_ext CUDA: final mode needs one split");
-  for (const int64_t rank : {p.Rk, p.Rv}) {
-    TORCH_CHECK(rank % 8 == 0 && rank > 0 && rank <= kMaxRank,
-                "vdproj_ext CUDA: ranks must be positive multiples of 8 and at most ", kMaxRank,
-                ", got ", rank);
-  }
   TORCH_CHECK(p.Dr >= 0 && p.Dr % 8 == 0 && p.Dr < p.head_dim,
               "vdproj_ext CUDA: rotary dims Dr must be a multiple of 8 below head_dim, got ", p.Dr);
   TORCH_CHECK(!p.joint || p.Rk == p.Rv, "vdproj_ext CUDA: the joint latent needs Rk == Rv");
   const int64_t rows = latent_rows_per_block(p.nrows);
   const int64_t groups = (p.nrows + rows - 1) / rows;
-  TORCH_CHECK(groups <= 2147483647 && p.B <= 65535 && p.nsplit <= kMaxSplits,
-              "vdproj_ext CUDA: grid too large (rows=", p.nrows, ", batch=", p.B, ")");
-  if (p.B == 0 || p.nrows == 0) return;
+  if (!attn_launch_checks(p, {p.Rk, p.Rv}, groups)) return;
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
     VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
-      int64_t bytes = 0;
-      const int nstages = latent_stages<T, kRPW>(p, &bytes);
-      auto kernel = latent_attn_kernel<T, kRPW>;
-      set_smem_limit(kernel, size_t(bytes));
-      const dim3 grid(unsigned(groups), unsigned(p.nsplit), unsigned(p.B));
-      kernel<<<grid, kThreads, size_t(bytes), stream>>>(p, nstages);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_split_attention(latent_attn_kernel<T, kRPW>, latent_stages<T, kRPW>, p, groups, stream);
     });
   });
 }

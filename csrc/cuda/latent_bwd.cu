@@ -13,7 +13,7 @@
 // over heads in shared memory without atomics; dq_eff is accumulated with float atomics across
 // key tiles; P is recomputed from the saved log-sum-exp. The widths Dr, Rk, Rv are runtime
 // values: the per-key accumulators live in shared memory, each element owned by one thread.
-#include "device_utils.h"
+#include "attn_tiles.h"
 
 namespace vdproj {
 namespace cuda {
@@ -26,7 +26,8 @@ constexpr int RB = kRowsPerBlock;
 // different keys with float4 loads at the same column fall in different banks.
 struct LatentBwdLayout {
   int64_t KP, LP, VP;  // row strides of ks, ls, vs
-  int64_t ks, ls, vs, dv, dl, dkr, qs, dcs, lse2, delta, pp, pds, total;
+  int64_t ks, ls, vs, dv, dl, dkr;
+  BwdGroupLayout g;    // the query group's part, after them
 };
 
 inline __host__ __device__ LatentBwdLayout latent_bwd_layout(int64_t Dr, int64_t Rk, int64_t Rv,
@@ -41,23 +42,8 @@ inline __host__ __device__ LatentBwdLayout latent_bwd_layout(int64_t Dr, int64_t
   L.dv = L.vs + TJ * L.VP;
   L.dl = L.dv + TJ * Rv;
   L.dkr = L.dl + (joint ? 0 : TJ * Rk);
-  L.qs = L.dkr + TJ * Dr;
-  L.dcs = L.qs + RB * (Dr + Rk);
-  L.lse2 = L.dcs + RB * Rv;
-  L.delta = L.lse2 + RB;
-  L.pp = L.delta + RB;
-  L.pds = L.pp + RB * TJ;
-  L.total = L.pds + RB * TJ;
+  L.g = bwd_group_layout(L.dkr + TJ * Dr, Dr + Rk, Rv);
   return L;
-}
-
-__device__ __forceinline__ float dot4(const float* a, const float* b, int64_t n, float acc) {
-  for (int64_t d = 0; d < n; d += 4) {
-    const float4 x = *reinterpret_cast<const float4*>(a + d);
-    const float4 y = *reinterpret_cast<const float4*>(b + d);
-    acc = fmaf(x.x, y.x, fmaf(x.y, y.y, fmaf(x.z, y.z, fmaf(x.w, y.w, acc))));
-  }
-  return acc;
 }
 
 template <typename T>
@@ -69,12 +55,12 @@ __global__ void __launch_bounds__(kThreads) latent_bwd_kernel(const LatentBwdPar
   float* vs = sm + lay.vs;    // [TJ][VP]
   float* dv = sm + lay.dv;    // [TJ][Rv]
   float* dkr = sm + lay.dkr;  // [TJ][Dr], the current head
-  float* qs = sm + lay.qs;    // [RB][Dq]
-  float* dcs = sm + lay.dcs;  // [RB][Rv]
-  float* lse2 = sm + lay.lse2;
-  float* delta = sm + lay.delta;
-  float* pp = sm + lay.pp;    // [RB][TJ]
-  float* pds = sm + lay.pds;  // [RB][TJ]
+  float* qs = sm + lay.g.qs;    // [RB][Dq]
+  float* dcs = sm + lay.g.dcs;  // [RB][Rv]
+  float* lse2 = sm + lay.g.lse2;
+  float* delta = sm + lay.g.delta;
+  float* pp = sm + lay.g.pp;    // [RB][TJ]
+  float* pds = sm + lay.g.pds;  // [RB][TJ]
   // The key latent and its gradient: separate rows, or the V_c rows and dV_c (joint).
   float* ls = p.joint ? vs : sm + lay.ls;
   float* dl = p.joint ? dv : sm + lay.dl;
@@ -83,103 +69,37 @@ __global__ void __launch_bounds__(kThreads) latent_bwd_kernel(const LatentBwdPar
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t j0 = int64_t(blockIdx.x) * TJ, b = blockIdx.y;
   const int64_t Tq = p.Tq, Tk = p.Tk, H = p.H;
-  const float scale_log2 = p.scale * kLog2eF;
   const T* kr = static_cast<const T*>(p.krope);
-  const T* vc = static_cast<const T*>(p.vc);
 
-  for (int64_t idx = tid; idx < TJ * Rv; idx += kThreads) {
-    const int64_t j = idx / Rv, r = idx - j * Rv, pos = j0 + j;
-    vs[j * lay.VP + r] = pos < Tk ? to_float(vc[(b * Tk + pos) * Rv + r]) : 0.f;
-    dv[idx] = 0.f;
-  }
+  stage_key_rows(vs, lay.VP, dv, static_cast<const T*>(p.vc) + b * Tk * Rv, Rv, Rv, j0, Tk, tid);
   if (!p.joint) {
-    const T* kl = static_cast<const T*>(p.klat);
-    for (int64_t idx = tid; idx < TJ * Rk; idx += kThreads) {
-      const int64_t j = idx / Rk, c = idx - j * Rk, pos = j0 + j;
-      ls[j * LP + c] = pos < Tk ? to_float(kl[(b * Tk + pos) * Rk + c]) : 0.f;
-      dl[idx] = 0.f;
-    }
+    stage_key_rows(ls, LP, dl, static_cast<const T*>(p.klat) + b * Tk * Rk, Rk, Rk, j0, Tk, tid);
   }
-  // Queries i with i + Tk - Tq >= j0 can see some key of this tile.
-  int64_t i_min = 0;
-  if (p.causal) i_min = max(int64_t(0), j0 + Tq - Tk);
+  const int64_t i_min = first_query_of_tile(p.causal, j0, Tq, Tk);
 
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t idx = tid; idx < TJ * Dr; idx += kThreads) {
-      const int64_t j = idx / Dr, d = idx - j * Dr, pos = j0 + j;
-      ks[j * lay.KP + d] = pos < Tk ? to_float(kr[((b * Tk + pos) * H + h) * Dr + d]) : 0.f;
-      dkr[idx] = 0.f;
-    }
+    if (Dr > 0) stage_key_rows(ks, lay.KP, dkr, kr + (b * Tk * H + h) * Dr, H * Dr, Dr, j0, Tk, tid);
 
     for (int64_t i0 = i_min; i0 < Tq; i0 += RB) {
-      for (int64_t idx = tid; idx < RB * Dq; idx += kThreads) {
-        const int64_t w = idx / Dq, d = idx - w * Dq, i = i0 + w;
-        qs[idx] = i < Tq ? p.q_eff[((b * Tq + i) * H + h) * Dq + d] : 0.f;
-      }
-      for (int64_t idx = tid; idx < RB * Rv; idx += kThreads) {
-        const int64_t w = idx / Rv, r = idx - w * Rv, i = i0 + w;
-        dcs[idx] = i < Tq ? p.dctx[((b * Tq + i) * H + h) * Rv + r] : 0.f;
-      }
-      if (tid < RB) {
-        const int64_t i = i0 + tid;
-        lse2[tid] = i < Tq ? p.lse[(b * H + h) * Tq + i] * kLog2eF : -INFINITY;
-        delta[tid] = i < Tq ? p.delta[(b * H + h) * Tq + i] : 0.f;
-      }
+      stage_query_group(p, p.q_eff, Dq, Rv, qs, dcs, lse2, delta, b, h, i0, tid);
       __syncthreads();
 
-      {  // warp = query row, lane = key
-        const int64_t i = i0 + warp, pos = j0 + lane;
-        const bool valid = i < Tq && pos < Tk && (!p.causal || pos <= i + Tk - Tq) &&
-                           lse2[warp] != -INFINITY;
-        float pr = 0.f, ds = 0.f;
-        if (valid) {
-          const float* qr = qs + warp * Dq;
-          const float s = dot4(qr + Dr, ls + lane * LP, Rk, dot4(qr, ks + lane * lay.KP, Dr, 0.f));
-          pr = exp2f(s * scale_log2 - lse2[warp]);
-          const float dp = dot4(dcs + warp * Rv, vs + lane * lay.VP, Rv, 0.f);
-          ds = pr * (dp - delta[warp]) * p.scale;
-        }
-        pp[warp * TJ + lane] = pr;
-        pds[warp * TJ + lane] = ds;
-      }
+      probs_and_dscores(p, [&] {
+        const float* qr = qs + warp * Dq;
+        return dot4(qr + Dr, ls + lane * LP, Rk, dot4(qr, ks + lane * lay.KP, Dr, 0.f));
+      }, dcs, vs, lay.VP, Rv, lse2, delta, pp, pds, i0, j0, warp, lane);
       __syncthreads();
 
-      // dk_rope[j] += sum_w dS[w, j] q_rope[w]   (each thread owns fixed elements: no races)
-      for (int64_t idx = tid; idx < TJ * Dr; idx += kThreads) {
-        const int64_t j = idx / Dr, d = idx - j * Dr;
-        float a = dkr[idx];
-#pragma unroll
-        for (int w = 0; w < RB; ++w) a = fmaf(pds[w * TJ + j], qs[w * Dq + d], a);
-        dkr[idx] = a;
-      }
-      // dK_lat[j] += sum_w dS[w, j] q_lat[w]   (into dV_c with the joint latent: Rk == Rv, so
-      // the thread that updates an element here also updates it in the dV_c loop below)
-      for (int64_t idx = tid; idx < TJ * Rk; idx += kThreads) {
-        const int64_t j = idx / Rk, c = idx - j * Rk;
-        float a = dl[j * DLP + c];
-#pragma unroll
-        for (int w = 0; w < RB; ++w) a = fmaf(pds[w * TJ + j], qs[w * Dq + Dr + c], a);
-        dl[j * DLP + c] = a;
-      }
-      // dV_c[j] += sum_w P[w, j] dctx[w]
-      for (int64_t idx = tid; idx < TJ * Rv; idx += kThreads) {
-        const int64_t j = idx / Rv, r = idx - j * Rv;
-        float a = dv[idx];
-#pragma unroll
-        for (int w = 0; w < RB; ++w) a = fmaf(pp[w * TJ + j], dcs[w * Rv + r], a);
-        dv[idx] = a;
-      }
+      // Each thread owns fixed elements of the accumulators: no races. With the joint latent
+      // (Rk == Rv, dl == dv) the thread that adds dK_lat to an element also adds its dV_c.
+      accumulate_key_grads(dkr, Dr, Dr, pds, qs, Dq, tid);      // dk_rope[j] += dS q_rope
+      accumulate_key_grads(dl, DLP, Rk, pds, qs + Dr, Dq, tid);  // dK_lat[j] += dS q_lat
+      accumulate_key_grads(dv, Rv, Rv, pp, dcs, Rv, tid);        // dV_c[j] += P dctx
       // dq_eff[w] += sum_j dS[w, j] key[j]
-      for (int64_t idx = tid; idx < RB * Dq; idx += kThreads) {
-        const int64_t w = idx / Dq, d = idx - w * Dq, i = i0 + w;
-        if (i >= Tq) continue;
-        const float* col = d < Dr ? ks + d : ls + (d - Dr);
-        const int64_t stride = d < Dr ? lay.KP : LP;
-        float a = 0.f;
-#pragma unroll 8
-        for (int j = 0; j < TJ; ++j) a = fmaf(pds[w * TJ + j], col[j * stride], a);
-        atomicAdd(p.dq_eff + ((b * Tq + i) * H + h) * Dq + d, a);
-      }
+      accumulate_query_grads(p.dq_eff, Dq, [&](int64_t d, int64_t& stride) {
+        stride = d < Dr ? lay.KP : LP;
+        return d < Dr ? ks + d : ls + (d - Dr);
+      }, pds, Tq, H, b, h, i0, tid);
       __syncthreads();
     }
 
@@ -201,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) latent_bwd_kernel(const LatentBwdPar
 }  // namespace
 
 size_t latent_bwd_smem_bytes(int64_t Dr, int64_t Rk, int64_t Rv, bool joint) {
-  return size_t(latent_bwd_layout(Dr, Rk, Rv, joint).total) * sizeof(float);
+  return size_t(latent_bwd_layout(Dr, Rk, Rv, joint).g.end) * sizeof(float);
 }
 
 void launch_latent_attention_bwd(const LatentBwdParams& p, cudaStream_t stream) {
@@ -217,10 +137,7 @@ void launch_latent_attention_bwd(const LatentBwdParams& p, cudaStream_t stream) 
               " bytes of shared memory (Dr=", p.Dr, ", Rk=", p.Rk, ", Rv=", p.Rv,
               "), the device allows ", limit);
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
-    auto kernel = latent_bwd_kernel<T>;
-    set_smem_limit(kernel, bytes);
-    kernel<<<dim3(unsigned(tiles), unsigned(p.B)), kThreads, bytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(latent_bwd_kernel<T>, dim3(unsigned(tiles), unsigned(p.B)), bytes, stream, p);
   });
 }
 

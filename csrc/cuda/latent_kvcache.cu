@@ -67,21 +67,7 @@ __global__ void __launch_bounds__(kThreads) latent_compress_kernel(const LatentC
     const T* wrow = static_cast<const T*>(key ? p.w_kc : p.w_c) + r * width;
     const T* bias = static_cast<const T*>(key ? p.b_kc : p.b_c);
     float acc[kCompressTokens];
-#pragma unroll
-    for (int m = 0; m < kCompressTokens; ++m) acc[m] = 0.f;
-    for (int64_t e0 = int64_t(lane) * V; e0 < width; e0 += 32 * V) {
-      float w[V];
-      load16_as_float(wrow + e0, w);
-#pragma unroll
-      for (int m = 0; m < kCompressTokens; ++m) {
-        const float* x = xs + m * X + x0 + e0;
-#pragma unroll
-        for (int e = 0; e < V; e += 4) {
-          const float4 xv = *reinterpret_cast<const float4*>(x + e);
-          acc[m] = fmaf(w[e], xv.x, fmaf(w[e + 1], xv.y, fmaf(w[e + 2], xv.z, fmaf(w[e + 3], xv.w, acc[m]))));
-        }
-      }
-    }
+    warp_rows_dot(wrow, xs + x0, X, width, lane, acc);
     const float bv = bias != nullptr ? to_float(bias[r]) : 0.f;
     T* cache = static_cast<T*>(key ? p.kc_cache : p.vc_cache) + b * (key ? p.kc_sb : p.vc_sb);
     const int64_t st = key ? p.kc_st : p.vc_st;
@@ -110,10 +96,7 @@ void launch_latent_compress_write(const LatentCompressParams& p, cudaStream_t st
   TORCH_CHECK(blocks <= 2147483647 && p.B <= 65535, "vdproj_ext CUDA: too many new tokens");
   const size_t bytes = latent_compress_smem_bytes(p.H, p.head_dim, p.Dr);
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
-    auto kernel = latent_compress_kernel<T>;
-    set_smem_limit(kernel, bytes);
-    kernel<<<dim3(unsigned(blocks), unsigned(p.B)), kThreads, bytes, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(latent_compress_kernel<T>, dim3(unsigned(blocks), unsigned(p.B)), bytes, stream, p);
   });
 }
 

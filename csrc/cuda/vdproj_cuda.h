@@ -103,17 +103,20 @@ struct CombineParams {
   int head_dim;
 };
 
-// The combine / restore parameters of an attention launch (outputs set by the caller). Shared
-// by cuda_api.cpp and the CPU emulator's harness (python_tests/cuda_emu), which runs the same chain.
-inline CombineParams combine_params(const AttnParams& p) {
+// The combine / restore parameters of an attention launch (AttnParams or LatentAttnParams, R
+// its V_c rank; outputs set by the caller). Shared by cuda_api.cpp and the CPU emulator's
+// harness (python_tests/cuda_emu), which runs the same chain.
+template <typename P>
+inline CombineParams combine_params_of(const P& p, int64_t R) {
   CombineParams c{};
   c.part_acc = p.part_acc;
   c.part_ml = p.part_ml;
-  c.B = p.B; c.Tq = p.Tq; c.H = p.H; c.R = p.R; c.nrows = p.nrows; c.nsplit = p.nsplit;
+  c.B = p.B; c.Tq = p.Tq; c.H = p.H; c.R = R; c.nrows = p.nrows; c.nsplit = p.nsplit;
   c.dtype = p.dtype;
   c.head_dim = p.head_dim;
   return c;
 }
+inline CombineParams combine_params(const AttnParams& p) { return combine_params_of(p, p.R); }
 
 // Compress-on-write: vc_cache[b, seqlens[b] + t] = v[b, t] @ w_c.T + b_c; k_cache[b, ...] = k[b, t].
 struct CompressParams {
@@ -192,24 +195,37 @@ struct LatentAttnParams {
   int head_dim;
 };
 
+// What the V-only and the latent attention's parameters share (P: AttnParams or
+// LatentAttnParams), in final mode with one split: sequence b sees min((seqlens ? seqlens[b] :
+// 0) + len_add, len_max) keys; rows are (head, query) pairs, head-major. Shared by cuda_api.cpp
+// and the CPU emulator's harness, which fill the pointers, strides and ranks.
+template <typename P>
+inline void set_attn_common(P& p, const int32_t* seqlens, int64_t len_add, int64_t len_max,
+                            int64_t B, int64_t Tq, int64_t H, int head_dim, DType dtype,
+                            bool causal, double softmax_scale) {
+  p.seqlens = seqlens;
+  p.len_add = len_add;
+  p.len_max = len_max;
+  p.B = B; p.Tq = Tq; p.H = H;
+  p.nrows = Tq * H;
+  p.nsplit = 1;
+  p.scale_log2 = static_cast<float>(softmax_scale * kLog2e);
+  p.causal = causal;
+  p.final_mode = true;
+  p.dtype = dtype;
+  p.head_dim = head_dim;
+}
+
 // (head, query) rows per latent attention block: 8 (one per warp) or 16 (two per warp), so that
 // up to 16 heads of a decode step share one read of each cached row. PLACEHOLDER choice until
-// measured on a GPU: two rows per warp take about 208 registers (ptxas, sm_90), so one block
+// measured on a GPU: two rows per warp take about 175-180 registers (ptxas, sm_90), so one block
 // per SM, against about 128 for one row per warp.
 constexpr int kLatentMaxRowsPerWarp = 2;
 inline int latent_rows_per_block(int64_t nrows) {
   return nrows > kRowsPerBlock ? kRowsPerBlock * kLatentMaxRowsPerWarp : kRowsPerBlock;
 }
 
-inline CombineParams combine_params(const LatentAttnParams& p) {
-  CombineParams c{};
-  c.part_acc = p.part_acc;
-  c.part_ml = p.part_ml;
-  c.B = p.B; c.Tq = p.Tq; c.H = p.H; c.R = p.Rv; c.nrows = p.nrows; c.nsplit = p.nsplit;
-  c.dtype = p.dtype;
-  c.head_dim = p.head_dim;
-  return c;
-}
+inline CombineParams combine_params(const LatentAttnParams& p) { return combine_params_of(p, p.Rv); }
 
 // Compress-on-write of new tokens with latent keys, at slots seqlens[b] + t:
 //   krope_cache <- k[..., :Dr] of every head (bit for bit);

@@ -59,19 +59,10 @@ struct CacheLayout {
 };
 CacheLayout cache_layout(const DecodeCase& c) {
   CacheLayout L{};
-  if (c.strided) {  // k: a (B, H, Tmax + 2, D) buffer seen as (B, Tmax, H, D); v_c rows padded by 8
-    L.kc_st = c.D;
-    L.kc_sh = int64_t(c.Tmax + 2) * c.D;
-    L.kc_sb = c.H * L.kc_sh;
-    L.vc_st = c.R + 8;
-    L.vc_sb = int64_t(c.Tmax + 1) * L.vc_st;
-  } else {
-    L.kc_sh = c.D;
-    L.kc_st = int64_t(c.H) * c.D;
-    L.kc_sb = c.Tmax * L.kc_st;
-    L.vc_st = c.R;
-    L.vc_sb = int64_t(c.Tmax) * c.R;
-  }
+  const HeadCacheStrides k = head_cache_strides(c.Tmax, c.H, c.D, c.strided);
+  const RowCacheStrides v = row_cache_strides(c.Tmax, c.R, c.strided);
+  L.kc_sb = k.sb; L.kc_st = k.st; L.kc_sh = k.sh;
+  L.vc_sb = v.sb; L.vc_st = v.st;
   L.kc_elems = c.B * L.kc_sb;
   L.vc_elems = c.B * L.vc_sb;
   return L;
@@ -199,18 +190,9 @@ vdproj::cuda::AttnParams attn_params(DType dt, int D, int B, int Tq, int H, int 
   p.q_sb = int64_t(Tq) * H * D; p.q_st = int64_t(H) * D; p.q_sh = D;
   p.k_sb = k_sb; p.k_st = k_st; p.k_sh = k_sh;
   p.vc_sb = vc_sb; p.vc_st = vc_st;
-  p.seqlens = seqlens;
-  p.len_add = len_add;
-  p.len_max = len_max;
-  p.B = B; p.Tq = Tq; p.H = H; p.R = R;
-  p.nrows = int64_t(Tq) * H;
-  p.nsplit = 1;
+  vdproj::cuda::set_attn_common(p, seqlens, len_add, len_max, B, Tq, H, D, dt, causal, scale);
+  p.R = R;
   p.heads_per_tile = vdproj::cuda::heads_per_tile(H, Tq);
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-  p.causal = causal;
-  p.final_mode = true;
-  p.dtype = dt;
-  p.head_dim = D;
   return p;
 }
 
@@ -327,16 +309,11 @@ void train_backward(const TrainCase& c, const TrainInputs& in, double scale, con
   g.q = in.q.buf.get();
   g.k = in.k.buf.get();
   g.vc = in.vc.buf.get();
-  g.dctx = dctx.f32();
-  g.lse = lse.f32();
-  g.delta = delta.f32();
+  set_backward_common(g, dctx, lse, delta, B, Tq, Tk, c.H, scale, c.causal, c.dt);
   g.dq = dq.f32();
   g.dk = dk.f32();
   g.dvc = dvc.f32();
-  g.B = B; g.Tq = Tq; g.Tk = Tk; g.H = c.H; g.R = R;
-  g.scale = static_cast<float>(scale);
-  g.causal = c.causal;
-  g.dtype = c.dt;
+  g.R = R;
   g.head_dim = c.D;
   vdproj::cuda::launch_attention_bwd(g, nullptr);
   const emu_ref::GradRef want = emu_ref::attention_backward(in.q.values, in.k.values, in.vc.values, in.w_r.values,

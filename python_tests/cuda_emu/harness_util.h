@@ -171,6 +171,34 @@ inline emu::DeviceConfig one_sm(int smem_optin) {
   return d;
 }
 
+// Strides (elements) of the caches as torch views. A per-head cache (B, Tmax, H, W): with
+// `strided`, a (B, H, Tmax + 2, W) buffer seen as (B, Tmax, H, W), else contiguous.
+struct HeadCacheStrides {
+  int64_t sb, st, sh;
+};
+inline HeadCacheStrides head_cache_strides(int64_t Tmax, int64_t H, int64_t W, bool strided) {
+  HeadCacheStrides s{};
+  if (strided) {
+    s.st = W;
+    s.sh = (Tmax + 2) * W;
+    s.sb = H * s.sh;
+  } else {
+    s.sh = W;
+    s.st = H * W;
+    s.sb = Tmax * s.st;
+  }
+  return s;
+}
+// A cache of rows all heads share (B, Tmax, W): with `strided`, rows padded by 8 elements and
+// one spare row per sequence, else contiguous.
+struct RowCacheStrides {
+  int64_t sb, st;
+};
+inline RowCacheStrides row_cache_strides(int64_t Tmax, int64_t W, bool strided) {
+  const int64_t st = strided ? W + 8 : W;
+  return RowCacheStrides{(strided ? Tmax + 1 : Tmax) * st, st};
+}
+
 // dctx = dout_h @ w_r[h] and delta = rowsum(dctx * ctx) in float32, as the ATen part of
 // cva_backward / ckv_backward computes them from the ctx the forward returned in the storage
 // dtype; rows that see no key get no gradient. dout (B, Tq, H, D), w_r (H*D, R).
@@ -194,6 +222,20 @@ inline void backward_inputs(DType dt, int64_t B, int64_t Tq, int64_t H, int64_t 
       }
     }
   }
+}
+
+// What the two backward kernels' parameters share (BwdParams, LatentBwdParams): the inputs
+// backward_inputs made, the saved lse, the shape and the flags.
+template <typename P>
+void set_backward_common(P& g, const Buffer& dctx, const Buffer& lse, const Buffer& delta, int64_t B, int64_t Tq,
+                         int64_t Tk, int64_t H, double scale, bool causal, DType dt) {
+  g.dctx = dctx.f32();
+  g.lse = lse.f32();
+  g.delta = delta.f32();
+  g.B = B; g.Tq = Tq; g.Tk = Tk; g.H = H;
+  g.scale = static_cast<float>(scale);
+  g.causal = causal;
+  g.dtype = dt;
 }
 
 // The restore of a decode step: w_r, b_r (or nullptr), the output's head_dim and dtype.

@@ -43,23 +43,11 @@ struct LatentCacheLayout {
 LatentCacheLayout latent_cache_layout(const LatentDecodeCase& c) {
   LatentCacheLayout L{};
   const int64_t Rk = c.joint ? 0 : c.Rk;
-  if (c.strided) {  // rope: a (B, H, Tmax + 2, Dr) buffer seen as (B, Tmax, H, Dr); latent rows padded
-    L.kr_st = c.Dr;
-    L.kr_sh = int64_t(c.Tmax + 2) * c.Dr;
-    L.kr_sb = c.H * L.kr_sh;
-    L.kc_st = Rk + 8;
-    L.kc_sb = int64_t(c.Tmax + 1) * L.kc_st;
-    L.vc_st = c.Rv + 8;
-    L.vc_sb = int64_t(c.Tmax + 1) * L.vc_st;
-  } else {
-    L.kr_sh = c.Dr;
-    L.kr_st = int64_t(c.H) * c.Dr;
-    L.kr_sb = c.Tmax * L.kr_st;
-    L.kc_st = Rk;
-    L.kc_sb = c.Tmax * Rk;
-    L.vc_st = c.Rv;
-    L.vc_sb = int64_t(c.Tmax) * c.Rv;
-  }
+  const HeadCacheStrides kr = head_cache_strides(c.Tmax, c.H, c.Dr, c.strided);
+  const RowCacheStrides kc = row_cache_strides(c.Tmax, Rk, c.strided), vc = row_cache_strides(c.Tmax, c.Rv, c.strided);
+  L.kr_sb = kr.sb; L.kr_st = kr.st; L.kr_sh = kr.sh;
+  L.kc_sb = kc.sb; L.kc_st = kc.st;
+  L.vc_sb = vc.sb; L.vc_st = vc.st;
   L.kr_elems = c.B * L.kr_sb;
   L.kc_elems = c.joint ? 0 : c.B * L.kc_sb;
   L.vc_elems = c.B * L.vc_sb;
@@ -252,18 +240,9 @@ vdproj::cuda::LatentAttnParams latent_params(DType dt, int D, int B, int Tq, int
   p.kr_sb = s.kr_sb; p.kr_st = s.kr_st; p.kr_sh = s.kr_sh;
   p.kl_sb = s.kl_sb; p.kl_st = s.kl_st;
   p.vc_sb = s.vc_sb; p.vc_st = s.vc_st;
-  p.seqlens = seqlens;
-  p.len_add = len_add;
-  p.len_max = len_max;
-  p.B = B; p.Tq = Tq; p.H = H; p.Dr = Dr; p.Rk = Rk; p.Rv = Rv;
-  p.nrows = int64_t(Tq) * H;
-  p.nsplit = 1;
+  vdproj::cuda::set_attn_common(p, seqlens, len_add, len_max, B, Tq, H, D, dt, causal, scale);
+  p.Dr = Dr; p.Rk = Rk; p.Rv = Rv;
   p.joint = joint;
-  p.scale_log2 = static_cast<float>(scale * kLog2e);
-  p.causal = causal;
-  p.final_mode = true;
-  p.dtype = dt;
-  p.head_dim = D;
   return p;
 }
 
@@ -421,18 +400,13 @@ void latent_train_backward(const LatentTrainCase& c, const LatentTrainInputs& in
   g.krope = in.k_rope.buf.get();
   g.klat = c.joint ? nullptr : in.k_c.buf.get();
   g.vc = in.vc.buf.get();
-  g.dctx = dctx.f32();
-  g.lse = lse.f32();
-  g.delta = delta.f32();
+  set_backward_common(g, dctx, lse, delta, B, Tq, Tk, H, scale, c.causal, c.dt);
   g.dq_eff = dq.f32();
   g.dkrope = dkr.f32();
   g.dklat = dkl.f32();
   g.dvc = dvc.f32();
-  g.B = B; g.Tq = Tq; g.Tk = Tk; g.H = H; g.Dr = Dr; g.Rk = Rk; g.Rv = Rv;
-  g.scale = static_cast<float>(scale);
-  g.causal = c.causal;
+  g.Dr = Dr; g.Rk = Rk; g.Rv = Rv;
   g.joint = c.joint;
-  g.dtype = c.dt;
   vdproj::cuda::launch_latent_attention_bwd(g, nullptr);
 
   const Vec q_eff_ref = emu_ref::absorbed_query(in.q.values, in.w_kr.values, B * Tq, H, c.D, Dr, Rk);

@@ -34,6 +34,12 @@ inline double softmax_row(const double* q, const Vec& keys, int64_t L, int64_t D
   return mx + std::log(tot);
 }
 
+// keys (Tk, D) = the rows of head h of batch element b in k (B, Tk, H, D).
+inline void head_keys(const Vec& k, int64_t b, int64_t h, int64_t Tk, int64_t H, int64_t D, Vec& keys) {
+  for (int64_t j = 0; j < Tk; ++j)
+    for (int64_t d = 0; d < D; ++d) keys[size_t(j * D + d)] = k[size_t(((b * Tk + j) * H + h) * D + d)];
+}
+
 // Training forward: ctx (B, Tq, H, R) = P @ v_c and lse (B, H, Tq) in natural log (-inf for a
 // row that sees no key). q (B, Tq, H, D), k (B, Tk, H, D), vc (B, Tk, R).
 struct AttnRef {
@@ -45,8 +51,7 @@ inline AttnRef attention_forward(const Vec& q, const Vec& k, const Vec& vc, int6
   Vec keys(static_cast<size_t>(Tk * D)), p;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t j = 0; j < Tk; ++j)
-        for (int64_t d = 0; d < D; ++d) keys[size_t(j * D + d)] = k[size_t(((b * Tk + j) * H + h) * D + d)];
+      head_keys(k, b, h, Tk, H, D, keys);
       for (int64_t i = 0; i < Tq; ++i) {
         const double* qr = &q[size_t(((b * Tq + i) * H + h) * D)];
         double* c = &out.ctx[size_t(((b * Tq + i) * H + h) * R)];
@@ -74,8 +79,7 @@ inline GradRef attention_backward_dctx(const Vec& q, const Vec& k, const Vec& vc
   Vec keys(static_cast<size_t>(Tk * Dk)), p, dp(static_cast<size_t>(Tk));
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t j = 0; j < Tk; ++j)
-        for (int64_t d = 0; d < Dk; ++d) keys[size_t(j * Dk + d)] = k[size_t(((b * Tk + j) * H + h) * Dk + d)];
+      head_keys(k, b, h, Tk, H, Dk, keys);
       for (int64_t i = 0; i < Tq; ++i) {
         const double* qr = &q[size_t(((b * Tq + i) * H + h) * Dk)];
         if (std::isinf(softmax_row(qr, keys, Tk, Dk, scale, causal, i, Tq, p))) continue;

@@ -337,6 +337,16 @@ void suspend(Fiber* self, bool exiting) {
   }
 }
 
+// The current fiber blocks in `state` (a warp collective or a barrier) at file:line until the
+// fiber that completes the rendezvous sets it ready again.
+void block_in(Block& b, Fiber* f, State state, const char* file, int line) {
+  f->state = state;
+  f->wait_file = file;
+  f->wait_line = line;
+  set_ready(b, f->tid, false);
+  suspend(f, false);
+}
+
 // Ends the block with a fault; `who` names the CUDA thread at fault (default: the running one).
 [[noreturn]] void fault(const std::string& what, const Fiber* who = nullptr) {
   Fiber* f = tls_fiber;
@@ -615,11 +625,7 @@ uint64_t warp_op(WarpOp op, int kind, const char* file, int line, unsigned mask,
     groups.erase(groups.begin() + (g - groups.data()));
     complete_group(w, warp, done);
   } else {
-    f->state = State::kWarp;
-    f->wait_file = file;
-    f->wait_line = line;
-    set_ready(b, f->tid, false);
-    suspend(f, false);
+    block_in(b, f, State::kWarp, file, line);
   }
   if (kind == 1) tsan_acquire(&b.warp_token[size_t(warp)]);
   return f->result;
@@ -936,11 +942,7 @@ void syncthreads(const char* file, int line) {
       }
     }
   } else {
-    f->state = State::kBarrier;
-    f->wait_file = file;
-    f->wait_line = line;
-    set_ready(b, f->tid, false);
-    suspend(f, false);
+    block_in(b, f, State::kBarrier, file, line);
   }
   tsan_acquire(token);
 }
