@@ -4,7 +4,7 @@
 //   cva_backward(grad_out, q, k, v_c, w_r, softmax_lse, ctx, causal, softmax_scale)
 //       -> (grad_q, grad_k, grad_v_c, grad_w_r, grad_b_r)
 //   kvcache_attention(q, k_cache!, vc_cache!, w_r, b_r?, k?, v?, w_c?, b_c?, cache_seqlens,
-//                     causal, softmax_scale) -> out
+//                     causal, softmax_scale, k_scale!?, vc_scale!?) -> out
 //   decode_linear(x, weight, bias?) -> y
 // Latent keys (SPEC 3b):
 //   ckv_forward(q, k_rope, k_c?, v_c, w_kr, w_r, b_r?, causal, softmax_scale)
@@ -13,7 +13,10 @@
 //                softmax_scale) -> (grad_q, grad_k_rope, grad_k_c, grad_v_c, grad_w_kr,
 //                                   grad_w_r, grad_b_r)   (grad_k_c empty when k_c is None)
 //   ckv_kvcache_attention(q, krope_cache!, kc_cache!?, vc_cache!, w_kr, w_r, b_r?, k?, v?,
-//                         w_kc?, b_kc?, w_c?, b_c?, cache_seqlens, causal, softmax_scale) -> out
+//                         w_kc?, b_kc?, w_c?, b_c?, cache_seqlens, causal, softmax_scale,
+//                         krope_scale!?, kc_scale!?, vc_scale!?) -> out
+// Quantized caches (SPEC 3c): a cache tensor of dtype int8 or float8_e4m3fn comes with its
+// float32 per-row scale (the *_scale arguments, written with the rows; None for a float cache).
 //
 // Implementations: csrc/cpu/cpu_ops.cpp and csrc/cpu/latent_ops.cpp (CPU),
 // csrc/cuda/cuda_api.cpp (CUDA, all seven ops).
@@ -32,7 +35,8 @@ TORCH_LIBRARY(vdproj_ext, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("kvcache_attention(Tensor q, Tensor(a!) k_cache, Tensor(b!) vc_cache, Tensor w_r, "
         "Tensor? b_r, Tensor? k, Tensor? v, Tensor? w_c, Tensor? b_c, Tensor cache_seqlens, "
-        "bool causal, float softmax_scale) -> Tensor");
+        "bool causal, float softmax_scale, Tensor(c!)? k_scale=None, "
+        "Tensor(d!)? vc_scale=None) -> Tensor");
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("ckv_forward(Tensor q, Tensor k_rope, Tensor? k_c, Tensor v_c, Tensor w_kr, Tensor w_r, "
         "Tensor? b_r, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
@@ -42,7 +46,8 @@ TORCH_LIBRARY(vdproj_ext, m) {
   m.def("ckv_kvcache_attention(Tensor q, Tensor(a!) krope_cache, Tensor(b!)? kc_cache, "
         "Tensor(c!) vc_cache, Tensor w_kr, Tensor w_r, Tensor? b_r, Tensor? k, Tensor? v, "
         "Tensor? w_kc, Tensor? b_kc, Tensor? w_c, Tensor? b_c, Tensor cache_seqlens, "
-        "bool causal, float softmax_scale) -> Tensor");
+        "bool causal, float softmax_scale, Tensor(d!)? krope_scale=None, "
+        "Tensor(e!)? kc_scale=None, Tensor(f!)? vc_scale=None) -> Tensor");
 }
 
 namespace {

@@ -54,6 +54,10 @@ inline std::string py_dtype(at::ScalarType type) {
     case at::kComplexHalf: return "torch.complex32";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "torch.float8_e5m2fnuz";
     default: return std::string("torch.") + c10::toString(type);
   }
 }
@@ -123,12 +127,59 @@ inline void check_same_dtype(std::initializer_list<NamedTensor> named) {
   const at::ScalarType want = first->scalar_type();
   TORCH_CHECK_TYPE(want == at::kFloat || want == at::kHalf || want == at::kBFloat16 ||
                        want == at::kDouble,
-                   first_name, " must be float32, float16 or bfloat16, got ", py_dtype(want));
+                   first_name, " must be float32, float16, bfloat16 or float64, got ",
+                   py_dtype(want));
   for (const auto& [name, t] : named) {
     if (t == nullptr) continue;
     TORCH_CHECK_TYPE(t->scalar_type() == want, name, " must have dtype ", py_dtype(want),
                      " like ", first_name, ", got ", py_dtype(t->scalar_type()));
   }
+}
+
+// ---- quantized caches (SPEC 3c) ------------------------------------------------------------------
+
+inline bool is_quantized(const at::Tensor* cache) {
+  return cache != nullptr && (cache->scalar_type() == at::kChar ||
+                              cache->scalar_type() == at::kFloat8_e4m3fn);
+}
+
+// A cache tensor and the scale that comes with it when it is quantized.
+struct CacheWithScale {
+  const char* cache_name;
+  const at::Tensor* cache;
+  const char* scale_name;
+  const at::Tensor* scale;
+};
+
+// Each cache has the model's dtype (q's) or is quantized.
+inline void check_cache_dtypes(const at::Tensor& q, std::initializer_list<CacheWithScale> caches) {
+  for (const CacheWithScale& c : caches) {
+    if (c.cache == nullptr || c.cache->scalar_type() == q.scalar_type() || is_quantized(c.cache))
+      continue;
+    TORCH_CHECK_TYPE(false, c.cache_name, " must have dtype ", py_dtype(q.scalar_type()),
+                     " like q, or be quantized (torch.int8 or torch.float8_e4m3fn with ",
+                     c.scale_name, "), got ", py_dtype(c.cache->scalar_type()));
+  }
+}
+
+// The scale of one cache tensor: required (float32, of the rows' shape) when the cache is
+// quantized, None when it is not. Any strides: it is written in place through them.
+inline void check_cache_scale(const CacheWithScale& c, at::IntArrayRef rows) {
+  const bool quantized = is_quantized(c.cache);
+  if (c.scale == nullptr) {
+    TORCH_CHECK_VALUE(!quantized, c.scale_name, " (float32, shape ", py_tuple(rows),
+                      ") is required: ", c.cache_name, " is ",
+                      quantized ? py_dtype(c.cache->scalar_type()) : "");
+    return;
+  }
+  TORCH_CHECK_VALUE(quantized, c.scale_name, " must be None: ", c.cache_name, " is ",
+                    c.cache == nullptr ? std::string("None") : py_dtype(c.cache->scalar_type()),
+                    ", not quantized (scales come with torch.int8 or torch.float8_e4m3fn "
+                    "caches)");
+  TORCH_CHECK_TYPE(c.scale->scalar_type() == at::kFloat, c.scale_name,
+                   " must have dtype torch.float32, got ", py_dtype(c.scale->scalar_type()));
+  TORCH_CHECK_VALUE(c.scale->sizes() == rows, c.scale_name, " must have shape ", py_tuple(rows),
+                    ", got ", py_tuple(c.scale->sizes()));
 }
 
 // ---- the inputs of each op, in the order of vdproj_ext/ops/checks.py: ranks, devices, the
@@ -202,6 +253,8 @@ struct KvcacheInputs {
   const at::Tensor* w_c;
   const at::Tensor* b_c;
   const at::Tensor& cache_seqlens;
+  const at::Tensor* k_scale;   // quantized k_cache only (SPEC 3c)
+  const at::Tensor* vc_scale;  // quantized vc_cache only
 };
 
 // New tokens: k (B, Tnew, H, D) and v (B, Tnew, H*D) together or neither. Whether given.
@@ -258,13 +311,18 @@ inline KvcacheDims check_kvcache_inputs(const KvcacheInputs& in, double softmax_
   check_dim(in.v, "v", 3);
   check_dim(in.w_c, "w_c", 2);
   check_dim(in.b_c, "b_c", 1);
+  check_dim(in.k_scale, "k_scale", 3);
+  check_dim(in.vc_scale, "vc_scale", 2);
   check_same_device({{"q", &in.q}, {"k_cache", &in.k_cache}, {"vc_cache", &in.vc_cache},
                      {"w_r", &in.w_r}, {"b_r", in.b_r}, {"k", in.k}, {"v", in.v},
-                     {"w_c", in.w_c}, {"b_c", in.b_c}, {"cache_seqlens", &in.cache_seqlens}});
+                     {"w_c", in.w_c}, {"b_c", in.b_c}, {"cache_seqlens", &in.cache_seqlens},
+                     {"k_scale", in.k_scale}, {"vc_scale", in.vc_scale}});
   check_scale(softmax_scale);
-  check_same_dtype({{"q", &in.q}, {"k_cache", &in.k_cache}, {"vc_cache", &in.vc_cache},
-                    {"w_r", &in.w_r}, {"b_r", in.b_r}, {"k", in.k}, {"v", in.v},
-                    {"w_c", in.w_c}, {"b_c", in.b_c}});
+  check_same_dtype({{"q", &in.q}, {"w_r", &in.w_r}, {"b_r", in.b_r}, {"k", in.k},
+                    {"v", in.v}, {"w_c", in.w_c}, {"b_c", in.b_c}});
+  const CacheWithScale k_entry{"k_cache", &in.k_cache, "k_scale", in.k_scale};
+  const CacheWithScale vc_entry{"vc_cache", &in.vc_cache, "vc_scale", in.vc_scale};
+  check_cache_dtypes(in.q, {k_entry, vc_entry});
   KvcacheDims d{in.q.size(0), in.q.size(1), in.q.size(2), in.q.size(3), in.k_cache.size(1),
                 in.vc_cache.size(-1), 0};
   check_shape(&in.k_cache, "k_cache", {d.B, d.Tmax, d.H, d.D});
@@ -272,6 +330,8 @@ inline KvcacheDims check_kvcache_inputs(const KvcacheInputs& in, double softmax_
   check_shape(&in.w_r, "w_r", {d.H * d.D, d.R});
   check_shape(in.b_r, "b_r", {d.H * d.D});
   check_written_in_place({{"k_cache", &in.k_cache}, {"vc_cache", &in.vc_cache}});
+  check_cache_scale(k_entry, {d.B, d.Tmax, d.H});
+  check_cache_scale(vc_entry, {d.B, d.Tmax});
   d.Tnew = check_new_tokens(in, d);
   check_seqlens_tensor(in.cache_seqlens, d.B);
   return d;
@@ -357,6 +417,9 @@ struct LatentKvcacheInputs {
   const at::Tensor* w_c;
   const at::Tensor* b_c;
   const at::Tensor& cache_seqlens;
+  const at::Tensor* krope_scale;  // quantized caches only (SPEC 3c)
+  const at::Tensor* kc_scale;
+  const at::Tensor* vc_scale;
 };
 
 // The new tokens of ckv_kvcache_attention and their compress weights: w_kc (Rk, H*Dn) and b_kc
@@ -403,21 +466,31 @@ inline std::pair<LatentDims, int64_t> check_latent_kvcache_inputs(const LatentKv
   check_dim(in.b_c, "b_c", 1);
   check_dim(in.w_kc, "w_kc", 2);
   check_dim(in.b_kc, "b_kc", 1);
+  check_dim(in.krope_scale, "krope_scale", 3);
+  check_dim(in.kc_scale, "kc_scale", 2);
+  check_dim(in.vc_scale, "vc_scale", 2);
   check_same_device({{"q", &in.q}, {"krope_cache", &in.krope_cache}, {"kc_cache", in.kc_cache},
                      {"vc_cache", &in.vc_cache}, {"w_kr", &in.w_kr}, {"w_r", &in.w_r},
                      {"b_r", in.b_r}, {"k", in.k}, {"v", in.v}, {"w_kc", in.w_kc},
                      {"b_kc", in.b_kc}, {"w_c", in.w_c}, {"b_c", in.b_c},
-                     {"cache_seqlens", &in.cache_seqlens}});
+                     {"cache_seqlens", &in.cache_seqlens}, {"krope_scale", in.krope_scale},
+                     {"kc_scale", in.kc_scale}, {"vc_scale", in.vc_scale}});
   check_scale(softmax_scale);
-  check_same_dtype({{"q", &in.q}, {"krope_cache", &in.krope_cache}, {"kc_cache", in.kc_cache},
-                    {"vc_cache", &in.vc_cache}, {"w_kr", &in.w_kr}, {"w_r", &in.w_r},
-                    {"b_r", in.b_r}, {"k", in.k}, {"v", in.v}, {"w_kc", in.w_kc},
-                    {"b_kc", in.b_kc}, {"w_c", in.w_c}, {"b_c", in.b_c}});
+  check_same_dtype({{"q", &in.q}, {"w_kr", &in.w_kr}, {"w_r", &in.w_r}, {"b_r", in.b_r},
+                    {"k", in.k}, {"v", in.v}, {"w_kc", in.w_kc}, {"b_kc", in.b_kc},
+                    {"w_c", in.w_c}, {"b_c", in.b_c}});
+  const CacheWithScale rope_entry{"krope_cache", &in.krope_cache, "krope_scale", in.krope_scale};
+  const CacheWithScale kc_entry{"kc_cache", in.kc_cache, "kc_scale", in.kc_scale};
+  const CacheWithScale vc_entry{"vc_cache", &in.vc_cache, "vc_scale", in.vc_scale};
+  check_cache_dtypes(in.q, {rope_entry, kc_entry, vc_entry});
   const LatentDims d = check_latent_shapes(in.q, {"krope_cache", &in.krope_cache},
                                            {"kc_cache", in.kc_cache}, {"vc_cache", &in.vc_cache},
                                            in.w_kr, in.w_r, in.b_r);
   check_written_in_place({{"krope_cache", &in.krope_cache}, {"kc_cache", in.kc_cache},
                           {"vc_cache", &in.vc_cache}});
+  check_cache_scale(rope_entry, {d.B, d.T, d.H});
+  check_cache_scale(kc_entry, {d.B, d.T});
+  check_cache_scale(vc_entry, {d.B, d.T});
   const int64_t t_new = check_new_latent_tokens(in, d);
   check_seqlens_tensor(in.cache_seqlens, d.B);
   return {d, t_new};

@@ -22,6 +22,12 @@ inline std::optional<at::Tensor> opt_contiguous(const std::optional<at::Tensor>&
   return t->contiguous();
 }
 
+// Back from a pointer (as the checks' input structs hold them) to an optional, sharing storage.
+inline std::optional<at::Tensor> opt_tensor(const at::Tensor* t) {
+  if (t == nullptr) return std::nullopt;
+  return *t;
+}
+
 inline std::optional<at::Tensor> opt_contiguous(const at::Tensor* t) {
   if (t == nullptr) return std::nullopt;
   return t->contiguous();

@@ -90,13 +90,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cva_backw
 }
 
 // Compress-on-write of Tnew new tokens at slots pos[b] .. pos[b] + Tnew - 1.
+// Quantized caches get their rows quantized with per-row scales (SPEC 3c).
 void append_new_tokens(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& w_c_in,
                        const std::optional<at::Tensor>& b_c_in, at::Tensor& k_cache,
-                       at::Tensor& vc_cache, const std::vector<int64_t>& pos) {
+                       at::Tensor& vc_cache, const std::optional<at::Tensor>& k_scale,
+                       const std::optional<at::Tensor>& vc_scale,
+                       const std::vector<int64_t>& pos) {
   const at::Tensor k = k_in.contiguous(), v = v_in.contiguous(), w_c = w_c_in.contiguous();
   const std::optional<at::Tensor> b_c = opt_contiguous(b_c_in);
-  cpu::AppendArgs a = append_args(k, k_cache, pos);
-  a.jobs[0] = compress_job(v, w_c, b_c, vc_cache);
+  cpu::AppendArgs a = append_args(k, k_cache, k_scale, pos);
+  a.jobs[0] = compress_job(v, w_c, b_c, vc_cache, vc_scale);
   a.njobs = 1;
   VDPROJ_ISA_CALL(append, kind_of(k), a);
 }
@@ -106,10 +109,11 @@ at::Tensor kvcache_attention_cpu(
     const std::optional<at::Tensor>& b_r_in, const std::optional<at::Tensor>& k_in,
     const std::optional<at::Tensor>& v_in, const std::optional<at::Tensor>& w_c_in,
     const std::optional<at::Tensor>& b_c_in, const at::Tensor& cache_seqlens, bool causal,
-    double softmax_scale) {
+    double softmax_scale, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& vc_scale) {
   const KvcacheDims d = check_kvcache_inputs(
       {q_in, k_cache, vc_cache, w_r_in, opt(b_r_in), opt(k_in), opt(v_in), opt(w_c_in),
-       opt(b_c_in), cache_seqlens},
+       opt(b_c_in), cache_seqlens, opt(k_scale), opt(vc_scale)},
       softmax_scale);
   check_on_cpu(q_in);
   const std::vector<int64_t> pos = read_positions(cache_seqlens, d.B, d.Tmax, d.Tnew);
@@ -117,7 +121,7 @@ at::Tensor kvcache_attention_cpu(
   for (int64_t& len : seqlen) len += d.Tnew;
 
   if (d.Tnew > 0 && d.B > 0) {
-    append_new_tokens(*k_in, *v_in, *w_c_in, b_c_in, k_cache, vc_cache, pos);
+    append_new_tokens(*k_in, *v_in, *w_c_in, b_c_in, k_cache, vc_cache, k_scale, vc_scale, pos);
   }
 
   const at::Tensor q = q_in.contiguous(), w_r = w_r_in.contiguous();
@@ -125,6 +129,7 @@ at::Tensor kvcache_attention_cpu(
   at::Tensor out = at::empty({d.B, d.Tq, d.H, d.D}, q.options());
   const at::Tensor q_acc = to_accumulation(q);
   cpu::AttnArgs a = attn_args(q_acc, k_cache, vc_cache, w_r, b_r, seqlen, causal, softmax_scale);
+  set_cache_reads(a, k_cache, k_scale, vc_cache, vc_scale);
   a.out = out.data_ptr();
   VDPROJ_ISA_CALL(attention, kind_of(q), a);
   return out;

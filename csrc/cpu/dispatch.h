@@ -68,6 +68,33 @@ inline cpu::Kind kind_of(const at::Tensor& t) {
   }
 }
 
+// How a cache tensor is stored: in the model's dtype, or quantized (SPEC 3c).
+inline cpu::CacheKind cache_kind_of(const at::Tensor& cache) {
+  switch (cache.scalar_type()) {
+    case at::kChar: return cpu::CacheKind::I8;
+    case at::kFloat8_e4m3fn: return cpu::CacheKind::E4M3;
+    default: return cpu::CacheKind::Model;
+  }
+}
+
+// A quantized cache's scales ((B, T, H) or (B, T) float32, any strides); none when absent.
+inline cpu::RowScales row_scales(const std::optional<at::Tensor>& scale) {
+  if (!scale.has_value()) return {nullptr, 0, 0, 0};
+  const at::Tensor& s = *scale;
+  return {s.data_ptr<float>(), s.stride(0), s.stride(1), s.dim() > 2 ? s.stride(2) : 0};
+}
+
+// The attention reads the per-head key segment, the shared key segment (if any) and the values
+// through their storage kinds and scales.
+inline void set_cache_reads(cpu::AttnArgs& a, const at::Tensor& keys,
+                            const std::optional<at::Tensor>& k_scale,
+                            const at::Tensor& values, const std::optional<at::Tensor>& v_scale) {
+  a.k_kind = cache_kind_of(keys);
+  a.k_scale = row_scales(k_scale);
+  a.v_kind = cache_kind_of(values);
+  a.v_scale = row_scales(v_scale);
+}
+
 // The kernels take queries (and return their gradient) in accumulation precision: float64
 // for float64, float32 otherwise. to_accumulation is a no-op for float32 and float64 tensors.
 inline at::ScalarType accumulation_dtype(const at::Tensor& t) {
@@ -153,8 +180,10 @@ inline std::vector<int64_t> read_positions(const at::Tensor& cache_seqlens, int6
 }
 
 // Compress-on-write without its jobs: k (B, Tnew, H, D) contiguous, of which the first
-// k_cache.size(3) dims of each head are copied into k_cache at pos[b] onwards.
+// k_cache.size(3) dims of each head are copied into k_cache at pos[b] onwards (quantized per
+// head, with k_scale, when k_cache is).
 inline cpu::AppendArgs append_args(const at::Tensor& k, const at::Tensor& k_cache,
+                                   const std::optional<at::Tensor>& k_scale,
                                    const std::vector<int64_t>& pos) {
   cpu::AppendArgs a{};
   a.k = k.data_ptr();
@@ -168,16 +197,19 @@ inline cpu::AppendArgs append_args(const at::Tensor& k, const at::Tensor& k_cach
   a.H = k.size(2);
   a.D = k.size(3);
   a.Dk = k_cache.size(3);
+  a.k_kind = cache_kind_of(k_cache);
+  a.k_scale = row_scales(k_scale);
   return a;
 }
 
 // One compressed cache of an append: dst[b, pos[b] + t] = x[b, t] @ w.T + bias (x, w, bias
-// contiguous; dst with a unit last stride).
+// contiguous; dst with a unit last stride), quantized with dst_scale when dst is.
 inline cpu::CompressJob compress_job(const at::Tensor& x, const at::Tensor& w,
                                      const std::optional<at::Tensor>& bias,
-                                     const at::Tensor& dst) {
-  return {x.data_ptr(), w.data_ptr(), opt_ptr(bias), dst.data_ptr(),
-          dst.stride(0), dst.stride(1), x.size(-1), w.size(0)};
+                                     const at::Tensor& dst,
+                                     const std::optional<at::Tensor>& dst_scale) {
+  return {x.data_ptr(), w.data_ptr(), opt_ptr(bias), dst.data_ptr(), dst.stride(0),
+          dst.stride(1), x.size(-1), w.size(0), cache_kind_of(dst), row_scales(dst_scale)};
 }
 
 }  // namespace vdproj

@@ -12,6 +12,16 @@ namespace cpu {
 // float32, rounded once when stored. float64 runs natively with float64 accumulation.
 enum class Kind { F32, F64, BF16, F16 };
 
+// How a cache tensor is stored (SPEC 3c): in the model's dtype (Kind), or quantized with one
+// float32 scale per row, the value being stored * scale.
+enum class CacheKind { Model, I8, E4M3 };
+
+// A quantized cache's scales: row (b, j[, h]) at p + b*sb + j*st (+ h*sh). p null: not quantized.
+struct RowScales {
+  float* p;  // written by the append, read by the attention
+  int64_t sb, st, sh;
+};
+
 // Attention over a key/value source with per-sequence key counts, in the absorbed form.
 // A key has two segments, and the query of head h is the matching [q_h1 | q_h2]:
 //   per head:          k + b*k_sb + j*k_st + h*k_sh, width Dk (unit stride);
@@ -40,6 +50,8 @@ struct AttnArgs {
   int64_t B, Tq, H, D, Dk, Dl, R;
   bool causal;
   double scale;
+  CacheKind k_kind, kl_kind, v_kind;
+  RowScales k_scale, kl_scale, v_scale;
 };
 
 // Backward of the attention above, all tensors contiguous: q (B, Tq, H, Dk + Dl) and dq (its
@@ -67,7 +79,8 @@ struct BwdArgs {
   double scale;
 };
 
-// One compressed cache written on append: dst[b, pos[b] + t] = x[b, t] @ w.T + bias.
+// One compressed cache written on append: dst[b, pos[b] + t] = x[b, t] @ w.T + bias, quantized
+// per row (into dst_kind, with its scale written to dst_scale) when the cache is.
 struct CompressJob {
   const void* x;            // (B, Tnew, K) contiguous
   const void* w;            // (R, K) contiguous
@@ -75,6 +88,8 @@ struct CompressJob {
   void* dst;                // (B, Tmax, R), unit stride in R
   int64_t sb, st;
   int64_t K, R;
+  CacheKind dst_kind;
+  RowScales dst_scale;
 };
 
 // Compress-on-write of Tnew new tokens at slots pos[b] .. pos[b] + Tnew - 1:
@@ -85,6 +100,8 @@ struct AppendArgs {
   int64_t k_sb, k_st, k_sh;
   const int64_t* pos;       // (B,) first slot written
   int64_t B, Tnew, H, D, Dk;
+  CacheKind k_kind;         // quantized per (token, head) into k_scale when not Model
+  RowScales k_scale;
   CompressJob jobs[2];
   int njobs;
 };

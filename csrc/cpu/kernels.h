@@ -204,10 +204,81 @@ inline double exp_row(double* s, int64_t n, double shift) {
   return sum;
 }
 
-// Storage <-> accumulation. bf16/fp16 are upcast to float32 here; float32 and float64 copy.
+// Vectorized upcasts to float32 by bit manipulation, N values at a time (no F16C needed, so
+// the baseline build vectorizes too). A narrow float's magnitude bits, shifted into a float32's
+// exponent and mantissa fields, read as float32 2^(127 - bias) times too small, subnormals
+// included; one multiply rescales them. Only the all-ones exponent (inf / NaN) needs a fix.
+template <typename U, int N> struct WideBits {
+  typedef U narrow __attribute__((vector_size(N * sizeof(U))));
+  typedef uint32_t wide __attribute__((vector_size(N * 4)));
+  static inline wide load(const void* p) {
+    narrow x;
+    std::memcpy(&x, p, sizeof(x));
+    return __builtin_convertvector(x, wide);
+  }
+};
+inline vec_t<float> bits_as_float(typename WideBits<uint8_t, VecT<float>::N>::wide w) {
+  vec_t<float> f;
+  std::memcpy(&f, &w, sizeof(f));
+  return f;
+}
+
+// bf16 -> float32: the high half of a float32.
+inline vec_t<float> upcast_bf16(const c10::BFloat16* p) {
+  return bits_as_float(WideBits<uint16_t, VecT<float>::N>::load(p) << 16);
+}
+// fp16 -> float32 (1 sign, 5 exponent, 10 mantissa bits; bias 15).
+inline vec_t<float> upcast_f16(const c10::Half* p) {
+  const auto w = WideBits<uint16_t, VecT<float>::N>::load(p);
+  const auto mag = (w & 0x7FFFu) << 13;
+  const auto special = (w & 0x7C00u) == 0x7C00u;  // inf / NaN: exponent all ones
+  auto out = bits_as_float(mag) * 0x1p112f;
+  typename WideBits<uint8_t, VecT<float>::N>::wide ob;
+  std::memcpy(&ob, &out, sizeof(ob));
+  ob = special ? (mag | 0x7F800000u) : ob;
+  return bits_as_float(ob | ((w & 0x8000u) << 16));
+}
+// float8_e4m3fn -> float32 (1 sign, 4 exponent, 3 mantissa bits; bias 7; no inf, and only
+// S.1111.111 is NaN).
+inline vec_t<float> upcast_e4m3(const uint8_t* p) {
+  const auto w = WideBits<uint8_t, VecT<float>::N>::load(p);
+  const auto mag7 = w & 0x7Fu;
+  auto out = bits_as_float(mag7 << 20) * 0x1p120f;
+  typename WideBits<uint8_t, VecT<float>::N>::wide ob;
+  std::memcpy(&ob, &out, sizeof(ob));
+  ob = mag7 == 0x7Fu ? 0x7FC00000u : ob;
+  return bits_as_float(ob | ((w & 0x80u) << 24));
+}
+inline vec_t<float> upcast_i8(const int8_t* p) {
+  typedef int8_t narrow __attribute__((vector_size(VecT<float>::N)));
+  narrow x;
+  std::memcpy(&x, p, sizeof(x));
+  return __builtin_convertvector(x, vec_t<float>);
+}
+
+// One stored element as float32 (the scalar tails of the loops below).
+inline float e4m3_to_float(uint8_t bits) {
+  return static_cast<float>(c10::Float8_e4m3fn(bits, c10::Float8_e4m3fn::from_bits()));
+}
+
+// dst[i] = src[i] (upcast) * scale, float32 destination, vectorized.
+template <typename S, typename Up, typename Scalar>
+inline void convert_row(float* dst, const S* src, int64_t n, float scale, Up up, Scalar one) {
+  constexpr int N = VecT<float>::N;
+  int64_t i = 0;
+  for (; i + N <= n; i += N) vstore(dst + i, up(src + i) * scale);
+  for (; i < n; ++i) dst[i] = one(src[i]) * scale;
+}
+
+// Storage <-> accumulation. bf16/fp16 are upcast to float32 here (vectorized); float32 and
+// float64 copy.
 template <typename A, typename T> inline void load_row(A* dst, const T* src, int64_t n) {
   if constexpr (std::is_same<A, T>::value) {
     std::memcpy(dst, src, n * sizeof(A));
+  } else if constexpr (std::is_same<A, float>::value && std::is_same<T, c10::BFloat16>::value) {
+    convert_row(dst, src, n, 1.0f, upcast_bf16, [](c10::BFloat16 x) { return float(x); });
+  } else if constexpr (std::is_same<A, float>::value && std::is_same<T, c10::Half>::value) {
+    convert_row(dst, src, n, 1.0f, upcast_f16, [](c10::Half x) { return float(x); });
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(static_cast<float>(src[i]));
   }
@@ -218,6 +289,43 @@ template <typename T, typename A> inline void store_row(T* dst, const A* src, in
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
   }
+}
+
+// A quantized row (SPEC 3c) in accumulation precision: stored.float() * scale.
+template <typename A>
+inline void dequantize_row(A* dst, const void* src, CacheKind kind, float scale, int64_t n) {
+  if constexpr (std::is_same<A, float>::value) {
+    if (kind == CacheKind::I8)
+      convert_row(dst, static_cast<const int8_t*>(src), n, scale, upcast_i8,
+                  [](int8_t x) { return float(x); });
+    else
+      convert_row(dst, static_cast<const uint8_t*>(src), n, scale, upcast_e4m3, e4m3_to_float);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const float x = kind == CacheKind::I8 ? float(static_cast<const int8_t*>(src)[i])
+                                            : e4m3_to_float(static_cast<const uint8_t*>(src)[i]);
+      dst[i] = static_cast<A>(x * scale);
+    }
+  }
+}
+
+// Symmetric absmax quantization of one row (SPEC 3c), in float32 and in the order of
+// vdproj_ext/ops/quant.py (so both write the same bytes): scale = max|x| / qmax (1 for a row of
+// zeros), stored = round-half-even(x / scale) for int8, e4m3(x / scale) for float8_e4m3fn.
+inline void quantize_row(const float* x, int64_t n, CacheKind kind, void* dst, float* scale_out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  float scale = amax / (kind == CacheKind::I8 ? 127.0f : 448.0f);
+  if (amax == 0.0f) scale = 1.0f;
+  if (kind == CacheKind::I8) {
+    int8_t* d = static_cast<int8_t*>(dst);
+    for (int64_t i = 0; i < n; ++i)
+      d[i] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[i] / scale))));
+  } else {
+    uint8_t* d = static_cast<uint8_t*>(dst);
+    for (int64_t i = 0; i < n; ++i) d[i] = c10::Float8_e4m3fn(x[i] / scale).x;
+  }
+  *scale_out = scale;
 }
 
 // A contiguous (rows, cols) matrix in accumulation precision: the tensor itself, or an
@@ -316,14 +424,40 @@ template <typename A> struct TileState {
   A* acc;  // rows x R
 };
 
-// The keys and values of one sequence, and per-thread buffers for upcast blocks.
+// One cache segment of one sequence: row j (head h) at base + (j*st + h*sh) elements, stored in
+// the model's dtype T or quantized (kind) with one scale per row at scale[j*sc_st + h*sc_sh].
+template <typename T> struct Segment {
+  const void* base;
+  int64_t st, sh;
+  CacheKind kind;
+  const float* scale;
+  int64_t sc_st, sc_sh;
+  const void* row(int64_t j, int64_t h = 0) const {
+    const int64_t bytes = kind == CacheKind::Model ? int64_t(sizeof(T)) : 1;
+    return static_cast<const char*>(base) + (j * st + h * sh) * bytes;
+  }
+  // The row in accumulation precision: upcast, or dequantized with its scale.
+  template <typename A> void load(A* dst, int64_t j, int64_t h, int64_t n) const {
+    if (kind == CacheKind::Model)
+      load_row(dst, static_cast<const T*>(row(j, h)), n);
+    else
+      dequantize_row(dst, row(j, h), kind, scale[j * sc_st + h * sc_sh], n);
+  }
+};
+
+// Sequence b's part of a cache (element strides sb, st, sh) and of its scales.
+template <typename T>
+inline Segment<T> sequence_segment(const void* base, int64_t b, int64_t sb, int64_t st,
+                                   int64_t sh, CacheKind kind, RowScales sc) {
+  const int64_t bytes = kind == CacheKind::Model ? int64_t(sizeof(T)) : 1;
+  return {static_cast<const char*>(base) + b * sb * bytes, st, sh, kind,
+          sc.p != nullptr ? sc.p + b * sc.sb : nullptr, sc.st, sc.sh};
+}
+
+// The keys and values of one sequence: the per-head key segment, the shared one (unused
+// without one) and the values.
 template <typename T> struct KeySource {
-  const T* k;   // per-head segment: k + j*k_st + h*k_sh
-  int64_t k_st, k_sh;
-  const T* l;   // shared segment: l + j*l_st (unused without one)
-  int64_t l_st;
-  const T* v;   // values: v + j*v_st
-  int64_t v_st;
+  Segment<T> k, l, v;
 };
 template <typename A> struct Scratch {
   A* s;  // scores, rows x kKeyBlock
@@ -378,7 +512,10 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
                   const bool kl_is_vc, const A* qs, int64_t nq, const int64_t* lim,
                   const KeySource<T> src, int64_t j0, int64_t j1, TileState<A> st,
                   const Scratch<A> buf) {
-  constexpr bool same = std::is_same<T, A>::value;
+  // direct: the caches are read where they are (float32 / float64 storage, not quantized);
+  // otherwise each block is upcast or dequantized into the thread's scratch first.
+  const bool direct = std::is_same<T, A>::value && src.k.kind == CacheKind::Model &&
+                      src.l.kind == CacheKind::Model && src.v.kind == CacheKind::Model;
   const int64_t Dl = kShared ? Dl_in : 0, Dq = Dk + Dl;
   const bool l_is_v = kShared && kl_is_vc;
   const int64_t rows = nq * H;
@@ -393,22 +530,21 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     const A* lp = nullptr;
     const A* vp;
     int64_t ks_t, ks_h, ls = 0, vs;
-    if constexpr (same) {
-      kp = src.k + jb * src.k_st;
-      vp = src.v + jb * src.v_st;
-      ks_t = src.k_st;
-      ks_h = src.k_sh;
-      vs = src.v_st;
+    if (direct) {
+      kp = static_cast<const A*>(src.k.row(jb));
+      vp = static_cast<const A*>(src.v.row(jb));
+      ks_t = src.k.st;
+      ks_h = src.k.sh;
+      vs = src.v.st;
       if constexpr (kShared) {
-        lp = src.l + jb * src.l_st;
-        ls = src.l_st;
+        lp = static_cast<const A*>(src.l.row(jb));
+        ls = src.l.st;
       }
     } else {
       for (int64_t jj = 0; jj < nk; ++jj) {
-        for (int64_t h = 0; h < H; ++h)
-          load_row(buf.k + (jj * H + h) * Dk, src.k + (jb + jj) * src.k_st + h * src.k_sh, Dk);
-        if (kShared && !l_is_v) load_row(buf.l + jj * Dl, src.l + (jb + jj) * src.l_st, Dl);
-        load_row(buf.v + jj * R, src.v + (jb + jj) * src.v_st, R);
+        for (int64_t h = 0; h < H; ++h) src.k.load(buf.k + (jj * H + h) * Dk, jb + jj, h, Dk);
+        if (kShared && !l_is_v) src.l.load(buf.l + jj * Dl, jb + jj, 0, Dl);
+        src.v.load(buf.v + jj * R, jb + jj, 0, R);
       }
       kp = buf.k;
       vp = buf.v;
@@ -428,7 +564,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     for (int64_t jj = 0; jj < nk; ++jj) {
       const A* krow = kp + jj * ks_t;
-      if constexpr (same) {
+      if (direct) {
         // The joint latent's V_c rows are this block's keys: the scores read them already.
         if (!l_is_v) prefetch_l1(vp + jj * vs, R * sizeof(A));
         if (kShared && jj < nk_next) prefetch_l2(lp + (jj + kKeyBlock) * ls, Dl * sizeof(A));
@@ -522,9 +658,6 @@ void attention_run(const AttnArgs& a) {
   const int64_t Dk = a.Dk, Dl = kShared ? a.Dl : 0, Dq = Dk + Dl;
   AsAcc<A, T> wr(a.w_r, H * D * R), br(a.b_r, H * D);
   const A* q = static_cast<const A*>(a.q);
-  const T* k = static_cast<const T*>(a.k);
-  const T* kl = static_cast<const T*>(a.kl);
-  const T* vc = static_cast<const T*>(a.vc);
   const A scale = static_cast<A>(a.scale);
   const A ninf = -std::numeric_limits<A>::infinity();
 
@@ -567,7 +700,12 @@ void attention_run(const AttnArgs& a) {
   const int64_t items = tiles * nsplit;
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nsplit > 1 ? tiles : 0]);
   for (int64_t t = 0; t < (nsplit > 1 ? tiles : 0); ++t) done[t].store(0);
-  const bool same = std::is_same<T, A>::value;
+  // Scratch for blocks read through a conversion (bf16 / fp16 storage, or a quantized cache):
+  // attend_range reads float32 / float64 caches in place.
+  const bool direct = std::is_same<T, A>::value && a.k_kind == CacheKind::Model &&
+                      a.v_kind == CacheKind::Model &&
+                      (!kShared || a.kl_kind == CacheKind::Model);
+  const bool same = direct;
   const bool own_l = kShared && !same && !a.kl_is_vc;  // an upcast buffer for the shared rows
 
 #pragma omp parallel num_threads(nth)
@@ -598,9 +736,11 @@ void attention_run(const AttnArgs& a) {
       std::fill(st.acc, st.acc + rows * R, A(0));
       const A* qsrc = q + (b * Tq + i0) * H * Dq;
       for (int64_t n = 0; n < rows * Dq; ++n) qs[n] = qsrc[n] * scale;
-      const KeySource<T> src{k + b * a.k_sb, a.k_st, a.k_sh,
-                             kShared ? kl + b * a.kl_sb : nullptr, a.kl_st,
-                             vc + b * a.v_sb, a.v_st};
+      const KeySource<T> src{
+          sequence_segment<T>(a.k, b, a.k_sb, a.k_st, a.k_sh, a.k_kind, a.k_scale),
+          kShared ? sequence_segment<T>(a.kl, b, a.kl_sb, a.kl_st, 0, a.kl_kind, a.kl_scale)
+                  : Segment<T>{nullptr, 0, 0, CacheKind::Model, nullptr, 0, 0},
+          sequence_segment<T>(a.vc, b, a.v_sb, a.v_st, 0, a.v_kind, a.v_scale)};
       attend_range<T, A, kShared>(H, Dk, Dl, R, a.kl_is_vc, qs.data(), nq, lim.data(), src, j0,
                                   j1, st, scratch);
       if (nsplit == 1) {
@@ -844,35 +984,51 @@ void append_impl(const AppendArgs& a) {
   const int64_t B = a.B, Tn = a.Tnew, H = a.H, D = a.D, Dk = a.Dk;
   if (B == 0 || Tn == 0) return;
   const T* k = static_cast<const T*>(a.k);
-  T* kc = static_cast<T*>(a.k_cache);
   // The first Dk dims of each head's key, exactly (all of it for V-only, the rotary part for
-  // latent keys).
+  // latent keys), or quantized per (token, head) into a quantized cache.
   if (Dk > 0) {
     at::parallel_for(0, B * Tn, 256, [&](int64_t lo, int64_t hi) {
+      std::vector<float> row(Dk);
       for (int64_t bt = lo; bt < hi; ++bt) {
         const int64_t b = bt / Tn, pos = a.pos[b] + bt % Tn;
-        for (int64_t h = 0; h < H; ++h)
-          std::memcpy(kc + b * a.k_sb + pos * a.k_st + h * a.k_sh, k + (bt * H + h) * D,
-                      Dk * sizeof(T));
+        for (int64_t h = 0; h < H; ++h) {
+          const T* src = k + (bt * H + h) * D;
+          const int64_t at = b * a.k_sb + pos * a.k_st + h * a.k_sh;
+          if (a.k_kind == CacheKind::Model) {
+            std::memcpy(static_cast<T*>(a.k_cache) + at, src, Dk * sizeof(T));
+          } else {
+            for (int64_t d = 0; d < Dk; ++d) row[d] = static_cast<float>(src[d]);
+            quantize_row(row.data(), Dk, a.k_kind, static_cast<int8_t*>(a.k_cache) + at,
+                         a.k_scale.p + b * a.k_scale.sb + pos * a.k_scale.st + h * a.k_scale.sh);
+          }
+        }
       }
     });
+  } else if (a.k_kind != CacheKind::Model) {  // Dr = 0: empty rows, whose scale is 1
+    for (int64_t bt = 0; bt < B * Tn; ++bt)
+      for (int64_t h = 0; h < H; ++h)
+        a.k_scale.p[(bt / Tn) * a.k_scale.sb + (a.pos[bt / Tn] + bt % Tn) * a.k_scale.st +
+                    h * a.k_scale.sh] = 1.0f;
   }
   // The compressed rows of every job, parallel over (job, token, chunk of R) so that a single
-  // decode token still uses every core.
+  // decode token still uses every core. A quantized row is one item: its scale needs all of it.
   constexpr int64_t rchunk = 64;
   std::vector<std::unique_ptr<AsAcc<A, T>>> w, bias;
-  int64_t first[3] = {0, 0, 0}, nrc[2] = {1, 1}, kmax = 1;
+  int64_t first[3] = {0, 0, 0}, nrc[2] = {1, 1}, kmax = 1, rmax = 1;
   for (int j = 0; j < a.njobs; ++j) {
     const CompressJob& job = a.jobs[j];
     w.emplace_back(new AsAcc<A, T>(job.w, job.R * job.K));
     bias.emplace_back(new AsAcc<A, T>(job.bias, job.R));
-    nrc[j] = std::max<int64_t>(1, (job.R + rchunk - 1) / rchunk);
+    nrc[j] = job.dst_kind != CacheKind::Model
+                 ? 1 : std::max<int64_t>(1, (job.R + rchunk - 1) / rchunk);
     first[j + 1] = first[j] + B * Tn * nrc[j];
     kmax = std::max(kmax, job.K);
+    rmax = std::max(rmax, job.R);
   }
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (rchunk * kmax + 1));
   at::parallel_for(0, first[a.njobs], grain, [&](int64_t lo, int64_t hi) {
     std::vector<A> xrow(kmax);
+    std::vector<float> qrow(rmax);
     int64_t loaded = -1;
     for (int64_t it = lo; it < hi; ++it) {
       const int j = it < first[1] ? 0 : 1;
@@ -883,14 +1039,23 @@ void append_impl(const AppendArgs& a) {
         load_row(xrow.data(), static_cast<const T*>(job.x) + bt * job.K, job.K);
         loaded = j * B * Tn + bt;
       }
-      T* dst = static_cast<T*>(job.dst) + b * job.sb + pos * job.st;
       const A* wj = w[j]->ptr;
       const A* bj = bias[j]->ptr;
-      for (int64_t r = rc * rchunk; r < std::min(job.R, (rc + 1) * rchunk); ++r) {
+      auto value = [&](int64_t r) {
         A x = dot(xrow.data(), wj + r * job.K, job.K);
-        if (bj) x += bj[r];
-        dst[r] = static_cast<T>(x);
+        return bj ? x + bj[r] : x;
+      };
+      if (job.dst_kind != CacheKind::Model) {
+        for (int64_t r = 0; r < job.R; ++r) qrow[r] = static_cast<float>(value(r));
+        const RowScales& sc = job.dst_scale;
+        quantize_row(qrow.data(), job.R, job.dst_kind,
+                     static_cast<int8_t*>(job.dst) + b * job.sb + pos * job.st,
+                     sc.p + b * sc.sb + pos * sc.st);
+        continue;
       }
+      T* dst = static_cast<T*>(job.dst) + b * job.sb + pos * job.st;
+      for (int64_t r = rc * rchunk; r < std::min(job.R, (rc + 1) * rchunk); ++r)
+        dst[r] = static_cast<T>(value(r));
     }
   });
 }

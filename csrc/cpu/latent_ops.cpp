@@ -25,13 +25,17 @@ at::Tensor effective_query(const at::Tensor& q, const at::Tensor& w_kr, int64_t 
   return q_eff;
 }
 
-// The key latent as the attention's shared key segment: K_c, or V_c itself (joint latent).
-void set_shared_keys(cpu::AttnArgs& a, const at::Tensor& latent, bool is_values) {
+// The key latent as the attention's shared key segment: K_c, or V_c itself (joint latent),
+// with its scales when it is quantized.
+void set_shared_keys(cpu::AttnArgs& a, const at::Tensor& latent, bool is_values,
+                     const std::optional<at::Tensor>& latent_scale = std::nullopt) {
   a.kl = latent.data_ptr();
   a.kl_sb = latent.stride(0);
   a.kl_st = latent.stride(1);
   a.Dl = latent.size(2);
   a.kl_is_vc = is_values;
+  a.kl_kind = cache_kind_of(latent);
+  a.kl_scale = row_scales(latent_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ckv_forward_cpu(
@@ -106,18 +110,18 @@ void append_latent_tokens(const LatentKvcacheInputs& in, int64_t rope_dim,
   const std::optional<at::Tensor> b_c = opt_contiguous(in.b_c);
   const int64_t B = k.size(0), Tn = k.size(1), H = k.size(2), Dn = k.size(3) - rope_dim;
   const at::Tensor k_nope = k.narrow(3, rope_dim, Dn).reshape({B, Tn, H * Dn}).contiguous();
-  cpu::AppendArgs a = append_args(k, in.krope_cache, pos);
+  cpu::AppendArgs a = append_args(k, in.krope_cache, opt_tensor(in.krope_scale), pos);
   at::Tensor joint_x, w_kc;
   std::optional<at::Tensor> b_kc;
   if (in.kc_cache != nullptr) {
     w_kc = in.w_kc->contiguous();
     b_kc = opt_contiguous(in.b_kc);
-    a.jobs[0] = compress_job(k_nope, w_kc, b_kc, *in.kc_cache);
-    a.jobs[1] = compress_job(v, w_c, b_c, in.vc_cache);
+    a.jobs[0] = compress_job(k_nope, w_kc, b_kc, *in.kc_cache, opt_tensor(in.kc_scale));
+    a.jobs[1] = compress_job(v, w_c, b_c, in.vc_cache, opt_tensor(in.vc_scale));
     a.njobs = 2;
   } else {
     joint_x = at::cat({k_nope, v}, 2);
-    a.jobs[0] = compress_job(joint_x, w_c, b_c, in.vc_cache);
+    a.jobs[0] = compress_job(joint_x, w_c, b_c, in.vc_cache, opt_tensor(in.vc_scale));
     a.njobs = 1;
   }
   VDPROJ_ISA_CALL(append, kind_of(k), a);
@@ -130,10 +134,13 @@ at::Tensor ckv_kvcache_attention_cpu(
     const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
     const std::optional<at::Tensor>& w_kc, const std::optional<at::Tensor>& b_kc,
     const std::optional<at::Tensor>& w_c, const std::optional<at::Tensor>& b_c,
-    const at::Tensor& cache_seqlens, bool causal, double softmax_scale) {
+    const at::Tensor& cache_seqlens, bool causal, double softmax_scale,
+    const std::optional<at::Tensor>& krope_scale, const std::optional<at::Tensor>& kc_scale,
+    const std::optional<at::Tensor>& vc_scale) {
   const LatentKvcacheInputs in{q_in, krope_cache, opt(kc_cache), vc_cache, w_kr_in, w_r_in,
                                opt(b_r_in), opt(k), opt(v), opt(w_kc), opt(b_kc), opt(w_c),
-                               opt(b_c), cache_seqlens};
+                               opt(b_c), cache_seqlens, opt(krope_scale), opt(kc_scale),
+                               opt(vc_scale)};
   const auto [d, t_new] = check_latent_kvcache_inputs(in, softmax_scale);
   check_on_cpu(q_in);
   const std::vector<int64_t> pos = read_positions(cache_seqlens, d.B, d.T, t_new);
@@ -147,7 +154,9 @@ at::Tensor ckv_kvcache_attention_cpu(
   const at::Tensor q_eff = effective_query(q, w_kr, d.Dr);
   cpu::AttnArgs a =
       attn_args(q_eff, krope_cache, vc_cache, w_r, b_r, seqlen, causal, softmax_scale);
-  set_shared_keys(a, kc_cache.has_value() ? *kc_cache : vc_cache, !kc_cache.has_value());
+  set_cache_reads(a, krope_cache, krope_scale, vc_cache, vc_scale);
+  set_shared_keys(a, kc_cache.has_value() ? *kc_cache : vc_cache, !kc_cache.has_value(),
+                  kc_cache.has_value() ? kc_scale : vc_scale);
   a.out = out.data_ptr();
   VDPROJ_ISA_CALL(attention, kind_of(q), a);
   return out;

@@ -246,10 +246,11 @@ at::Tensor kvcache_attention_cuda(
     const std::optional<at::Tensor>& b_r_in, const std::optional<at::Tensor>& k_in,
     const std::optional<at::Tensor>& v_in, const std::optional<at::Tensor>& w_c_in,
     const std::optional<at::Tensor>& b_c_in, const at::Tensor& cache_seqlens, bool causal,
-    double softmax_scale) {
+    double softmax_scale, const std::optional<at::Tensor>& k_scale,
+    const std::optional<at::Tensor>& vc_scale) {
   const KvcacheDims d = check_kvcache_inputs(
       {q_in, k_cache, vc_cache, w_r_in, opt(b_r_in), opt(k_in), opt(v_in), opt(w_c_in),
-       opt(b_c_in), cache_seqlens},
+       opt(b_c_in), cache_seqlens, opt(k_scale), opt(vc_scale)},
       softmax_scale);
   const at::Tensor q = q_in.contiguous(), w_r = w_r_in.contiguous();
   const std::optional<at::Tensor> b_r = opt_contiguous(b_r_in), k = opt_contiguous(k_in),
@@ -427,10 +428,13 @@ at::Tensor ckv_kvcache_attention_cuda(
     const std::optional<at::Tensor>& k_in, const std::optional<at::Tensor>& v_in,
     const std::optional<at::Tensor>& w_kc_in, const std::optional<at::Tensor>& b_kc_in,
     const std::optional<at::Tensor>& w_c_in, const std::optional<at::Tensor>& b_c_in,
-    const at::Tensor& cache_seqlens, bool causal, double softmax_scale) {
+    const at::Tensor& cache_seqlens, bool causal, double softmax_scale,
+    const std::optional<at::Tensor>& krope_scale, const std::optional<at::Tensor>& kc_scale,
+    const std::optional<at::Tensor>& vc_scale) {
   const LatentKvcacheInputs in{q_in, krope_cache, opt(kc_cache), vc_cache, w_kr_in, w_r_in,
                                opt(b_r_in), opt(k_in), opt(v_in), opt(w_kc_in), opt(b_kc_in),
-                               opt(w_c_in), opt(b_c_in), cache_seqlens};
+                               opt(w_c_in), opt(b_c_in), cache_seqlens, opt(krope_scale),
+                               opt(kc_scale), opt(vc_scale)};
   const auto [d, t_new] = check_latent_kvcache_inputs(in, softmax_scale);
   const at::Tensor q = q_in.contiguous(), w_kr = w_kr_in.contiguous(), w_r = w_r_in.contiguous();
   const std::optional<at::Tensor> b_r = opt_contiguous(b_r_in), k = opt_contiguous(k_in),

@@ -189,6 +189,12 @@ std::string kernel_support(const std::string& op, const at::Tensor& q, int64_t r
   }
   const bool latent = op == "ckv" || op == "ckv_kvcache";
   const bool kvcache = op == "kvcache" || op == "ckv_kvcache";
+  for (const auto& t : vector_loaded) {
+    if (t.has_value() && t->scalar_type() != q.scalar_type()) {
+      return c10::str("a quantized cache (", py_dtype(t->scalar_type()),
+                      "): the fused CUDA kernels read caches in q's dtype only");
+    }
+  }
   // The latent ops' query kernel has the restore's grid (heads on y): checked as for kvcache.
   for (const std::string& reason :
        {dims_reason(q.size(3), rank),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from .quant import dequantize, write_rows
 
 
 def restore_then_sdpa(q, k, v_c, w_r, b_r, causal, scale):
@@ -45,11 +46,18 @@ def _write_positions(cache_seqlens, t_new):
     return rows, pos
 
 
-def _append_new_tokens(k_cache, vc_cache, k, v, w_c, b_c, cache_seqlens):
-    """Compress-on-write at cache_seqlens[b] onwards, every sequence in one indexed write."""
-    rows, pos = _write_positions(cache_seqlens, k.shape[1])
-    k_cache[rows, pos] = k
-    vc_cache[rows, pos] = reference.compress_values(v, w_c, b_c).to(vc_cache.dtype)
+def _append_new_tokens(k_cache, vc_cache, k, v, w_c, b_c, cache_seqlens, k_scale, vc_scale):
+    """Compress-on-write at cache_seqlens[b] onwards, every sequence in one indexed write
+    (quantized with per-row scales where a cache is, SPEC 3c)."""
+    index = _write_positions(cache_seqlens, k.shape[1])
+    write_rows(k_cache, k_scale, index, k)
+    write_rows(vc_cache, vc_scale, index, reference.compressed_rows(v, w_c, b_c, vc_scale))
+
+
+def _as_read(cache, cache_scale, acc):
+    """A cache as the attention reads it: itself, or its dequantized values (NaN tails stay
+    NaN and are masked with torch.where like a float cache's)."""
+    return cache if cache is None or cache_scale is None else dequantize(cache, cache_scale, acc)
 
 
 def _visible_keys(total, t_max, tq, causal):
@@ -81,16 +89,17 @@ def _attend_restore_on_read(scores, allowed, valid, vc_cache, w_r, b_r, out_dtyp
 
 
 def batched_kvcache_attention(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens,
-                              causal, scale):
+                              causal, scale, k_scale=None, vc_scale=None):
     """compressed_attn_with_kvcache with batched ATen ops over the whole cache: positions past
     each sequence's length are masked with torch.where (so NaN tails never leak), and the
     attention weights multiply the compressed values before the restore (SPEC section 1)."""
     t_new = 0 if k is None else k.shape[1]
     if t_new:
-        _append_new_tokens(k_cache, vc_cache, k, v, w_c, b_c, cache_seqlens)
+        _append_new_tokens(k_cache, vc_cache, k, v, w_c, b_c, cache_seqlens, k_scale, vc_scale)
     valid, allowed = _visible_keys(cache_seqlens.long() + t_new, k_cache.shape[1], q.shape[1],
                                    causal)
     acc = reference.accumulation_dtype(q.dtype)
+    k_cache, vc_cache = _as_read(k_cache, k_scale, acc), _as_read(vc_cache, vc_scale, acc)
     kk = torch.where(valid[:, :, None, None], k_cache, 0).to(acc)
     scores = torch.einsum("bihd,bjhd->bhij", q.to(acc), kk) * scale
     return _attend_restore_on_read(scores, allowed, valid, vc_cache, w_r, b_r, q.dtype)
@@ -108,16 +117,20 @@ def restore_keys_then_sdpa(q, k_rope, k_c, v_c, w_kr, w_r, b_r, causal, scale):
 
 
 def _append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c,
-                          cache_seqlens):
-    """Compress-on-write of the rotary keys and the latents, every sequence in one write each."""
-    rows, pos = _write_positions(cache_seqlens, k.shape[1])
+                          cache_seqlens, scales):
+    """Compress-on-write of the rotary keys and the latents, every sequence in one write each
+    (scales: krope, kc and vc scales, None for a float cache)."""
+    index = _write_positions(cache_seqlens, k.shape[1])
+    krope_scale, kc_scale, vc_scale = scales
     rope_dim = krope_cache.shape[-1]
-    krope_cache[rows, pos] = k[..., :rope_dim]
+    k_nope = k[..., rope_dim:].flatten(-2)
+    write_rows(krope_cache, krope_scale, index, k[..., :rope_dim])
     if kc_cache is None:
-        vc_cache[rows, pos] = reference.compress_joint(k, v, w_c, b_c, rope_dim).to(vc_cache.dtype)
+        joint = reference.compressed_rows(torch.cat([k_nope, v], -1), w_c, b_c, vc_scale)
+        write_rows(vc_cache, vc_scale, index, joint)
         return
-    kc_cache[rows, pos] = reference.compress_keys(k, w_kc, b_kc, rope_dim).to(kc_cache.dtype)
-    vc_cache[rows, pos] = reference.compress_values(v, w_c, b_c).to(vc_cache.dtype)
+    write_rows(kc_cache, kc_scale, index, reference.compressed_rows(k_nope, w_kc, b_kc, kc_scale))
+    write_rows(vc_cache, vc_scale, index, reference.compressed_rows(v, w_c, b_c, vc_scale))
 
 
 def _absorbed_scores(q, krope_cache, k_lat_cache, w_kr, valid, acc):
@@ -134,16 +147,19 @@ def _absorbed_scores(q, krope_cache, k_lat_cache, w_kr, valid, acc):
 
 
 def batched_latent_kvcache_attention(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v,
-                                     w_kc, b_kc, w_c, b_c, cache_seqlens, causal, scale):
+                                     w_kc, b_kc, w_c, b_c, cache_seqlens, causal, scale,
+                                     krope_scale=None, kc_scale=None, vc_scale=None):
     """compressed_kv_attn_with_kvcache with batched ATen ops over the whole cache, no host
     sync: as batched_kvcache_attention, with the absorbed latent-key scores."""
     t_new = 0 if k is None else k.shape[1]
     if t_new:
         _append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c,
-                              cache_seqlens)
+                              cache_seqlens, (krope_scale, kc_scale, vc_scale))
     valid, allowed = _visible_keys(cache_seqlens.long() + t_new, krope_cache.shape[1],
                                    q.shape[1], causal)
     acc = reference.accumulation_dtype(q.dtype)
+    krope_cache = _as_read(krope_cache, krope_scale, acc)
+    kc_cache, vc_cache = _as_read(kc_cache, kc_scale, acc), _as_read(vc_cache, vc_scale, acc)
     k_lat_cache = kc_cache if kc_cache is not None else vc_cache
     scores = _absorbed_scores(q, krope_cache, k_lat_cache, w_kr, valid, acc) * scale
     return _attend_restore_on_read(scores, allowed, valid, vc_cache, w_r, b_r, q.dtype)

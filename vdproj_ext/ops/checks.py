@@ -19,6 +19,8 @@ import numbers
 
 import torch
 
+from .quant import check_cache_dtype, check_scale_tensor
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -76,7 +78,8 @@ def check_same_dtype(named):
     named = [(n, t) for n, t in named if t is not None]
     first_name, first = named[0]
     if first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{first_name} must be float32, float16 or bfloat16, got {first.dtype}")
+        raise TypeError(f"{first_name} must be float32, float16, bfloat16 or float64, "
+                        f"got {first.dtype}")
     for name, t in named[1:]:
         if t.dtype != first.dtype:
             raise TypeError(f"{name} must have dtype {first.dtype} like {first_name}, "
@@ -147,21 +150,39 @@ def check_attention_dtypes_and_shapes(q, k, v_c, w_r, b_r):
 
 
 def check_kvcache_ranks_and_devices(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
-                                    cache_seqlens):
+                                    cache_seqlens, k_scale=None, vc_scale=None):
     check_tensor("q", q, 4)
     check_tensor("k_cache", k_cache, 4)
     check_tensor("vc_cache", vc_cache, 3)
     check_restore_and_new_token_ranks(w_r, b_r, k, v, w_c, b_c)
+    check_tensor("k_scale", k_scale, 3, optional=True)
+    check_tensor("vc_scale", vc_scale, 2, optional=True)
     check_seqlens_is_tensor(cache_seqlens, q.shape[0])
     check_same_device([("q", q), ("k_cache", k_cache), ("vc_cache", vc_cache), ("w_r", w_r),
                        ("b_r", b_r), ("k", k), ("v", v), ("w_c", w_c), ("b_c", b_c),
-                       ("cache_seqlens", cache_seqlens)])
+                       ("cache_seqlens", cache_seqlens), ("k_scale", k_scale),
+                       ("vc_scale", vc_scale)])
+
+
+def check_model_and_cache_dtypes(model_named, cache_named):
+    """The model's tensors share q's dtype; each cache has it too, or is quantized (SPEC 3c)."""
+    check_same_dtype(model_named)
+    q = model_named[0][1]
+    for name, cache in cache_named:
+        check_cache_dtype(name, cache, q.dtype)
+
+
+def check_cache_scales(named):
+    """(scale name, scale, cache name, cache, rows shape) per cache tensor (SPEC 3c)."""
+    for scale_name, scale, cache_name, cache, rows in named:
+        check_scale_tensor(scale_name, scale, cache_name, cache, rows)
 
 
 def check_kvcache_dtypes_and_shapes(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
-                                    cache_seqlens):
-    check_same_dtype([("q", q), ("k_cache", k_cache), ("vc_cache", vc_cache), ("w_r", w_r),
-                      ("b_r", b_r), ("k", k), ("v", v), ("w_c", w_c), ("b_c", b_c)])
+                                    cache_seqlens, k_scale=None, vc_scale=None):
+    check_model_and_cache_dtypes(
+        [("q", q), ("w_r", w_r), ("b_r", b_r), ("k", k), ("v", v), ("w_c", w_c), ("b_c", b_c)],
+        [("k_cache", k_cache), ("vc_cache", vc_cache)])
     batch, _, heads, head_dim = q.shape
     max_len, rank = k_cache.shape[1], vc_cache.shape[-1]
     check_shape("k_cache", k_cache, (batch, max_len, heads, head_dim))
@@ -169,6 +190,8 @@ def check_kvcache_dtypes_and_shapes(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b
     check_shape("w_r", w_r, (heads * head_dim, rank))
     check_shape("b_r", b_r, (heads * head_dim,))
     check_written_in_place((("k_cache", k_cache), ("vc_cache", vc_cache)))
+    check_cache_scales([("k_scale", k_scale, "k_cache", k_cache, (batch, max_len, heads)),
+                        ("vc_scale", vc_scale, "vc_cache", vc_cache, (batch, max_len))])
     _check_new_tokens(k, v, w_c, b_c, batch, heads, head_dim, rank)
     check_seqlens_dtype_and_shape(cache_seqlens, batch)
 
@@ -261,7 +284,8 @@ def _check_latent_shapes(rope, key_latent, value_latent, w_kr, w_r, b_r, q_shape
 
 
 def check_latent_kvcache_ranks_and_devices(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r,
-                                           k, v, w_kc, b_kc, w_c, b_c, cache_seqlens):
+                                           k, v, w_kc, b_kc, w_c, b_c, cache_seqlens,
+                                           krope_scale=None, kc_scale=None, vc_scale=None):
     check_tensor("q", q, 4)
     check_tensor("krope_cache", krope_cache, 4)
     check_tensor("kc_cache", kc_cache, 3, optional=True)
@@ -270,25 +294,36 @@ def check_latent_kvcache_ranks_and_devices(q, krope_cache, kc_cache, vc_cache, w
     check_restore_and_new_token_ranks(w_r, b_r, k, v, w_c, b_c)
     check_tensor("w_kc", w_kc, 2, optional=True)
     check_tensor("b_kc", b_kc, 1, optional=True)
+    check_tensor("krope_scale", krope_scale, 3, optional=True)
+    check_tensor("kc_scale", kc_scale, 2, optional=True)
+    check_tensor("vc_scale", vc_scale, 2, optional=True)
     check_seqlens_is_tensor(cache_seqlens, q.shape[0])
     check_same_device([("q", q), ("krope_cache", krope_cache), ("kc_cache", kc_cache),
                        ("vc_cache", vc_cache), ("w_kr", w_kr), ("w_r", w_r), ("b_r", b_r),
                        ("k", k), ("v", v), ("w_kc", w_kc), ("b_kc", b_kc), ("w_c", w_c),
-                       ("b_c", b_c), ("cache_seqlens", cache_seqlens)])
+                       ("b_c", b_c), ("cache_seqlens", cache_seqlens),
+                       ("krope_scale", krope_scale), ("kc_scale", kc_scale),
+                       ("vc_scale", vc_scale)])
 
 
 def check_latent_kvcache_dtypes_and_shapes(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r,
-                                           k, v, w_kc, b_kc, w_c, b_c, cache_seqlens):
-    check_same_dtype([("q", q), ("krope_cache", krope_cache), ("kc_cache", kc_cache),
-                      ("vc_cache", vc_cache), ("w_kr", w_kr), ("w_r", w_r), ("b_r", b_r),
-                      ("k", k), ("v", v), ("w_kc", w_kc), ("b_kc", b_kc), ("w_c", w_c),
-                      ("b_c", b_c)])
+                                           k, v, w_kc, b_kc, w_c, b_c, cache_seqlens,
+                                           krope_scale=None, kc_scale=None, vc_scale=None):
+    check_model_and_cache_dtypes(
+        [("q", q), ("w_kr", w_kr), ("w_r", w_r), ("b_r", b_r), ("k", k), ("v", v),
+         ("w_kc", w_kc), ("b_kc", b_kc), ("w_c", w_c), ("b_c", b_c)],
+        [("krope_cache", krope_cache), ("kc_cache", kc_cache), ("vc_cache", vc_cache)])
     batch, _, heads, head_dim = q.shape
     rope_dim, k_rank, v_rank = _check_latent_shapes(
         ("krope_cache", krope_cache), ("kc_cache", kc_cache), ("vc_cache", vc_cache), w_kr, w_r,
         b_r, q.shape)
     check_written_in_place((("krope_cache", krope_cache), ("kc_cache", kc_cache),
                             ("vc_cache", vc_cache)))
+    max_len = krope_cache.shape[1]
+    check_cache_scales(
+        [("krope_scale", krope_scale, "krope_cache", krope_cache, (batch, max_len, heads)),
+         ("kc_scale", kc_scale, "kc_cache", kc_cache, (batch, max_len)),
+         ("vc_scale", vc_scale, "vc_cache", vc_cache, (batch, max_len))])
     _check_new_latent_tokens(k, v, w_kc, b_kc, w_c, b_c, kc_cache is None,
                              (batch, heads, head_dim, rope_dim, k_rank, v_rank))
     check_seqlens_dtype_and_shape(cache_seqlens, batch)

@@ -14,9 +14,11 @@ def _contiguous(*tensors):
 @torch.no_grad()
 def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None, v=None,
                                  w_c=None, b_c=None, cache_seqlens, causal=True,
-                                 softmax_scale=None, backend="auto"):
-    """Compress-on-write of (k, v) into the cache, then restore-on-read attention (SPEC 3)."""
-    args = (q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens)
+                                 softmax_scale=None, backend="auto", k_scale=None, vc_scale=None):
+    """Compress-on-write of (k, v) into the cache, then restore-on-read attention (SPEC 3).
+    A quantized cache (int8 or float8_e4m3fn) comes with its float32 scales, k_scale (B, Tmax,
+    H) and vc_scale (B, Tmax): new rows are quantized as they are written (SPEC 3c)."""
+    args = (q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, k_scale, vc_scale)
     checks.check_kvcache_ranks_and_devices(*args)
     checks.check_flag("causal", causal)
     scale = checks.check_softmax_scale(softmax_scale, q.shape[-1])
@@ -25,21 +27,25 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
         _check_for_python_path(*args)
         return reference.compressed_attn_with_kvcache(
             q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c,
-            cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale)
+            cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale, k_scale=k_scale,
+            vc_scale=vc_scale)
     # The caches are written in place, so they are passed as they are.
     q, w_r, b_r, k, v, w_c, b_c = _contiguous(q, w_r, b_r, k, v, w_c, b_c)
     if q.device.type == "cuda" and routing.kvcache_uses_batched_aten(q, k_cache, vc_cache, w_r,
                                                                      k, v, w_c):
         _check_for_python_path(*args)
         return aten_paths.batched_kvcache_attention(q, k_cache, vc_cache, w_r, b_r, k, v, w_c,
-                                                    b_c, cache_seqlens, causal, scale)
+                                                    b_c, cache_seqlens, causal, scale, k_scale,
+                                                    vc_scale)
     # The kernels check the rest themselves (csrc/, same messages), lengths before any write.
     return torch.ops.vdproj_ext.kvcache_attention(
-        q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, causal, scale)
+        q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, causal, scale, k_scale,
+        vc_scale)
 
 
-def _check_for_python_path(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens):
+def _check_for_python_path(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens,
+                           k_scale, vc_scale):
     """What the kernels would check in C++: dtypes, shapes, strides, and the lengths' range."""
     checks.check_kvcache_dtypes_and_shapes(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c,
-                                           cache_seqlens)
+                                           cache_seqlens, k_scale, vc_scale)
     checks.check_seqlens_range(cache_seqlens, k_cache.shape[1], 0 if k is None else k.shape[1])

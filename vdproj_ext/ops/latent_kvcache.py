@@ -10,12 +10,15 @@ from . import aten_paths, checks, reference, routing
 def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r=None, *,
                                     k=None, v=None, w_kc=None, b_kc=None, w_c=None, b_c=None,
                                     cache_seqlens, causal=True, softmax_scale=None,
-                                    backend="auto"):
+                                    backend="auto", krope_scale=None, kc_scale=None,
+                                    vc_scale=None):
     """Compress-on-write of the new tokens (k's rotary dims into krope_cache, the key and value
     latents, or the joint latent when kc_cache is None), then attention over each sequence's
-    valid prefix with the key restore absorbed into the query and restore-on-read (SPEC 3b)."""
+    valid prefix with the key restore absorbed into the query and restore-on-read (SPEC 3b).
+    Quantized caches (int8 or float8_e4m3fn) come with their float32 scales: krope_scale
+    (B, Tmax, H), kc_scale and vc_scale (B, Tmax) (SPEC 3c)."""
     args = (q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c,
-            cache_seqlens)
+            cache_seqlens, krope_scale, kc_scale, vc_scale)
     checks.check_latent_kvcache_ranks_and_devices(*args)
     checks.check_flag("causal", causal)
     scale = checks.check_softmax_scale(softmax_scale, q.shape[-1])
@@ -24,7 +27,8 @@ def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_
         _check_for_python_path(*args)
         return reference.compressed_kv_attn_with_kvcache(
             q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k=k, v=v, w_kc=w_kc, b_kc=b_kc,
-            w_c=w_c, b_c=b_c, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale)
+            w_c=w_c, b_c=b_c, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,
+            krope_scale=krope_scale, kc_scale=kc_scale, vc_scale=vc_scale)
     # The caches are written in place, so they are passed as they are.
     q, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c = (
         t.contiguous() if t is not None else None
@@ -36,17 +40,18 @@ def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_
         _check_for_python_path(*args)
         return aten_paths.batched_latent_kvcache_attention(
             q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c,
-            cache_seqlens, causal, scale)
+            cache_seqlens, causal, scale, krope_scale, kc_scale, vc_scale)
     # The kernels check the rest themselves (csrc/, same messages), lengths before any write.
     return torch.ops.vdproj_ext.ckv_kvcache_attention(
         q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c,
-        cache_seqlens, causal, scale)
+        cache_seqlens, causal, scale, krope_scale, kc_scale, vc_scale)
 
 
 def _check_for_python_path(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc,
-                           w_c, b_c, cache_seqlens):
+                           w_c, b_c, cache_seqlens, krope_scale, kc_scale, vc_scale):
     """What the kernels would check in C++: dtypes, shapes, strides, and the lengths' range."""
     checks.check_latent_kvcache_dtypes_and_shapes(q, krope_cache, kc_cache, vc_cache, w_kr, w_r,
-                                                  b_r, k, v, w_kc, b_kc, w_c, b_c, cache_seqlens)
+                                                  b_r, k, v, w_kc, b_kc, w_c, b_c, cache_seqlens,
+                                                  krope_scale, kc_scale, vc_scale)
     checks.check_seqlens_range(cache_seqlens, krope_cache.shape[1],
                                0 if k is None else k.shape[1])

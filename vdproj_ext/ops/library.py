@@ -48,7 +48,7 @@ def _register_fakes():
 
     @torch.library.register_fake("vdproj_ext::kvcache_attention")
     def _kvcache_fake(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, causal,
-                      softmax_scale):
+                      softmax_scale, k_scale=None, vc_scale=None):
         return torch.empty_like(q)
 
     @torch.library.register_fake("vdproj_ext::decode_linear")
@@ -127,7 +127,8 @@ def _ckv_backward_fake(grad_out, q, k_rope, k_c, v_c, w_kr, w_r, softmax_lse, ct
 
 
 def _ckv_kvcache_fake(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c,
-                      b_c, cache_seqlens, causal, softmax_scale):
+                      b_c, cache_seqlens, causal, softmax_scale, krope_scale=None, kc_scale=None,
+                      vc_scale=None):
     return torch.empty_like(q)
 
 

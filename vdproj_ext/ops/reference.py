@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from .quant import dequantize, write_rows
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math runs in: float64 stays float64, everything else is float32."""
@@ -79,29 +81,54 @@ def compress_values(v: torch.Tensor, w_c: torch.Tensor, b_c: Optional[torch.Tens
 
 def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None, v=None,
                                  w_c=None, b_c=None, cache_seqlens, causal=True,
-                                 softmax_scale=None):
+                                 softmax_scale=None, k_scale=None, vc_scale=None):
     """Append (k, compress(v)) at cache_seqlens, then attend over each sequence's valid prefix.
 
     Mutates k_cache and vc_cache in place; never reads positions past a sequence's length.
+    A quantized cache (SPEC 3c) comes with its scale: new rows are quantized as they are
+    written, and the attention runs on the dequantized values.
     """
     head_dim = q.shape[3]
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     t_new = 0 if k is None else k.shape[1]
     lengths = [int(n) for n in cache_seqlens.tolist()]
     if k is not None:
-        v_c_new = compress_values(v, w_c, b_c).to(vc_cache.dtype)
+        v_c_new = compressed_rows(v, w_c, b_c, vc_scale)
         for b, start in enumerate(lengths):
-            k_cache[b, start:start + t_new] = k[b]
-            vc_cache[b, start:start + t_new] = v_c_new[b]
+            rows = (b, slice(start, start + t_new))
+            write_rows(k_cache, k_scale, rows, k[b])
+            write_rows(vc_cache, vc_scale, rows, v_c_new[b])
     out = q.new_zeros(q.shape)
     for b, start in enumerate(lengths):
         tk = start + t_new
         if tk == 0:
             continue  # nothing cached and nothing new: every row sees no key
         out[b:b + 1] = compressed_v_attention(
-            q[b:b + 1], k_cache[b:b + 1, :tk], vc_cache[b:b + 1, :tk], w_r, b_r,
-            causal=causal, softmax_scale=scale)
+            q[b:b + 1], _read(k_cache, k_scale, b, tk, q.dtype),
+            _read(vc_cache, vc_scale, b, tk, q.dtype), w_r, b_r, causal=causal,
+            softmax_scale=scale)
     return out
+
+
+def compressed_rows(x, w, bias, cache_scale):
+    """The new latent rows to write: rounded to x's dtype for a float cache; kept in
+    accumulation precision for a quantized one (quantized once from there)."""
+    if cache_scale is None:
+        return compress_values(x, w, bias)
+    acc = accumulation_dtype(x.dtype)
+    return torch.nn.functional.linear(*_upcast(acc, x, w, bias))
+
+
+def _read(cache, cache_scale, b, length, dtype):
+    """The first `length` rows of sequence b: a view of a float cache, or the dequantized rows
+    of a quantized one, in accumulation precision (the math upcasts everything to it anyway,
+    and rounding them to a bf16 model's dtype first would lose what the kernels keep)."""
+    if cache is None:
+        return None
+    rows = cache[b:b + 1, :length]
+    if cache_scale is None:
+        return rows
+    return dequantize(rows, cache_scale[b:b + 1, :length], accumulation_dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,40 +175,46 @@ def compress_joint(k: torch.Tensor, v: torch.Tensor, w_c: torch.Tensor,
 
 
 def append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c,
-                         lengths):
+                         lengths, krope_scale=None, kc_scale=None, vc_scale=None):
     """Compress-on-write of the new tokens at lengths[b] onwards: k's rotary part as it is, the
-    key latent (separate) and the value latent, or the joint latent alone."""
+    key latent (separate) and the value latent, or the joint latent alone (each quantized when
+    its cache is)."""
     rope_dim, t_new = krope_cache.shape[-1], k.shape[1]
+    k_nope = k[..., rope_dim:].flatten(-2)
     if kc_cache is not None:
-        k_c_new = compress_keys(k, w_kc, b_kc, rope_dim).to(kc_cache.dtype)
-        v_c_new = compress_values(v, w_c, b_c).to(vc_cache.dtype)
+        k_c_new = compressed_rows(k_nope, w_kc, b_kc, kc_scale)
+        v_c_new = compressed_rows(v, w_c, b_c, vc_scale)
     else:
-        v_c_new = compress_joint(k, v, w_c, b_c, rope_dim).to(vc_cache.dtype)
+        v_c_new = compressed_rows(torch.cat([k_nope, v], dim=-1), w_c, b_c, vc_scale)
     for b, start in enumerate(lengths):
-        krope_cache[b, start:start + t_new] = k[b, :, :, :rope_dim]
+        rows = (b, slice(start, start + t_new))
+        write_rows(krope_cache, krope_scale, rows, k[b, :, :, :rope_dim])
         if kc_cache is not None:
-            kc_cache[b, start:start + t_new] = k_c_new[b]
-        vc_cache[b, start:start + t_new] = v_c_new[b]
+            write_rows(kc_cache, kc_scale, rows, k_c_new[b])
+        write_rows(vc_cache, vc_scale, rows, v_c_new[b])
 
 
 def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r=None, *,
                                     k=None, v=None, w_kc=None, b_kc=None, w_c=None, b_c=None,
-                                    cache_seqlens, causal=True, softmax_scale=None):
+                                    cache_seqlens, causal=True, softmax_scale=None,
+                                    krope_scale=None, kc_scale=None, vc_scale=None):
     """Append the new tokens (rotary keys and latents) at cache_seqlens, then attend over each
-    sequence's valid prefix. Mutates the caches in place; never reads past a sequence's length."""
+    sequence's valid prefix. Mutates the caches in place; never reads past a sequence's length.
+    Quantized caches (SPEC 3c) come with their scales, as for compressed_attn_with_kvcache."""
     head_dim = q.shape[3]
     scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
     t_new = 0 if k is None else k.shape[1]
     lengths = [int(n) for n in cache_seqlens.tolist()]
     if k is not None:
-        append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c, lengths)
+        append_latent_tokens(krope_cache, kc_cache, vc_cache, k, v, w_kc, b_kc, w_c, b_c, lengths,
+                             krope_scale, kc_scale, vc_scale)
     out = q.new_zeros(q.shape)
     for b, start in enumerate(lengths):
         tk = start + t_new
         if tk == 0:
             continue  # nothing cached and nothing new: every row sees no key
-        k_c = kc_cache[b:b + 1, :tk] if kc_cache is not None else None
         out[b:b + 1] = compressed_kv_attention(
-            q[b:b + 1], krope_cache[b:b + 1, :tk], k_c, vc_cache[b:b + 1, :tk], w_kr, w_r, b_r,
-            causal=causal, softmax_scale=scale)
+            q[b:b + 1], _read(krope_cache, krope_scale, b, tk, q.dtype),
+            _read(kc_cache, kc_scale, b, tk, q.dtype), _read(vc_cache, vc_scale, b, tk, q.dtype),
+            w_kr, w_r, b_r, causal=causal, softmax_scale=scale)
     return out
