@@ -243,11 +243,13 @@ def test_cache_size_pythia70m_kv_is_640_of_1024():
     assert joint.new_cache(1, 4).kc_cache == [None] * 6
 
 
-def test_new_cache_rejects_quantized_dtypes_for_now():
+def test_new_cache_cache_dtype():
+    """The quantized caches themselves are tested in test_quant_model.py."""
     model = _model("separate")
     assert model.new_cache(1, 4, cache_dtype=None).dtype == torch.float32
-    with pytest.raises(ValueError, match="cache_dtype=torch.int8 is not supported yet"):
-        model.new_cache(1, 4, cache_dtype=torch.int8)
+    assert model.new_cache(1, 4, cache_dtype=torch.int8).cache_dtype == torch.int8
+    with pytest.raises(ValueError, match="cache_dtype must be None"):
+        model.new_cache(1, 4, cache_dtype=torch.float16)
 
 
 @pytest.mark.parametrize("kind", ["separate", "joint"])

@@ -238,10 +238,33 @@ inline vec_t<float> upcast_f16(const c10::Half* p) {
   ob = special ? (mag | 0x7F800000u) : ob;
   return bits_as_float(ob | ((w & 0x8000u) << 16));
 }
+// N bytes widened to N 32-bit lanes, zero- or sign-extended. GCC 12 lowers the equivalent
+// __builtin_convertvector of byte vectors to scalar code (16 vcvtsi2ss per vector, measured 2x
+// slower than a float32 cache), hence the intrinsics.
+template <bool kSigned>
+inline typename WideBits<uint8_t, VecT<float>::N>::wide widen_bytes(const void* p) {
+  typename WideBits<uint8_t, VecT<float>::N>::wide w;
+#if VDPROJ_VBYTES == 64
+  const __m128i x = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  const __m512i y = kSigned ? _mm512_cvtepi8_epi32(x) : _mm512_cvtepu8_epi32(x);
+#elif VDPROJ_VBYTES == 32
+  const __m128i x = _mm_loadl_epi64(static_cast<const __m128i*>(p));
+  const __m256i y = kSigned ? _mm256_cvtepi8_epi32(x) : _mm256_cvtepu8_epi32(x);
+#else
+  uint32_t y[4];
+  for (int i = 0; i < 4; ++i) {
+    const uint8_t b = static_cast<const uint8_t*>(p)[i];
+    y[i] = kSigned ? static_cast<uint32_t>(static_cast<int32_t>(static_cast<int8_t>(b))) : b;
+  }
+#endif
+  std::memcpy(&w, &y, sizeof(w));
+  return w;
+}
+
 // float8_e4m3fn -> float32 (1 sign, 4 exponent, 3 mantissa bits; bias 7; no inf, and only
 // S.1111.111 is NaN).
 inline vec_t<float> upcast_e4m3(const uint8_t* p) {
-  const auto w = WideBits<uint8_t, VecT<float>::N>::load(p);
+  const auto w = widen_bytes<false>(p);
   const auto mag7 = w & 0x7Fu;
   auto out = bits_as_float(mag7 << 20) * 0x1p120f;
   typename WideBits<uint8_t, VecT<float>::N>::wide ob;
@@ -250,9 +273,10 @@ inline vec_t<float> upcast_e4m3(const uint8_t* p) {
   return bits_as_float(ob | ((w & 0x80u) << 24));
 }
 inline vec_t<float> upcast_i8(const int8_t* p) {
-  typedef int8_t narrow __attribute__((vector_size(VecT<float>::N)));
-  narrow x;
-  std::memcpy(&x, p, sizeof(x));
+  typedef int32_t lanes __attribute__((vector_size(VDPROJ_VBYTES)));
+  const auto w = widen_bytes<true>(p);
+  lanes x;
+  std::memcpy(&x, &w, sizeof(x));
   return __builtin_convertvector(x, vec_t<float>);
 }
 
@@ -436,12 +460,35 @@ template <typename T> struct Segment {
     const int64_t bytes = kind == CacheKind::Model ? int64_t(sizeof(T)) : 1;
     return static_cast<const char*>(base) + (j * st + h * sh) * bytes;
   }
-  // The row in accumulation precision: upcast, or dequantized with its scale.
-  template <typename A> void load(A* dst, int64_t j, int64_t h, int64_t n) const {
-    if (kind == CacheKind::Model)
-      load_row(dst, static_cast<const T*>(row(j, h)), n);
-    else
-      dequantize_row(dst, row(j, h), kind, scale[j * sc_st + h * sc_sh], n);
+  // Rows j0 .. j0+nk-1, heads 0 .. heads-1, n values each, into dst (row-major (nk, heads, n))
+  // in accumulation precision: upcast, or dequantized with their scales (with_scale false:
+  // the stored values alone). One switch per block rather than per row: a decode step loads
+  // ten short rows per key.
+  template <typename A>
+  void load_block(A* dst, int64_t j0, int64_t nk, int64_t heads, int64_t n,
+                  bool with_scale = true) const {
+    auto each = [&](auto&& one) {
+      for (int64_t jj = 0; jj < nk; ++jj)
+        for (int64_t h = 0; h < heads; ++h) {
+          const float sc = with_scale && scale ? scale[(j0 + jj) * sc_st + h * sc_sh] : 1.0f;
+          one(dst + (jj * heads + h) * n, row(j0 + jj, h), sc);
+        }
+    };
+    switch (kind) {
+      case CacheKind::Model:
+        each([&](A* d, const void* src, float) { load_row(d, static_cast<const T*>(src), n); });
+        break;
+      case CacheKind::I8:
+        each([&](A* d, const void* src, float sc) {
+          dequantize_row(d, src, CacheKind::I8, sc, n);
+        });
+        break;
+      case CacheKind::E4M3:
+        each([&](A* d, const void* src, float sc) {
+          dequantize_row(d, src, CacheKind::E4M3, sc, n);
+        });
+        break;
+    }
   }
 };
 
@@ -465,6 +512,38 @@ template <typename A> struct Scratch {
   A* l;
   A* v;
 };
+
+// out[r * ldo] = hsum(acc[r]) + tail[r] for RB rows. Eight float rows are reduced together by a
+// transpose tree (about 40 shuffles and adds for eight 16-lane vectors instead of about 80 for
+// eight separate halvings).
+template <typename A, int RB>
+inline void hsum_rows(const vec_t<A>* acc, const A* tail, A* out, int64_t ldo) {
+#if defined(__GNUC__) && __GNUC__ >= 12
+  if constexpr (std::is_same<A, float>::value && RB == 8 && kVBytes >= 32) {
+    typedef float v8 __attribute__((vector_size(32)));
+    v8 a[8];
+    for (int r = 0; r < 8; ++r) {
+      if constexpr (kVBytes == 64)
+        a[r] = __builtin_shufflevector(acc[r], acc[r], 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(acc[r], acc[r], 8, 9, 10, 11, 12, 13, 14, 15);
+      else
+        std::memcpy(&a[r], &acc[r], sizeof(v8));
+    }
+    v8 p[4], q[2];
+    for (int i = 0; i < 4; ++i)  // [r0 r1 pairs] -> lanes alternate the two rows
+      p[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    for (int i = 0; i < 2; ++i)  // four rows per 128-bit half
+      q[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+             __builtin_shufflevector(p[2 * i], p[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+    const v8 sums = __builtin_shufflevector(q[0], q[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(q[0], q[1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int r = 0; r < 8; ++r) out[r * ldo] = sums[r] + tail[r];
+    return;
+  }
+#endif
+  for (int r = 0; r < RB; ++r) out[r * ldo] = hsum<A>(acc[r]) + tail[r];
+}
 
 // Scores of one key for RB consecutive heads of one query: out[r * ldo] = q_r . [k + r*ksh | l],
 // with q_r = q + r*ldq = [per-head part (Dk) | shared part (Dl)]. Each shared vector is loaded
@@ -493,7 +572,7 @@ inline void key_scores_rows(const A* q, int64_t ldq, const A* k, int64_t ksh, in
   }
   for (; c < Dl; ++c)
     for (int r = 0; r < RB; ++r) tail[r] += ql[r * ldq + c] * l[c];
-  for (int r = 0; r < RB; ++r) out[r * ldo] = hsum<A>(acc[r]) + tail[r];
+  hsum_rows<A, RB>(acc, tail, out, ldo);
 }
 
 // key_scores_rows for all H heads of one query: groups of 8 heads, then one at a time.
@@ -519,6 +598,10 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
   const int64_t Dl = kShared ? Dl_in : 0, Dq = Dk + Dl;
   const bool l_is_v = kShared && kl_is_vc;
   const int64_t rows = nq * H;
+  // A quantized V_c row's scale multiplies its weights in P rather than each of its R values
+  // (not with the joint latent, whose V_c rows are also keys).
+  const bool fold_v_scale = src.v.kind != CacheKind::Model && !l_is_v;
+  A v_scale[kKeyBlock];
   int64_t maxlim = -1;
   for (int64_t i = 0; i < nq; ++i) maxlim = std::max(maxlim, lim[i]);
   j1 = std::min(j1, maxlim + 1);
@@ -541,11 +624,12 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
         ls = src.l.st;
       }
     } else {
-      for (int64_t jj = 0; jj < nk; ++jj) {
-        for (int64_t h = 0; h < H; ++h) src.k.load(buf.k + (jj * H + h) * Dk, jb + jj, h, Dk);
-        if (kShared && !l_is_v) src.l.load(buf.l + jj * Dl, jb + jj, 0, Dl);
-        src.v.load(buf.v + jj * R, jb + jj, 0, R);
-      }
+      src.k.load_block(buf.k, jb, nk, H, Dk);
+      if (kShared && !l_is_v) src.l.load_block(buf.l, jb, nk, 1, Dl);
+      // With fold_v_scale, the stored values as they are; their scales go into P below.
+      src.v.load_block(buf.v, jb, nk, 1, R, !fold_v_scale);
+      if (fold_v_scale)
+        for (int64_t jj = 0; jj < nk; ++jj) v_scale[jj] = src.v.scale[(jb + jj) * src.v.sc_st];
       kp = buf.k;
       vp = buf.v;
       ks_t = H * Dk;
@@ -600,6 +684,8 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
       }
       st.l[r] += sum;
       st.m[r] = mnew;
+      if (fold_v_scale)
+        for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= v_scale[jj];
     }
     rank_update(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R);
   }

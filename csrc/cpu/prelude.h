@@ -17,6 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // byte widening (GCC 12 lowers int8 vector conversions to scalar code)
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #else

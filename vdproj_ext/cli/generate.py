@@ -13,7 +13,8 @@
     load (with --k-rank its keys too: latent keys, SPEC 3b), the compress/restore pairs fitted
     by --init on --calibration-text (default: the embedded Shakespeare text when available).
 A compressed model decodes after model.prepare_for_inference(), which folds the compress
-projections into the query/key/value projection (--no-fold skips it).
+projections into the query/key/value projection (--no-fold skips it). --cache-dtype int8 or
+fp8 (float8_e4m3fn) stores the KV cache quantized, with float32 per-row scales (SPEC 3c).
 The tokenizer is --tokenizer (a tokenizer.json, "neox" or "bytes"), else the one the checkpoint
 names or ships (tokenizer.json beside it), else the GPT-NeoX-20B tokenizer.
 Loading is vdproj_ext.experiment.inference.load_model; this module parses and prints.
@@ -31,6 +32,8 @@ from ..experiment.protocol import REFERENCE_RANKING, RUN_NAMES
 from ..models import kv_cache_nbytes
 from ..models.calibration import INITS
 from ..ops import backend_info
+
+CACHE_DTYPES = {"model": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 
 def _fmt_bytes(n: int) -> str:
@@ -69,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--calibration-text", default=None, help="text file for --init pca/svd")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dtype", default="model", choices=sorted(CACHE_DTYPES),
+                   help="KV cache storage: the model's dtype, or int8 / fp8 (float8_e4m3fn) "
+                        "with float32 per-row scales")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-fold", action="store_true",
                    help="keep the compress projections separate (by default a compressed "
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     t0 = time.perf_counter()
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, eos_token_id=args.eos_token_id, generator=gen)
+                         top_k=args.top_k, eos_token_id=args.eos_token_id, generator=gen,
+                         cache_dtype=CACHE_DTYPES[args.cache_dtype])
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
@@ -121,22 +128,27 @@ def main(argv=None) -> int:
     print(args.prompt + tok.decode(new))
     print("-" * 60)
     print(f"model: {desc}")
-    print(_cache_line(cfg, len(prompt_ids) + args.max_new_tokens, getattr(torch, args.dtype)))
+    print(_cache_line(cfg, len(prompt_ids) + args.max_new_tokens, getattr(torch, args.dtype),
+                      CACHE_DTYPES[args.cache_dtype]))
     print(f"speed: {len(new)} new tokens in {elapsed:.3f} s = {len(new) / elapsed:.1f} tokens/s "
           f"(prefill of {len(prompt_ids)} prompt tokens included; kernels: {_backend(ids)}, "
           f"{torch.get_num_threads()} threads)")
     return 0
 
 
-def _cache_line(cfg, max_len: int, dtype: torch.dtype) -> str:
-    """The KV cache of one sequence of max_len tokens, against the uncompressed one."""
+def _cache_line(cfg, max_len: int, dtype: torch.dtype, cache_dtype=None) -> str:
+    """The KV cache of one sequence of max_len tokens (scales included when quantized),
+    against the uncompressed one in the model's dtype."""
     elem = torch.empty((), dtype=dtype).element_size()
     shape = (cfg.num_layers, 1, max_len, cfg.num_heads, cfg.head_dim)
-    used = kv_cache_nbytes(*shape, cfg.v_rank, elem, config=cfg)  # the config knows latent keys
+    # the config knows latent keys
+    used = kv_cache_nbytes(*shape, cfg.v_rank, elem, config=cfg, cache_dtype=cache_dtype)
     full = kv_cache_nbytes(*shape, None, elem)
-    if cfg.v_rank is not None:
-        return (f"KV cache: {used} bytes ({_fmt_bytes(used)}) for {max_len} tokens; uncompressed "
-                f"{full} bytes ({_fmt_bytes(full)}): {100 * (1 - used / full):.2f}% smaller")
+    stored = "" if cache_dtype is None else f" ({cache_dtype} with float32 scales)"
+    if cfg.v_rank is not None or cache_dtype is not None:
+        return (f"KV cache: {used} bytes ({_fmt_bytes(used)}) for {max_len} tokens{stored}; "
+                f"uncompressed {full} bytes ({_fmt_bytes(full)}): "
+                f"{100 * (1 - used / full):.2f}% smaller")
     return (f"KV cache: {used} bytes ({_fmt_bytes(used)}) for {max_len} tokens (uncompressed "
             f"model; V-DProj at the reference ratio R=0.625*H*D would take "
             f"{kv_cache_nbytes(*shape, int(0.625 * cfg.hidden_size), elem)} bytes)")

@@ -15,11 +15,22 @@ Three caches share one interface, so the model (and the decode benchmark) can sw
   it takes the fastest path torch offers (no mask at all when every sequence has the same
   length, which is the case in the benchmark).
 
-Interface (both):
+Quantized caches (SPEC 3c): with cache_dtype torch.int8 or torch.float8_e4m3fn every cache
+tensor of every layer is stored in that dtype, with one float32 absmax scale per stored row
+next to it: (B, Tmax, H) for the per-head keys (k_cache, krope_cache, and KVCache's values),
+(B, Tmax) for the latents (kc_cache, vc_cache). The compressed caches hand the scales to the
+ops, whose kernels dequantize inside the attention. KVCache, the baseline, is unfused: it
+dequantizes the valid prefix to the model's dtype and then runs SDPA, so its quantized form
+saves memory but no time. A rotary-key cache with Dr = 0 holds nothing and stays in the
+model's dtype, without scales.
+
+Interface (all three):
     cache.seqlens        int32 (B,) on the cache's device: valid tokens per sequence
     cache.max_len        Tmax
-    cache.nbytes         bytes of all buffers
+    cache.cache_dtype    None (stored in dtype), torch.int8 or torch.float8_e4m3fn
+    cache.nbytes         bytes of all buffers and scales
     cache.buffers()      the cached tensors of all layers, (B, Tmax, ...) each
+    cache.scales()       their float32 scales (empty for a float cache)
     cache.advance(n)     seqlens += n (an int, or an int tensor (B,) per sequence)
     cache.reset()        seqlens = 0 (buffers are not cleared; invalid slots are never read)
     cache.new_token_positions(T) -> (B, T) positions seqlens[b] + 0 .. T-1
@@ -42,20 +53,51 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
+from ..ops.quant import QUANT_DTYPES, dequantize, write_rows
+
+SCALE_BYTES = 4  # one float32 per stored row of a quantized cache
+
+
+def check_cache_dtype(cache_dtype) -> None:
+    """cache_dtype is None (stored in the model's dtype) or one of the quantized dtypes."""
+    if cache_dtype is None or (isinstance(cache_dtype, torch.dtype)
+                               and cache_dtype in QUANT_DTYPES):
+        return
+    raise ValueError(f"cache_dtype must be None (stored in the model's dtype), torch.int8 or "
+                     f"torch.float8_e4m3fn, got {cache_dtype!r}")
+
+
+def _scale_rows_per_token(num_heads, v_rank, config) -> int:
+    """Scales one token holds per layer in a quantized cache: one per head of every per-head
+    key or value tensor, one per latent."""
+    if config is not None and config.latent_keys:
+        rope_rows = config.num_heads if config.rope_dims > 0 else 0  # Dr = 0: nothing stored
+        return rope_rows + (1 if config.joint_kv else 2)
+    if config is not None:
+        num_heads, v_rank = config.num_heads, config.v_rank
+    return 2 * num_heads if v_rank is None else num_heads + 1
 
 
 def kv_cache_nbytes(num_layers, batch_size, max_len, num_heads, head_dim, v_rank,
-                    element_size=4, *, config=None) -> int:
+                    element_size=4, *, config=None, cache_dtype=None) -> int:
     """Bytes a cache of this shape holds (what `.nbytes` reports), without allocating it:
     per token and layer H*D keys plus v_rank compressed values, or H*D values when v_rank
     is None (the uncompressed KVCache). With config (a VDProjConfig) the per-token count is
     config.cache_values_per_token() instead, which knows latent keys; the other shape
-    arguments are then ignored but batch_size, max_len and element_size."""
+    arguments are then ignored but batch_size, max_len and element_size. With a quantized
+    cache_dtype (torch.int8, torch.float8_e4m3fn) element_size is that dtype's (1) and the
+    float32 scales are counted: per token and layer 4 bytes per head of each per-head tensor
+    and per latent (pythia-70m-kv: 640 + 4 * (8 + 2) = 680 bytes)."""
+    check_cache_dtype(cache_dtype)
     if config is not None:
         per_token, num_layers = config.cache_values_per_token(), config.num_layers
     else:
         per_token = num_heads * head_dim + (num_heads * head_dim if v_rank is None else v_rank)
-    return num_layers * batch_size * max_len * per_token * element_size
+    per_token_bytes = per_token * element_size
+    if cache_dtype is not None:
+        per_token_bytes = (per_token * torch.empty((), dtype=cache_dtype).element_size()
+                           + SCALE_BYTES * _scale_rows_per_token(num_heads, v_rank, config))
+    return num_layers * batch_size * max_len * per_token_bytes
 
 
 class CacheOverflowError(ValueError):
@@ -70,9 +112,11 @@ def _check_positive_int(name, value, allow_zero=False):
 
 
 class _CacheBase:
-    """Bookkeeping shared by both caches: lengths, checks of the new tokens, sizes."""
+    """Bookkeeping shared by the three caches: lengths, checks of the new tokens, sizes."""
 
-    def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, *, dtype, device):
+    def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, *, dtype, device,
+                 cache_dtype=None):
+        check_cache_dtype(cache_dtype)
         _check_positive_int("num_layers", num_layers)
         _check_positive_int("batch_size", batch_size)
         _check_positive_int("max_len", max_len)
@@ -84,7 +128,34 @@ class _CacheBase:
         self.num_layers, self.batch_size, self.max_len = num_layers, batch_size, max_len
         self.num_heads, self.head_dim = num_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device if device is not None else "cpu")
+        self.cache_dtype = cache_dtype
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+
+    def _allocate(self, *row_shape, quantize=True):
+        """Per layer, a zero cache tensor (B, Tmax, *row_shape) stored in cache_dtype (dtype
+        when it is None or quantize is False), and its scales (B, Tmax, *row_shape[:-1]),
+        float32 ones (the scale of an all-zero row), or None for a float cache."""
+        return self._allocate_shaped((self.batch_size, self.max_len, *row_shape), quantize)
+
+    def _allocate_shaped(self, shape, quantize=True):
+        """_allocate for any layout: tensors of `shape`, scales of shape[:-1]."""
+        quantized = self.cache_dtype is not None and quantize
+        stored = self.cache_dtype if quantized else self.dtype
+        tensors = [torch.zeros(shape, dtype=stored, device=self.device)
+                   for _ in range(self.num_layers)]
+        scales = [torch.ones(shape[:-1], dtype=torch.float32, device=self.device)
+                  if quantized else None for _ in range(self.num_layers)]
+        return tensors, scales
+
+    def scales(self):
+        """The float32 scales of the quantized cache tensors of all layers (empty for a
+        float cache)."""
+        return [scale for per_layer in self._scale_lists() for scale in per_layer
+                if scale is not None]
+
+    def _scale_lists(self):
+        """Each cache tensor's per-layer list of scales (entries None when not quantized)."""
+        raise NotImplementedError
 
     # -- lengths -------------------------------------------------------------------------------
     def advance(self, n: Union[int, torch.Tensor]) -> None:
@@ -126,9 +197,10 @@ class _CacheBase:
         return rows, self.new_token_positions(t_new)
 
     @staticmethod
-    def _write_new_tokens(buffer, values, slots):
-        """buffer (B, Tmax, ...)[slots] = values (B, T, ...), slots from _new_token_slots."""
-        buffer[slots] = values.to(buffer.dtype)
+    def _write_new_tokens(buffer, scale, values, slots):
+        """buffer (B, Tmax, ...)[slots] = values (B, T, ...), slots from _new_token_slots;
+        quantized with their own scales (SPEC 3c) when the buffer is (scale not None)."""
+        write_rows(buffer, scale, slots, values)
 
     # -- checks of the T new tokens, before anything is written ---------------------------------
     def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name):
@@ -165,8 +237,9 @@ class _CacheBase:
     # -- sizes -----------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes of all key/value buffers (the (B,) seqlens bookkeeping is not counted)."""
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        """Bytes of all key/value buffers and their scales (the (B,) seqlens bookkeeping is
+        not counted)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers() + self.scales())
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token occupies over all layers."""
@@ -174,62 +247,68 @@ class _CacheBase:
 
     def __repr__(self):
         return (f"{type(self).__name__}(layers={self.num_layers}, batch={self.batch_size}, "
-                f"max_len={self.max_len}, dtype={self.dtype}, device={self.device}, "
-                f"nbytes={self.nbytes})")
+                f"max_len={self.max_len}, dtype={self.dtype}, cache_dtype="
+                f"{self.cache_dtype or self.dtype}, device={self.device}, nbytes={self.nbytes})")
 
 
 class CompressedKVCache(_CacheBase):
-    """Key cache (B, Tmax, H, D) and compressed value cache (B, Tmax, R) per layer."""
+    """Key cache (B, Tmax, H, D) and compressed value cache (B, Tmax, R) per layer; quantized,
+    with k_scale (B, Tmax, H) and vc_scale (B, Tmax) per layer (None entries otherwise)."""
 
     def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, v_rank, *,
-                 dtype=None, device=None):
+                 dtype=None, device=None, cache_dtype=None):
         super().__init__(num_layers, batch_size, max_len, num_heads, head_dim, dtype=dtype,
-                         device=device)
+                         device=device, cache_dtype=cache_dtype)
         _check_positive_int("v_rank", v_rank)
         self.v_rank = v_rank
-        shape_k = (batch_size, max_len, num_heads, head_dim)
-        self.k_cache = [torch.zeros(shape_k, dtype=self.dtype, device=self.device)
-                        for _ in range(num_layers)]
-        self.vc_cache = [torch.zeros((batch_size, max_len, v_rank), dtype=self.dtype,
-                                     device=self.device) for _ in range(num_layers)]
+        self.k_cache, self.k_scale = self._allocate(num_heads, head_dim)
+        self.vc_cache, self.vc_scale = self._allocate(v_rank)
 
     def buffers(self):
         return self.k_cache + self.vc_cache
 
+    def _scale_lists(self):
+        return [self.k_scale, self.vc_scale]
+
     def attend(self, layer_idx, q, k, v, attn_module):
-        """The op compresses v with attn_module.v_compress as it writes it."""
+        """The op compresses v with attn_module.v_compress as it writes it (and quantizes the
+        new rows of a quantized cache)."""
         self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         comp, rest = attn_module.v_compress, attn_module.v_restore
         return compressed_attn_with_kvcache(
             q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
             k=k, v=v, w_c=comp.weight, b_c=comp.bias, cache_seqlens=self.seqlens, causal=True,
-            backend=attn_module.backend)
+            backend=attn_module.backend, k_scale=self.k_scale[layer_idx],
+            vc_scale=self.vc_scale[layer_idx])
 
     def attend_compressed(self, layer_idx, q, k, v_c, attn_module):
         """attend() for a layer whose value projection already yields V_c (B, T, R) (see
-        folding.py): writes k and v_c as given, then restore-on-read attention over the first
-        seqlens[b] + T positions."""
+        folding.py): writes k and v_c as given (quantized as SPEC 3c says, like the op would),
+        then restore-on-read attention over the first seqlens[b] + T positions."""
         self._check_new_tokens(layer_idx, q, k, v_c, self.v_rank, "v_c")
         t_new = q.shape[1]
         slots = self._new_token_slots(t_new)
-        self._write_new_tokens(self.k_cache[layer_idx], k, slots)
-        self._write_new_tokens(self.vc_cache[layer_idx], v_c, slots)
+        k_scale, vc_scale = self.k_scale[layer_idx], self.vc_scale[layer_idx]
+        self._write_new_tokens(self.k_cache[layer_idx], k_scale, k, slots)
+        self._write_new_tokens(self.vc_cache[layer_idx], vc_scale, v_c, slots)
         rest = attn_module.v_restore
         # k=None: the op only reads; Tk = seqlens + T keeps the bottom-right causal alignment.
         return compressed_attn_with_kvcache(
             q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
-            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend)
+            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend,
+            k_scale=k_scale, vc_scale=vc_scale)
 
 
 class LatentKVCache(_CacheBase):
     """Latent keys and values (SPEC 3b), per layer: krope_cache (B, Tmax, H, Dr), kc_cache
     (B, Tmax, k_rank) and vc_cache (B, Tmax, v_rank). k_rank=None is the joint latent: no
-    kc_cache (its entries are None), vc_cache holds [k_nope | v]'s latent."""
+    kc_cache (its entries are None), vc_cache holds [k_nope | v]'s latent. Quantized, with
+    krope_scale (B, Tmax, H), kc_scale and vc_scale (B, Tmax) per layer."""
 
     def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, v_rank, *,
-                 rope_dims, k_rank=None, dtype=None, device=None):
+                 rope_dims, k_rank=None, dtype=None, device=None, cache_dtype=None):
         super().__init__(num_layers, batch_size, max_len, num_heads, head_dim, dtype=dtype,
-                         device=device)
+                         device=device, cache_dtype=cache_dtype)
         _check_positive_int("v_rank", v_rank)
         _check_positive_int("rope_dims", rope_dims, allow_zero=True)
         if rope_dims >= head_dim:
@@ -238,14 +317,14 @@ class LatentKVCache(_CacheBase):
         if k_rank is not None:
             _check_positive_int("k_rank", k_rank)
         self.v_rank, self.k_rank, self.rope_dims = v_rank, k_rank, rope_dims
-
-        def per_layer(*shape):
-            return [torch.zeros((batch_size, max_len, *shape), dtype=self.dtype,
-                                device=self.device) for _ in range(num_layers)]
-
-        self.krope_cache = per_layer(num_heads, rope_dims)
-        self.kc_cache = per_layer(k_rank) if k_rank is not None else [None] * num_layers
-        self.vc_cache = per_layer(v_rank)
+        # Dr = 0 stores nothing: that (empty) tensor stays in dtype, without scales.
+        self.krope_cache, self.krope_scale = self._allocate(num_heads, rope_dims,
+                                                            quantize=rope_dims > 0)
+        if k_rank is not None:
+            self.kc_cache, self.kc_scale = self._allocate(k_rank)
+        else:
+            self.kc_cache, self.kc_scale = [None] * num_layers, [None] * num_layers
+        self.vc_cache, self.vc_scale = self._allocate(v_rank)
 
     @property
     def joint(self) -> bool:
@@ -254,9 +333,17 @@ class LatentKVCache(_CacheBase):
     def buffers(self):
         return self.krope_cache + [t for t in self.kc_cache if t is not None] + self.vc_cache
 
+    def _scale_lists(self):
+        return [self.krope_scale, self.kc_scale, self.vc_scale]
+
+    def _layer_scales(self, layer_idx) -> dict:
+        return dict(krope_scale=self.krope_scale[layer_idx], kc_scale=self.kc_scale[layer_idx],
+                    vc_scale=self.vc_scale[layer_idx])
+
     def attend(self, layer_idx, q, k, v, attn_module):
         """The op compresses k_nope with attn_module.k_compress (joint: [k_nope | v] with
-        v_compress) and v with v_compress as it writes them."""
+        v_compress) and v with v_compress as it writes them (quantized, for a quantized
+        cache)."""
         self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         comp, rest = attn_module.v_compress, attn_module.v_restore
         k_comp = None if self.joint else attn_module.k_compress
@@ -265,12 +352,14 @@ class LatentKVCache(_CacheBase):
             attn_module.k_restore.weight, rest.weight, rest.bias, k=k, v=v,
             w_kc=k_comp.weight if k_comp is not None else None,
             b_kc=k_comp.bias if k_comp is not None else None, w_c=comp.weight, b_c=comp.bias,
-            cache_seqlens=self.seqlens, causal=True, backend=attn_module.backend)
+            cache_seqlens=self.seqlens, causal=True, backend=attn_module.backend,
+            **self._layer_scales(layer_idx))
 
     def attend_compressed(self, layer_idx, q, k_rope, latents, attn_module):
         """attend() for a folded layer (folding.py): k_rope (B, T, H, Dr) and latents =
-        (K_c (B, T, k_rank) or None when joint, V_c (B, T, v_rank)) are written as given,
-        then the op attends over the first seqlens[b] + T positions."""
+        (K_c (B, T, k_rank) or None when joint, V_c (B, T, v_rank)) are written as given
+        (quantized as SPEC 3c says, like the op would), then the op attends over the first
+        seqlens[b] + T positions."""
         k_c, v_c = latents
         if self.joint and k_c is not None:
             raise ValueError("k_c must be None: this cache holds a joint latent (k_rank=None)")
@@ -281,75 +370,91 @@ class LatentKVCache(_CacheBase):
         self._check_step(layer_idx, q, new)
         t_new = q.shape[1]
         slots = self._new_token_slots(t_new)
-        self._write_new_tokens(self.krope_cache[layer_idx], k_rope, slots)
+        scales = self._layer_scales(layer_idx)
+        self._write_new_tokens(self.krope_cache[layer_idx], scales["krope_scale"], k_rope,
+                               slots)
         if k_c is not None:
-            self._write_new_tokens(self.kc_cache[layer_idx], k_c, slots)
-        self._write_new_tokens(self.vc_cache[layer_idx], v_c, slots)
+            self._write_new_tokens(self.kc_cache[layer_idx], scales["kc_scale"], k_c, slots)
+        self._write_new_tokens(self.vc_cache[layer_idx], scales["vc_scale"], v_c, slots)
         rest = attn_module.v_restore
         return compressed_kv_attn_with_kvcache(
             q, self.krope_cache[layer_idx], self.kc_cache[layer_idx], self.vc_cache[layer_idx],
             attn_module.k_restore.weight, rest.weight, rest.bias,
-            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend)
+            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend,
+            **scales)
 
 
 class KVCache(_CacheBase):
     """Uncompressed keys and values, stored (B, H, Tmax, D) per layer for SDPA.
 
     `k_cache[l]` and `v_cache[l]` are (B, Tmax, H, D) views of that storage, like the
-    compressed cache's k_cache.
+    compressed cache's k_cache; quantized, `k_scale[l]` and `v_scale[l]` are (B, Tmax, H)
+    views of (B, H, Tmax) scales: one per token and head.
 
     Slots past a sequence's length are masked, not skipped, when a batch is ragged: they must
     hold finite values (they do: buffers start at zero and only the model writes them), since
     a NaN key survives masking inside SDPA. The compressed cache never reads them at all.
+
+    A quantized KVCache is the unfused baseline: each step dequantizes the valid prefix of
+    the layer to the model's dtype and runs SDPA on that copy. It is smaller in memory, not
+    faster (the dequantized copy costs more traffic than the float cache's read).
     """
 
     def __init__(self, num_layers, batch_size, max_len, num_heads, head_dim, *, dtype=None,
-                 device=None):
+                 device=None, cache_dtype=None):
         super().__init__(num_layers, batch_size, max_len, num_heads, head_dim, dtype=dtype,
-                         device=device)
+                         device=device, cache_dtype=cache_dtype)
         # (B, H, Tmax, D): each head's keys are contiguous rows, which SDPA reads fastest.
         shape = (batch_size, num_heads, max_len, head_dim)
-        self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                   for _ in range(num_layers)]
-        self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                   for _ in range(num_layers)]
+        self._k, self._k_s = self._allocate_shaped(shape)
+        self._v, self._v_s = self._allocate_shaped(shape)
         self.k_cache = [t.transpose(1, 2) for t in self._k]
         self.v_cache = [t.transpose(1, 2) for t in self._v]
+        self.k_scale = [s.transpose(1, 2) if s is not None else None for s in self._k_s]
+        self.v_scale = [s.transpose(1, 2) if s is not None else None for s in self._v_s]
 
     def buffers(self):
         return self.k_cache + self.v_cache  # the (B, Tmax, H, D) views
+
+    def _scale_lists(self):
+        return [self.k_scale, self.v_scale]
+
+    def _prefix(self, stored, scale, end, dtype):
+        """The first `end` positions of a (B, H, Tmax, D) tensor in `dtype` (a view when it
+        is a float cache, a dequantized copy when it is quantized)."""
+        return dequantize(stored[:, :, :end], None if scale is None else scale[:, :, :end],
+                          dtype)
 
     @torch.no_grad()
     def attend(self, layer_idx, q, k, v, attn_module=None):
         """attn_module is not needed: nothing is compressed."""
         self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         batch, t_new, heads, head_dim = q.shape
-        kc, vc = self._k[layer_idx], self._v[layer_idx]
         v = v.view(batch, t_new, heads, head_dim)
         lengths = self.seqlens.tolist()
         start, uniform = lengths[0], all(n == lengths[0] for n in lengths)
         q_ = q.transpose(1, 2)
         if uniform:
             end = start + t_new
-            kc[:, :, start:end] = k.transpose(1, 2).to(kc.dtype)
-            vc[:, :, start:end] = v.transpose(1, 2).to(vc.dtype)
-            keys, values = kc[:, :, :end], vc[:, :, :end]
-            if t_new == 1 or start == 0:
-                # One query sees every key; or prefill, where top-left == bottom-right causal.
-                o = F.scaled_dot_product_attention(q_, keys, values, is_causal=t_new > 1)
-            else:
-                mask = torch.ones(t_new, end, dtype=torch.bool, device=q.device).tril(start)
-                o = F.scaled_dot_product_attention(q_, keys, values, attn_mask=mask)
+            slots = (slice(None), slice(start, end))
         else:
             # Ragged: write the new tokens at each sequence's own offset, then mask per
             # sequence (key j visible to new token i of sequence b iff j <= seqlens[b] + i).
             positions = self.new_token_positions(t_new)
             slots = (torch.arange(batch, device=self.device).unsqueeze(1), positions)
-            self._write_new_tokens(self.k_cache[layer_idx], k, slots)
-            self._write_new_tokens(self.v_cache[layer_idx], v, slots)
             end = max(lengths) + t_new
+        self._write_new_tokens(self.k_cache[layer_idx], self.k_scale[layer_idx], k, slots)
+        self._write_new_tokens(self.v_cache[layer_idx], self.v_scale[layer_idx], v, slots)
+        keys = self._prefix(self._k[layer_idx], self._k_s[layer_idx], end, q.dtype)
+        values = self._prefix(self._v[layer_idx], self._v_s[layer_idx], end, q.dtype)
+        if not uniform:
             j = torch.arange(end, device=q.device)
             mask = (j.view(1, 1, end) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, end)
-            o = F.scaled_dot_product_attention(q_, kc[:, :, :end], vc[:, :, :end],
-                                               attn_mask=mask)
+            o = F.scaled_dot_product_attention(q_, keys, values, attn_mask=mask)
+        elif t_new == 1 or start == 0:
+            # One query sees every key; or prefill, where top-left == bottom-right causal.
+            o = F.scaled_dot_product_attention(q_, keys, values, is_causal=t_new > 1)
+        else:
+            mask = torch.ones(t_new, end, dtype=torch.bool, device=q.device).tril(start)
+            o = F.scaled_dot_product_attention(q_, keys, values, attn_mask=mask)
         return o.transpose(1, 2)

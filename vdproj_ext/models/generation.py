@@ -72,7 +72,7 @@ def _sampler(temperature: float, top_k: Optional[int], generator) -> Callable:
 
 
 def _generate_tokens(model, packed, lengths, max_new_tokens, pick, pad, eos_token_id,
-                     use_cache):
+                     use_cache, cache_dtype=None):
     """(B, max_new_tokens) new tokens after right-packed prompts; pad after a sequence's eos."""
     b, t = packed.shape
     generated = torch.full((b, max_new_tokens), pad, dtype=packed.dtype, device=packed.device)
@@ -81,7 +81,7 @@ def _generate_tokens(model, packed, lengths, max_new_tokens, pick, pad, eos_toke
     done = torch.zeros(b, dtype=torch.bool, device=packed.device)
     rows = torch.arange(b, device=packed.device)
     if use_cache:
-        cache = model.new_cache(b, t + max_new_tokens)
+        cache = model.new_cache(b, t + max_new_tokens, cache_dtype=cache_dtype)
         logits = model(packed, cache=cache).logits
         cache.seqlens.copy_(lengths.to(cache.seqlens))  # the padding is overwritten next
     else:
@@ -108,7 +108,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: Optional[int] = None,
              eos_token_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
              pad_token_id: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, cache_dtype=None) -> torch.Tensor:
     """Prompt followed by max_new_tokens generated tokens (greedy when temperature == 0).
 
     attention_mask (B, T), 1 on real tokens, lets prompts of different lengths share a
@@ -116,15 +116,21 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     pad_token_id (default: eos_token_id, else 0). The result keeps the caller's layout:
     appended after a left-padded (or unpadded) prompt, or after each real prompt with the
     padding moved to the end for right padding.
+
+    cache_dtype (None, torch.int8 or torch.float8_e4m3fn) is the cache's storage
+    (model.new_cache); it needs use_cache.
     """
     _check_arguments(input_ids, max_new_tokens, temperature, top_k)
+    if cache_dtype is not None and not use_cache:
+        raise ValueError(f"cache_dtype={cache_dtype} needs use_cache=True (without a cache "
+                         f"nothing is stored)")
     mask = _real_token_mask(input_ids, attention_mask)
     pad = pad_token_id if pad_token_id is not None else (
         eos_token_id if eos_token_id is not None else 0)
     packed, lengths = _pack_right(input_ids, mask, pad)
     generated = _generate_tokens(model, packed, lengths, max_new_tokens,
                                  _sampler(temperature, top_k, generator), pad, eos_token_id,
-                                 use_cache)
+                                 use_cache, cache_dtype)
     if bool(mask[:, -1].all()):  # left-padded or unpadded: append after the prompt as given
         return torch.cat((input_ids, generated), 1)
     return _append_after_prompts(packed, lengths, generated, pad)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import generation
-from .cache import CompressedKVCache, KVCache, LatentKVCache
+from .cache import CompressedKVCache, KVCache, LatentKVCache, check_cache_dtype
 from .config import VDProjConfig
 from .folding import fold_v_compress
 from .layers import (CompressedVAttention, GPTNeoXLayer, Linear, is_projection_pair,
@@ -212,23 +212,23 @@ class VDProjForCausalLM(nn.Module):
     # ---- inference
     def new_cache(self, batch_size: int, max_len: int, dtype=None, cache_dtype=None):
         """An empty KV cache: LatentKVCache with latent keys, CompressedKVCache when only
-        v_rank is set, else KVCache. dtype: of the cached values (default: the model's).
-        cache_dtype: None (stored in dtype); the quantized caches of SPEC 3c are not built
-        yet."""
-        if cache_dtype is not None:
-            raise ValueError(f"cache_dtype={cache_dtype} is not supported yet: only None (the "
-                             f"model's dtype); the int8 / float8_e4m3fn caches of SPEC 3c are "
-                             f"not implemented")
+        v_rank is set, else KVCache. dtype: of the cached values, and of what a quantized
+        cache dequantizes to (default: the model's). cache_dtype: None (stored in dtype), or
+        torch.int8 / torch.float8_e4m3fn: every cache tensor quantized with float32 per-row
+        scales (SPEC 3c; cache.py). The uncompressed KVCache dequantizes before SDPA
+        (unfused, a baseline); the compressed caches dequantize inside the attention."""
+        check_cache_dtype(cache_dtype)
         cfg = self.config
         param = next(self.parameters())
         dtype = dtype or param.dtype
         shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, cfg.head_dim)
+        common = dict(dtype=dtype, device=param.device, cache_dtype=cache_dtype)
         if cfg.latent_keys:
             return LatentKVCache(*shape, cfg.v_rank, rope_dims=cfg.rope_dims,
-                                 k_rank=cfg.k_rank, dtype=dtype, device=param.device)
+                                 k_rank=cfg.k_rank, **common)
         if cfg.v_rank is not None:
-            return CompressedKVCache(*shape, cfg.v_rank, dtype=dtype, device=param.device)
-        return KVCache(*shape, dtype=dtype, device=param.device)
+            return CompressedKVCache(*shape, cfg.v_rank, **common)
+        return KVCache(*shape, **common)
 
     def prepare_for_inference(self) -> "VDProjForCausalLM":
         """Fold every compress projection into the fused query/key/value projection
@@ -248,12 +248,13 @@ class VDProjForCausalLM(nn.Module):
                  temperature: float = 0.0, top_k: Optional[int] = None,
                  eos_token_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
                  pad_token_id: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Prompt followed by max_new_tokens generated tokens (see models/generation.py)."""
+                 generator: Optional[torch.Generator] = None, cache_dtype=None) -> torch.Tensor:
+        """Prompt followed by max_new_tokens generated tokens (see models/generation.py);
+        cache_dtype as for new_cache."""
         return generation.generate(
             self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
             eos_token_id=eos_token_id, attention_mask=attention_mask, pad_token_id=pad_token_id,
-            use_cache=use_cache, generator=generator)
+            use_cache=use_cache, generator=generator, cache_dtype=cache_dtype)
 
     # ---- loading
     @classmethod
