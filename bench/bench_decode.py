@@ -42,6 +42,9 @@ except ImportError:  # run as a script from a source checkout without an install
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import vdproj_ext
 from vdproj_ext import VDProjConfig, VDProjForCausalLM
+from vdproj_ext.ops.quant import write_rows
+
+CACHE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,14 +84,28 @@ def build_models(config, dtype, device, names=None):
     return models
 
 
+def cache_dtype_of(name):
+    """A model entry "<model>@int8" or "@fp8" decodes with that quantized cache (SPEC 3c)."""
+    return CACHE_DTYPES[name.split("@")[1]] if "@" in name else None
+
+
+def with_quantized_caches(models, cache_dtypes):
+    """Each compressed model's folded form also with each quantized cache (same weights)."""
+    extra = {f"{name}@{kind}": model for kind in cache_dtypes for name, model in models.items()
+             if name.endswith("+fold")}
+    return {**models, **extra}
+
+
 def weight_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def fill_cache(cache, context, gen):
-    """Random finite keys/values in the first `context` slots, seqlens = context."""
-    for buf in cache.buffers():
-        buf[:, :context].copy_(torch.randn(buf[:, :context].shape, generator=gen) * 0.5)
+    """Random finite keys/values in the first `context` slots (quantized with their scales in
+    a quantized cache), seqlens = context."""
+    for buf, scale in cache.stored_tensors():
+        values = torch.randn(buf[:, :context].shape, generator=gen) * 0.5
+        write_rows(buf, scale, (slice(None), slice(0, context)), values.to(buf.device))
     cache.seqlens.fill_(context)
 
 
@@ -122,7 +139,8 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
         for batch in batches:
             caches = {}
             for name, model in models.items():
-                cache = model.new_cache(batch, context + steps + warmup, dtype=dtype)
+                cache = model.new_cache(batch, context + steps + warmup, dtype=dtype,
+                                        cache_dtype=cache_dtype_of(name))
                 fill_cache(cache, context, gen)
                 caches[name] = cache
             tokens = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
@@ -245,6 +263,9 @@ def main(argv=None):
                    help="which models to time (default: all the preset implies; the "
                         "uncompressed one always runs): uncompressed v-only v-only+fold kv "
                         "kv+fold")
+    p.add_argument("--cache-dtypes", nargs="*", default=[], choices=sorted(CACHE_DTYPES),
+                   help="also decode each folded compressed model with these quantized caches "
+                        "(rows '<model>+fold@int8', '@fp8': int8 or float8_e4m3fn, SPEC 3c)")
     p.add_argument("--quick", action="store_true", help="batches 1 8, contexts 256 2048")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
@@ -261,7 +282,8 @@ def main(argv=None):
         print("WARNING: compiled kernels unavailable; the compressed model runs the slow "
               f"pure-PyTorch reference ({info['extension_error']})")
     cfg = VDProjConfig.preset(args.preset)
-    models = build_models(cfg, dtype, device, args.models)
+    models = with_quantized_caches(build_models(cfg, dtype, device, args.models),
+                                   args.cache_dtypes)
     budget = int(args.budget_gib * 2**30)
     t0 = time.time()
     rows = run_grid(models, args.batches, args.contexts, steps=args.steps, reps=args.reps,
@@ -275,6 +297,8 @@ def main(argv=None):
             "wall_s": round(time.time() - t0, 1)}
     os.makedirs(args.out, exist_ok=True)
     stem = f"decode_{args.preset}_{device.type}_{args.dtype}_{meta['threads']}t"
+    if args.cache_dtypes:
+        stem += "_cache-" + "-".join(args.cache_dtypes)
     table = markdown_table(rows, meta)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"{meta['command']}\n\n{args.preset}, {device.type}, {args.dtype}, backend "

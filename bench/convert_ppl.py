@@ -159,17 +159,22 @@ def main(argv=None):
     result["command"] = "python bench/convert_ppl.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     table = markdown_table(result)
-    stem = os.path.join(args.out, f"convert_ppl_{args.preset}")
+    write_report(os.path.join(args.out, f"convert_ppl_{args.preset}"), result, table,
+                 f"{result['preset']}: {result['calib_samples']} calibration windows, "
+                 f"{result['val_windows']} validation windows of {result['seq_len']} tokens")
+    return result
+
+
+def write_report(stem, result, table, caption, notes=""):
+    """stem.md (the command, a caption, the table, notes) and stem.json (result); prints the
+    table."""
     with open(stem + ".md", "w") as f:
-        f.write(f"{result['command']}\n\n{result['preset']}: {result['calib_samples']} "
-                f"calibration windows, {result['val_windows']} validation windows of "
-                f"{result['seq_len']} tokens\n\n{table}\n")
+        f.write(f"{result['command']}\n\n{caption}\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=1)
     print()
     print(table)
     print(f"\nwrote {stem}.{{md,json}} in {result['wall_s']} s")
-    return result
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from vdproj_ext.experiment.checkpoint import find_checkpoint, load_trained_model
 from vdproj_ext.experiment.data import Dataset
 from vdproj_ext.models import kv_cache_nbytes, rotate_latents
 
-from convert_ppl import load_splits, perplexity
+from convert_ppl import load_splits, perplexity, write_report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE_DTYPES = {"float32": None, "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}
@@ -171,20 +171,13 @@ def main(argv=None):
                   argv if argv is not None else sys.argv[1:])}
     table = markdown_table(result)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"quant_ppl_{result['preset']}")
     notes = "\n".join(f"- {m['run']}: uncached forward ppl {m['uncached_ppl']:.4f}, float32 "
                       f"cache {m['float_cache_ppl']:.4f}" for m in models)
-    with open(stem + ".md", "w") as f:
-        f.write(f"{result['command']}\n\n{result['preset']}: {used} validation windows of "
-                f"{result['seq_len']} tokens, cached decoding {args.chunk} token(s) per step, "
-                f"folded models; deltas against the same model's float32 cache without "
-                f"rotation; budget int8 <= +0.5%, float8_e4m3fn <= +2%.\n\n{table}\n\n"
-                f"{notes}\n")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    print()
-    print(table)
-    print(f"\nwrote {stem}.{{md,json}} in {result['wall_s']} s")
+    write_report(os.path.join(args.out, f"quant_ppl_{result['preset']}"), result, table,
+                 f"{result['preset']}: {used} validation windows of {result['seq_len']} tokens, "
+                 f"cached decoding {args.chunk} token(s) per step, folded models; deltas "
+                 f"against the same model's float32 cache without rotation; budget int8 <= "
+                 f"+0.5%, float8_e4m3fn <= +2%.", notes)
     return result
 
 

@@ -157,6 +157,17 @@ class _CacheBase:
         """Each cache tensor's per-layer list of scales (entries None when not quantized)."""
         raise NotImplementedError
 
+    def _buffer_lists(self):
+        """Each cache tensor's per-layer list, in the order of _scale_lists (entries None for
+        a tensor this layout does not have)."""
+        raise NotImplementedError
+
+    def stored_tensors(self):
+        """(tensor (B, Tmax, ...), its scales or None) for every cache tensor of every layer:
+        what a benchmark fills (quant.write_rows(tensor, scale, index, values))."""
+        return [(t, s) for ts, ss in zip(self._buffer_lists(), self._scale_lists())
+                for t, s in zip(ts, ss) if t is not None]
+
     # -- lengths -------------------------------------------------------------------------------
     def advance(self, n: Union[int, torch.Tensor]) -> None:
         """seqlens += n, n an int or an integer tensor of shape (B,) (per sequence)."""
@@ -270,6 +281,9 @@ class CompressedKVCache(_CacheBase):
     def _scale_lists(self):
         return [self.k_scale, self.vc_scale]
 
+    def _buffer_lists(self):
+        return [self.k_cache, self.vc_cache]
+
     def attend(self, layer_idx, q, k, v, attn_module):
         """The op compresses v with attn_module.v_compress as it writes it (and quantizes the
         new rows of a quantized cache)."""
@@ -335,6 +349,9 @@ class LatentKVCache(_CacheBase):
 
     def _scale_lists(self):
         return [self.krope_scale, self.kc_scale, self.vc_scale]
+
+    def _buffer_lists(self):
+        return [self.krope_cache, self.kc_cache, self.vc_cache]
 
     def _layer_scales(self, layer_idx) -> dict:
         return dict(krope_scale=self.krope_scale[layer_idx], kc_scale=self.kc_scale[layer_idx],
@@ -418,6 +435,9 @@ class KVCache(_CacheBase):
 
     def _scale_lists(self):
         return [self.k_scale, self.v_scale]
+
+    def _buffer_lists(self):
+        return [self.k_cache, self.v_cache]
 
     def _prefix(self, stored, scale, end, dtype):
         """The first `end` positions of a (B, H, Tmax, D) tensor in `dtype` (a view when it

@@ -1,0 +1,654 @@
+"""Quantized caches (SPEC 3c): int8 and float8_e4m3fn cache tensors with float32 per-row scales,
+on compressed_attn_with_kvcache (V-only) and compressed_kv_attn_with_kvcache (latent keys).
+
+The expected outputs are computed here, independently of vdproj_ext.ops.reference: the caches
+as the op left them are dequantized (stored.float() * scale, the SPEC's definition), restored,
+and attended over in float64. Every slot past a sequence's valid length holds NaN (int8, which
+has no NaN: -128, which quantize-on-write never stores) and so does every unused scale, so a
+read there shows up as NaN. Also checked: the written rows (rotary keys bitwise equal to
+quantize_rows, latents within one quantization step), layouts that mix float and quantized
+caches, bad input (one message on both backends, nothing written), overflow, torch.library
+opcheck, and the kernels' vectorized conversions on every byte value under every
+instruction-set build (VDPROJ_CPU_ISA, in subprocesses).
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TOLERANCES, rel_error
+from helpers import (assert_same_error_on_every_backend, make_latent_step, make_step,
+                     replace_args)
+from vdproj_ext import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
+from vdproj_ext.ops.backend import load_kernels
+from vdproj_ext.ops.quant import quantize_rows
+
+load_kernels()  # defines torch.ops.vdproj_ext.*, which the raw-op tests call
+
+E4M3 = torch.float8_e4m3fn
+QUANT_DTYPES = [torch.int8, E4M3]
+QUANT_IDS = ["int8", "e4m3"]
+MODEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+MODEL_IDS = ["f32", "bf16", "fp16", "f64"]
+BACKENDS = ["ext", "reference"]
+# Tiny shapes: one thread is as fast, and does not collapse under load (see one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+INT8_UNUSED = -128  # quantize-on-write clamps to +-127, so a -128 read past the prefix shows
+SCALE_OF = {"k_cache": "k_scale", "krope_cache": "krope_scale", "kc_cache": "kc_scale",
+            "vc_cache": "vc_scale"}
+
+# Odd sizes: heads, head dim, key and value latent ranks, slots.
+B, H, D, RK, RV, TMAX = 3, 3, 24, 11, 19, 13
+# (seqlens, Tq, Tnew, causal): decode with one new token, a chunk of new tokens that fills a
+# sequence to Tmax, reads without new tokens (one sequence empty: its rows are zeros, one full).
+CASES = {
+    "decode": ([5, 0, 9], 1, 1, True),
+    "chunk": ([0, 4, 10], 3, 3, True),
+    "read": ([6, 0, 13], 2, 0, True),
+    "chunk-full": ([7, 1, 0], 2, 2, False),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: caches with random valid prefixes, NaN past them; the op's other arguments
+
+
+def is_quantized(dtype):
+    return dtype in QUANT_DTYPES
+
+
+def unused_cache(shape, dtype):
+    if dtype == torch.int8:
+        return torch.full(shape, INT8_UNUSED, dtype=dtype)
+    return torch.full(shape, float("nan")).to(dtype)
+
+
+def random_stored(shape, dtype, g):
+    """Stored values whose dequantized magnitudes are about 1 with random_scale's scales."""
+    if dtype == torch.int8:
+        return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if dtype == E4M3:
+        return (x * 100).clamp(-448, 448).to(dtype)
+    return x.to(dtype)
+
+
+def random_scale(shape, g):
+    return (torch.rand(shape, generator=g) + 0.5) / 100
+
+
+def make_caches(shapes, storage, lens, g):
+    """{cache name: tensor, scale name: float32 scale or None}: random rows in each sequence's
+    first lens[b] slots, unused (NaN) everywhere else, scales included."""
+    out = {}
+    for name, shape in shapes.items():
+        dtype = storage[name]
+        if shape is None:  # the joint latent: no kc_cache
+            out[name], out[SCALE_OF[name]] = None, None
+            continue
+        cache = unused_cache(shape, dtype)
+        scale = torch.full(shape[:-1], float("nan")) if is_quantized(dtype) else None
+        for b, n in enumerate(lens):
+            cache[b, :n] = random_stored((n, *shape[2:]), dtype, g)
+            if scale is not None:
+                scale[b, :n] = random_scale((n, *shape[2:-1]), g)
+        out[name], out[SCALE_OF[name]] = cache, scale
+    return out
+
+
+def make_args(storage, model_dtype, case, rope_dim=None, joint=False, seed=0):
+    """All arguments of one call, as a dict. rope_dim None: the V-only op (k_cache, vc_cache);
+    else the latent-key op. storage: cache name -> its dtype (None: the model's)."""
+    lens, tq, t_new, causal = CASES[case] if isinstance(case, str) else case
+    b = len(lens)
+    if rope_dim is None:
+        shapes = dict(k_cache=(b, TMAX, H, D), vc_cache=(b, TMAX, RV))
+        step = make_step(b, tq, t_new, H, D, RV, "cpu", model_dtype, seed=seed + 1)
+    else:
+        shapes = dict(krope_cache=(b, TMAX, H, rope_dim),
+                      kc_cache=None if joint else (b, TMAX, RK), vc_cache=(b, TMAX, RV))
+        step = make_latent_step(b, tq, t_new, H, D, rope_dim, RK, RV, "cpu", model_dtype,
+                                joint=joint, seed=seed + 1)
+    storage = {n: (storage.get(n) or model_dtype) for n in shapes}
+    caches = make_caches(shapes, storage, lens, torch.Generator().manual_seed(seed))
+    return dict(step, **caches, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+                causal=causal)
+
+
+def uniform_storage(dtype):
+    return {n: dtype for n in SCALE_OF}
+
+
+def call(a, backend, **kw):
+    common = dict(k=a["k"], v=a["v"], w_c=a["w_c"], b_c=a["b_c"], cache_seqlens=a["cache_seqlens"],
+                  causal=a["causal"], backend=backend, **kw)
+    if "k_cache" in a:
+        return compressed_attn_with_kvcache(a["q"], a["k_cache"], a["vc_cache"], a["w_r"],
+                                            a["b_r"], k_scale=a["k_scale"],
+                                            vc_scale=a["vc_scale"], **common)
+    return compressed_kv_attn_with_kvcache(
+        a["q"], a["krope_cache"], a["kc_cache"], a["vc_cache"], a["w_kr"], a["w_r"], a["b_r"],
+        w_kc=a["w_kc"], b_kc=a["b_kc"], krope_scale=a["krope_scale"], kc_scale=a["kc_scale"],
+        vc_scale=a["vc_scale"], **common)
+
+
+def state_names(a):
+    """The tensors the op may write: the caches and their scales."""
+    return [n for n in (*SCALE_OF, *SCALE_OF.values())
+            if isinstance(a.get(n), torch.Tensor) and a[n].device.type != "meta"]
+
+
+def as_bytes(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def snapshot(a):
+    return {n: a[n].clone() for n in state_names(a)}
+
+
+def assert_nothing_written(a, before):
+    for name, old in before.items():
+        assert torch.equal(as_bytes(a[name]), as_bytes(old)), name
+
+
+# ---------------------------------------------------------------------------------------------
+# The float64 truth, written here
+
+
+def dequantize64(cache, scale):
+    """What the attention uses (SPEC 3c: stored.float() * scale), in float64."""
+    if scale is None:
+        return cache.double()
+    return (cache.float() * scale.unsqueeze(-1)).double()
+
+
+def attend64(q, keys, values, total_lens, causal, softmax_scale):
+    """Softmax attention of each sequence over its first total_lens[b] keys, in float64.
+    q (B, Tq, H, D); keys and values (B, T, H, D). Rows that see no key are zeros."""
+    q = q.double()
+    tq = q.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b, tk in enumerate(total_lens):
+        if tk == 0:
+            continue
+        scores = torch.einsum("ihd,jhd->hij", q[b], keys[b, :tk]) * softmax_scale
+        if causal:  # bottom-right aligned: query i sees key j iff j <= i + tk - tq
+            i = torch.arange(tq)[:, None]
+            j = torch.arange(tk)[None, :]
+            scores = scores.masked_fill(j > i + tk - tq, -math.inf)
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a fully masked row: zeros
+        out[b] = torch.einsum("hij,jhd->ihd", p, values[b, :tk])
+    return out
+
+
+def expected_output(a, softmax_scale=None):
+    """The float64 output over the caches as they are now (after the op's append)."""
+    d = a["q"].shape[-1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    t_new = 0 if a["k"] is None else a["k"].shape[1]
+    total = [n + t_new for n in a["cache_seqlens"].tolist()]
+    heads = a["q"].shape[2]
+    latent_v = dequantize64(a["vc_cache"], a["vc_scale"])
+    b_r = 0.0 if a["b_r"] is None else a["b_r"].double()
+    values = (latent_v @ a["w_r"].double().T + b_r).unflatten(-1, (heads, d))
+    if "k_cache" in a:
+        keys = dequantize64(a["k_cache"], a["k_scale"])
+    else:
+        joint = a["kc_cache"] is None
+        latent_k = latent_v if joint else dequantize64(a["kc_cache"], a["kc_scale"])
+        nope = (latent_k @ a["w_kr"].double().T).unflatten(-1, (heads, -1))
+        keys = torch.cat([dequantize64(a["krope_cache"], a["krope_scale"]), nope], dim=-1)
+    return attend64(a["q"], keys, values, total, a["causal"], scale)
+
+
+def new_latents64(a):
+    """{cache name: (B, Tnew, R) float64} the latents of the new tokens (compress-on-write)."""
+    s = {n: (a[n].double() if a.get(n) is not None else None)
+         for n in ("k", "v", "w_kc", "b_kc", "w_c", "b_c")}
+    if "k_cache" in a:
+        return dict(vc_cache=s["v"] @ s["w_c"].T + (0.0 if s["b_c"] is None else s["b_c"]))
+    k_nope = s["k"][..., a["krope_cache"].shape[-1]:].flatten(-2)
+    b_c = 0.0 if s["b_c"] is None else s["b_c"]
+    if a["kc_cache"] is None:
+        return dict(vc_cache=torch.cat([k_nope, s["v"]], -1) @ s["w_c"].T + b_c)
+    b_kc = 0.0 if s["b_kc"] is None else s["b_kc"]
+    return dict(kc_cache=k_nope @ s["w_kc"].T + b_kc, vc_cache=s["v"] @ s["w_c"].T + b_c)
+
+
+def quant_step(units, dtype):
+    """The spacing of the stored grid at magnitude `units` (in units of the scale)."""
+    if dtype == torch.int8:
+        return torch.ones_like(units)
+    # e4m3: 3 mantissa bits; subnormals below 2**-6 are spaced 2**-9
+    return torch.exp2(torch.floor(torch.log2(units)).clamp(min=-6) - 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Outputs against float64
+
+
+def check_output(a, out, model_dtype):
+    assert out.dtype == model_dtype and out.shape == a["q"].shape
+    want = expected_output(a)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, want) < TOLERANCES[model_dtype], rel_error(out, want)
+    for b, n in enumerate(a["cache_seqlens"].tolist()):
+        if n == 0 and a["k"] is None:  # nothing cached, nothing new: zeros
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("model_dtype", MODEL_DTYPES, ids=MODEL_IDS)
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+def test_v_only_output_against_float64(cache_dtype, model_dtype, case, backend):
+    a = make_args(uniform_storage(cache_dtype), model_dtype, case)
+    check_output(a, call(a, backend), model_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("rope_dim", [0, 8, 16])
+@pytest.mark.parametrize("joint", [False, True], ids=["separate", "joint"])
+@pytest.mark.parametrize("model_dtype", MODEL_DTYPES, ids=MODEL_IDS)
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+def test_latent_output_against_float64(cache_dtype, model_dtype, joint, rope_dim, case, backend):
+    a = make_args(uniform_storage(cache_dtype), model_dtype, case, rope_dim, joint)
+    check_output(a, call(a, backend), model_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The rows an append writes
+
+
+def check_written_rows(a, before):
+    """Per-head keys (k, or k's rotary dims) as quantize_rows writes them, bitwise (a float
+    cache: k itself); latents within one quantization step of the float64 compress, their scales
+    within float32 rounding (a float cache: within float32 rounding); every other slot and
+    scale byte-for-byte as it was."""
+    t_new = a["k"].shape[1]
+    key_name = "k_cache" if "k_cache" in a else "krope_cache"
+    latents = new_latents64(a)
+    for b, n in enumerate(a["cache_seqlens"].tolist()):
+        rows = slice(n, n + t_new)
+        for name in state_names(a):
+            assert torch.equal(as_bytes(a[name][b, :n]), as_bytes(before[name][b, :n])), name
+            assert torch.equal(as_bytes(a[name][b, n + t_new:]),
+                               as_bytes(before[name][b, n + t_new:])), name
+        new_keys = a["k"][b, ..., :a[key_name].shape[-1]]
+        check_key_rows(a[key_name][b, rows], a[SCALE_OF[key_name]], (b, rows), new_keys)
+        for name, exact in latents.items():
+            check_latent_rows(a[name][b, rows], a[SCALE_OF[name]], (b, rows), exact[b])
+
+
+def check_key_rows(stored, scales, index, new_keys):
+    if scales is None:
+        assert torch.equal(stored, new_keys.to(stored.dtype))
+        return
+    want, want_scale = quantize_rows(new_keys, stored.dtype)
+    assert torch.equal(as_bytes(stored), as_bytes(want))
+    assert torch.equal(as_bytes(scales[index]), as_bytes(want_scale))
+
+
+def check_latent_rows(stored, scales, index, exact):
+    if scales is None:
+        tol = max(TOLERANCES[stored.dtype], 1e-6)
+        assert rel_error(stored, exact) < tol
+        return
+    scale = scales[index]
+    _, want_scale = quantize_rows(exact, stored.dtype)
+    torch.testing.assert_close(scale, want_scale, rtol=1e-5, atol=0)
+    units = stored.double().abs()
+    step = quant_step(torch.maximum(units, exact.abs() / want_scale.double()[:, None]),
+                      stored.dtype)
+    # one step of the grid, and what a scale 1e-5 off does to the largest stored values
+    bound = (step + 1e-5 * units) * want_scale.double()[:, None]
+    err = (dequantize64(stored, scale) - exact).abs()
+    assert (err <= bound).all(), (err - bound).max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["decode", "chunk", "chunk-full"])
+@pytest.mark.parametrize("model_dtype", MODEL_DTYPES, ids=MODEL_IDS)
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+def test_v_only_written_rows(cache_dtype, model_dtype, case, backend):
+    a = make_args(uniform_storage(cache_dtype), model_dtype, case)
+    before = snapshot(a)
+    call(a, backend)
+    check_written_rows(a, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["decode", "chunk"])
+@pytest.mark.parametrize("rope_dim", [0, 8, 16])
+@pytest.mark.parametrize("joint", [False, True], ids=["separate", "joint"])
+@pytest.mark.parametrize("model_dtype", MODEL_DTYPES, ids=MODEL_IDS)
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+def test_latent_written_rows(cache_dtype, model_dtype, joint, rope_dim, case, backend):
+    a = make_args(uniform_storage(cache_dtype), model_dtype, case, rope_dim, joint)
+    before = snapshot(a)
+    call(a, backend)
+    check_written_rows(a, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Layouts that mix float and quantized caches (None: the model's dtype)
+
+MIXED = {
+    "v-only float keys": (dict(k_cache=None, vc_cache=torch.int8), None, False),
+    "v-only int8 keys e4m3 values": (dict(k_cache=torch.int8, vc_cache=E4M3), None, False),
+    "float rope int8 latents": (dict(krope_cache=None, kc_cache=torch.int8,
+                                     vc_cache=torch.int8), 8, False),
+    "e4m3 rope int8 latents": (dict(krope_cache=E4M3, kc_cache=torch.int8,
+                                    vc_cache=torch.int8), 16, False),
+    "int8 rope float latents": (dict(krope_cache=torch.int8, kc_cache=None,
+                                     vc_cache=None), 8, False),
+    "int8 rope float key latent e4m3 values": (dict(krope_cache=torch.int8, kc_cache=None,
+                                                    vc_cache=E4M3), 8, False),
+    "e4m3 rope int8 joint": (dict(krope_cache=E4M3, vc_cache=torch.int8), 8, True),
+    "float rope e4m3 joint": (dict(krope_cache=None, vc_cache=E4M3), 16, True),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["decode", "chunk", "read"])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("layout", list(MIXED))
+def test_mixed_layouts(layout, model_dtype, case, backend):
+    storage, rope_dim, joint = MIXED[layout]
+    a = make_args(storage, model_dtype, case, rope_dim, joint)
+    before = snapshot(a)
+    out = call(a, backend)
+    check_output(a, out, model_dtype)
+    if a["k"] is not None:
+        check_written_rows(a, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Bad input: the same message from the Python checks (reference) and the C++ checks (ext),
+# naming the argument, and nothing written
+
+ERR_CASE = ([3, 0, 9], 2, 2, True)
+V_SHAPE = rf"\({B}, {TMAX}, {H}\)"
+LATENT_SHAPE = rf"\({B}, {TMAX}\)"
+
+
+def float_cache_of(a, name):
+    return torch.full(a[name].shape, float("nan"), dtype=a["q"].dtype)
+
+
+def cache_dtype_case(name, dtype):
+    """A cache of an unsupported dtype (its scale still given)."""
+    return (lambda a: replace_args(a, **{name: a[name].float().to(dtype)}), TypeError,
+            rf"{name} must have dtype torch.float32 like q, or be quantized")
+
+
+def scale_cases(cache_name, shape):
+    s = SCALE_OF[cache_name]
+    return {
+        f"{s} missing": (lambda a: replace_args(a, **{s: None}), ValueError,
+                         rf"{s} \(float32, shape {shape}\) is required: {cache_name} is"),
+        f"{s} for a float cache": (lambda a: replace_args(a, **{cache_name: float_cache_of(
+            a, cache_name)}), ValueError, rf"{s} must be None: {cache_name} is torch.float32"),
+        f"{s} shape": (lambda a: replace_args(a, **{s: a[s][:, :-1]}), ValueError,
+                       rf"{s} must have shape {shape}"),
+        f"{s} rank": (lambda a: replace_args(a, **{s: a[s][..., None]}), ValueError,
+                      rf"{s} must be {scale_rank(cache_name)}-D"),
+        f"{s} float64": (lambda a: replace_args(a, **{s: a[s].double()}), TypeError,
+                         rf"{s} must have dtype torch.float32, got torch.float64"),
+        f"{s} float16": (lambda a: replace_args(a, **{s: a[s].half()}), TypeError,
+                         rf"{s} must have dtype torch.float32, got torch.float16"),
+        f"{s} device": (lambda a: replace_args(a, **{s: a[s].to("meta")}), ValueError,
+                        rf"{s} must be on cpu"),
+        f"{s} not a tensor": (lambda a: replace_args(a, **{s: a[s].tolist()}), TypeError,
+                              rf"{s} must be a torch.Tensor"),
+    }
+
+
+def scale_rank(cache_name):
+    return 3 if cache_name in ("k_cache", "krope_cache") else 2
+
+
+def cache_dtype_cases(names):
+    cases = {}
+    for name in names:
+        for dtype in (torch.uint8, torch.float8_e5m2, torch.int16, torch.float64,
+                      torch.bfloat16):
+            cases[f"{name} {str(dtype)[6:]}"] = cache_dtype_case(name, dtype)
+    return cases
+
+
+V_ONLY_BAD = {**scale_cases("k_cache", V_SHAPE), **scale_cases("vc_cache", LATENT_SHAPE),
+              **cache_dtype_cases(["k_cache", "vc_cache"])}
+LATENT_BAD = {**scale_cases("krope_cache", V_SHAPE), **scale_cases("kc_cache", LATENT_SHAPE),
+              **scale_cases("vc_cache", LATENT_SHAPE),
+              **cache_dtype_cases(["krope_cache", "kc_cache", "vc_cache"])}
+JOINT_BAD = {
+    "kc_scale with the joint latent": (
+        lambda a: replace_args(a, kc_scale=torch.ones(B, TMAX)), ValueError,
+        r"kc_scale must be None: kc_cache is None, not quantized"),
+    **scale_cases("vc_cache", LATENT_SHAPE),
+}
+# (op, storage): V-only int8 keys with e4m3 values; latent e4m3 rope with int8 latents
+BAD_SETUPS = {"v-only": (None, False, dict(k_cache=torch.int8, vc_cache=E4M3), V_ONLY_BAD),
+              "latent": (8, False, dict(krope_cache=E4M3, kc_cache=torch.int8,
+                                        vc_cache=torch.int8), LATENT_BAD),
+              "joint": (8, True, dict(krope_cache=torch.int8, vc_cache=E4M3), JOINT_BAD)}
+BAD_CASES = [(setup, case) for setup, (*_, table) in BAD_SETUPS.items() for case in table]
+
+
+@pytest.mark.parametrize("setup,case", BAD_CASES, ids=[f"{s}: {c}" for s, c in BAD_CASES])
+def test_bad_input_same_error_on_every_backend_writes_nothing(setup, case):
+    rope_dim, joint, storage, table = BAD_SETUPS[setup]
+    mutate, exc, pattern = table[case]
+    a = mutate(make_args(storage, torch.float32, ERR_CASE, rope_dim, joint))
+    before = snapshot(a)
+    assert_same_error_on_every_backend(lambda backend: call(a, backend), BACKENDS,
+                                       lambda: assert_nothing_written(a, before))
+    with pytest.raises(exc, match=pattern):
+        call(a, "ext")
+    assert_nothing_written(a, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Overflow writes nothing, also through the raw ops (the C++ checks alone)
+
+OVERFLOW_SETUPS = {"v-only": (None, False), "latent": (8, False), "joint": (0, True)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("setup", list(OVERFLOW_SETUPS))
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+def test_overflow_writes_nothing(cache_dtype, setup, backend):
+    rope_dim, joint = OVERFLOW_SETUPS[setup]
+    a = make_args(uniform_storage(cache_dtype), torch.float32, ([TMAX - 3, 0, 4], 2, 4, True),
+                  rope_dim, joint)  # 10 + 4 > 13
+    before = snapshot(a)
+    with pytest.raises(ValueError, match=rf"would overflow the cache of Tmax={TMAX}"):
+        call(a, backend)
+    assert_nothing_written(a, before)
+    if backend == "ext":
+        with pytest.raises(ValueError, match="overflow"):
+            raw_op(a)
+        assert_nothing_written(a, before)
+
+
+def raw_op(a, softmax_scale=0.3):
+    if "k_cache" in a:
+        return torch.ops.vdproj_ext.kvcache_attention(
+            a["q"], a["k_cache"], a["vc_cache"], a["w_r"], a["b_r"], a["k"], a["v"], a["w_c"],
+            a["b_c"], a["cache_seqlens"], a["causal"], softmax_scale, a["k_scale"],
+            a["vc_scale"])
+    return torch.ops.vdproj_ext.ckv_kvcache_attention(
+        a["q"], a["krope_cache"], a["kc_cache"], a["vc_cache"], a["w_kr"], a["w_r"], a["b_r"],
+        a["k"], a["v"], a["w_kc"], a["b_kc"], a["w_c"], a["b_c"], a["cache_seqlens"],
+        a["causal"], softmax_scale, a["krope_scale"], a["kc_scale"], a["vc_scale"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. torch.library.opcheck with quantized caches and scales
+
+
+def without_nan(a):
+    """opcheck compares whole caches and scales between runs, so no NaN anywhere."""
+    for name in state_names(a):
+        t = a[name]
+        if t.is_floating_point() and t.dtype != E4M3:
+            a[name] = t.nan_to_num(1.0)
+        elif t.dtype == E4M3:
+            a[name] = t.float().nan_to_num(0.0).to(E4M3)
+    return a
+
+
+@pytest.mark.parametrize("setup", list(OVERFLOW_SETUPS))
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+def test_opcheck(cache_dtype, setup):
+    rope_dim, joint = OVERFLOW_SETUPS[setup]
+    for case in ("chunk", "read"):
+        a = without_nan(make_args(uniform_storage(cache_dtype), torch.float32, case, rope_dim,
+                                  joint))
+        if "k_cache" in a:
+            op = torch.ops.vdproj_ext.kvcache_attention.default
+            args = (a["q"], a["k_cache"], a["vc_cache"], a["w_r"], a["b_r"], a["k"], a["v"],
+                    a["w_c"], a["b_c"], a["cache_seqlens"], a["causal"], 0.3, a["k_scale"],
+                    a["vc_scale"])
+        else:
+            op = torch.ops.vdproj_ext.ckv_kvcache_attention.default
+            args = (a["q"], a["krope_cache"], a["kc_cache"], a["vc_cache"], a["w_kr"],
+                    a["w_r"], a["b_r"], a["k"], a["v"], a["w_kc"], a["b_kc"], a["w_c"],
+                    a["b_c"], a["cache_seqlens"], a["causal"], 0.3, a["krope_scale"],
+                    a["kc_scale"], a["vc_scale"])
+        # torch's SchemaCheckMode compares tensors with arithmetic that float8 lacks ("mul" not
+        # implemented for Float8_e4m3fn); the int8 runs check the same schema's mutations.
+        utils = [u for u in ("test_schema", "test_autograd_registration", "test_faketensor",
+                             "test_aot_dispatch_dynamic")
+                 if not (u == "test_schema" and cache_dtype == E4M3)]
+        torch.library.opcheck(op, args, test_utils=utils)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Every stored value through the kernels' conversions, under every instruction-set build
+#
+# One sequence of two cached keys: key 0 holds the values under test, key 1 zeros. The values
+# go in twice, as key 0's row (H, D) and as value latent row 0 (R = H*D, restored by the
+# identity), value row 1 being their negation (int8: zeros). Query i of head h is one-hot on
+# dim i, scaled so that its score is about +-1: the output then carries each key element in
+# its own query's P0 - P1, and each value element in its own column. With only key 0 visible
+# (cache_seqlens = 1, P0 = 1) the output is value row 0 itself, exactly.
+
+
+def every_e4m3():
+    """The 254 finite float8_e4m3fn bit patterns (0x7F and 0xFF are NaN), as (2, 127)."""
+    bits = [b for b in range(256) if b & 0x7F != 0x7F]
+    return torch.tensor(bits, dtype=torch.uint8).view(E4M3).reshape(2, 127)
+
+
+def every_int8():
+    """-128 .. 127 and a 0: (1, 257), a length no vector width divides."""
+    return torch.cat([torch.arange(-128, 128), torch.zeros(1)]).to(torch.int8).reshape(1, 257)
+
+
+def special_half(dtype):
+    """Subnormals, +-0, the extremes and ordinary values of bf16 or fp16, as (2, 45)."""
+    info = torch.finfo(dtype)
+    tiny, sub = info.tiny, info.smallest_normal * info.eps  # smallest normal, subnormal
+    special = [0.0, -0.0, sub, -sub, 3 * sub, tiny - sub, -(tiny - sub), tiny / 2, tiny,
+               -tiny, info.max, -info.max, info.max / 3, 1.0, -1.0, 2.0 ** -20]
+    g = torch.Generator().manual_seed(5)
+    ordinary = torch.randn(90 - len(special), generator=g, dtype=torch.float64) * 10
+    values = torch.cat([torch.tensor(special, dtype=torch.float64), ordinary])
+    return values.to(dtype).reshape(2, 45)
+
+
+def readout_args(stored, model_dtype):
+    h, d = stored.shape
+    cache_dtype = stored.dtype
+    quantized = is_quantized(cache_dtype)
+    # slot 2 is unused: NaN for the quantized dtypes (int8: -128 with a NaN scale), inf else
+    unused_k = unused_cache((h, d), cache_dtype) if quantized else torch.full((h, d), math.inf)
+    negated = (torch.zeros_like(stored) if cache_dtype == torch.int8
+               else (-stored.float()).to(cache_dtype))
+    k_cache = torch.stack([stored, torch.zeros_like(stored), unused_k.to(cache_dtype)])[None]
+    vc_cache = k_cache.flatten(-2).clone()
+    vc_cache[0, 1] = negated.flatten()
+    a = dict(k_cache=k_cache, vc_cache=vc_cache, k_scale=None, vc_scale=None)
+    if quantized:
+        a["k_scale"] = torch.tensor([0.75, 1.0, math.nan])[None, :, None].repeat(1, 1, h)
+        a["vc_scale"] = torch.tensor([[1.25, 1.25, math.nan]])
+    keys = dequantize64(a["k_cache"], a["k_scale"])[0, 0]  # (h, d)
+    # the query scale that makes each score about +-1, a power of two within reach of the
+    # model dtype (and of float32 once multiplied by softmax_scale and log2(e))
+    lim = min(60, int(math.log2(torch.finfo(model_dtype).max)) - 2)
+    power = (-torch.log2(keys.abs())).round().nan_to_num(0.0, posinf=0.0).clamp(-lim, lim)
+    q = torch.zeros(1, d, h, d, dtype=torch.float64)
+    for i in range(d):
+        q[0, i, :, i] = torch.exp2(power[:, i])
+    a.update(q=q.to(model_dtype), w_r=torch.eye(h * d, dtype=model_dtype), b_r=None, k=None,
+             v=None, w_c=None, b_c=None, causal=False)
+    return a
+
+
+def check_every_stored_value(stored, model_dtype, rtol):
+    a = readout_args(stored, model_dtype)
+    # only key 0 visible: the output is value row 0, exactly
+    one = dict(a, cache_seqlens=torch.tensor([1], dtype=torch.int32))
+    out = call(one, "ext", softmax_scale=2.0)
+    row = dequantize64(a["vc_cache"], a["vc_scale"])[0, 0].to(model_dtype)
+    want = row.reshape(stored.shape)[None, None].expand_as(out)
+    assert torch.equal(out, want), (stored.dtype, (out.double() - want.double()).abs().max())
+    # both keys: each key element in its query's score
+    two = dict(a, cache_seqlens=torch.tensor([2], dtype=torch.int32))
+    out = call(two, "ext", softmax_scale=2.0)
+    want = expected_output(two, softmax_scale=2.0)
+    tiny = torch.finfo(model_dtype).smallest_normal * torch.finfo(model_dtype).eps
+    torch.testing.assert_close(out.double(), want, rtol=rtol, atol=tiny,
+                               msg=lambda m: f"{stored.dtype} keys: {m}")
+
+
+def check_every_stored_value_latent(stored):
+    """The same values in the rotary keys and both latents of the latent-key op, against float64
+    at float32 tolerance (random queries and restores)."""
+    h, d = stored.shape
+    g = torch.Generator().manual_seed(3)
+    rank = h * d
+    k_rope = stored[None, None].repeat(1, 2, 1, 1)
+    latent = stored.flatten()[None, None].repeat(1, 2, 1)
+    scale = dict(krope_scale=torch.full((1, 2, h), 0.5), kc_scale=torch.full((1, 2), 0.25),
+                 vc_scale=torch.full((1, 2), 0.125))
+    a = dict(q=torch.randn(1, 3, h, d + 5, generator=g), krope_cache=k_rope, kc_cache=latent,
+             vc_cache=latent.clone(), w_kr=torch.randn(h * 5, rank, generator=g) / rank,
+             w_r=torch.randn(h * (d + 5), rank, generator=g) / rank, b_r=None, k=None, v=None,
+             w_kc=None, b_kc=None, w_c=None, b_c=None, causal=False,
+             cache_seqlens=torch.tensor([2], dtype=torch.int32), **scale)
+    out = call(a, "ext")
+    want = expected_output(a)
+    assert rel_error(out, want) < 1e-5, (stored.dtype, rel_error(out, want))
+
+
+def check_conversions():
+    """Every check of section 7 in this process (run under each VDPROJ_CPU_ISA)."""
+    for stored in (every_e4m3(), every_int8()):
+        check_every_stored_value(stored, torch.float32, rtol=1e-5)
+        check_every_stored_value_latent(stored)
+    check_every_stored_value(special_half(torch.bfloat16), torch.bfloat16, rtol=2 ** -7)
+    check_every_stored_value(special_half(torch.float16), torch.float16, rtol=2 ** -10)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", None], ids=["baseline", "avx2", "default"])
+def test_every_stored_value_under_every_instruction_set(isa):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(tests)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, root,
+                                                       os.environ.get("PYTHONPATH", "")]))
+    env.pop("VDPROJ_CPU_ISA", None)
+    if isa is not None:
+        env["VDPROJ_CPU_ISA"] = isa
+    script = "import test_quant_cache as t; t.check_conversions(); print('ok')"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok" in proc.stdout
