@@ -14,6 +14,9 @@
    A third table times the latent-key decode op (SPEC 3b) at the same (B, T): H=8, D=64,
    Dr=16, Rk=192, Rv=320, torch.ops.vdproj_ext.ckv_kvcache_attention, against the same SDPA
    time; its GB/s counts the rotary keys, K_c and V_c it must read.
+   A fourth table times both decode ops with quantized caches (SPEC 3c), int8 and float8_e4m3fn
+   with float32 row scales, at the same shapes: the V-only op (and with append: quantize-on-
+   write of one new token) and the latent-key op; GB/s counts the 1-byte rows and their scales.
 3. Training, bf16, B=8, T in {128, 1024, 4096}, H=8, D=64, R=320, causal, forward + backward:
    the public API (backend "auto": the shape-based choice of vdproj_ext.ops.routing), the
    absorbed kernels forced, and the baseline "restore V with a GEMM + SDPA".
@@ -279,6 +282,97 @@ def train_table(iters):
     return lines
 
 
+def bench_quant_decode(batch, t, cache_dtype, copy_bw, sdpa_us, iters):
+    """Both decode ops at (B, T) with every cache quantized to cache_dtype (SPEC 3c), every
+    position valid; the errors of one set against the float64 reference on the same caches."""
+    from vdproj_ext.ops.backend import load_kernels
+    from vdproj_ext.ops.quant import quantize_rows
+    from vdproj_ext import reference
+    ops_ = load_kernels()
+    dt = torch.bfloat16
+    vonly_bytes = batch * t * (H * D + R + H * 4 + 4)  # 1-byte rows, float32 scales
+    latent_bytes = batch * t * (H * DR + RK + R + H * 4 + 2 * 4)
+    sets = n_sets(min(vonly_bytes, latent_bytes))
+    scale = D ** -0.5
+    w_r = (torch.randn(H * D, R, device="cuda") / R ** 0.5).to(dt)
+    b_r = torch.randn(H * D, device="cuda").to(dt)
+    w_c = (torch.randn(R, H * D, device="cuda") / (H * D) ** 0.5).to(dt)
+    w_kr = (torch.randn(H * (D - DR), RK, device="cuda") / RK ** 0.5).to(dt)
+    full = torch.full((batch,), t, dtype=torch.int32, device="cuda")
+    minus1 = full - 1
+
+    def quantized(*shape):
+        return quantize_rows(torch.randn(*shape, device="cuda"), cache_dtype)
+
+    data = []
+    for _ in range(sets):
+        d = dict(q=torch.randn(batch, 1, H, D, device="cuda", dtype=dt),
+                 k1=torch.randn(batch, 1, H, D, device="cuda", dtype=dt),
+                 v1=torch.randn(batch, 1, H * D, device="cuda", dtype=dt))
+        d["kc"], d["ks"] = quantized(batch, t, H, D)
+        d["vc"], d["vs"] = quantized(batch, t, R)
+        d["kr"], d["krs"] = quantized(batch, t, H, DR)
+        d["kl"], d["kls"] = quantized(batch, t, RK)
+        data.append(d)
+    vonly = [lambda d=d: ops_.kvcache_attention(d["q"], d["kc"], d["vc"], w_r, b_r, None, None,
+                                                None, None, full, True, scale, d["ks"], d["vs"])
+             for d in data]
+    append = [lambda d=d: ops_.kvcache_attention(d["q"], d["kc"], d["vc"], w_r, b_r, d["k1"],
+                                                 d["v1"], w_c, None, minus1, True, scale, d["ks"],
+                                                 d["vs"]) for d in data]
+    latent = [lambda d=d: ops_.ckv_kvcache_attention(
+        d["q"], d["kr"], d["kl"], d["vc"], w_kr, w_r, b_r, None, None, None, None, None, None,
+        full, True, scale, d["krs"], d["kls"], d["vs"]) for d in data]
+    vonly_ms, _ = graph_median(vonly, iters)
+    append_ms, _ = graph_median(append, iters)
+    latent_ms, _ = graph_median(latent, iters)
+    d, nb = data[0], min(batch, 2)
+    out_v, out_l = vonly[0](), latent[0]()
+    ref_v = reference.compressed_attn_with_kvcache(
+        d["q"][:nb].double(), d["kc"][:nb], d["vc"][:nb], w_r.double(), b_r.double(),
+        cache_seqlens=full[:nb], causal=True, softmax_scale=scale, k_scale=d["ks"][:nb],
+        vc_scale=d["vs"][:nb])
+    ref_l = reference.compressed_kv_attn_with_kvcache(
+        d["q"][:nb].double(), d["kr"][:nb], d["kl"][:nb], d["vc"][:nb], w_kr.double(),
+        w_r.double(), b_r.double(), cache_seqlens=full[:nb], causal=True, softmax_scale=scale,
+        krope_scale=d["krs"][:nb], kc_scale=d["kls"][:nb], vc_scale=d["vs"][:nb])
+    err_v = ((out_v[:nb].double() - ref_v).norm() / ref_v.norm()).item()
+    err_l = ((out_l[:nb].double() - ref_l).norm() / ref_l.norm()).item()
+    del data, vonly, append, latent
+    torch.cuda.empty_cache()
+    return dict(vonly_us=vonly_ms * 1e3, append_us=append_ms * 1e3, latent_us=latent_ms * 1e3,
+                vonly_gbps=vonly_bytes / (vonly_ms * 1e-3) / 1e9,
+                latent_gbps=latent_bytes / (latent_ms * 1e-3) / 1e9,
+                vonly_pct=100 * vonly_bytes / (vonly_ms * 1e-3) / copy_bw,
+                vonly_speedup=sdpa_us / (vonly_ms * 1e3), latent_speedup=sdpa_us / (latent_ms * 1e3),
+                err_v=err_v, err_l=err_l)
+
+
+QUANT_HEADER = (
+    "", f"## Decode with quantized caches: bf16 queries, H={H}, D={D}, R={R} (latent: Dr={DR}, "
+    f"Rk={RK}), Tq=1, all positions valid", "",
+    "Every cache tensor int8 or float8_e4m3fn with float32 row scales. GB/s counts the 1-byte "
+    "rows and the scales the kernels must read; speedup = SDPA time over the uncompressed bf16 "
+    "cache (decode table) / our time; rel err against the float64 reference on the same "
+    "quantized caches.", "",
+    "| cache | B | T | V-only us | +append us | V-only GB/s | % of copy | speedup | latent us | "
+    "latent GB/s | speedup | rel err V-only / latent |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def quant_decode_row(batch, t, cache_dtype, copy_bw, sdpa_us, iters):
+    """bench_quant_decode at (B, T), printed and as a row of the QUANT_HEADER table."""
+    k = bench_quant_decode(batch, t, cache_dtype, copy_bw, sdpa_us, iters)
+    name = str(cache_dtype).replace("torch.", "")
+    print(f"  {name} decode B={batch} T={t}: V-only {k['vonly_us']:.1f} us "
+          f"({k['vonly_speedup']:.2f}x), latent {k['latent_us']:.1f} us "
+          f"({k['latent_speedup']:.2f}x), err {k['err_v']:.1e} / {k['err_l']:.1e}", flush=True)
+    return (f"| {name} | {batch} | {t} | {k['vonly_us']:.1f} | {k['append_us']:.1f} | "
+            f"{k['vonly_gbps']:.0f} | {k['vonly_pct']:.0f}% | {k['vonly_speedup']:.2f}x | "
+            f"{k['latent_us']:.1f} | {k['latent_gbps']:.0f} | {k['latent_speedup']:.2f}x | "
+            f"{k['err_v']:.1e} / {k['err_l']:.1e} |")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.dirname(__file__))
@@ -309,9 +403,12 @@ def main(argv=None):
              "SDPA us | SDPA GB/s | speedup | rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     latent = list(LATENT_HEADER)
+    quant = list(QUANT_HEADER)
     for batch, t in DECODE_SHAPES:
         r = bench_decode(batch, t, copy_bw, iters)
         latent.append(latent_decode_row(batch, t, copy_bw, r["sdpa_us"], iters))
+        for cache_dtype in (torch.int8, torch.float8_e4m3fn):
+            quant.append(quant_decode_row(batch, t, cache_dtype, copy_bw, r["sdpa_us"], iters))
         print(f"  decode B={batch} T={t}: {r['ours_us']:.1f} us, {r['gbps']:.0f} GB/s "
               f"({r['pct_copy']:.0f}% of copy), SDPA {r['sdpa_backend']} {r['sdpa_us']:.1f} us, "
               f"speedup {r['speedup']:.2f}x, err {r['err']:.1e}", flush=True)
@@ -320,6 +417,7 @@ def main(argv=None):
                      f"{r['sdpa_us']:.1f} | {r['sdpa_gbps']:.0f} | {r['speedup']:.2f}x | "
                      f"{r['err']:.1e} |")
     lines += latent
+    lines += quant
     lines += train_table(iters)
     lines += ["", f"Benchmark wall time: {time.time() - t0:.0f} s"]
     table = "\n".join(lines)

@@ -4,9 +4,9 @@
 #   1. build and install the package: pip install --no-build-isolation --no-deps .
 #   2. the CUDA tests (python_tests/test_cuda.py, and the device-parametrized tests on cuda)
 #   3. compute-sanitizer memcheck and racecheck on small decode and training cases (V-only and
-#      latent keys)
-#   4. the GPU benchmarks (bench/bench_gpu.py: decode, latent-key decode, training), which print
-#      the results table last
+#      latent keys; decode also with int8 and float8_e4m3fn caches, appends included)
+#   4. the GPU benchmarks (bench/bench_gpu.py: decode, latent-key decode, quantized-cache decode,
+#      training), which print the results table last
 # Results and logs go to $OUT when set (the device tool's output folder), else bench/.
 # Usage: bash bench/gpu_check.sh
 set -uo pipefail
@@ -80,7 +80,22 @@ y = [torch.randn(1, 40, 2, 64, device=dev, dtype=dt), torch.randn(1, 50, 2, Dr, 
 y = [t.requires_grad_() for t in y]
 outl = ops.CompressedKVAttentionFunction.apply(*y, None, True, 0.125, "ext")
 outl.float().sum().backward()
+# Quantized caches (SPEC 3c), int8 and e4m3, both ops with an append; NaN scales past the prefix.
+from vdproj_ext.ops.quant import quantize_rows
+qok = []
+for cd in (torch.int8, torch.float8_e4m3fn):
+    def qz(*shape):
+        s, sc = quantize_rows(torch.randn(*shape, device=dev), cd)
+        sc[:, T:] = float("nan")
+        return s, sc
+    qk, qks = qz(B, T + 8, H, D); qv, qvs = qz(B, T + 8, R)
+    qr, qrs = qz(B, T + 8, H, Dr); ql, qls = qz(B, T + 8, Rk)
+    oq = torch.ops.vdproj_ext.kvcache_attention(q, qk, qv, wr, None, k1, v1, wc, None, lens, True, 0.125, qks, qvs)
+    oql = torch.ops.vdproj_ext.ckv_kvcache_attention(q, qr, ql, qv, wkr, wr, None, k1, v1, wkc, None, wc, None, lens, True, 0.125, qrs, qls, qvs)
+    oqj = torch.ops.vdproj_ext.ckv_kvcache_attention(q, qr, None, qv, wkrj, wr, None, k1, v1, None, None, wcj, None, lens1, True, 0.125, qrs, None, qvs)
+    qok += [torch.isfinite(t).all().item() for t in (oq, oql, oqj)]
 torch.cuda.synchronize()
+print("quantized decode ok", qok)
 print("sanitizer case ok", torch.isfinite(o).all().item(), torch.isfinite(o1).all().item(), torch.isfinite(out).all().item(),
       torch.isfinite(ol).all().item(), torch.isfinite(oj).all().item(), torch.isfinite(outl).all().item())
 '

@@ -80,9 +80,11 @@ as they will be passed to the op (None entries are skipped): for "cva" [k, v_c],
 [k_cache, vc_cache, w_r, k, v, w_c], for "ckv" [k_rope, k_c, v_c], for "ckv_kvcache"
 [krope_cache, kc_cache, vc_cache, w_r, k, v, w_kc, w_c]. t_new: new tokens written by the
 kvcache ops (0 for none). rope_dim (Dr) and k_rank (Rk; 0 for the joint latent) describe the
-latent keys of the "ckv" ops. The answer covers dtype, head_dim, ranks, rotary dims, grid
-limits, 16-byte alignment and shared memory against q's device; the ops raise a RuntimeError
-with the same reason when called with inputs it rejects.)doc";
+latent keys of the "ckv" ops. The kvcache ops' caches (listed first) may be quantized (SPEC 3c)
+when all of them are, with the same dtype (torch.int8 or torch.float8_e4m3fn). The answer covers
+dtype, cache storage, head_dim, ranks, rotary dims, grid limits, 16-byte alignment and shared
+memory against q's device; the ops raise a RuntimeError with the same reason when called with
+inputs it rejects.)doc";
 
 }  // namespace
 

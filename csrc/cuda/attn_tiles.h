@@ -227,6 +227,16 @@ bool attn_launch_checks(const P& p, std::initializer_list<int64_t> ranks, int64_
   return p.B > 0 && p.nrows > 0;
 }
 
+// Quantized caches hold 1-byte elements: every staged row width (elements) must fill whole
+// 16-byte cp.async copies, i.e. be a multiple of 16 (kernel_support declines the others).
+inline void check_quantized_widths(CacheType cache, std::initializer_list<int64_t> widths) {
+  if (cache == CacheType::kModel) return;
+  for (const int64_t w : widths) {
+    TORCH_CHECK(w % 16 == 0, "vdproj_ext CUDA: quantized cache rows must be a multiple of 16 "
+                "elements wide (16-byte copies), got ", w);
+  }
+}
+
 // The launch of a split-K attention kernel (P: AttnParams or LatentAttnParams) over `groups`
 // row groups: stages(p, &bytes) picks its stage count and shared memory.
 template <typename Kernel, typename P>

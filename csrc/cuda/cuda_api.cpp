@@ -32,6 +32,16 @@ void check_kernels_take(const char* op, const at::Tensor& q, int64_t rank,
   TORCH_CHECK(why.empty(), "vdproj_ext CUDA kernels cannot take these inputs: ", why);
 }
 
+// The caches' storage (SPEC 3c): kernel_support admits quantized caches only when every cache
+// tensor of the call has the same quantized dtype.
+CacheType cache_type_of(const at::Tensor& cache) {
+  switch (cache.scalar_type()) {
+    case at::kChar: return CacheType::kInt8;
+    case at::kFloat8_e4m3fn: return CacheType::kE4M3;
+    default: return CacheType::kModel;
+  }
+}
+
 // The attention's parameters, in final mode with one split. keys (B, *, H, D) and values
 // (B, *, R) are read through their strides (contiguous inputs or the caches); sequence b sees
 // min((seqlens ? seqlens[b] : 0) + len_add, len_max) keys.
@@ -170,11 +180,13 @@ void check_seqlens_on_device(const at::Tensor& seqlens, const KvcacheDims& d,
   check_seqlens_range(range[0].item<int32_t>(), range[1].item<int32_t>(), d.Tmax, d.Tnew);
 }
 
-// Compress-on-write of the new tokens k, v (contiguous) at slots seqlens[b] + t.
+// Compress-on-write of the new tokens k, v (contiguous) at slots seqlens[b] + t; quantized
+// caches get their rows' scales in k_scale and vc_scale (through their strides).
 void compress_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& w_c,
                          const std::optional<at::Tensor>& b_c, at::Tensor& k_cache,
-                         at::Tensor& vc_cache, const at::Tensor& seqlens, const KvcacheDims& d,
-                         cudaStream_t stream) {
+                         at::Tensor& vc_cache, const std::optional<at::Tensor>& k_scale,
+                         const std::optional<at::Tensor>& vc_scale, const at::Tensor& seqlens,
+                         const KvcacheDims& d, cudaStream_t stream) {
   CompressParams c{};
   c.k = k.data_ptr();
   c.v = v.data_ptr();
@@ -189,6 +201,13 @@ void compress_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Ten
   c.len_max = d.Tmax;
   c.dtype = *kernel_dtype(k.scalar_type());
   c.head_dim = static_cast<int>(d.D);
+  c.cache = cache_type_of(k_cache);
+  if (c.cache != CacheType::kModel) {
+    c.k_scale = k_scale->data_ptr<float>();
+    c.ks_sb = k_scale->stride(0); c.ks_st = k_scale->stride(1); c.ks_sh = k_scale->stride(2);
+    c.vc_scale = vc_scale->data_ptr<float>();
+    c.vs_sb = vc_scale->stride(0); c.vs_st = vc_scale->stride(1);
+  }
   launch_compress_write(c, stream);
 }
 
@@ -231,11 +250,20 @@ at::Tensor attend_combine_restore(Params p, void (*launch)(const Params&, cudaSt
 // Restore-on-read attention over each sequence's valid prefix, split-K (flash-decoding) when
 // B * H is small, then the restore once per output row.
 at::Tensor attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& vc_cache,
-                        const at::Tensor& w_r, const std::optional<at::Tensor>& b_r,
-                        const at::Tensor& seqlens, const KvcacheDims& d, bool causal,
-                        double softmax_scale, cudaStream_t stream) {
+                        const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& vc_scale, const at::Tensor& w_r,
+                        const std::optional<at::Tensor>& b_r, const at::Tensor& seqlens,
+                        const KvcacheDims& d, bool causal, double softmax_scale,
+                        cudaStream_t stream) {
   AttnParams p = attn_params(q, k_cache, vc_cache, seqlens.data_ptr<int32_t>(), d.Tnew, d.Tmax,
                              causal, softmax_scale);
+  p.cache = cache_type_of(k_cache);
+  if (p.cache != CacheType::kModel) {
+    p.k_scale = k_scale->data_ptr<float>();
+    p.ks_sb = k_scale->stride(0); p.ks_st = k_scale->stride(1); p.ks_sh = k_scale->stride(2);
+    p.vc_scale = vc_scale->data_ptr<float>();
+    p.vs_sb = vc_scale->stride(0); p.vs_st = vc_scale->stride(1);
+  }
   p.final_mode = false;
   if (d.B > 0 && d.Tq > 0 && d.H > 0) p.nsplit = attn_num_splits(p, d.Tmax);
   return attend_combine_restore(p, &launch_attention, q, w_r, b_r, stream);
@@ -263,8 +291,12 @@ at::Tensor kvcache_attention_cuda(
   const at::Tensor seqlens = cache_seqlens.contiguous();
   check_seqlens_on_device(seqlens, d, stream);
   // The write happens also when there is no query to answer, as on the CPU.
-  if (d.Tnew > 0) compress_new_tokens(*k, *v, *w_c, b_c, k_cache, vc_cache, seqlens, d, stream);
-  return attend_cache(q, k_cache, vc_cache, w_r, b_r, seqlens, d, causal, softmax_scale, stream);
+  if (d.Tnew > 0) {
+    compress_new_tokens(*k, *v, *w_c, b_c, k_cache, vc_cache, k_scale, vc_scale, seqlens, d,
+                        stream);
+  }
+  return attend_cache(q, k_cache, vc_cache, k_scale, vc_scale, w_r, b_r, seqlens, d, causal,
+                      softmax_scale, stream);
 }
 
 // ---- latent keys (SPEC 3b) ---------------------------------------------------------------------
@@ -393,12 +425,19 @@ struct LatentNewTokens {
   std::optional<at::Tensor> b_c, w_kc, b_kc;
 };
 
+// The scales of quantized latent-key caches (SPEC 3c), each None or (B, Tmax[, H]) float32.
+struct LatentScales {
+  const at::Tensor* krope;
+  const at::Tensor* kc;
+  const at::Tensor* vc;
+};
+
 // Compress-on-write at slots seqlens[b] + t: the rotary keys, then the key and value latents
-// (or the joint latent).
+// (or the joint latent); quantized caches get their rows' scales.
 void compress_latent_tokens(const LatentNewTokens& n, const at::Tensor& krope_cache,
                             const std::optional<at::Tensor>& kc_cache,
-                            const at::Tensor& vc_cache, const at::Tensor& seqlens,
-                            const LatentDims& d, cudaStream_t stream) {
+                            const at::Tensor& vc_cache, const LatentScales& scales,
+                            const at::Tensor& seqlens, const LatentDims& d, cudaStream_t stream) {
   LatentCompressParams c{};
   c.k = n.k.data_ptr();
   c.v = n.v.data_ptr();
@@ -418,6 +457,17 @@ void compress_latent_tokens(const LatentNewTokens& n, const at::Tensor& krope_ca
   c.joint = !kc_cache.has_value();
   c.dtype = *kernel_dtype(n.k.scalar_type());
   c.head_dim = static_cast<int>(d.D);
+  c.cache = cache_type_of(vc_cache);
+  if (c.cache != CacheType::kModel) {
+    c.kr_scale = scales.krope->data_ptr<float>();
+    c.krs_sb = scales.krope->stride(0); c.krs_st = scales.krope->stride(1);
+    c.krs_sh = scales.krope->stride(2);
+    c.kc_scale = scales.kc != nullptr ? scales.kc->data_ptr<float>() : nullptr;
+    c.kcs_sb = scales.kc != nullptr ? scales.kc->stride(0) : 0;
+    c.kcs_st = scales.kc != nullptr ? scales.kc->stride(1) : 0;
+    c.vc_scale = scales.vc->data_ptr<float>();
+    c.vs_sb = scales.vc->stride(0); c.vs_st = scales.vc->stride(1);
+  }
   launch_latent_compress_write(c, stream);
 }
 
@@ -441,6 +491,7 @@ at::Tensor ckv_kvcache_attention_cuda(
                                   v = opt_contiguous(v_in), w_kc = opt_contiguous(w_kc_in),
                                   w_c = opt_contiguous(w_c_in);
   const int64_t k_rank = kc_cache ? d.Rk : 0;
+  const LatentScales scales{opt(krope_scale), opt(kc_scale), opt(vc_scale)};
   check_kernels_take("ckv_kvcache", q, d.Rv, {krope_cache, kc_cache, vc_cache, w_r, k, v, w_kc, w_c},
                      t_new, false, d.Dr, k_rank);
 
@@ -451,12 +502,23 @@ at::Tensor ckv_kvcache_attention_cuda(
   // The write happens also when there is no query to answer, as on the CPU.
   if (t_new > 0) {
     const LatentNewTokens n{*k, *v, *w_c, opt_contiguous(b_c_in), w_kc, opt_contiguous(b_kc_in)};
-    compress_latent_tokens(n, krope_cache, kc_cache, vc_cache, seqlens, d, stream);
+    compress_latent_tokens(n, krope_cache, kc_cache, vc_cache, scales, seqlens, d, stream);
   }
   const at::Tensor q_eff = absorbed_query(q, w_kr, d.Dr, stream);
   LatentAttnParams p = latent_attn_params(q, q_eff, krope_cache, opt(kc_cache), vc_cache,
                                           seqlens.data_ptr<int32_t>(), t_new, d.T, causal,
                                           softmax_scale);
+  p.cache = cache_type_of(vc_cache);
+  if (p.cache != CacheType::kModel) {
+    p.kr_scale = scales.krope->data_ptr<float>();
+    p.krs_sb = scales.krope->stride(0); p.krs_st = scales.krope->stride(1);
+    p.krs_sh = scales.krope->stride(2);
+    const at::Tensor& lat_scale = scales.kc != nullptr ? *scales.kc : *scales.vc;  // joint: V_c's
+    p.kl_scale = lat_scale.data_ptr<float>();
+    p.kls_sb = lat_scale.stride(0); p.kls_st = lat_scale.stride(1);
+    p.vc_scale = scales.vc->data_ptr<float>();
+    p.vs_sb = scales.vc->stride(0); p.vs_st = scales.vc->stride(1);
+  }
   p.final_mode = false;
   if (d.B > 0 && d.Tq > 0 && d.H > 0) p.nsplit = latent_num_splits(p, d.T);
   return attend_combine_restore(p, &launch_latent_attention, q, w_r, b_r, stream);

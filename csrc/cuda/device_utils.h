@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -32,6 +33,11 @@ __host__ __device__ inline int64_t align16(int64_t x) { return (x + 15) & ~int64
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Quantized cache elements (SPEC 3c), before their row's scale.
+__device__ __forceinline__ float to_float(int8_t x) { return float(x); }
+__device__ __forceinline__ float to_float(__nv_fp8_e4m3 x) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(x.__x, __NV_E4M3)));
+}
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
@@ -49,6 +55,48 @@ __device__ __forceinline__ float2 load2(const __half* p) {
 }
 __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ float2 load2(const int8_t* p) {
+  const char2 c = *reinterpret_cast<const char2*>(p);
+  return make_float2(float(c.x), float(c.y));
+}
+__device__ __forceinline__ float2 load2(const __nv_fp8_e4m3* p) {
+  const __nv_fp8x2_storage_t raw = *reinterpret_cast<const __nv_fp8x2_storage_t*>(p);
+  return __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(raw, __NV_E4M3)));
+}
+
+// ---- quantized caches (SPEC 3c) --------------------------------------------------------------
+// C: the storage type of the caches, the model's dtype (T) or int8_t / __nv_fp8_e4m3, whose
+// rows come with a float32 scale each (value = stored * scale).
+template <typename C> struct CacheQuant { static constexpr bool kQuantized = false; };
+template <> struct CacheQuant<int8_t> {
+  static constexpr bool kQuantized = true;
+  static constexpr float kMax = 127.f;  // scale = max|x| / kMax
+};
+template <> struct CacheQuant<__nv_fp8_e4m3> {
+  static constexpr bool kQuantized = true;
+  static constexpr float kMax = 448.f;
+};
+
+// a / b correctly rounded (also under fast-math), so the bytes match the CPU's quantization.
+__device__ __forceinline__ float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// x / scale (already divided) to the cache type: int8 rounds half to even and clamps to
+// [-127, 127]; e4m3 rounds to nearest even (saturating, as c10 for in-range values).
+template <typename C> __device__ __forceinline__ C quantize_scaled(float v);
+template <> __device__ __forceinline__ int8_t quantize_scaled<int8_t>(float v) {
+  return int8_t(fminf(fmaxf(rintf(v), -127.f), 127.f));
+}
+template <> __device__ __forceinline__ __nv_fp8_e4m3 quantize_scaled<__nv_fp8_e4m3>(float v) {
+  __nv_fp8_e4m3 out;
+  out.__x = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+  return out;
 }
 
 // 16 bytes (p must be 16-byte aligned) -> float[16 / sizeof(T)].
@@ -183,6 +231,19 @@ __device__ __forceinline__ void load16_or_zero(const T* p, bool ok, float* out) 
   }
 }
 
+// One warp quantizes a row of n values (x(e), float) into dst[0..n) and writes its scale:
+// symmetric absmax, scale = max|x| / kMax, 1 for an all-zero (or empty) row. All lanes call.
+template <typename C, typename X>
+__device__ __forceinline__ void warp_quantize_row(X x, int64_t n, C* dst, float* scale_dst,
+                                                  int lane) {
+  float amax = 0.f;
+  for (int64_t e = lane; e < n; e += 32) amax = fmaxf(amax, fabsf(x(e)));
+  amax = warp_max(amax);
+  const float scale = amax > 0.f ? div_rn(amax, CacheQuant<C>::kMax) : 1.f;
+  for (int64_t e = lane; e < n; e += 32) dst[e] = quantize_scaled<C>(div_rn(x(e), scale));
+  if (lane == 0) *scale_dst = scale;
+}
+
 // ---- host-side helpers ----------------------------------------------------------------------
 // Raise a kernel's dynamic shared-memory limit when it needs more than the default 48 KB.
 template <typename Kernel>
@@ -248,6 +309,17 @@ int blocks_per_sm(Kernel kernel, size_t bytes) {
       case ::vdproj::cuda::DType::kBFloat16: { using T = __nv_bfloat16; return __VA_ARGS__(); } \
     }                                                                         \
     TORCH_CHECK(false, "vdproj_ext CUDA: unsupported dtype");                 \
+  }()
+
+// Cache storage type C for a kernel whose other tensors are T (inside VDPROJ_DISPATCH_DTYPE).
+#define VDPROJ_DISPATCH_CACHE(CT, ...)                                        \
+  [&] {                                                                       \
+    switch (CT) {                                                             \
+      case ::vdproj::cuda::CacheType::kModel: { using C = T; return __VA_ARGS__(); }              \
+      case ::vdproj::cuda::CacheType::kInt8: { using C = int8_t; return __VA_ARGS__(); }          \
+      case ::vdproj::cuda::CacheType::kE4M3: { using C = __nv_fp8_e4m3; return __VA_ARGS__(); }  \
+    }                                                                         \
+    TORCH_CHECK(false, "vdproj_ext CUDA: unsupported cache type");            \
   }()
 
 #define VDPROJ_DISPATCH_HEADDIM(HD, ...)                                      \

@@ -103,13 +103,70 @@ std::string alignment_reason(const std::vector<std::optional<at::Tensor>>& vecto
   return "";
 }
 
+// Quantized caches (SPEC 3c). The kvcache ops list their caches first in vector_loaded
+// (k_cache, vc_cache; krope_cache, kc_cache, vc_cache): the kernels take them all in q's dtype,
+// or all quantized alike (int8, or float8_e4m3fn). Sets *cache to what they hold.
+std::string cache_storage_reason(const std::string& op, const at::Tensor& q,
+                                 const std::vector<std::optional<at::Tensor>>& vector_loaded,
+                                 CacheType* cache) {
+  const size_t n_caches = op == "kvcache" ? 2 : op == "ckv_kvcache" ? 3 : 0;
+  std::vector<at::ScalarType> cache_types;
+  for (size_t i = 0; i < vector_loaded.size(); ++i) {
+    if (!vector_loaded[i].has_value()) continue;
+    const at::ScalarType type = vector_loaded[i]->scalar_type();
+    if (i < n_caches) {
+      cache_types.push_back(type);
+    } else if (type != q.scalar_type()) {
+      return c10::str("an input of dtype ", py_dtype(type), " (kernels: q's dtype ",
+                      py_dtype(q.scalar_type()), n_caches > 0 ? ", or quantized caches" : "",
+                      ")");
+    }
+  }
+  *cache = CacheType::kModel;
+  bool all_model = true, all_same = true;
+  for (const at::ScalarType type : cache_types) {
+    all_model = all_model && type == q.scalar_type();
+    all_same = all_same && type == cache_types.front();
+  }
+  if (all_model) return "";
+  const at::ScalarType type = cache_types.front();
+  if (!all_same || type == q.scalar_type()) {
+    return "caches of mixed storage (the fused CUDA kernels take quantized caches only when "
+           "every cache tensor of the call is quantized with the same dtype, torch.int8 or "
+           "torch.float8_e4m3fn; the ATen path runs the others)";
+  }
+  if (type != at::kChar && type != at::kFloat8_e4m3fn) {
+    return c10::str("caches of dtype ", py_dtype(type), " (kernels: q's dtype, torch.int8 or "
+                    "torch.float8_e4m3fn)");
+  }
+  *cache = type == at::kChar ? CacheType::kInt8 : CacheType::kE4M3;
+  return "";
+}
+
+// Quantized rows move in 16-byte copies of 1-byte elements: every cached row width (head_dim,
+// Dr, Rk, Rv) must be a multiple of 16 elements.
+std::string quantized_dims_reason(int64_t head_dim, int64_t rank, int64_t rope_dim,
+                                  int64_t k_rank) {
+  const std::pair<const char*, int64_t> widths[] = {
+      {"head_dim", head_dim}, {"R", rank}, {"Dr", rope_dim}, {"Rk", k_rank}};
+  for (const auto& [name, width] : widths) {
+    if (width % 16 != 0) {
+      return c10::str(name, "=", width, " with a quantized cache (kernels: a multiple of 16, as "
+                      "1-byte rows move in 16-byte copies)");
+    }
+  }
+  return "";
+}
+
 // {attention with one stage, compress-on-write, backward}: the least each kernel runs with.
 std::array<int64_t, 3> smem_bytes(DType dtype, int64_t Tq, int64_t H, int64_t D, int64_t R,
-                                  int64_t Tnew) {
+                                  int64_t Tnew, CacheType cache = CacheType::kModel) {
   const int64_t attention =
-      Tq > 0 ? int64_t(attn_min_smem_bytes(dtype, int(D), heads_per_tile(H, Tq), R)) : 0;
+      Tq > 0 ? int64_t(attn_min_smem_bytes(dtype, int(D), heads_per_tile(H, Tq), R, cache)) : 0;
   CompressParams c{};
   c.H = H;
+  c.R = R;
+  c.cache = cache;
   c.head_dim = static_cast<int>(D);
   const int64_t compress = Tnew > 0 ? int64_t(compress_smem_bytes(c)) : 0;
   BwdParams b{};
@@ -118,11 +175,11 @@ std::array<int64_t, 3> smem_bytes(DType dtype, int64_t Tq, int64_t H, int64_t D,
   return {attention, compress, int64_t(bwd_smem_bytes(b))};
 }
 
-std::string smem_reason(bool kvcache, DType dtype, const at::Tensor& q, int64_t R, int64_t Tnew,
-                        bool backward) {
+std::string smem_reason(bool kvcache, DType dtype, CacheType cache, const at::Tensor& q,
+                        int64_t R, int64_t Tnew, bool backward) {
   const int64_t limit = smem_optin_bytes(q.device().index());
   const auto [attention, compress, bwd] =
-      smem_bytes(dtype, q.size(1), q.size(2), q.size(3), R, kvcache ? Tnew : 0);
+      smem_bytes(dtype, q.size(1), q.size(2), q.size(3), R, kvcache ? Tnew : 0, cache);
   const std::pair<const char*, int64_t> needs[] = {
       {"attention", attention}, {"compress-on-write", compress},
       {"backward", !kvcache && backward ? bwd : 0}};
@@ -137,8 +194,9 @@ std::string smem_reason(bool kvcache, DType dtype, const at::Tensor& q, int64_t 
 
 // The latent-key kernels: attention (one stage) and absorbed query, and per op the
 // compress-on-write and restore (decode) or the backward (training).
-std::string latent_smem_reason(bool kvcache, DType dtype, const at::Tensor& q, int64_t Rv,
-                               int64_t rope_dim, int64_t k_rank, int64_t t_new, bool backward) {
+std::string latent_smem_reason(bool kvcache, DType dtype, CacheType cache, const at::Tensor& q,
+                               int64_t Rv, int64_t rope_dim, int64_t k_rank, int64_t t_new,
+                               bool backward) {
   const int64_t limit = smem_optin_bytes(q.device().index());
   const int64_t Tq = q.size(1), H = q.size(2), D = q.size(3);
   const bool joint = k_rank == 0;
@@ -146,10 +204,13 @@ std::string latent_smem_reason(bool kvcache, DType dtype, const at::Tensor& q, i
   const bool queries = Tq > 0;
   const std::pair<const char*, int64_t> needs[] = {
       {"latent attention",
-       queries ? int64_t(latent_attn_min_smem_bytes(dtype, H, Tq, rope_dim, Rk, Rv, joint)) : 0},
+       queries ? int64_t(latent_attn_min_smem_bytes(dtype, H, Tq, rope_dim, Rk, Rv, joint, cache))
+               : 0},
       {"absorbed query", queries ? int64_t(latent_query_smem_bytes(D, rope_dim)) : 0},
       {"latent compress-on-write",
-       kvcache && t_new > 0 ? int64_t(latent_compress_smem_bytes(H, D, rope_dim)) : 0},
+       kvcache && t_new > 0
+           ? int64_t(latent_compress_smem_bytes(H, D, rope_dim, cache, joint ? Rv : Rk + Rv))
+           : 0},
       {"restore", kvcache ? int64_t(kCombineRows) * Rv * 4 : 0},
       {"latent backward",
        !kvcache && backward ? int64_t(latent_bwd_smem_bytes(rope_dim, Rk, Rv, joint)) : 0}};
@@ -189,24 +250,25 @@ std::string kernel_support(const std::string& op, const at::Tensor& q, int64_t r
   }
   const bool latent = op == "ckv" || op == "ckv_kvcache";
   const bool kvcache = op == "kvcache" || op == "ckv_kvcache";
-  for (const auto& t : vector_loaded) {
-    if (t.has_value() && t->scalar_type() != q.scalar_type()) {
-      return c10::str("a quantized cache (", py_dtype(t->scalar_type()),
-                      "): the fused CUDA kernels read caches in q's dtype only");
-    }
-  }
+  CacheType cache = CacheType::kModel;
+  const std::string storage = cache_storage_reason(op, q, vector_loaded, &cache);
+  if (!storage.empty()) return storage;
+  const bool quantized = cache != CacheType::kModel;
   // The latent ops' query kernel has the restore's grid (heads on y): checked as for kvcache.
   for (const std::string& reason :
        {dims_reason(q.size(3), rank),
         latent ? latent_dims_reason(q.size(3), rope_dim, k_rank) : std::string(),
+        quantized ? quantized_dims_reason(q.size(3), rank, latent ? rope_dim : 0,
+                                          latent ? k_rank : 0)
+                  : std::string(),
         grid_reason(kvcache || latent, q.size(0), q.size(1), q.size(2)),
         alignment_reason(vector_loaded)}) {
     if (!reason.empty()) return reason;
   }
   if (latent) {
-    return latent_smem_reason(kvcache, *dtype, q, rank, rope_dim, k_rank, t_new, backward);
+    return latent_smem_reason(kvcache, *dtype, cache, q, rank, rope_dim, k_rank, t_new, backward);
   }
-  return smem_reason(kvcache, *dtype, q, rank, t_new, backward);
+  return smem_reason(kvcache, *dtype, cache, q, rank, t_new, backward);
 }
 
 std::vector<int64_t> kernel_smem_bytes(const std::string& dtype, int64_t Tq, int64_t H, int64_t D,

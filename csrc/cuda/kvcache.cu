@@ -13,10 +13,14 @@ constexpr int kCombineCols = 128;  // r-values per combine block: 32 lanes x flo
 // ---- compress-on-write ----------------------------------------------------------------------
 // Block = (up to kCompressTokens new tokens of one sequence). V rows are staged as float; each
 // warp produces r-values: a 16-byte-vectorized dot of a w_c row with every staged V row.
-template <typename T, int D>
+// Quantized caches (C = int8_t or __nv_fp8_e4m3, SPEC 3c): a warp quantizes each new k row
+// (token, head) with its absmax scale; the V_c rows are staged whole in shared memory first,
+// then a warp per token quantizes its row.
+template <typename T, typename C, int D>
 __global__ void __launch_bounds__(kThreads) compress_write_kernel(const CompressParams p) {
   constexpr int V = Vec16<T>::N;
-  extern __shared__ __align__(16) float vs[];  // [kCompressTokens][H*D]
+  constexpr bool kQuantized = CacheQuant<C>::kQuantized;
+  extern __shared__ __align__(16) float vs[];  // [kCompressTokens][H*D], then (quantized) [kCompressTokens][R]
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int64_t b = blockIdx.y, t0 = int64_t(blockIdx.x) * kCompressTokens;
   const int64_t HD = p.H * D;
@@ -32,23 +36,36 @@ __global__ void __launch_bounds__(kThreads) compress_write_kernel(const Compress
 #pragma unroll
     for (int e = 0; e < V; ++e) vs[m * HD + c * V + e] = vals[e];
   }
-  // k rows: plain 16-byte copies into the (possibly strided) key cache.
   const T* k = static_cast<const T*>(p.k) + (b * p.Tnew + t0) * HD;
-  T* kc = static_cast<T*>(p.k_cache) + b * p.kc_sb;
-  const int64_t kchunks = nt * p.H * (D / V);
-  for (int64_t idx = tid; idx < kchunks; idx += kThreads) {
-    const int64_t m = idx / (p.H * (D / V));
-    const int64_t rem = idx - m * (p.H * (D / V));
-    const int64_t h = rem / (D / V), c = rem - h * (D / V);
-    if (pos0 + m < 0 || pos0 + m >= p.len_max) continue;  // defensive: the op raises first
-    *reinterpret_cast<uint4*>(kc + (pos0 + m) * p.kc_st + h * p.kc_sh + c * V) =
-        *reinterpret_cast<const uint4*>(k + m * HD + h * D + c * V);
+  C* kc = static_cast<C*>(p.k_cache) + b * p.kc_sb;
+  if constexpr (kQuantized) {
+    // k rows: a warp per (token, head) row, quantized with its own scale.
+    for (int64_t row = warp; row < nt * p.H; row += kWarps) {
+      const int64_t m = row / p.H, h = row - m * p.H, pos = pos0 + m;
+      if (pos < 0 || pos >= p.len_max) continue;  // defensive: the op raises first
+      const T* x = k + m * HD + h * D;
+      warp_quantize_row<C>([&](int64_t e) { return to_float(x[e]); }, D,
+                           kc + pos * p.kc_st + h * p.kc_sh,
+                           p.k_scale + b * p.ks_sb + pos * p.ks_st + h * p.ks_sh, lane);
+    }
+  } else {
+    // k rows: plain 16-byte copies into the (possibly strided) key cache.
+    const int64_t kchunks = nt * p.H * (D / V);
+    for (int64_t idx = tid; idx < kchunks; idx += kThreads) {
+      const int64_t m = idx / (p.H * (D / V));
+      const int64_t rem = idx - m * (p.H * (D / V));
+      const int64_t h = rem / (D / V), c = rem - h * (D / V);
+      if (pos0 + m < 0 || pos0 + m >= p.len_max) continue;  // defensive: the op raises first
+      *reinterpret_cast<uint4*>(kc + (pos0 + m) * p.kc_st + h * p.kc_sh + c * V) =
+          *reinterpret_cast<const uint4*>(k + m * HD + h * D + c * V);
+    }
   }
   __syncthreads();
 
   const T* wc = static_cast<const T*>(p.w_c);
   const T* bc = static_cast<const T*>(p.b_c);
-  T* vcc = static_cast<T*>(p.vc_cache) + b * p.vcc_sb;
+  C* vcc = static_cast<C*>(p.vc_cache) + b * p.vcc_sb;
+  float* os = vs + kCompressTokens * HD;  // quantized: [kCompressTokens][R], the V_c rows
   for (int64_t r = warp; r < p.R; r += kWarps) {
     float acc[kCompressTokens];
     warp_rows_dot(wc + r * HD, vs, HD, HD, lane, acc);
@@ -57,7 +74,21 @@ __global__ void __launch_bounds__(kThreads) compress_write_kernel(const Compress
     for (int m = 0; m < kCompressTokens; ++m) {
       const float total = warp_sum(acc[m]);
       const int64_t pos = pos0 + m;
-      if (lane == 0 && m < nt && pos >= 0 && pos < p.len_max) vcc[pos * p.vcc_st + r] = from_float<T>(total + bias);
+      if constexpr (kQuantized) {
+        if (lane == 0) os[m * p.R + r] = total + bias;
+      } else {
+        if (lane == 0 && m < nt && pos >= 0 && pos < p.len_max) vcc[pos * p.vcc_st + r] = from_float<T>(total + bias);
+      }
+    }
+  }
+  if constexpr (kQuantized) {
+    __syncthreads();
+    for (int64_t m = warp; m < nt; m += kWarps) {
+      const int64_t pos = pos0 + m;
+      if (pos < 0 || pos >= p.len_max) continue;
+      const float* x = os + m * p.R;
+      warp_quantize_row<C>([&](int64_t e) { return x[e]; }, p.R, vcc + pos * p.vcc_st,
+                           p.vc_scale + b * p.vs_sb + pos * p.vs_st, lane);
     }
   }
 }
@@ -176,7 +207,9 @@ restore_kernel(const CombineParams p, const float* __restrict__ ctx, const float
 }  // namespace
 
 size_t compress_smem_bytes(const CompressParams& p) {
-  return size_t(kCompressTokens) * size_t(p.H) * size_t(p.head_dim) * sizeof(float);
+  const size_t staged_v = size_t(p.H) * size_t(p.head_dim);
+  const size_t staged_out = p.cache == CacheType::kModel ? 0 : size_t(p.R);
+  return size_t(kCompressTokens) * (staged_v + staged_out) * sizeof(float);
 }
 
 void launch_compress_write(const CompressParams& p, cudaStream_t stream) {
@@ -185,8 +218,11 @@ void launch_compress_write(const CompressParams& p, cudaStream_t stream) {
   TORCH_CHECK(blocks <= 2147483647 && p.B <= 65535, "vdproj_ext CUDA: too many new tokens");
   const size_t bytes = compress_smem_bytes(p);
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
-    VDPROJ_DISPATCH_HEADDIM(p.head_dim, [&] {
-      launch_kernel(compress_write_kernel<T, kD>, dim3(unsigned(blocks), unsigned(p.B)), bytes, stream, p);
+    VDPROJ_DISPATCH_CACHE(p.cache, [&] {
+      VDPROJ_DISPATCH_HEADDIM(p.head_dim, [&] {
+        launch_kernel(compress_write_kernel<T, C, kD>, dim3(unsigned(blocks), unsigned(p.B)), bytes,
+                      stream, p);
+      });
     });
   });
 }

@@ -12,6 +12,9 @@
 //   * a block holds up to 16 rows (two per warp when H * Tq > 8), so that the 16 heads of a
 //     decode step read each cached row once. Lane j scores key j for all the warp's rows, each
 //     latent vector it loads serving all of them.
+// Quantized caches (SPEC 3c) as in attn_fwd.cu: rows staged as stored, dequantized in registers,
+// the key's two scales (rotary per head, latent per token) folded into the score's two parts and
+// the V_c row's scale into its weight in P @ V_c.
 // Outputs are those of attn_fwd_kernel (split partials for combine_kernel, or ctx and lse), so
 // combine_kernel and restore_kernel (kvcache.cu) finish the decode step as for the V-only op.
 #include "attn_tiles.h"
@@ -70,11 +73,12 @@ struct LatentLayout {
   int64_t q_off, p_off, misc_off, stage_off, kr_bytes, kl_bytes, stage_bytes, total;
 };
 
-template <typename T>
+// C: the storage type of the staged cache rows.
+template <typename C>
 __host__ __device__ inline LatentLayout latent_layout(int rows, int64_t heads, int64_t Dr,
                                                       int64_t Rk, int64_t Rv, bool joint,
                                                       int nstages) {
-  constexpr int64_t pad = 16 / int64_t(sizeof(T));
+  constexpr int64_t pad = 16 / int64_t(sizeof(C));
   LatentLayout L;
   L.kr_row = heads * Dr + pad;
   L.kl_row = joint ? 0 : Rk + pad;
@@ -83,23 +87,24 @@ __host__ __device__ inline LatentLayout latent_layout(int rows, int64_t heads, i
   L.p_off = align16(L.q_off + int64_t(rows) * (Dr + Rk) * 4);
   L.misc_off = align16(L.p_off + int64_t(kTileKeys) * rows * 4);
   L.stage_off = align16(L.misc_off + 2 * int64_t(rows) * 4);
-  L.kr_bytes = Dr > 0 ? align16(int64_t(kTileKeys) * L.kr_row * int64_t(sizeof(T))) : 0;
-  L.kl_bytes = joint ? 0 : align16(int64_t(kTileKeys) * L.kl_row * int64_t(sizeof(T)));
-  L.stage_bytes = L.kr_bytes + L.kl_bytes + align16(int64_t(kTileKeys) * L.v_row * int64_t(sizeof(T)));
+  L.kr_bytes = Dr > 0 ? align16(int64_t(kTileKeys) * L.kr_row * int64_t(sizeof(C))) : 0;
+  L.kl_bytes = joint ? 0 : align16(int64_t(kTileKeys) * L.kl_row * int64_t(sizeof(C)));
+  L.stage_bytes = L.kr_bytes + L.kl_bytes + align16(int64_t(kTileKeys) * L.v_row * int64_t(sizeof(C)));
   L.total = L.stage_off + nstages * L.stage_bytes;
   return L;
 }
 
-// RPW: rows per warp (1 or 2); a block holds kWarps * RPW rows.
-template <typename T, int RPW>
+// RPW: rows per warp (1 or 2); a block holds kWarps * RPW rows. C: the caches' storage type.
+template <typename C, int RPW>
 __global__ void __launch_bounds__(kThreads)
 latent_attn_kernel(const LatentAttnParams p, const int nstages) {
-  constexpr int V = Vec16<T>::N;
+  constexpr int V = Vec16<C>::N;
+  constexpr bool kQuantized = CacheQuant<C>::kQuantized;
   constexpr int ROWS = kWarps * RPW;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t Dr = p.Dr, Rk = p.Rk, Rv = p.Rv, Dq = Dr + Rk, Tq = p.Tq, nrows = p.nrows;
   const LatentLayout lay =
-      latent_layout<T>(ROWS, heads_per_tile(p.H, Tq, ROWS), Dr, Rk, Rv, p.joint, nstages);
+      latent_layout<C>(ROWS, heads_per_tile(p.H, Tq, ROWS), Dr, Rk, Rv, p.joint, nstages);
   const FwdScratch sc = fwd_scratch(smem, lay, ROWS);
   float *qs = sc.qs, *ps = sc.ps, *alpha_s = sc.alpha_s, *l_s = sc.l_s;  // qs: [rows][Dq]
 
@@ -130,14 +135,14 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
   });
 
   // (No offset is applied to a pointer the launch leaves null: no rotary dims, joint latent.)
-  const T* vb = static_cast<const T*>(p.vc) + b * p.vc_sb;
-  const T* krb = Dr > 0 ? static_cast<const T*>(p.krope) + b * p.kr_sb : vb;
-  const T* klb = p.joint ? vb : static_cast<const T*>(p.klat) + b * p.kl_sb;
+  const C* vb = static_cast<const C*>(p.vc) + b * p.vc_sb;
+  const C* krb = Dr > 0 ? static_cast<const C*>(p.krope) + b * p.kr_sb : vb;
+  const C* klb = p.joint ? vb : static_cast<const C*>(p.klat) + b * p.kl_sb;
   auto stage = [&](int st) { return smem + lay.stage_off + st * lay.stage_bytes; };
-  auto stage_kr = [&](int st) { return reinterpret_cast<T*>(stage(st)); };
-  auto stage_kl = [&](int st) { return reinterpret_cast<T*>(stage(st) + lay.kr_bytes); };
+  auto stage_kr = [&](int st) { return reinterpret_cast<C*>(stage(st)); };
+  auto stage_kl = [&](int st) { return reinterpret_cast<C*>(stage(st) + lay.kr_bytes); };
   auto stage_v = [&](int st) {
-    return reinterpret_cast<T*>(stage(st) + lay.kr_bytes + lay.kl_bytes);
+    return reinterpret_cast<C*>(stage(st) + lay.kr_bytes + lay.kl_bytes);
   };
   // One tile: the rotary keys of the group's heads, the latent rows, the V_c rows.
   auto load_tile = [&](int64_t t0, int st) {
@@ -160,14 +165,15 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
   const int nchunk = int(Rv / kRowChunk);
 
   pipelined_key_tiles(kr.kstart, kr.ntiles, nstages, load_tile, [&](int64_t t0, int st) {
-    const T* vs = stage_v(st);
+    const C* vs = stage_v(st);
     // Scores: lane = key, for each of the warp's rows; online softmax (log2 domain).
     {
       const int64_t pos = t0 + lane;
+      const bool in_range = pos < kstop;
       float dot[RPW];
 #pragma unroll
       for (int rr = 0; rr < RPW; ++rr) dot[rr] = 0.f;
-      const T* lrow = p.joint ? vs + lane * lay.v_row : stage_kl(st) + lane * lay.kl_row;
+      const C* lrow = p.joint ? vs + lane * lay.v_row : stage_kl(st) + lane * lay.kl_row;
       for (int64_t c = 0; c < Rk; c += V) {  // the shared latent: one load for all rows
         float kv[V];
         load16_as_float(lrow + c, kv);
@@ -178,17 +184,35 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
           for (int e = 0; e < V; ++e) dot[rr] = fmaf(qrow[e], kv[e], dot[rr]);
         }
       }
+      if constexpr (kQuantized) {  // the latent row's scale (V_c's with the joint latent)
+        const float ls = !in_range ? 0.f
+                         : p.joint ? p.vc_scale[b * p.vs_sb + pos * p.vs_st]
+                                   : p.kl_scale[b * p.kls_sb + pos * p.kls_st];
 #pragma unroll
-      for (int rr = 0; rr < RPW; ++rr) {  // each row's own head: the rotary part
-        const T* krow = stage_kr(st) + lane * lay.kr_row + (my_h[rr] - h_lo) * Dr;
-        dot[rr] = dot_staged(qs + (warp + kWarps * rr) * Dq, krow, Dr, dot[rr]);
+        for (int rr = 0; rr < RPW; ++rr) dot[rr] *= ls;
       }
 #pragma unroll
+      for (int rr = 0; rr < RPW; ++rr) {  // each row's own head: the rotary part
+        const C* krow = stage_kr(st) + lane * lay.kr_row + (my_h[rr] - h_lo) * Dr;
+        if constexpr (kQuantized) {
+          if (Dr > 0 && in_range) {
+            const float rs = p.kr_scale[b * p.krs_sb + pos * p.krs_st + my_h[rr] * p.krs_sh];
+            dot[rr] = fmaf(rs, dot_staged(qs + (warp + kWarps * rr) * Dq, krow, Dr, 0.f), dot[rr]);
+          }
+        } else {
+          dot[rr] = dot_staged(qs + (warp + kWarps * rr) * Dq, krow, Dr, dot[rr]);
+        }
+      }
+      // The V_c row's scale, for P @ V_c (the softmax sums take the unscaled weights).
+      float vsc = 1.f;
+      if constexpr (kQuantized) vsc = in_range ? p.vc_scale[b * p.vs_sb + pos * p.vs_st] : 0.f;
+#pragma unroll
       for (int rr = 0; rr < RPW; ++rr) {
-        const bool visible = row_ok[rr] && pos < kstop && (!p.causal || pos <= my_limit[rr]);
+        const bool visible = row_ok[rr] && in_range && (!p.causal || pos <= my_limit[rr]);
         float alpha;
-        const float pr = online_softmax_step(visible ? dot[rr] * p.scale_log2 : -INFINITY,
-                                             m_run[rr], l_run[rr], alpha);
+        float pr = online_softmax_step(visible ? dot[rr] * p.scale_log2 : -INFINITY,
+                                       m_run[rr], l_run[rr], alpha);
+        if constexpr (kQuantized) pr = pr != 0.f ? pr * vsc : 0.f;
         const int w = warp + kWarps * rr;
         ps[lane * ROWS + w] = pr;
         if (lane == 0) alpha_s[w] = alpha;
@@ -198,7 +222,7 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
 
     // acc[row] = alpha[row] * acc[row] + sum_j P[row, j] * V_c[j]  (all rows share V_c[j]).
     const int jmax = int(min(int64_t(kTileKeys), kstop - t0));
-    accumulate_pv<T, ROWS>(acc, alpha_s, ps, vs, lay.v_row, jmax, nchunk, tid);
+    accumulate_pv<C, ROWS>(acc, alpha_s, ps, vs, lay.v_row, jmax, nchunk, tid);
   });
 
   if (lane == 0) {
@@ -221,17 +245,17 @@ latent_attn_kernel(const LatentAttnParams p, const int nstages) {
     return __VA_ARGS__();                                                                 \
   }()
 
-template <typename T, int RPW>
+template <typename C, int RPW>
 LatentLayout layout_of(const LatentAttnParams& p, int nstages) {
   constexpr int rows = kWarps * RPW;
-  return latent_layout<T>(rows, heads_per_tile(p.H, p.Tq, rows), p.Dr, p.Rk, p.Rv, p.joint,
+  return latent_layout<C>(rows, heads_per_tile(p.H, p.Tq, rows), p.Dr, p.Rk, p.Rv, p.joint,
                           nstages);
 }
 
 // Two stages when they fit, else one.
-template <typename T, int RPW>
+template <typename C, int RPW>
 int latent_stages(const LatentAttnParams& p, int64_t* bytes) {
-  return choose_smem_stages([&](int st) { return layout_of<T, RPW>(p, st).total; }, bytes,
+  return choose_smem_stages([&](int st) { return layout_of<C, RPW>(p, st).total; }, bytes,
                             "latent attention", "Dr=", p.Dr, ", Rk=", p.Rk, ", Rv=", p.Rv);
 }
 
@@ -252,12 +276,14 @@ void launch_latent_query(const LatentQueryParams& p, cudaStream_t stream) {
 }
 
 size_t latent_attn_min_smem_bytes(DType dtype, int64_t H, int64_t Tq, int64_t Dr, int64_t Rk,
-                                  int64_t Rv, bool joint) {
+                                  int64_t Rv, bool joint, CacheType cache) {
   LatentAttnParams p{};
   p.H = H; p.Tq = Tq; p.Dr = Dr; p.Rk = Rk; p.Rv = Rv; p.joint = joint;
   return VDPROJ_DISPATCH_DTYPE(dtype, [&] {
-    return VDPROJ_DISPATCH_LATENT_RPW(Tq * H, [&] {
-      return size_t(layout_of<T, kRPW>(p, 1).total);
+    return VDPROJ_DISPATCH_CACHE(cache, [&] {
+      return VDPROJ_DISPATCH_LATENT_RPW(Tq * H, [&] {
+        return size_t(layout_of<C, kRPW>(p, 1).total);
+      });
     });
   });
 }
@@ -267,9 +293,11 @@ int64_t latent_num_splits(const LatentAttnParams& p, int64_t max_keys) {
   if (p.final_mode) return 1;
   const int64_t rows = latent_rows_per_block(p.nrows);
   return VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
-    return VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
-      return splits_over_slots(latent_attn_kernel<T, kRPW>, latent_stages<T, kRPW>, p,
-                               (p.nrows + rows - 1) / rows, max_keys);
+    return VDPROJ_DISPATCH_CACHE(p.cache, [&] {
+      return VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
+        return splits_over_slots(latent_attn_kernel<C, kRPW>, latent_stages<C, kRPW>, p,
+                                 (p.nrows + rows - 1) / rows, max_keys);
+      });
     });
   });
 }
@@ -280,10 +308,14 @@ void launch_latent_attention(const LatentAttnParams& p, cudaStream_t stream) {
   TORCH_CHECK(!p.joint || p.Rk == p.Rv, "vdproj_ext CUDA: the joint latent needs Rk == Rv");
   const int64_t rows = latent_rows_per_block(p.nrows);
   const int64_t groups = (p.nrows + rows - 1) / rows;
+  check_quantized_widths(p.cache, {p.Dr, p.Rk, p.Rv});
   if (!attn_launch_checks(p, {p.Rk, p.Rv}, groups)) return;
   VDPROJ_DISPATCH_DTYPE(p.dtype, [&] {
-    VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
-      launch_split_attention(latent_attn_kernel<T, kRPW>, latent_stages<T, kRPW>, p, groups, stream);
+    VDPROJ_DISPATCH_CACHE(p.cache, [&] {
+      VDPROJ_DISPATCH_LATENT_RPW(p.nrows, [&] {
+        launch_split_attention(latent_attn_kernel<C, kRPW>, latent_stages<C, kRPW>, p, groups,
+                               stream);
+      });
     });
   });
 }

@@ -14,6 +14,11 @@ namespace cuda {
 // Storage type of q/k/v_c/w_r/...; accumulation is always float32.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Storage type of the caches of a call (SPEC 3c): the model's dtype (DType), or quantized,
+// every cache tensor of the call alike, with one float32 scale per stored row (value = stored *
+// scale; scales are read and written through their strides, in elements).
+enum class CacheType : int { kModel = 0, kInt8 = 1, kE4M3 = 2 };
+
 // Tile constants shared by host-side sizing (cuda_api.cpp, kernel_support.cpp) and kernels.
 constexpr int kThreads = 256;       // threads per block of every kernel here
 constexpr int kWarps = kThreads / 32;
@@ -88,6 +93,12 @@ struct AttnParams {
   float* lse_out;  // (B, H, Tq), natural log, -inf for rows that see no key
   DType dtype;
   int head_dim;
+  // Quantized k / vc (kvcache_attention only): k_scale (B, *, H), vc_scale (B, *).
+  CacheType cache;
+  const float* k_scale;
+  int64_t ks_sb, ks_st, ks_sh;
+  const float* vc_scale;
+  int64_t vs_sb, vs_st;
 };
 
 // Combine split partials (launch_combine) and restore (launch_restore):
@@ -133,6 +144,12 @@ struct CompressParams {
   int64_t len_max;  // slots outside [0, len_max) are never written (the op raises before)
   DType dtype;
   int head_dim;
+  // Quantized caches: each new k row (token, head) and vc row gets its absmax scale.
+  CacheType cache;
+  float* k_scale;
+  int64_t ks_sb, ks_st, ks_sh;
+  float* vc_scale;
+  int64_t vs_sb, vs_st;
 };
 
 // Backward of the attention part: given dctx = dO_h @ w_r[h] (float32) and delta = rowsum(dctx *
@@ -193,6 +210,15 @@ struct LatentAttnParams {
   float* lse_out;   // (B, H, Tq)
   DType dtype;
   int head_dim;
+  // Quantized caches (ckv_kvcache_attention only): krope_scale (B, *, H), the key latent's
+  // scale (B, *) (vc_scale itself with the joint latent) and vc_scale (B, *).
+  CacheType cache;
+  const float* kr_scale;
+  int64_t krs_sb, krs_st, krs_sh;
+  const float* kl_scale;
+  int64_t kls_sb, kls_st;
+  const float* vc_scale;
+  int64_t vs_sb, vs_st;
 };
 
 // What the V-only and the latent attention's parameters share (P: AttnParams or
@@ -250,6 +276,15 @@ struct LatentCompressParams {
   bool joint;
   DType dtype;
   int head_dim;
+  // Quantized caches: each new rotary row (token, head), K_c row and V_c row gets its absmax
+  // scale (rotary rows of Dr = 0 get scale 1). kc_scale is nullptr with the joint latent.
+  CacheType cache;
+  float* kr_scale;
+  int64_t krs_sb, krs_st, krs_sh;
+  float* kc_scale;
+  int64_t kcs_sb, kcs_st;
+  float* vc_scale;
+  int64_t vs_sb, vs_st;
 };
 
 // Backward of the latent attention, given dctx = dO_h @ w_r[h] and delta = rowsum(dctx * ctx)
@@ -275,7 +310,8 @@ struct LatentBwdParams {
 
 // Launchers (defined in the .cu files). Each checks its launches with C10_CUDA_KERNEL_LAUNCH_CHECK.
 // Dynamic shared memory of the attention kernel with one stage: the least it can run with.
-size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, int64_t R);
+size_t attn_min_smem_bytes(DType dtype, int head_dim, int64_t heads_per_tile, int64_t R,
+                           CacheType cache = CacheType::kModel);
 // Flash-decoding split count for partial mode; max_keys bounds the key range (e.g. Tmax).
 int64_t attn_num_splits(const AttnParams& p, int64_t max_keys);
 void launch_attention(const AttnParams& p, cudaStream_t stream);
@@ -293,10 +329,13 @@ void launch_attention_bwd(const BwdParams& p, cudaStream_t stream);
 size_t latent_query_smem_bytes(int64_t head_dim, int64_t Dr);
 void launch_latent_query(const LatentQueryParams& p, cudaStream_t stream);
 size_t latent_attn_min_smem_bytes(DType dtype, int64_t H, int64_t Tq, int64_t Dr, int64_t Rk,
-                                  int64_t Rv, bool joint);
+                                  int64_t Rv, bool joint, CacheType cache = CacheType::kModel);
 int64_t latent_num_splits(const LatentAttnParams& p, int64_t max_keys);
 void launch_latent_attention(const LatentAttnParams& p, cudaStream_t stream);
-size_t latent_compress_smem_bytes(int64_t H, int64_t head_dim, int64_t Dr);
+// out_cols: the latent columns a token gets (Rk + Rv, or Rv with the joint latent), staged in
+// shared memory for their scale when the caches are quantized.
+size_t latent_compress_smem_bytes(int64_t H, int64_t head_dim, int64_t Dr,
+                                  CacheType cache = CacheType::kModel, int64_t out_cols = 0);
 void launch_latent_compress_write(const LatentCompressParams& p, cudaStream_t stream);
 size_t latent_bwd_smem_bytes(int64_t Dr, int64_t Rk, int64_t Rv, bool joint);
 void launch_latent_attention_bwd(const LatentBwdParams& p, cudaStream_t stream);

@@ -2,7 +2,8 @@
 // csrc/cuda/cuda_api.cpp runs, and compares every result with a float64 reference:
 //   decode:   compress-on-write -> split-K attention -> combine (when split) -> restore
 //   training: attention forward (final mode: ctx, lse) -> attention backward (dq, dk, dv_c)
-// and the same chains of the latent-key ops (latent_cases.cpp).
+// and the same chains of the latent-key ops (latent_cases.cpp) and of quantized caches
+// (quant_cases.cpp).
 // Every case runs in a child process (a sanitizer abort or a hang fails that case only).
 //
 //   harness --kernels K.txt [--order forward|reverse|random] [--copy issue|wait] [--seed N]
@@ -30,8 +31,9 @@
 #include "reference.h"
 #include "selftest.h"
 
-// The latent-key cases (latent_cases.cpp).
+// The latent-key cases (latent_cases.cpp) and the quantized caches' (quant_cases.cpp).
 void add_latent_cases(std::vector<emu_harness::Case>& cases);
+void add_quant_cases(std::vector<emu_harness::Case>& cases);
 
 namespace {
 
@@ -522,6 +524,7 @@ std::vector<Case> all_cases() {
     for (int D : {64, 128}) add_standard_cases(dt, D, cases);
   add_shape_cases(cases);
   add_latent_cases(cases);
+  add_quant_cases(cases);
   add_selftest_cases(cases);
   return cases;
 }
