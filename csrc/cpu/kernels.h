@@ -352,6 +352,40 @@ inline void quantize_row(const float* x, int64_t n, CacheKind kind, void* dst, f
   *scale_out = scale;
 }
 
+// Stored rows read in place, N values at a time in accumulation precision: the upcast or the
+// dequantization (without its scale: a row's scale multiplies whatever it feeds) happens in
+// registers. kScaled: the rows come with scales (a quantized cache).
+template <typename S> struct RowLoader {  // float32 / float64: the values themselves
+  using E = S;
+  static constexpr bool kScaled = false;
+  static vec_t<S> vec(const E* p) { return vload(p); }
+  static S one(E x) { return x; }
+};
+template <> struct RowLoader<c10::BFloat16> {
+  using E = c10::BFloat16;
+  static constexpr bool kScaled = false;
+  static vec_t<float> vec(const E* p) { return upcast_bf16(p); }
+  static float one(E x) { return float(x); }
+};
+template <> struct RowLoader<c10::Half> {
+  using E = c10::Half;
+  static constexpr bool kScaled = false;
+  static vec_t<float> vec(const E* p) { return upcast_f16(p); }
+  static float one(E x) { return float(x); }
+};
+struct Int8Rows {
+  using E = int8_t;
+  static constexpr bool kScaled = true;
+  static vec_t<float> vec(const E* p) { return upcast_i8(p); }
+  static float one(E x) { return float(x); }
+};
+struct E4m3Rows {
+  using E = uint8_t;
+  static constexpr bool kScaled = true;
+  static vec_t<float> vec(const E* p) { return upcast_e4m3(p); }
+  static float one(E x) { return e4m3_to_float(x); }
+};
+
 // A contiguous (rows, cols) matrix in accumulation precision: the tensor itself, or an
 // upcast copy when it is stored as bf16/fp16.
 template <typename A, typename T> struct AsAcc {
@@ -374,16 +408,16 @@ template <typename A, typename T> struct AsAcc {
 
 // acc[RT rows, CT vectors] += p[RT rows, nk] @ v[nk, CT vectors], the accumulators held in
 // registers across the whole key block: each v row chunk is loaded once for RT rows.
-template <typename A, int RT, int CT>
-inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v,
-                             int64_t ldv, int64_t nk) {
+template <typename A, int RT, int CT, typename L = RowLoader<A>>
+inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp,
+                             const typename L::E* v, int64_t ldv, int64_t nk) {
   constexpr int N = VecT<A>::N;
   vec_t<A> c[RT][CT];
   for (int r = 0; r < RT; ++r)
     for (int t = 0; t < CT; ++t) c[r][t] = vload(acc + r * lda + t * N);
   for (int64_t j = 0; j < nk; ++j) {
     vec_t<A> x[CT];
-    for (int t = 0; t < CT; ++t) x[t] = vload(v + j * ldv + t * N);
+    for (int t = 0; t < CT; ++t) x[t] = L::vec(v + j * ldv + t * N);
     for (int r = 0; r < RT; ++r) {
       const A pr = p[r * ldp + j];
       for (int t = 0; t < CT; ++t) c[r][t] += pr * x[t];
@@ -393,10 +427,11 @@ inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp, const
     for (int t = 0; t < CT; ++t) vstore(acc + r * lda + t * N, c[r][t]);
 }
 
-// acc (rows, ncols; row stride lda) += p (rows, nk; row stride ldp) @ v (nk, ncols; ldv).
-template <typename A>
-void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v, int64_t ldv,
-                 int64_t rows, int64_t nk, int64_t ncols) {
+// acc (rows, ncols; row stride lda) += p (rows, nk; row stride ldp) @ v (nk, ncols; ldv), v read
+// through the loader L (stored values in place: float32 / float64 by default).
+template <typename A, typename L = RowLoader<A>>
+void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const typename L::E* v,
+                 int64_t ldv, int64_t rows, int64_t nk, int64_t ncols) {
   constexpr int N = VecT<A>::N;
   constexpr int RT = 4;
   constexpr int CT = kVBytes >= 64 ? 4 : 2;  // 16 (AVX-512) or 8 accumulator registers
@@ -405,24 +440,24 @@ void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v, int64
   for (; c + CT * N <= ncols; c += CT * N) {
     int64_t r = 0;
     for (; r + RT <= rows; r += RT)
-      rank_update_tile<A, RT, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+      rank_update_tile<A, RT, CT, L>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
     for (; r < rows; ++r)
-      rank_update_tile<A, 1, CT>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+      rank_update_tile<A, 1, CT, L>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
   }
   for (; c + N <= ncols; c += N) {
     int64_t r = 0;
     for (; r + RT <= rows; r += RT)
-      rank_update_tile<A, RT, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+      rank_update_tile<A, RT, 1, L>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
     for (; r < rows; ++r)
-      rank_update_tile<A, 1, 1>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
+      rank_update_tile<A, 1, 1, L>(acc + r * lda + c, lda, p + r * ldp, ldp, v + c, ldv, nk);
   }
   if (c < ncols) {
     for (int64_t r = 0; r < rows; ++r) {
       A* a = acc + r * lda;
       for (int64_t j = 0; j < nk; ++j) {
         const A pr = p[r * ldp + j];
-        const A* vr = v + j * ldv;
-        for (int64_t cc = c; cc < ncols; ++cc) a[cc] += pr * vr[cc];
+        const typename L::E* vr = v + j * ldv;
+        for (int64_t cc = c; cc < ncols; ++cc) a[cc] += pr * L::one(vr[cc]);
       }
     }
   }
@@ -511,6 +546,7 @@ template <typename T> struct KeySource {
   Segment<T> k, l, v;
 };
 template <typename A> struct Scratch {
+  float* kscale;  // H per-head key scales of one key (fused path, quantized caches)
   A* s;  // scores, rows x kKeyBlock
   A* k;  // upcast key blocks (bf16 / fp16 storage only)
   A* l;
@@ -554,9 +590,15 @@ inline void hsum_rows(const vec_t<A>* acc, const A* tail, A* out, int64_t ldo) {
 // once for the RB heads, and a head's two segments share one accumulator. Measured and not
 // kept: two keys at a time (sharing the query loads) is ~9% faster from cache but ~1.6x slower
 // streaming from memory, and a separate pass over the block's shared segments ~25% slower.
-template <typename A, int RB>
-inline void key_scores_rows(const A* q, int64_t ldq, const A* k, int64_t ksh, int64_t Dk,
-                            const A* l, int64_t Dl, A* out, int64_t ldo) {
+//
+// The key is read through the loader L (stored values in place: float32 / float64 by default;
+// bf16, fp16 or a quantized cache upcast in registers). With a quantized cache, head r's
+// per-head segment is scaled by kscale[r] and the shared one by lscale: one multiply per loaded
+// vector, so the value used is SPEC 3c's float32 stored * scale.
+template <typename A, int RB, typename L = RowLoader<A>>
+inline void key_scores_rows(const A* q, int64_t ldq, const typename L::E* k, int64_t ksh,
+                            int64_t Dk, const typename L::E* l, int64_t Dl, A* out, int64_t ldo,
+                            const float* kscale = nullptr, float lscale = 1.0f) {
   constexpr int N = VecT<A>::N;
   vec_t<A> acc[RB];
   A tail[RB];
@@ -564,50 +606,73 @@ inline void key_scores_rows(const A* q, int64_t ldq, const A* k, int64_t ksh, in
     acc[r] = vec_t<A>{};
     tail[r] = 0;
   }
+  auto scaled = [&](vec_t<A> x, float sc) {
+    if constexpr (L::kScaled) x *= sc;
+    return x;
+  };
+  auto scaled_one = [&](A x, float sc) {
+    if constexpr (L::kScaled) x *= sc;
+    return x;
+  };
   int64_t c = 0;
   for (; c + N <= Dk; c += N)
-    for (int r = 0; r < RB; ++r) acc[r] += vload(q + r * ldq + c) * vload(k + r * ksh + c);
+    for (int r = 0; r < RB; ++r)
+      acc[r] += vload(q + r * ldq + c) *
+                scaled(L::vec(k + r * ksh + c), L::kScaled ? kscale[r] : 1.0f);
   for (; c < Dk; ++c)
-    for (int r = 0; r < RB; ++r) tail[r] += q[r * ldq + c] * k[r * ksh + c];
+    for (int r = 0; r < RB; ++r)
+      tail[r] += q[r * ldq + c] *
+                 scaled_one(L::one(k[r * ksh + c]), L::kScaled ? kscale[r] : 1.0f);
   const A* ql = q + Dk;
   for (c = 0; c + N <= Dl; c += N) {
-    const vec_t<A> lv = vload(l + c);
+    const vec_t<A> lv = scaled(L::vec(l + c), lscale);
     for (int r = 0; r < RB; ++r) acc[r] += vload(ql + r * ldq + c) * lv;
   }
   for (; c < Dl; ++c)
-    for (int r = 0; r < RB; ++r) tail[r] += ql[r * ldq + c] * l[c];
+    for (int r = 0; r < RB; ++r) tail[r] += ql[r * ldq + c] * scaled_one(L::one(l[c]), lscale);
   hsum_rows<A, RB>(acc, tail, out, ldo);
 }
 
-// key_scores_rows for all H heads of one query: groups of 8 heads, then one at a time.
-template <typename A>
-inline void key_scores(const A* q, int64_t ldq, const A* k, int64_t ksh, int64_t Dk, const A* l,
-                       int64_t Dl, int64_t H, A* out, int64_t ldo) {
+// key_scores_rows for all H heads of one query: groups of 8 heads, then one at a time
+// (kscale: H per-head scales with a quantized cache).
+template <typename A, typename L = RowLoader<A>>
+inline void key_scores(const A* q, int64_t ldq, const typename L::E* k, int64_t ksh, int64_t Dk,
+                       const typename L::E* l, int64_t Dl, int64_t H, A* out, int64_t ldo,
+                       const float* kscale = nullptr, float lscale = 1.0f) {
   int64_t h = 0;
   for (; h + 8 <= H; h += 8)
-    key_scores_rows<A, 8>(q + h * ldq, ldq, k + h * ksh, ksh, Dk, l, Dl, out + h * ldo, ldo);
+    key_scores_rows<A, 8, L>(q + h * ldq, ldq, k + h * ksh, ksh, Dk, l, Dl, out + h * ldo, ldo,
+                             kscale ? kscale + h : nullptr, lscale);
   for (; h < H; ++h)
-    key_scores_rows<A, 1>(q + h * ldq, ldq, k + h * ksh, ksh, Dk, l, Dl, out + h * ldo, ldo);
+    key_scores_rows<A, 1, L>(q + h * ldq, ldq, k + h * ksh, ksh, Dk, l, Dl, out + h * ldo, ldo,
+                             kscale ? kscale + h : nullptr, lscale);
 }
 
-template <typename T, typename A, bool kShared>
+// L void: float32 / float64 caches are read in place ("direct"), others are upcast or
+// dequantized block by block into the thread's scratch. L a RowLoader: every segment is stored
+// as L::E and read in place, converted in registers (the fused path: bf16 / fp16 caches of a
+// float32-accumulating model, or caches all quantized alike).
+template <typename T, typename A, bool kShared, typename L = void>
 void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const int64_t R,
                   const bool kl_is_vc, const A* qs, int64_t nq, const int64_t* lim,
                   const KeySource<T> src, int64_t j0, int64_t j1, TileState<A> st,
                   const Scratch<A> buf) {
-  // direct: the caches are read where they are (float32 / float64 storage, not quantized);
-  // otherwise each block is upcast or dequantized into the thread's scratch first.
-  const bool direct = std::is_same<T, A>::value && src.k.kind == CacheKind::Model &&
+  constexpr bool fused = !std::is_void<L>::value;
+  using Loaded = std::conditional_t<fused, L, RowLoader<A>>;
+  using E = typename Loaded::E;
+  constexpr bool scaled = fused && Loaded::kScaled;
+  // direct: the caches are read where they are (float32 / float64 storage, not quantized).
+  const bool direct = !fused && std::is_same<T, A>::value && src.k.kind == CacheKind::Model &&
                       src.l.kind == CacheKind::Model && src.v.kind == CacheKind::Model;
   const int64_t Dl = kShared ? Dl_in : 0, Dq = Dk + Dl;
   const bool l_is_v = kShared && kl_is_vc;
   const int64_t rows = nq * H;
-  // A quantized V_c row's scale multiplies its weights in P rather than each of its R values
-  // (not with the joint latent, whose V_c rows are also keys).
-  // float32 only: SPEC 3c's value is the float32 product stored * scale, which a float64
-  // accumulation would not round.
+  // A quantized V_c row's scale multiplies its weights in P rather than each of its R values:
+  // always on the fused path; on the scratch path for float32 accumulation only (SPEC 3c's
+  // value is the float32 product stored * scale, which a float64 accumulation would not
+  // round), and not with the joint latent there (its V_c rows, keys too, are dequantized).
   const bool fold_v_scale =
-      std::is_same<A, float>::value && src.v.kind != CacheKind::Model && !l_is_v;
+      scaled || (std::is_same<A, float>::value && src.v.kind != CacheKind::Model && !l_is_v);
   A v_scale[kKeyBlock];
   int64_t maxlim = -1;
   for (int64_t i = 0; i < nq; ++i) maxlim = std::max(maxlim, lim[i]);
@@ -619,27 +684,25 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
   // softmax work; int8, 2026-12-03).
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t nk = std::min(kKeyBlock, j1 - jb);
-    const A* kp;
-    const A* lp = nullptr;
-    const A* vp;
+    const E* kp;
+    const E* lp = nullptr;
+    const E* vp;
     int64_t ks_t, ks_h, ls = 0, vs;
-    if (direct) {
-      kp = static_cast<const A*>(src.k.row(jb));
-      vp = static_cast<const A*>(src.v.row(jb));
+    if (fused || direct) {
+      kp = static_cast<const E*>(src.k.row(jb));
+      vp = static_cast<const E*>(src.v.row(jb));
       ks_t = src.k.st;
       ks_h = src.k.sh;
       vs = src.v.st;
       if constexpr (kShared) {
-        lp = static_cast<const A*>(src.l.row(jb));
+        lp = static_cast<const E*>(src.l.row(jb));
         ls = src.l.st;
       }
-    } else {
+    } else if constexpr (!fused) {
       src.k.load_block(buf.k, jb, nk, H, Dk);
       if (kShared && !l_is_v) src.l.load_block(buf.l, jb, nk, 1, Dl);
       // With fold_v_scale, the stored values as they are; their scales go into P below.
       src.v.load_block(buf.v, jb, nk, 1, R, !fold_v_scale);
-      if (fold_v_scale)
-        for (int64_t jj = 0; jj < nk; ++jj) v_scale[jj] = src.v.scale[(jb + jj) * src.v.sc_st];
       kp = buf.k;
       vp = buf.v;
       ks_t = H * Dk;
@@ -648,28 +711,43 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
       lp = l_is_v ? buf.v : buf.l;
       ls = l_is_v ? R : Dl;
     }
+    if (fold_v_scale)
+      for (int64_t jj = 0; jj < nk; ++jj) v_scale[jj] = src.v.scale[(jb + jj) * src.v.sc_st];
     // Scores: each key row is read once for all query rows of the tile. Meanwhile prefetch
     // this block's V_c rows into L1 (the rank update walks them column chunk by column chunk,
     // which the hardware prefetcher follows poorly; without it a decode step is about 20%
     // slower) and, for latent keys, the next block's shared rows into L2 (2-11% faster). The
     // per-head key rows are left to the hardware prefetcher: prefetching them as well measured
     // 6-12% slower (next block, into L1 or L2), as did V_c into L2 and K_c two blocks ahead
-    // (bench/cpu_decode.py shapes, 2026-12-02).
+    // (bench/cpu_decode.py shapes, 2026-12-02). The fused path reads narrower rows in place
+    // and prefetches all of the next block's rows into L2 as well.
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     for (int64_t jj = 0; jj < nk; ++jj) {
-      const A* krow = kp + jj * ks_t;
-      if (direct) {
+      const E* krow = kp + jj * ks_t;
+      if (fused || direct) {
         // The joint latent's V_c rows are this block's keys: the scores read them already.
-        if (!l_is_v) prefetch_l1(vp + jj * vs, R * sizeof(A));
-        if (kShared && jj < nk_next) prefetch_l2(lp + (jj + kKeyBlock) * ls, Dl * sizeof(A));
+        if (!l_is_v) prefetch_l1(vp + jj * vs, R * sizeof(E));
+        if (kShared && jj < nk_next) prefetch_l2(lp + (jj + kKeyBlock) * ls, Dl * sizeof(E));
+        if (fused && jj < nk_next) {
+          prefetch_l2(krow + kKeyBlock * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
+          if (!l_is_v) prefetch_l2(vp + (jj + kKeyBlock) * vs, R * sizeof(E));
+        }
+      }
+      float* kscale = buf.kscale;
+      float lscale = 1.0f;
+      if constexpr (scaled) {
+        const int64_t j = jb + jj;
+        for (int64_t h = 0; h < H; ++h) kscale[h] = src.k.scale[j * src.k.sc_st + h * src.k.sc_sh];
+        if (kShared) lscale = l_is_v ? v_scale[jj] : src.l.scale[j * src.l.sc_st];
       }
       for (int64_t i = 0; i < nq; ++i) {
         A* srow = sbuf + i * H * kKeyBlock + jj;
         if (jb + jj > lim[i]) {
           for (int64_t h = 0; h < H; ++h) srow[h * kKeyBlock] = ninf;
-        } else if constexpr (kShared) {
-          key_scores(qs + i * H * Dq, Dq, krow, ks_h, Dk, lp + jj * ls, Dl, H, srow, kKeyBlock);
-        } else {
+        } else if (kShared || fused) {
+          key_scores<A, Loaded>(qs + i * H * Dq, Dq, krow, ks_h, Dk, lp + jj * ls, Dl, H, srow,
+                                kKeyBlock, kscale, lscale);
+        } else if constexpr (!fused) {
           for (int64_t h = 0; h < H; ++h)
             srow[h * kKeyBlock] = dot(qs + (i * H + h) * Dq, krow + h * ks_h, Dk);
         }
@@ -697,7 +775,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
       if (fold_v_scale)
         for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= v_scale[jj];
     }
-    rank_update(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R);
+    rank_update<A, Loaded>(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R);
   }
 }
 
@@ -748,6 +826,9 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, TileSta
   }
 }
 
+enum class FusedRead { kNone, kInt8, kE4m3, kStorage };
+template <typename L> struct Tag { using type = L; };
+
 template <typename T, typename A, bool kShared>
 void attention_run(const AttnArgs& a) {
   const int64_t B = a.B, Tq = a.Tq, H = a.H, D = a.D, R = a.R;
@@ -796,6 +877,19 @@ void attention_run(const AttnArgs& a) {
   const int64_t items = tiles * nsplit;
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nsplit > 1 ? tiles : 0]);
   for (int64_t t = 0; t < (nsplit > 1 ? tiles : 0); ++t) done[t].store(0);
+  // Caches read in place and converted in registers (attend_range's fused path): float32
+  // accumulation, and every cache segment stored alike (bf16 / fp16, int8 or e4m3).
+  auto all_stored_as = [&](CacheKind kind) {
+    return a.k_kind == kind && a.v_kind == kind && (!kShared || a.kl_kind == kind);
+  };
+  using StorageRows = std::conditional_t<std::is_same<T, A>::value, void, RowLoader<T>>;
+  FusedRead fused = FusedRead::kNone;
+  if constexpr (std::is_same<A, float>::value) {
+    if (all_stored_as(CacheKind::I8)) fused = FusedRead::kInt8;
+    if (all_stored_as(CacheKind::E4M3)) fused = FusedRead::kE4m3;
+    if (!std::is_same<T, A>::value && all_stored_as(CacheKind::Model))
+      fused = FusedRead::kStorage;
+  }
   // Scratch for blocks read through a conversion (bf16 / fp16 storage, or a quantized cache):
   // attend_range reads float32 / float64 caches in place.
   const bool direct = std::is_same<T, A>::value && a.k_kind == CacheKind::Model &&
@@ -812,7 +906,8 @@ void attention_run(const AttnArgs& a) {
     std::vector<A> own(nsplit > 1 ? 0 : part_stride), comb(nsplit > 1 ? part_stride : 0);
     std::vector<A> rows_buf(rows_max * R), out_buf(rows_max * D);
     std::vector<int64_t> lim(QT);
-    const Scratch<A> scratch{sbuf.data(), kbuf.data(), lbuf.data(), vbuf.data()};
+    std::vector<float> kscale(H);
+    const Scratch<A> scratch{kscale.data(), sbuf.data(), kbuf.data(), lbuf.data(), vbuf.data()};
     auto state_at = [&](A* base) {
       return TileState<A>{base, base + rows_max, base + 2 * rows_max};
     };
@@ -837,8 +932,21 @@ void attention_run(const AttnArgs& a) {
           kShared ? sequence_segment<T>(a.kl, b, a.kl_sb, a.kl_st, 0, a.kl_kind, a.kl_scale)
                   : Segment<T>{nullptr, 0, 0, CacheKind::Model, nullptr, 0, 0},
           sequence_segment<T>(a.vc, b, a.v_sb, a.v_st, 0, a.v_kind, a.v_scale)};
-      attend_range<T, A, kShared>(H, Dk, Dl, R, a.kl_is_vc, qs.data(), nq, lim.data(), src, j0,
-                                  j1, st, scratch);
+      auto attend = [&](auto loader) {
+        using L = typename decltype(loader)::type;
+        attend_range<T, A, kShared, L>(H, Dk, Dl, R, a.kl_is_vc, qs.data(), nq, lim.data(), src,
+                                       j0, j1, st, scratch);
+      };
+      if constexpr (std::is_same<A, float>::value) {
+        switch (fused) {
+          case FusedRead::kInt8: attend(Tag<Int8Rows>{}); break;
+          case FusedRead::kE4m3: attend(Tag<E4m3Rows>{}); break;
+          case FusedRead::kStorage: attend(Tag<StorageRows>{}); break;
+          default: attend(Tag<void>{}); break;
+        }
+      } else {
+        attend(Tag<void>{});
+      }
       if (nsplit == 1) {
         finalize_rows<T, A>(a, b, i0, nq, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
                             out_buf.data());
