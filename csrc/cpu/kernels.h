@@ -433,8 +433,11 @@ template <typename A, typename L = RowLoader<A>>
 void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const typename L::E* v,
                  int64_t ldv, int64_t rows, int64_t nk, int64_t ncols) {
   constexpr int N = VecT<A>::N;
-  constexpr int RT = 4;
-  constexpr int CT = kVBytes >= 64 ? 4 : 2;  // 16 (AVX-512) or 8 accumulator registers
+  // 16 (AVX-512) or 8 accumulator registers. Rows stored narrower than A are converted once
+  // per row tile, so their tiles take 8 rows (a decode step's heads) by fewer columns.
+  constexpr bool converting = !std::is_same<typename L::E, A>::value;
+  constexpr int RT = converting ? 8 : 4;
+  constexpr int CT = (kVBytes >= 64 ? 4 : 2) / (converting ? 2 : 1);
   int64_t c = 0;
   // Column chunks outermost: the block's v columns stay in L1 while all rows use them.
   for (; c + CT * N <= ncols; c += CT * N) {
