@@ -636,6 +636,57 @@ inline void key_scores_rows(const A* q, int64_t ldq, const typename L::E* k, int
   hsum_rows<A, RB>(acc, tail, out, ldo);
 }
 
+// key_scores_rows for two keys at once (k0/l0 and k1/l1, scales ks0/ls0 and ks1/ls1): each
+// query vector loaded serves both keys, which halves the query loads of a score. The fused
+// path only: its keys come from L2 (prefetched), where this measured faster; the direct
+// float32 path streams keys from memory, where it did not (see key_scores_rows).
+template <typename A, int RB, typename L>
+inline void key_scores_rows_pair(const A* q, int64_t ldq, const typename L::E* k0,
+                                 const typename L::E* k1, int64_t ksh, int64_t Dk,
+                                 const typename L::E* l0, const typename L::E* l1, int64_t Dl,
+                                 A* out0, A* out1, int64_t ldo, const float* ks0,
+                                 const float* ks1, float ls0, float ls1) {
+  constexpr int N = VecT<A>::N;
+  vec_t<A> acc0[RB], acc1[RB];
+  A tail0[RB], tail1[RB];
+  for (int r = 0; r < RB; ++r) {
+    acc0[r] = acc1[r] = vec_t<A>{};
+    tail0[r] = tail1[r] = 0;
+  }
+  auto scaled = [&](auto x, float sc) {
+    if constexpr (L::kScaled) x *= sc;
+    return x;
+  };
+  int64_t c = 0;
+  for (; c + N <= Dk; c += N)
+    for (int r = 0; r < RB; ++r) {
+      const vec_t<A> qv = vload(q + r * ldq + c);
+      acc0[r] += qv * scaled(L::vec(k0 + r * ksh + c), L::kScaled ? ks0[r] : 1.0f);
+      acc1[r] += qv * scaled(L::vec(k1 + r * ksh + c), L::kScaled ? ks1[r] : 1.0f);
+    }
+  for (; c < Dk; ++c)
+    for (int r = 0; r < RB; ++r) {
+      tail0[r] += q[r * ldq + c] * scaled(A(L::one(k0[r * ksh + c])), L::kScaled ? ks0[r] : 1.f);
+      tail1[r] += q[r * ldq + c] * scaled(A(L::one(k1[r * ksh + c])), L::kScaled ? ks1[r] : 1.f);
+    }
+  const A* ql = q + Dk;
+  for (c = 0; c + N <= Dl; c += N) {
+    const vec_t<A> lv0 = scaled(L::vec(l0 + c), ls0), lv1 = scaled(L::vec(l1 + c), ls1);
+    for (int r = 0; r < RB; ++r) {
+      const vec_t<A> qv = vload(ql + r * ldq + c);
+      acc0[r] += qv * lv0;
+      acc1[r] += qv * lv1;
+    }
+  }
+  for (; c < Dl; ++c)
+    for (int r = 0; r < RB; ++r) {
+      tail0[r] += ql[r * ldq + c] * scaled(A(L::one(l0[c])), ls0);
+      tail1[r] += ql[r * ldq + c] * scaled(A(L::one(l1[c])), ls1);
+    }
+  hsum_rows<A, RB>(acc0, tail0, out0, ldo);
+  hsum_rows<A, RB>(acc1, tail1, out1, ldo);
+}
+
 // key_scores_rows for all H heads of one query: groups of 8 heads, then one at a time
 // (kscale: H per-head scales with a quantized cache).
 template <typename A, typename L = RowLoader<A>>
@@ -655,6 +706,24 @@ inline void key_scores(const A* q, int64_t ldq, const typename L::E* k, int64_t 
 // dequantized block by block into the thread's scratch. L a RowLoader: every segment is stored
 // as L::E and read in place, converted in registers (the fused path: bf16 / fp16 caches of a
 // float32-accumulating model, or caches all quantized alike).
+// key_scores for two keys (kscale0/1: their H per-head scales with a quantized cache).
+template <typename A, typename L>
+inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
+                            const typename L::E* k1, int64_t ksh, int64_t Dk,
+                            const typename L::E* l0, const typename L::E* l1, int64_t Dl,
+                            int64_t H, A* out0, A* out1, int64_t ldo, const float* kscale0,
+                            const float* kscale1, float lscale0, float lscale1) {
+  int64_t h = 0;
+  for (; h + 8 <= H; h += 8)
+    key_scores_rows_pair<A, 8, L>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk, l0, l1,
+                                  Dl, out0 + h * ldo, out1 + h * ldo, ldo, kscale0 + h,
+                                  kscale1 + h, lscale0, lscale1);
+  for (; h < H; ++h)
+    key_scores_rows_pair<A, 1, L>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk, l0, l1,
+                                  Dl, out0 + h * ldo, out1 + h * ldo, ldo, kscale0 + h,
+                                  kscale1 + h, lscale0, lscale1);
+}
+
 template <typename T, typename A, bool kShared, typename L = void>
 void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const int64_t R,
                   const bool kl_is_vc, const A* qs, int64_t nq, const int64_t* lim,
@@ -725,36 +794,51 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // (bench/cpu_decode.py shapes, 2026-12-02). The fused path reads narrower rows in place
     // and prefetches all of the next block's rows into L2 as well.
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
-    for (int64_t jj = 0; jj < nk; ++jj) {
-      const E* krow = kp + jj * ks_t;
-      if (fused || direct) {
-        // The joint latent's V_c rows are this block's keys: the scores read them already.
-        if (!l_is_v) prefetch_l1(vp + jj * vs, R * sizeof(E));
-        if (kShared && jj < nk_next) prefetch_l2(lp + (jj + kKeyBlock) * ls, Dl * sizeof(E));
-        if (fused && jj < nk_next) {
-          prefetch_l2(krow + kKeyBlock * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
-          if (!l_is_v) prefetch_l2(vp + (jj + kKeyBlock) * vs, R * sizeof(E));
+    // The fused path scores two keys at a time (key_scores_pair) where a query sees both.
+    for (int64_t jj = 0; jj < nk;) {
+      const int64_t step = fused && jj + 1 < nk ? 2 : 1;
+      float* kscale = buf.kscale;  // H per key of the step
+      float lscale[2] = {1.0f, 1.0f};
+      for (int64_t u = jj; u < jj + step; ++u) {
+        if (fused || direct) {
+          // The joint latent's V_c rows are this block's keys: the scores read them already.
+          if (!l_is_v) prefetch_l1(vp + u * vs, R * sizeof(E));
+          if (kShared && u < nk_next) prefetch_l2(lp + (u + kKeyBlock) * ls, Dl * sizeof(E));
+          if (fused && u < nk_next) {
+            prefetch_l2(kp + (u + kKeyBlock) * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
+            if (!l_is_v) prefetch_l2(vp + (u + kKeyBlock) * vs, R * sizeof(E));
+          }
         }
-      }
-      float* kscale = buf.kscale;
-      float lscale = 1.0f;
-      if constexpr (scaled) {
-        const int64_t j = jb + jj;
-        for (int64_t h = 0; h < H; ++h) kscale[h] = src.k.scale[j * src.k.sc_st + h * src.k.sc_sh];
-        if (kShared) lscale = l_is_v ? v_scale[jj] : src.l.scale[j * src.l.sc_st];
+        if constexpr (scaled) {
+          const int64_t j = jb + u;
+          for (int64_t h = 0; h < H; ++h)
+            kscale[(u - jj) * H + h] = src.k.scale[j * src.k.sc_st + h * src.k.sc_sh];
+          if (kShared) lscale[u - jj] = l_is_v ? v_scale[u] : src.l.scale[j * src.l.sc_st];
+        }
       }
       for (int64_t i = 0; i < nq; ++i) {
         A* srow = sbuf + i * H * kKeyBlock + jj;
-        if (jb + jj > lim[i]) {
-          for (int64_t h = 0; h < H; ++h) srow[h * kKeyBlock] = ninf;
-        } else if (kShared || fused) {
-          key_scores<A, Loaded>(qs + i * H * Dq, Dq, krow, ks_h, Dk, lp + jj * ls, Dl, H, srow,
-                                kKeyBlock, kscale, lscale);
-        } else if constexpr (!fused) {
-          for (int64_t h = 0; h < H; ++h)
-            srow[h * kKeyBlock] = dot(qs + (i * H + h) * Dq, krow + h * ks_h, Dk);
+        if (step == 2 && jb + jj + 1 <= lim[i]) {
+          key_scores_pair<A, Loaded>(qs + i * H * Dq, Dq, kp + jj * ks_t, kp + (jj + 1) * ks_t,
+                                     ks_h, Dk, lp + jj * ls, lp + (jj + 1) * ls, Dl, H, srow,
+                                     srow + 1, kKeyBlock, kscale, kscale + H, lscale[0],
+                                     lscale[1]);
+          continue;
+        }
+        for (int64_t u = 0; u < step; ++u) {
+          const E* krow = kp + (jj + u) * ks_t;
+          if (jb + jj + u > lim[i]) {
+            for (int64_t h = 0; h < H; ++h) srow[u + h * kKeyBlock] = ninf;
+          } else if (kShared || fused) {
+            key_scores<A, Loaded>(qs + i * H * Dq, Dq, krow, ks_h, Dk, lp + (jj + u) * ls, Dl,
+                                  H, srow + u, kKeyBlock, kscale + u * H, lscale[u]);
+          } else if constexpr (!fused) {
+            for (int64_t h = 0; h < H; ++h)
+              srow[u + h * kKeyBlock] = dot(qs + (i * H + h) * Dq, krow + h * ks_h, Dk);
+          }
         }
       }
+      jj += step;
     }
     // Online softmax; s becomes P (unnormalized, relative to the running max).
     for (int64_t r = 0; r < rows; ++r) {
@@ -909,7 +993,7 @@ void attention_run(const AttnArgs& a) {
     std::vector<A> own(nsplit > 1 ? 0 : part_stride), comb(nsplit > 1 ? part_stride : 0);
     std::vector<A> rows_buf(rows_max * R), out_buf(rows_max * D);
     std::vector<int64_t> lim(QT);
-    std::vector<float> kscale(H);
+    std::vector<float> kscale(2 * H);
     const Scratch<A> scratch{kscale.data(), sbuf.data(), kbuf.data(), lbuf.data(), vbuf.data()};
     auto state_at = [&](A* base) {
       return TileState<A>{base, base + rows_max, base + 2 * rows_max};
