@@ -5,6 +5,7 @@
     latent_attention.py  compressed_kv_attention (latent keys, SPEC 3b) and its autograd.Function
     latent_kvcache.py    compressed_kv_attn_with_kvcache (latent keys, SPEC 3b)
     linear.py      decode_linear (the row policy of decode-sized CPU linears)
+    quant.py       quantized caches (SPEC 3c): storage dtypes, absmax quantize-on-write, scales
     checks.py      the input checks and their messages (the C++ checks use the same texts)
     backend.py     loading the kernels, backend resolution, backend_info()
     routing.py     fused kernels, the ATen paths or the reference (CUDA; latent keys everywhere)
