@@ -797,12 +797,13 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // The fused path scores two keys at a time (key_scores_pair) where a query sees both.
     for (int64_t jj = 0; jj < nk;) {
       const int64_t step = fused && jj + 1 < nk ? 2 : 1;
-      float* kscale = buf.kscale;  // H per key of the step
+      const float* kscale[2] = {buf.kscale, buf.kscale + H};  // H per key of the step
       float lscale[2] = {1.0f, 1.0f};
       for (int64_t u = jj; u < jj + step; ++u) {
         if (fused || direct) {
           // The joint latent's V_c rows are this block's keys: the scores read them already.
-          if (!l_is_v) prefetch_l1(vp + u * vs, R * sizeof(E));
+          // The fused path's rows are already in L2 (prefetched a block ahead).
+          if (!l_is_v && !fused) prefetch_l1(vp + u * vs, R * sizeof(E));
           if (kShared && u < nk_next) prefetch_l2(lp + (u + kKeyBlock) * ls, Dl * sizeof(E));
           if (fused && u < nk_next) {
             prefetch_l2(kp + (u + kKeyBlock) * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
@@ -811,8 +812,12 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
         }
         if constexpr (scaled) {
           const int64_t j = jb + u;
-          for (int64_t h = 0; h < H; ++h)
-            kscale[(u - jj) * H + h] = src.k.scale[j * src.k.sc_st + h * src.k.sc_sh];
+          const float* row_scales = src.k.scale + j * src.k.sc_st;
+          if (src.k.sc_sh == 1) {  // the usual contiguous (B, Tmax, H) scales: read in place
+            kscale[u - jj] = row_scales;
+          } else {
+            for (int64_t h = 0; h < H; ++h) buf.kscale[(u - jj) * H + h] = row_scales[h * src.k.sc_sh];
+          }
           if (kShared) lscale[u - jj] = l_is_v ? v_scale[u] : src.l.scale[j * src.l.sc_st];
         }
       }
@@ -821,7 +826,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
         if (step == 2 && jb + jj + 1 <= lim[i]) {
           key_scores_pair<A, Loaded>(qs + i * H * Dq, Dq, kp + jj * ks_t, kp + (jj + 1) * ks_t,
                                      ks_h, Dk, lp + jj * ls, lp + (jj + 1) * ls, Dl, H, srow,
-                                     srow + 1, kKeyBlock, kscale, kscale + H, lscale[0],
+                                     srow + 1, kKeyBlock, kscale[0], kscale[1], lscale[0],
                                      lscale[1]);
           continue;
         }
@@ -831,7 +836,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
             for (int64_t h = 0; h < H; ++h) srow[u + h * kKeyBlock] = ninf;
           } else if (kShared || fused) {
             key_scores<A, Loaded>(qs + i * H * Dq, Dq, krow, ks_h, Dk, lp + (jj + u) * ls, Dl,
-                                  H, srow + u, kKeyBlock, kscale + u * H, lscale[u]);
+                                  H, srow + u, kKeyBlock, kscale[u], lscale[u]);
           } else if constexpr (!fused) {
             for (int64_t h = 0; h < H; ++h)
               srow[u + h * kKeyBlock] = dot(qs + (i * H + h) * Dq, krow + h * ks_h, Dk);
