@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "harness_util.h"
+#include "device_utils.h"  // the kernels' element loads (to_float, load2, load16_as_float)
 #include "reference.h"
 
 namespace {
@@ -82,8 +83,10 @@ struct QCache {
       st = strided ? W + 16 : W;  // the padding keeps rows 16-byte aligned
       sb = (strided ? Tmax + 1 : Tmax) * st;
       sh = 0;
-      ss_t = strided ? 2 : 1;
-      ss_b = strided ? 2 * Tmax + 3 : Tmax;
+      // Different scale steps for different row widths (V_c 64 wide vs K_c 48 wide in the
+      // latent cases), so a scale written with the other tensor's stride shows.
+      ss_t = strided ? (W == 64 ? 3 : 2) : 1;
+      ss_b = strided ? ss_t * Tmax + 3 : Tmax;
       ss_h = 0;
     }
     data = Buffer(size_t(B * sb));       // 0xFF: -1 (int8), NaN (e4m3)
@@ -192,6 +195,25 @@ void fill_new_tokens(const QuantCase& c, NewTokens& n, std::mt19937_64& rng) {
   fill_exact(n.v, rng);
   n.w_r.fill(rng, 1.0 / std::sqrt(double(c.R)));
   n.b_r.fill(rng, 0.1);
+  // float32 keys: the first new k row (amax 1) holds values whose x / scale lies within an ulp
+  // of a rounding boundary, where x * (1 / scale) rounds the other way.
+  if (c.dt == DType::kFloat32 && c.Tnew > 0) {
+    const float scale = 1.f / (c.ct == CacheType::kInt8 ? 127.f : 448.f), inv = 1.f / scale;
+    auto code = [&](float v) {
+      return c.ct == CacheType::kInt8 ? double(std::nearbyint(v)) : e4m3_value(e4m3_encode(v));
+    };
+    std::vector<float> ties;  // around each boundary between two codes below kMax
+    for (int k = 0; k < 126; ++k) {
+      const double edge = c.ct == CacheType::kInt8 ? k + 0.5 : (e4m3_value(uint8_t(k)) + e4m3_value(uint8_t(k + 1))) / 2;
+      float x = float(edge * scale);
+      for (int u = 0; u < 4; ++u) x = std::nextafter(x, 0.f);
+      for (int u = 0; u < 9; ++u, x = std::nextafter(x, 2.f))
+        if (code(x / scale) != code(x * inv)) { ties.push_back(x); break; }
+    }
+    n.k.values[0] = store(c.dt, n.k.buf.get(), 0, 1.0);
+    for (size_t e = 1; e < size_t(c.D); ++e)
+      n.k.values[e] = store(c.dt, n.k.buf.get(), e, ties.empty() ? 0.0 : double(ties[(e - 1) % ties.size()]));
+  }
   if (c.zero_token && c.Tnew > 0) {
     const size_t HD = size_t(c.H) * c.D;
     for (size_t e = 0; e < HD; ++e) {
@@ -488,15 +510,15 @@ void add_cache_type_cases(CacheType ct, std::vector<Case>& cases) {
     cases.push_back(Case{c.name, [c] { return c.latent ? run_latent(c) : run_vonly(c); }});
   };
   // V-only: one new token, ragged lengths, strided caches and scales, several splits, two stages.
-  QuantCase a = make("D64-tnew1-ragged-strided-splits", DType::kFloat32, false, 64, 2, 4, 1, 64, 160, 1, {37, 130});
+  QuantCase a = make("D64-tnew1-ragged-strided-splits", DType::kFloat32, false, 64, 2, 16, 1, 64, 160, 1, {37, 130});
   a.strided = true;
   a.want_splits = 2;
   a.want_stages = 2;
   add(a);
   // V-only: three new tokens (one all zeros), a full cache and an empty sequence, D = 128,
   // R = 80, one stage and one split.
-  QuantCase b = make("D128-tnew3-zero-row-full-cache-one-stage", DType::kBFloat16, false, 128, 3, 2, 3, 80, 67, 3,
-                     {64, 0, 29});
+  QuantCase b = make("D128-tnew3-zero-row-full-cache-one-stage", DType::kBFloat16, false, 128, 3, 4, 3, 80, 67, 3,
+                     {29, 0, 64});  // the full sequence last: a read past Tmax leaves the buffer
   b.bias = false;
   b.zero_token = true;
   b.want_splits = 1;
@@ -519,15 +541,48 @@ void add_cache_type_cases(CacheType ct, std::vector<Case>& cases) {
   j.want_stages = 1;
   add(j, 132);
   // Latent, joint latent, Dr = 16, 16 heads of head_dim 128 (two rows per warp), non-causal.
-  QuantCase h = make("joint-dr16-d128-h16-noncausal", DType::kBFloat16, true, 128, 2, 16, 1, 96, 90, 1, {40, 89});
+  QuantCase h = make("joint-dr16-d128-h16-noncausal", DType::kFloat32, true, 128, 2, 16, 1, 96, 90, 1, {40, 89});
   h.joint = true;
   h.Dr = 16;
   h.causal = false;
   add(h);
 }
 
+// Every int8 and e4m3 code through the kernels' loads (to_float, load2, load16_as_float) must
+// give the model's value exactly (NaN for NaN): subnormal codes are too small to move any output.
+Outcome run_decode_table() {
+  Outcome res;
+  for (CacheType ct : {CacheType::kInt8, CacheType::kE4M3}) {
+    alignas(16) uint8_t codes[256];
+    for (int c = 0; c < 256; ++c) codes[c] = uint8_t(c);
+    size_t bad = 0;
+    auto same = [](double got, double want) { return std::isnan(want) ? std::isnan(got) : got == want; };
+    for (int c = 0; c < 256; c += 16) {
+      float v16[16], v2[16], v1[16];
+      if (ct == CacheType::kInt8) {
+        const int8_t* p = reinterpret_cast<const int8_t*>(codes + c);
+        vdproj::cuda::load16_as_float(p, v16);
+        for (int e = 0; e < 16; e += 2) { const float2 f = vdproj::cuda::load2(p + e); v2[e] = f.x; v2[e + 1] = f.y; }
+        for (int e = 0; e < 16; ++e) v1[e] = vdproj::cuda::to_float(p[e]);
+      } else {
+        const __nv_fp8_e4m3* p = reinterpret_cast<const __nv_fp8_e4m3*>(codes + c);
+        vdproj::cuda::load16_as_float(p, v16);
+        for (int e = 0; e < 16; e += 2) { const float2 f = vdproj::cuda::load2(p + e); v2[e] = f.x; v2[e + 1] = f.y; }
+        for (int e = 0; e < 16; ++e) v1[e] = vdproj::cuda::to_float(p[e]);
+      }
+      for (int e = 0; e < 16; ++e) {
+        const double want = dequant(ct, codes[c + e]);
+        bad += !same(v16[e], want) + !same(v2[e], want) + !same(v1[e], want);
+      }
+    }
+    res.expect(bad == 0, std::string(cache_name(ct)) + ": " + std::to_string(bad) + " loads differ from the model's code values");
+  }
+  return res;
+}
+
 }  // namespace
 
 void add_quant_cases(std::vector<emu_harness::Case>& cases) {
+  cases.push_back(emu_harness::Case{"quant/decode-table", run_decode_table});
   for (CacheType ct : {CacheType::kInt8, CacheType::kE4M3}) add_cache_type_cases(ct, cases);
 }
