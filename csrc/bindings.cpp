@@ -6,6 +6,8 @@
 //   kvcache_attention(q, k_cache!, vc_cache!, w_r, b_r?, k?, v?, w_c?, b_c?, cache_seqlens,
 //                     causal, softmax_scale, k_scale!?, vc_scale!?) -> out
 //   decode_linear(x, weight, bias?) -> y
+//   quantize_into(cache!, scale!, values, cache_seqlens) -> ()   (CPU; SPEC 3c rows written
+//       at cache_seqlens[b] onwards, for rows computed outside the kvcache ops)
 // Latent keys (SPEC 3b):
 //   ckv_forward(q, k_rope, k_c?, v_c, w_kr, w_r, b_r?, causal, softmax_scale)
 //       -> (out, softmax_lse, ctx)
@@ -38,6 +40,8 @@ TORCH_LIBRARY(vdproj_ext, m) {
         "bool causal, float softmax_scale, Tensor(c!)? k_scale=None, "
         "Tensor(d!)? vc_scale=None) -> Tensor");
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("quantize_into(Tensor(a!) cache, Tensor(b!) scale, Tensor values, "
+        "Tensor cache_seqlens) -> ()");
   m.def("ckv_forward(Tensor q, Tensor k_rope, Tensor? k_c, Tensor v_c, Tensor w_kr, Tensor w_r, "
         "Tensor? b_r, bool causal, float softmax_scale) -> (Tensor, Tensor, Tensor)");
   m.def("ckv_backward(Tensor grad_out, Tensor q, Tensor k_rope, Tensor? k_c, Tensor v_c, "

@@ -652,3 +652,54 @@ def test_every_stored_value_under_every_instruction_set(isa):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_into: rows computed outside the kvcache ops (a folded model's) quantized into a cache
+
+
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("row_shape", [(5, 13), (19,)], ids=["per-head", "latent"])
+def test_quantize_into_writes_what_write_rows_writes(cache_dtype, value_dtype, row_shape):
+    """The compiled quantize_into and the Python write_rows write the same bytes and scales at
+    cache_seqlens[b] onwards (ragged, one sequence ending at Tmax), and nothing else; the cache
+    a strided view, as KVCache's (B, Tmax, H, D) views of (B, H, Tmax, D) storage are."""
+    from vdproj_ext.ops.quant import write_rows
+    g = torch.Generator().manual_seed(5)
+    batch, t_max, t_new = 3, 11, 2
+    lens = torch.tensor([0, 9, 4], dtype=torch.int32)
+    values = (torch.randn(batch, t_new, *row_shape, generator=g) * 3).to(value_dtype)
+    values[1, 0] = 0  # an all-zero row: scale 1
+    storage = torch.full((batch, *row_shape[:-1], t_max, row_shape[-1]), float("nan"))
+    caches, scales = [], []
+    for _ in range(2):
+        view = storage.to(cache_dtype).movedim(-2, 1) if len(row_shape) == 2 else \
+            storage.to(cache_dtype)
+        caches.append(view)
+        scales.append(torch.full(view.shape[:-1], float("nan")))
+    torch.ops.vdproj_ext.quantize_into(caches[0], scales[0], values, lens)
+    positions = lens.long()[:, None] + torch.arange(t_new)
+    rows = torch.arange(batch)[:, None].expand_as(positions)
+    write_rows(caches[1], scales[1], (rows, positions), values)
+    assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8))
+    assert torch.equal(scales[0].isnan(), scales[1].isnan())
+    assert torch.equal(scales[0].nan_to_num(), scales[1].nan_to_num())
+    assert (scales[0][1, 9] == 1.0).all()  # the all-zero row
+    assert scales[0].isnan().sum() == scales[0].numel() - batch * t_new * scales[0][0, 0].numel()
+
+
+def test_quantize_into_rejects_overflow_and_writes_nothing():
+    cache = torch.zeros(2, 4, 8, dtype=torch.int8)
+    scale = torch.ones(2, 4)
+    before = cache.clone(), scale.clone()
+    with pytest.raises(ValueError, match="overflow the cache of Tmax=4"):
+        torch.ops.vdproj_ext.quantize_into(cache, scale, torch.randn(2, 2, 8),
+                                           torch.tensor([1, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="scale must have shape"):
+        torch.ops.vdproj_ext.quantize_into(cache, torch.ones(2, 5), torch.randn(2, 1, 8),
+                                           torch.tensor([0, 0], dtype=torch.int32))
+    with pytest.raises(TypeError, match="cache must be torch.int8 or torch.float8_e4m3fn"):
+        torch.ops.vdproj_ext.quantize_into(cache.float(), scale, torch.randn(2, 1, 8),
+                                           torch.tensor([0, 0], dtype=torch.int32))
+    assert torch.equal(cache, before[0]) and torch.equal(scale, before[1])

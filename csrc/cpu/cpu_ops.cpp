@@ -182,6 +182,55 @@ at::Tensor decode_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   return y;
 }
 
+// Rows computed elsewhere (a folded model's latents and rotary keys), quantized into a cache at
+// cache_seqlens[b] onwards (SPEC 3c), as the kvcache ops quantize the rows they compute. One
+// call instead of the ten small ATen ops of vdproj_ext/ops/quant.py's write_rows.
+void quantize_into_cpu(at::Tensor& cache, at::Tensor& scale, const at::Tensor& values_in,
+                       const at::Tensor& cache_seqlens) {
+  TORCH_CHECK_VALUE(cache.device().is_cpu() && scale.device().is_cpu() &&
+                        values_in.device().is_cpu() && cache_seqlens.device().is_cpu(),
+                    "quantize_into: cache, scale, values and cache_seqlens must be CPU tensors");
+  TORCH_CHECK_TYPE(is_quantized(&cache), "quantize_into: cache must be torch.int8 or "
+                   "torch.float8_e4m3fn, got ", py_dtype(cache.scalar_type()));
+  TORCH_CHECK_VALUE(cache.dim() == 3 || cache.dim() == 4,
+                    "quantize_into: cache must be (B, Tmax, n) or (B, Tmax, H, n), got shape ",
+                    py_tuple(cache.sizes()));
+  check_written_in_place({{"cache", &cache}});
+  const at::ScalarType vt = values_in.scalar_type();
+  TORCH_CHECK_TYPE(vt == at::kFloat || vt == at::kDouble || vt == at::kBFloat16 ||
+                       vt == at::kHalf,
+                   "quantize_into: values must be floating, got ", py_dtype(vt));
+  const int64_t B = cache.size(0), T = values_in.dim() > 1 ? values_in.size(1) : 0;
+  std::vector<int64_t> want(cache.sizes().begin(), cache.sizes().end());
+  want[1] = T;
+  TORCH_CHECK_VALUE(values_in.sizes() == at::IntArrayRef(want), "quantize_into: values must "
+                    "have shape ", py_tuple(want), ", got ", py_tuple(values_in.sizes()));
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kFloat, "quantize_into: scale must be "
+                   "torch.float32, got ", py_dtype(scale.scalar_type()));
+  const at::IntArrayRef rows = cache.sizes().slice(0, cache.dim() - 1);
+  TORCH_CHECK_VALUE(scale.sizes() == rows, "quantize_into: scale must have shape ",
+                    py_tuple(rows), ", got ", py_tuple(scale.sizes()));
+  check_seqlens_tensor(cache_seqlens, B);
+  const std::vector<int64_t> pos = read_positions(cache_seqlens, B, cache.size(1), T);
+  if (B == 0 || T == 0) return;
+  const at::Tensor values = values_in.contiguous();
+  const bool heads = cache.dim() == 4;
+  cpu::QuantWriteArgs a{};
+  a.values = values.data_ptr();
+  a.dst = cache.data_ptr();
+  a.d_sb = cache.stride(0);
+  a.d_st = cache.stride(1);
+  a.d_sh = heads ? cache.stride(2) : 0;
+  a.dst_kind = cache_kind_of(cache);
+  a.scale = row_scales(scale);
+  a.pos = pos.data();
+  a.B = B;
+  a.T = T;
+  a.heads = heads ? cache.size(2) : 1;
+  a.n = cache.size(-1);
+  VDPROJ_ISA_CALL(quantize_into, kind_of(values), a);
+}
+
 }  // namespace
 }  // namespace vdproj
 
@@ -190,4 +239,5 @@ TORCH_LIBRARY_IMPL(vdproj_ext, CPU, m) {
   m.impl("cva_backward", &vdproj::cva_backward_cpu);
   m.impl("kvcache_attention", &vdproj::kvcache_attention_cpu);
   m.impl("decode_linear", &vdproj::decode_linear_cpu);
+  m.impl("quantize_into", &vdproj::quantize_into_cpu);
 }

@@ -116,6 +116,19 @@ struct QueryArgs {
   int64_t rows, H, D, Dr, Rk;
 };
 
+// Quantize-on-write of rows computed elsewhere (a folded model's latents): values (B, T, heads,
+// n) contiguous in storage kind `kind` go, quantized per row (SPEC 3c), to dst rows
+// (b, pos[b] + t, h) at dst + b*d_sb + (pos[b]+t)*d_st + h*d_sh, scales alike.
+struct QuantWriteArgs {
+  const void* values;
+  void* dst;
+  int64_t d_sb, d_st, d_sh;
+  CacheKind dst_kind;
+  RowScales scale;
+  const int64_t* pos;
+  int64_t B, T, heads, n;
+};
+
 // Decode-sized linear: y (M, N) = x (M, K) @ w (N, K).T + bias (N,), all contiguous, float32
 // or float64.
 struct LinearArgs {
@@ -134,6 +147,7 @@ struct LinearArgs {
   void append(Kind kind, const AppendArgs& a);                     \
   void effective_query(Kind kind, const QueryArgs& a);             \
   void linear(Kind kind, const LinearArgs& a);                     \
+  void quantize_into(Kind kind, const QuantWriteArgs& a);          \
   }
 VDPROJ_DECLARE_ISA(isa_avx512)
 VDPROJ_DECLARE_ISA(isa_avx2)

@@ -1357,6 +1357,26 @@ void append_impl(const AppendArgs& a) {
   });
 }
 
+// Rows given as values, quantized into a cache (QuantWriteArgs): what append_impl does for the
+// rows it computes itself, with the same quantize_row.
+template <typename T, typename A>
+void quantize_into_impl(const QuantWriteArgs& a) {
+  const T* v = static_cast<const T*>(a.values);
+  at::parallel_for(0, a.B * a.T, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<float> row(a.n);
+    for (int64_t bt = lo; bt < hi; ++bt) {
+      const int64_t b = bt / a.T, pos = a.pos[b] + bt % a.T;
+      for (int64_t h = 0; h < a.heads; ++h) {
+        const T* src = v + (bt * a.heads + h) * a.n;
+        for (int64_t i = 0; i < a.n; ++i) row[i] = static_cast<float>(src[i]);
+        quantize_row(row.data(), a.n, a.dst_kind,
+                     static_cast<int8_t*>(a.dst) + b * a.d_sb + pos * a.d_st + h * a.d_sh,
+                     a.scale.p + b * a.scale.sb + pos * a.scale.st + h * a.scale.sh);
+      }
+    }
+  });
+}
+
 // q_eff = [q_rope | q_nope @ w_kr[h]] per (row, head), in accumulation precision.
 template <typename T, typename A>
 void effective_query_impl(const QueryArgs& a) {
@@ -1529,6 +1549,9 @@ void attention_backward(Kind kind, const BwdArgs& a) { VDPROJ_DISPATCH(kind, bac
 void append(Kind kind, const AppendArgs& a) { VDPROJ_DISPATCH(kind, append_impl, a) }
 void effective_query(Kind kind, const QueryArgs& a) {
   VDPROJ_DISPATCH(kind, effective_query_impl, a)
+}
+void quantize_into(Kind kind, const QuantWriteArgs& a) {
+  VDPROJ_DISPATCH(kind, quantize_into_impl, a)
 }
 void linear(Kind kind, const LinearArgs& a) {
   if (kind == Kind::F64)

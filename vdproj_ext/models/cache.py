@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
-from ..ops.quant import QUANT_DTYPES, dequantize, write_rows
+from ..ops.quant import QUANT_DTYPES, dequantize, write_rows, write_rows_at
 
 SCALE_BYTES = 4  # one float32 per stored row of a quantized cache
 
@@ -207,11 +207,14 @@ class _CacheBase:
         rows = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
         return rows, self.new_token_positions(t_new)
 
-    @staticmethod
-    def _write_new_tokens(buffer, scale, values, slots):
+    def _write_new_tokens(self, buffer, scale, values, slots):
         """buffer (B, Tmax, ...)[slots] = values (B, T, ...), slots from _new_token_slots;
-        quantized with their own scales (SPEC 3c) when the buffer is (scale not None)."""
-        write_rows(buffer, scale, slots, values)
+        quantized with their own scales (SPEC 3c) when the buffer is (scale not None), at
+        seqlens[b] onwards (the compiled quantize_into on the CPU)."""
+        if scale is not None:
+            write_rows_at(buffer, scale, values, self.seqlens)
+        else:
+            write_rows(buffer, scale, slots, values)
 
     # -- checks of the T new tokens, before anything is written ---------------------------------
     def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name):

@@ -51,6 +51,11 @@ def _register_fakes():
                       softmax_scale, k_scale=None, vc_scale=None):
         return torch.empty_like(q)
 
+    if op_defined("quantize_into"):
+        @torch.library.register_fake("vdproj_ext::quantize_into")
+        def _quantize_into_fake(cache, scale, values, cache_seqlens):
+            return None
+
     @torch.library.register_fake("vdproj_ext::decode_linear")
     def _decode_linear_fake(x, weight, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))

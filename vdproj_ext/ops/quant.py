@@ -57,6 +57,20 @@ def write_rows(cache, scale, index, values) -> None:
     scale[index] = new_scale
 
 
+def write_rows_at(cache, scale, values, cache_seqlens) -> None:
+    """write_rows into a quantized cache at positions cache_seqlens[b] + 0 .. T-1 of every
+    sequence b: the compiled quantize_into on the CPU (one call, where write_rows runs about
+    ten small ATen ops: 3% of a folded model's int8 decode step), write_rows elsewhere."""
+    from .backend import has_kernel  # the kernels are loaded lazily
+    if scale is not None and has_kernel(cache.device.type, "quantize_into"):
+        torch.ops.vdproj_ext.quantize_into(cache, scale, values, cache_seqlens)
+        return
+    t_new = values.shape[1]
+    positions = cache_seqlens.long()[:, None] + torch.arange(t_new, device=cache.device)
+    rows = torch.arange(cache.shape[0], device=cache.device)[:, None].expand_as(positions)
+    write_rows(cache, scale, (rows, positions), values)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks (the C++ checks of csrc/common/checks.h raise the same texts)
 
