@@ -983,18 +983,17 @@ void attention_run(const AttnArgs& a) {
     if (!std::is_same<T, A>::value && all_stored_as(CacheKind::Model))
       fused = FusedRead::kStorage;
   }
-  // Scratch for blocks read through a conversion (bf16 / fp16 storage, or a quantized cache):
-  // attend_range reads float32 / float64 caches in place.
-  const bool direct = std::is_same<T, A>::value && a.k_kind == CacheKind::Model &&
-                      a.v_kind == CacheKind::Model &&
-                      (!kShared || a.kl_kind == CacheKind::Model);
-  const bool same = direct;
-  const bool own_l = kShared && !same && !a.kl_is_vc;  // an upcast buffer for the shared rows
+  // Scratch only for blocks converted through it (attend_range's scratch path: mixed storage,
+  // or float64 with a quantized cache); float32 / float64 caches and the fused path are read
+  // in place.
+  const bool direct = std::is_same<T, A>::value && all_stored_as(CacheKind::Model);
+  const bool scratch = !direct && fused == FusedRead::kNone;
+  const bool own_l = kShared && scratch && !a.kl_is_vc;  // an upcast buffer for the shared rows
 
 #pragma omp parallel num_threads(nth)
   {
     std::vector<A> qs(rows_max * Dq), sbuf(rows_max * kKeyBlock);
-    std::vector<A> kbuf(same ? 0 : kKeyBlock * H * Dk), vbuf(same ? 0 : kKeyBlock * R);
+    std::vector<A> kbuf(scratch ? kKeyBlock * H * Dk : 0), vbuf(scratch ? kKeyBlock * R : 0);
     std::vector<A> lbuf(own_l ? kKeyBlock * Dl : 0);
     std::vector<A> own(nsplit > 1 ? 0 : part_stride), comb(nsplit > 1 ? part_stride : 0);
     std::vector<A> rows_buf(rows_max * R), out_buf(rows_max * D);
