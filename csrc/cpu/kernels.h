@@ -703,10 +703,6 @@ inline void key_scores(const A* q, int64_t ldq, const typename L::E* k, int64_t 
                              kscale ? kscale + h : nullptr, lscale);
 }
 
-// L void: float32 / float64 caches are read in place ("direct"), others are upcast or
-// dequantized block by block into the thread's scratch. L a RowLoader: every segment is stored
-// as L::E and read in place, converted in registers (the fused path: bf16 / fp16 caches of a
-// float32-accumulating model, or caches all quantized alike).
 // key_scores for two keys (kscale0/1: their H per-head scales with a quantized cache).
 template <typename A, typename L>
 inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
@@ -725,6 +721,11 @@ inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
                                   kscale1 + h, lscale0, lscale1);
 }
 
+// L void: float32 / float64 caches are read in place ("direct"), others are upcast or
+// dequantized block by block into the thread's scratch. L a RowLoader: every segment is stored
+// as L::E and read in place, converted in registers if narrower (the fused path: latent keys
+// in float32, bf16 / fp16 caches of a float32-accumulating model, or caches all quantized
+// alike).
 template <typename T, typename A, bool kShared, typename L = void>
 void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const int64_t R,
                   const bool kl_is_vc, const A* qs, int64_t nq, const int64_t* lim,
@@ -792,7 +793,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // slower) and, for latent keys, the next block's shared rows into L2 (2-11% faster). The
     // per-head key rows are left to the hardware prefetcher: prefetching them as well measured
     // 6-12% slower (next block, into L1 or L2), as did V_c into L2 and K_c two blocks ahead
-    // (bench/cpu_decode.py shapes, 2026-12-02). The fused path reads narrower rows in place
+    // (bench/cpu_decode.py shapes, 2026-12-02). The fused path reads its rows in place
     // and prefetches all of the next block's rows into L2 as well.
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     // The fused path scores two keys at a time (key_scores_pair) where a query sees both.
@@ -919,7 +920,7 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, TileSta
   }
 }
 
-enum class FusedRead { kNone, kInt8, kE4m3, kStorage };
+enum class FusedRead { kNone, kInt8, kE4m3, kStorage, kFloat };
 template <typename L> struct Tag { using type = L; };
 
 template <typename T, typename A, bool kShared>
@@ -971,7 +972,8 @@ void attention_run(const AttnArgs& a) {
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nsplit > 1 ? tiles : 0]);
   for (int64_t t = 0; t < (nsplit > 1 ? tiles : 0); ++t) done[t].store(0);
   // Caches read in place and converted in registers (attend_range's fused path): float32
-  // accumulation, and every cache segment stored alike (bf16 / fp16, int8 or e4m3).
+  // accumulation, and every cache segment stored alike (float32 latent keys, bf16 / fp16,
+  // int8 or e4m3).
   auto all_stored_as = [&](CacheKind kind) {
     return a.k_kind == kind && a.v_kind == kind && (!kShared || a.kl_kind == kind);
   };
@@ -982,11 +984,19 @@ void attention_run(const AttnArgs& a) {
     if (all_stored_as(CacheKind::E4M3)) fused = FusedRead::kE4m3;
     if (!std::is_same<T, A>::value && all_stored_as(CacheKind::Model))
       fused = FusedRead::kStorage;
+    // Latent keys in float32 caches as well (two keys scored at a time, every row of the next
+    // block prefetched into L2): 20-23% faster than the direct path at issue 10's decode
+    // shapes, at 1 and 2 threads, and 9-12% in the causal training forward; an L1 prefetch of
+    // V_c on top measured 4-11% slower, and the V-only layout this way 0-5% slower than direct
+    // (same-process A/B, 2026-12-03).
+    if (kShared && std::is_same<T, A>::value && all_stored_as(CacheKind::Model))
+      fused = FusedRead::kFloat;
   }
   // Scratch only for blocks converted through it (attend_range's scratch path: mixed storage,
   // or float64 with a quantized cache); float32 / float64 caches and the fused path are read
   // in place.
-  const bool direct = std::is_same<T, A>::value && all_stored_as(CacheKind::Model);
+  const bool direct =
+      std::is_same<T, A>::value && all_stored_as(CacheKind::Model) && fused == FusedRead::kNone;
   const bool scratch = !direct && fused == FusedRead::kNone;
   const bool own_l = kShared && scratch && !a.kl_is_vc;  // an upcast buffer for the shared rows
 
@@ -1034,6 +1044,7 @@ void attention_run(const AttnArgs& a) {
           case FusedRead::kInt8: attend(Tag<Int8Rows>{}); break;
           case FusedRead::kE4m3: attend(Tag<E4m3Rows>{}); break;
           case FusedRead::kStorage: attend(Tag<StorageRows>{}); break;
+          case FusedRead::kFloat: attend(Tag<RowLoader<float>>{}); break;
           default: attend(Tag<void>{}); break;
         }
       } else {
