@@ -180,6 +180,15 @@ void check_seqlens_on_device(const at::Tensor& seqlens, const KvcacheDims& d,
   check_seqlens_range(range[0].item<int32_t>(), range[1].item<int32_t>(), d.Tmax, d.Tnew);
 }
 
+// The row scales of a quantized V-only cache (SPEC 3c), for the write and the attention alike.
+template <typename Params>
+void set_cache_scales(Params& p, const at::Tensor& k_scale, const at::Tensor& vc_scale) {
+  p.k_scale = k_scale.data_ptr<float>();
+  p.ks_sb = k_scale.stride(0); p.ks_st = k_scale.stride(1); p.ks_sh = k_scale.stride(2);
+  p.vc_scale = vc_scale.data_ptr<float>();
+  p.vs_sb = vc_scale.stride(0); p.vs_st = vc_scale.stride(1);
+}
+
 // Compress-on-write of the new tokens k, v (contiguous) at slots seqlens[b] + t; quantized
 // caches get their rows' scales in k_scale and vc_scale (through their strides).
 void compress_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Tensor& w_c,
@@ -202,12 +211,7 @@ void compress_new_tokens(const at::Tensor& k, const at::Tensor& v, const at::Ten
   c.dtype = *kernel_dtype(k.scalar_type());
   c.head_dim = static_cast<int>(d.D);
   c.cache = cache_type_of(k_cache);
-  if (c.cache != CacheType::kModel) {
-    c.k_scale = k_scale->data_ptr<float>();
-    c.ks_sb = k_scale->stride(0); c.ks_st = k_scale->stride(1); c.ks_sh = k_scale->stride(2);
-    c.vc_scale = vc_scale->data_ptr<float>();
-    c.vs_sb = vc_scale->stride(0); c.vs_st = vc_scale->stride(1);
-  }
+  if (c.cache != CacheType::kModel) set_cache_scales(c, *k_scale, *vc_scale);
   launch_compress_write(c, stream);
 }
 
@@ -258,12 +262,7 @@ at::Tensor attend_cache(const at::Tensor& q, const at::Tensor& k_cache, const at
   AttnParams p = attn_params(q, k_cache, vc_cache, seqlens.data_ptr<int32_t>(), d.Tnew, d.Tmax,
                              causal, softmax_scale);
   p.cache = cache_type_of(k_cache);
-  if (p.cache != CacheType::kModel) {
-    p.k_scale = k_scale->data_ptr<float>();
-    p.ks_sb = k_scale->stride(0); p.ks_st = k_scale->stride(1); p.ks_sh = k_scale->stride(2);
-    p.vc_scale = vc_scale->data_ptr<float>();
-    p.vs_sb = vc_scale->stride(0); p.vs_st = vc_scale->stride(1);
-  }
+  if (p.cache != CacheType::kModel) set_cache_scales(p, *k_scale, *vc_scale);
   p.final_mode = false;
   if (d.B > 0 && d.Tq > 0 && d.H > 0) p.nsplit = attn_num_splits(p, d.Tmax);
   return attend_combine_restore(p, &launch_attention, q, w_r, b_r, stream);
@@ -432,6 +431,17 @@ struct LatentScales {
   const at::Tensor* vc;
 };
 
+// The row scales of the rotary keys and V_c in a quantized latent-key cache, for the write
+// and the attention alike (the key latent's differ: the joint latent reads V_c's).
+template <typename Params>
+void set_rope_and_value_scales(Params& p, const LatentScales& scales) {
+  p.kr_scale = scales.krope->data_ptr<float>();
+  p.krs_sb = scales.krope->stride(0); p.krs_st = scales.krope->stride(1);
+  p.krs_sh = scales.krope->stride(2);
+  p.vc_scale = scales.vc->data_ptr<float>();
+  p.vs_sb = scales.vc->stride(0); p.vs_st = scales.vc->stride(1);
+}
+
 // Compress-on-write at slots seqlens[b] + t: the rotary keys, then the key and value latents
 // (or the joint latent); quantized caches get their rows' scales.
 void compress_latent_tokens(const LatentNewTokens& n, const at::Tensor& krope_cache,
@@ -459,14 +469,10 @@ void compress_latent_tokens(const LatentNewTokens& n, const at::Tensor& krope_ca
   c.head_dim = static_cast<int>(d.D);
   c.cache = cache_type_of(vc_cache);
   if (c.cache != CacheType::kModel) {
-    c.kr_scale = scales.krope->data_ptr<float>();
-    c.krs_sb = scales.krope->stride(0); c.krs_st = scales.krope->stride(1);
-    c.krs_sh = scales.krope->stride(2);
+    set_rope_and_value_scales(c, scales);
     c.kc_scale = scales.kc != nullptr ? scales.kc->data_ptr<float>() : nullptr;
     c.kcs_sb = scales.kc != nullptr ? scales.kc->stride(0) : 0;
     c.kcs_st = scales.kc != nullptr ? scales.kc->stride(1) : 0;
-    c.vc_scale = scales.vc->data_ptr<float>();
-    c.vs_sb = scales.vc->stride(0); c.vs_st = scales.vc->stride(1);
   }
   launch_latent_compress_write(c, stream);
 }
@@ -510,14 +516,10 @@ at::Tensor ckv_kvcache_attention_cuda(
                                           softmax_scale);
   p.cache = cache_type_of(vc_cache);
   if (p.cache != CacheType::kModel) {
-    p.kr_scale = scales.krope->data_ptr<float>();
-    p.krs_sb = scales.krope->stride(0); p.krs_st = scales.krope->stride(1);
-    p.krs_sh = scales.krope->stride(2);
+    set_rope_and_value_scales(p, scales);
     const at::Tensor& lat_scale = scales.kc != nullptr ? *scales.kc : *scales.vc;  // joint: V_c's
     p.kl_scale = lat_scale.data_ptr<float>();
     p.kls_sb = lat_scale.stride(0); p.kls_st = lat_scale.stride(1);
-    p.vc_scale = scales.vc->data_ptr<float>();
-    p.vs_sb = scales.vc->stride(0); p.vs_st = scales.vc->stride(1);
   }
   p.final_mode = false;
   if (d.B > 0 && d.Tq > 0 && d.H > 0) p.nsplit = latent_num_splits(p, d.T);
