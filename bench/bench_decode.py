@@ -147,10 +147,13 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
             per_step = {name: [] for name in models}
             for name, model in models.items():  # warm-up (allocator, OpenMP pool)
                 decode_steps(model, caches[name], context, tokens, warmup, device)
-            for _ in range(reps):  # interleaved, so drifts in machine load hit all alike
-                for name, model in models.items():
-                    per_step[name] += decode_steps(model, caches[name], context, tokens, steps,
-                                                   device)
+            names = list(models)
+            for rep in range(reps):  # interleaved, so drifts in machine load hit all alike,
+                # in an order rotated each repetition, so no model always runs first or last
+                shift = rep % len(names)
+                for name in names[shift:] + names[:shift]:
+                    per_step[name] += decode_steps(models[name], caches[name], context, tokens,
+                                                   steps, device)
             row = {"batch": batch, "context": context}
             for name in models:
                 step_s = statistics.median(per_step[name])

@@ -957,14 +957,17 @@ void attention_run(const AttnArgs& a) {
   // Waking a second thread costs more than a small call's whole work (and, on a busy
   // machine, up to a scheduler time slice), so small calls run on fewer threads.
   const int64_t work = keys * Tq * H * (Dq + R + 8);
-  const int nth = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread)));
+  const int64_t threads =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
   // Flash-decoding: with fewer tiles than threads x 4, split each sequence's keys so every
   // core streams its own part of the cache. Each split leaves a partial (m, l, acc); the
   // thread that finishes a tile's last split combines them and restores the output.
   int64_t nsplit = 1;
-  if (tiles < 4 * nth && maxlen > kMinSplit)
-    nsplit = std::min((4 * nth + tiles - 1) / tiles, (maxlen + kMinSplit - 1) / kMinSplit);
+  if (tiles < 4 * threads && maxlen > kMinSplit)
+    nsplit = std::min((4 * threads + tiles - 1) / tiles, (maxlen + kMinSplit - 1) / kMinSplit);
+  // No more threads than work items: a thread with nothing to do still costs its wake-up
+  // (one sequence of at most kMinSplit keys: 76 -> 62 us a call at 2 threads, 2026-12-03).
+  const int nth = static_cast<int>(std::min<int64_t>(threads, tiles * nsplit));
   const int64_t rows_max = QT * H;
   std::vector<A> wrT;  // (H, R, D) for the tiled restore
   if (QT >= 4) {
