@@ -930,7 +930,7 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, TileSta
   }
 }
 
-enum class FusedRead { kNone, kInt8, kE4m3, kStorage, kFloat };
+enum class FusedRead { kNone, kInt8, kE4m3, kStorage };
 template <typename L> struct Tag { using type = L; };
 
 template <typename T, typename A, bool kShared>
@@ -990,20 +990,17 @@ void attention_run(const AttnArgs& a) {
   auto all_stored_as = [&](CacheKind kind) {
     return a.k_kind == kind && a.v_kind == kind && (!kShared || a.kl_kind == kind);
   };
-  using StorageRows = std::conditional_t<std::is_same<T, A>::value, void, RowLoader<T>>;
   FusedRead fused = FusedRead::kNone;
   if constexpr (std::is_same<A, float>::value) {
     if (all_stored_as(CacheKind::I8)) fused = FusedRead::kInt8;
     if (all_stored_as(CacheKind::E4M3)) fused = FusedRead::kE4m3;
-    if (!std::is_same<T, A>::value && all_stored_as(CacheKind::Model))
+    // Stored as the model's dtype: bf16 / fp16 caches, and float32 latent keys as well (two
+    // keys scored at a time, every row of the next block prefetched into L2): 20-23% faster
+    // than the direct path at issue 10's decode shapes, at 1 and 2 threads, and 9-12% in the
+    // causal training forward; an L1 prefetch of V_c on top measured 4-11% slower, and the
+    // V-only layout this way 0-5% slower than direct (same-process A/B, 2026-12-03).
+    if ((kShared || !std::is_same<T, A>::value) && all_stored_as(CacheKind::Model))
       fused = FusedRead::kStorage;
-    // Latent keys in float32 caches as well (two keys scored at a time, every row of the next
-    // block prefetched into L2): 20-23% faster than the direct path at issue 10's decode
-    // shapes, at 1 and 2 threads, and 9-12% in the causal training forward; an L1 prefetch of
-    // V_c on top measured 4-11% slower, and the V-only layout this way 0-5% slower than direct
-    // (same-process A/B, 2026-12-03).
-    if (kShared && std::is_same<T, A>::value && all_stored_as(CacheKind::Model))
-      fused = FusedRead::kFloat;
   }
   // Scratch only for blocks converted through it (attend_range's scratch path: mixed storage,
   // or float64 with a quantized cache); float32 / float64 caches and the fused path are read
@@ -1056,8 +1053,7 @@ void attention_run(const AttnArgs& a) {
         switch (fused) {
           case FusedRead::kInt8: attend(Tag<Int8Rows>{}); break;
           case FusedRead::kE4m3: attend(Tag<E4m3Rows>{}); break;
-          case FusedRead::kStorage: attend(Tag<StorageRows>{}); break;
-          case FusedRead::kFloat: attend(Tag<RowLoader<float>>{}); break;
+          case FusedRead::kStorage: attend(Tag<RowLoader<T>>{}); break;
           default: attend(Tag<void>{}); break;
         }
       } else {
@@ -1391,7 +1387,7 @@ void quantize_into_impl(const QuantWriteArgs& a) {
       const int64_t b = bt / a.T, pos = a.pos[b] + bt % a.T;
       for (int64_t h = 0; h < a.heads; ++h) {
         const T* src = v + (bt * a.heads + h) * a.n;
-        for (int64_t i = 0; i < a.n; ++i) row[i] = static_cast<float>(src[i]);
+        load_row(row.data(), src, a.n);
         quantize_row(row.data(), a.n, a.dst_kind,
                      static_cast<int8_t*>(a.dst) + b * a.d_sb + pos * a.d_st + h * a.d_sh,
                      a.scale.p + b * a.scale.sb + pos * a.scale.st + h * a.scale.sh);
