@@ -100,18 +100,19 @@ def make_caches(shapes, storage, lens, g):
     return out
 
 
-def make_args(storage, model_dtype, case, rope_dim=None, joint=False, seed=0):
+def make_args(storage, model_dtype, case, rope_dim=None, joint=False, seed=0, heads=H,
+              head_dim=D):
     """All arguments of one call, as a dict. rope_dim None: the V-only op (k_cache, vc_cache);
     else the latent-key op. storage: cache name -> its dtype (None: the model's)."""
     lens, tq, t_new, causal = CASES[case] if isinstance(case, str) else case
-    b = len(lens)
+    b, h, d = len(lens), heads, head_dim
     if rope_dim is None:
-        shapes = dict(k_cache=(b, TMAX, H, D), vc_cache=(b, TMAX, RV))
-        step = make_step(b, tq, t_new, H, D, RV, "cpu", model_dtype, seed=seed + 1)
+        shapes = dict(k_cache=(b, TMAX, h, d), vc_cache=(b, TMAX, RV))
+        step = make_step(b, tq, t_new, h, d, RV, "cpu", model_dtype, seed=seed + 1)
     else:
-        shapes = dict(krope_cache=(b, TMAX, H, rope_dim),
+        shapes = dict(krope_cache=(b, TMAX, h, rope_dim),
                       kc_cache=None if joint else (b, TMAX, RK), vc_cache=(b, TMAX, RV))
-        step = make_latent_step(b, tq, t_new, H, D, rope_dim, RK, RV, "cpu", model_dtype,
+        step = make_latent_step(b, tq, t_new, h, d, rope_dim, RK, RV, "cpu", model_dtype,
                                 joint=joint, seed=seed + 1)
     storage = {n: (storage.get(n) or model_dtype) for n in shapes}
     caches = make_caches(shapes, storage, lens, torch.Generator().manual_seed(seed))
@@ -259,6 +260,23 @@ def test_v_only_output_against_float64(cache_dtype, model_dtype, case, backend):
 def test_latent_output_against_float64(cache_dtype, model_dtype, joint, rope_dim, case, backend):
     a = make_args(uniform_storage(cache_dtype), model_dtype, case, rope_dim, joint)
     check_output(a, call(a, backend), model_dtype)
+
+
+# The CPU kernels score a pair of keys for 8 heads at a time, and switch to compiled-in loops
+# for per-head key widths of 0, 16, 32 and 64 (the V-only op's head dim, or Dr): 8 and 9 heads
+# (a group of 8, then one), at those widths and at an odd one.
+@pytest.mark.parametrize("case", ["decode", "chunk-full"])
+@pytest.mark.parametrize("heads, head_dim, rope_dim", [
+    (8, 64, None), (9, 32, None), (9, 40, None), (8, 64, 16), (9, 64, 32), (8, 48, 0),
+    (9, 24, 8)], ids=["v8-d64", "v9-d32", "v9-d40", "h8-dr16", "h9-dr32", "h8-dr0", "h9-dr8"])
+@pytest.mark.parametrize("cache_dtype", [*QUANT_DTYPES, torch.bfloat16, torch.float32],
+                         ids=[*QUANT_IDS, "bf16", "fp32"])
+def test_wide_head_groups_against_float64(cache_dtype, heads, head_dim, rope_dim, case):
+    quantized = is_quantized(cache_dtype)
+    model_dtype = torch.float32 if quantized else cache_dtype
+    storage = uniform_storage(cache_dtype) if quantized else {}
+    a = make_args(storage, model_dtype, case, rope_dim, heads=heads, head_dim=head_dim)
+    check_output(a, call(a, "ext"), model_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -651,13 +651,18 @@ template <typename V> inline V in_register(V v) {
 // query vector loaded serves both keys, which halves the query loads of a score. The fused
 // path only: its keys come from L2 (prefetched), where this measured faster; the direct
 // float32 path streams keys from memory, where it did not (see key_scores_rows).
-template <typename A, int RB, typename L>
+// kDk >= 0: the per-head segment's length as a constant (key_scores_pair's static switch).
+// With Dk known GCC keeps the 16 accumulators in registers across both segments; with Dk at
+// run time it spilled them between the two loops, and the scores of a pair took ~30% longer
+// (bench/kernel_phases.py, 2026-12-03).
+template <typename A, int RB, typename L, int kDk = -1>
 inline void key_scores_rows_pair(const A* q, int64_t ldq, const typename L::E* k0,
-                                 const typename L::E* k1, int64_t ksh, int64_t Dk,
+                                 const typename L::E* k1, int64_t ksh, int64_t Dk_arg,
                                  const typename L::E* l0, const typename L::E* l1, int64_t Dl,
                                  A* out0, A* out1, int64_t ldo, const float* ks0,
                                  const float* ks1, float ls0, float ls1) {
   constexpr int N = VecT<A>::N;
+  const int64_t Dk = kDk >= 0 ? kDk : Dk_arg;
   vec_t<A> acc0[RB], acc1[RB];
   A tail0[RB], tail1[RB];
   for (int r = 0; r < RB; ++r) {
@@ -720,15 +725,27 @@ inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
                             const typename L::E* l0, const typename L::E* l1, int64_t Dl,
                             int64_t H, A* out0, A* out1, int64_t ldo, const float* kscale0,
                             const float* kscale1, float lscale0, float lscale1) {
-  int64_t h = 0;
-  for (; h + 8 <= H; h += 8)
-    key_scores_rows_pair<A, 8, L>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk, l0, l1,
-                                  Dl, out0 + h * ldo, out1 + h * ldo, ldo, kscale0 + h,
-                                  kscale1 + h, lscale0, lscale1);
-  for (; h < H; ++h)
-    key_scores_rows_pair<A, 1, L>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk, l0, l1,
-                                  Dl, out0 + h * ldo, out1 + h * ldo, ldo, kscale0 + h,
-                                  kscale1 + h, lscale0, lscale1);
+  auto heads = [&](auto dk) {
+    constexpr int kDk = decltype(dk)::value;
+    int64_t h = 0;
+    for (; h + 8 <= H; h += 8)
+      key_scores_rows_pair<A, 8, L, kDk>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk,
+                                         l0, l1, Dl, out0 + h * ldo, out1 + h * ldo, ldo,
+                                         kscale0 + h, kscale1 + h, lscale0, lscale1);
+    for (; h < H; ++h)
+      key_scores_rows_pair<A, 1, L, kDk>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk,
+                                         l0, l1, Dl, out0 + h * ldo, out1 + h * ldo, ldo,
+                                         kscale0 + h, kscale1 + h, lscale0, lscale1);
+  };
+  // Static switch over the usual rotary widths per head (Dr, or Dk = 0 for the shared latent
+  // alone); other widths take the general loop.
+  switch (Dk) {
+    case 0: heads(std::integral_constant<int, 0>{}); break;
+    case 16: heads(std::integral_constant<int, 16>{}); break;
+    case 32: heads(std::integral_constant<int, 32>{}); break;
+    case 64: heads(std::integral_constant<int, 64>{}); break;
+    default: heads(std::integral_constant<int, -1>{}); break;
+  }
 }
 
 // L void: float32 / float64 caches are read in place ("direct"), others are upcast or
