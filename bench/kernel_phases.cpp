@@ -1,0 +1,109 @@
+// Where a latent-key decode step spends its time, per cached position and per phase, with the
+// working set in L1/L2, in L3 or in DRAM. Built by bench/kernel_phases.py (JIT, ninja); not
+// part of the package. It calls the CPU kernels' own building blocks (csrc/cpu/kernels.h), in
+// the order of attend_range's fused path for one query and H = 8 heads:
+//   scores : each pair of keys scored for all heads (key_scores_pair), with the next block's
+//            rows prefetched into L2 as the kernel does;
+//   values : the block's softmax weights (exp_row) and P @ V_c (rank_update), with the same
+//            prefetch;
+//   step   : both, which is the kernel's inner loop without its bookkeeping.
+// The same rows are read every iteration, so the working set decides where they come from.
+#include <torch/extension.h>
+
+#include "prelude.h"
+
+#include <chrono>
+#include <random>
+#include <string>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
+#define VDPROJ_ISA_NS isa_avx512
+#define VDPROJ_VBYTES 64
+#include "kernels.h"
+#undef VDPROJ_ISA_NS
+#undef VDPROJ_VBYTES
+#pragma GCC pop_options
+
+namespace {
+
+using namespace vdproj::cpu::isa_avx512;
+
+constexpr int kHeads = 8;
+
+enum Phase { kScores = 1, kValues = 2, kStep = 3 };
+
+template <typename L>
+double ns_per_key(int64_t keys, int64_t iters, int phase, int64_t Dr, int64_t Rk, int64_t Rv) {
+  using E = typename L::E;
+  const int64_t H = kHeads, Dq = Dr + Rk, block = kKeyBlock;
+  std::mt19937 gen(0);
+  std::uniform_int_distribution<int> small(-60, 60);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  std::vector<float> q(H * Dq), p(H * block), acc(H * Rv, 0.0f);
+  std::vector<E> krope(keys * H * Dr), kc(keys * Rk), vc(keys * Rv);
+  for (auto& x : q) x = unit(gen) * 0.05f;
+  // Small integers: valid int8 / e4m3 / bf16 / float32 values alike (the timing does not
+  // depend on the values; e4m3 bytes of this range are ordinary normals and subnormals).
+  for (auto* v : {&krope, &kc, &vc})
+    for (auto& x : *v) x = static_cast<E>(small(gen) & (std::is_same<E, uint8_t>::value ? 0x77 : ~0));
+  std::vector<float> kscale(keys * H, 0.01f), lscale(keys, 0.02f);
+  auto prefetch_next_block = [&](int64_t j) {
+    if (j + block >= keys) return;
+    prefetch_l2(krope.data() + (j + block) * H * Dr, H * Dr * sizeof(E));
+    prefetch_l2(kc.data() + (j + block) * Rk, Rk * sizeof(E));
+    prefetch_l2(vc.data() + (j + block) * Rv, Rv * sizeof(E));
+  };
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it) {
+    for (int64_t jb = 0; jb + block <= keys; jb += block) {
+      for (int64_t jj = 0; jj < block; jj += 2) {
+        const int64_t j = jb + jj;
+        prefetch_next_block(j);
+        prefetch_next_block(j + 1);
+        if (phase & kScores)
+          key_scores_pair<float, L>(q.data(), Dq, krope.data() + j * H * Dr,
+                                    krope.data() + (j + 1) * H * Dr, Dr, Dr, kc.data() + j * Rk,
+                                    kc.data() + (j + 1) * Rk, Rk, H, p.data() + jj,
+                                    p.data() + jj + 1, block, kscale.data() + j * H,
+                                    kscale.data() + (j + 1) * H, lscale[j], lscale[j + 1]);
+      }
+      if (phase & kValues) {
+        for (int64_t r = 0; r < H; ++r) exp_row(p.data() + r * block, block, 1.0f);
+        rank_update<float, L>(acc.data(), Rv, p.data(), block, vc.data() + jb * Rv, Rv, H, block,
+                              Rv);
+      }
+    }
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  volatile float sink = p[1] + acc[3];  // keeps the work observable
+  (void)sink;
+  return seconds * 1e9 / (double(iters) * (keys / block * block));
+}
+
+double phase_ns_per_key(const std::string& dtype, int64_t keys, int64_t iters,
+                        const std::string& phase, int64_t Dr, int64_t Rk, int64_t Rv) {
+  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"),
+              "kernel_phases: needs an AVX-512 CPU (it times the AVX-512 kernels)");
+  TORCH_CHECK(keys >= kKeyBlock && iters >= 1, "keys: expected at least ", kKeyBlock,
+              ", iters at least 1; got ", keys, " and ", iters);
+  TORCH_CHECK(Dr % 16 == 0 && Rk % 16 == 0 && Rv % 16 == 0 && Dr > 0 && Rk > 0 && Rv > 0,
+              "Dr, Rk, Rv: expected positive multiples of 16");
+  const int ph = phase == "scores" ? kScores : phase == "values" ? kValues : phase == "step" ? kStep : 0;
+  TORCH_CHECK(ph != 0, "phase: expected 'scores', 'values' or 'step', got '", phase, "'");
+  if (dtype == "float32") return ns_per_key<RowLoader<float>>(keys, iters, ph, Dr, Rk, Rv);
+  if (dtype == "bfloat16")
+    return ns_per_key<RowLoader<c10::BFloat16>>(keys, iters, ph, Dr, Rk, Rv);
+  if (dtype == "int8") return ns_per_key<Int8Rows>(keys, iters, ph, Dr, Rk, Rv);
+  if (dtype == "float8_e4m3fn") return ns_per_key<E4m3Rows>(keys, iters, ph, Dr, Rk, Rv);
+  TORCH_CHECK(false, "dtype: expected float32, bfloat16, int8 or float8_e4m3fn, got '", dtype,
+              "'");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("phase_ns_per_key", &phase_ns_per_key, "nanoseconds per cached position of one phase");
+}
