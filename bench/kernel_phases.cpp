@@ -10,20 +10,18 @@
 // The same rows are read every iteration, so the working set decides where they come from.
 #include <torch/extension.h>
 
+#include "dispatch.h"
 #include "prelude.h"
 
 #include <chrono>
 #include <random>
 #include <string>
 
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")
-#define VDPROJ_ISA_NS isa_avx512
-#define VDPROJ_VBYTES 64
-#include "kernels.h"
-#undef VDPROJ_ISA_NS
-#undef VDPROJ_VBYTES
-#pragma GCC pop_options
+#ifndef VDPROJ_MULTI_ISA
+#error "bench/kernel_phases.cpp times the AVX-512 kernels: it needs GCC on x86-64"
+#endif
+
+#include "kernel_variants.h"
 
 namespace {
 
@@ -84,8 +82,7 @@ double ns_per_key(int64_t keys, int64_t iters, int phase, int64_t Dr, int64_t Rk
 
 double phase_ns_per_key(const std::string& dtype, int64_t keys, int64_t iters,
                         const std::string& phase, int64_t Dr, int64_t Rk, int64_t Rv) {
-  TORCH_CHECK(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"),
+  TORCH_CHECK(vdproj::cpu_isa() == vdproj::Isa::Avx512,
               "kernel_phases: needs an AVX-512 CPU (it times the AVX-512 kernels)");
   TORCH_CHECK(keys >= kKeyBlock && iters >= 1, "keys: expected at least ", kKeyBlock,
               ", iters at least 1; got ", keys, " and ", iters);

@@ -14,13 +14,14 @@ A developer's tool for the question "compute or memory?": it needs an AVX-512 CP
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load
+
+from vdproj_ext.bindings.build_config import compile_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 DR, RK, RV, H = 16, 192, 320, 8
@@ -31,7 +32,7 @@ SIZES = {"L1/L2": 64, "L3": 4096, "DRAM": 65536}
 
 
 def build():
-    flags = json.loads((ROOT / "csrc" / "build_flags.json").read_text())
+    flags = compile_flags(ROOT / "csrc", with_cuda=False)
     build_dir = ROOT / "build" / "kernel_phases"
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(name="vdproj_kernel_phases", sources=[str(ROOT / "bench" / "kernel_phases.cpp")],
