@@ -4,8 +4,8 @@
 // the order of attend_range's fused path for one query and H = 8 heads:
 //   scores : each pair of keys scored for all heads (key_scores_pair), with the next block's
 //            rows prefetched into L2 as the kernel does;
-//   values : the block's softmax weights (exp_row) and P @ V_c (rank_update), with the same
-//            prefetch;
+//   values : the block's softmax weights (row_max, exp_row) and P @ V_c (rank_update), with
+//            the same prefetch;
 //   step   : both, which is the kernel's inner loop without its bookkeeping.
 // The same rows are read every iteration, so the working set decides where they come from.
 #include <torch/extension.h>
@@ -67,7 +67,8 @@ double ns_per_key(int64_t keys, int64_t iters, int phase, int64_t Dr, int64_t Rk
                                     kscale.data() + (j + 1) * H, lscale[j], lscale[j + 1]);
       }
       if (phase & kValues) {
-        for (int64_t r = 0; r < H; ++r) exp_row(p.data() + r * block, block, 1.0f);
+        for (int64_t r = 0; r < H; ++r)
+          exp_row(p.data() + r * block, block, row_max(p.data() + r * block, block, -INFINITY));
         rank_update<float, L>(acc.data(), Rv, p.data(), block, vc.data() + jb * Rv, Rv, H, block,
                               Rv);
       }

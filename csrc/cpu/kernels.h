@@ -143,6 +143,24 @@ template <typename A> inline void scale_row(A* y, A alpha, int64_t n) {
   for (; i < n; ++i) y[i] *= alpha;
 }
 
+// max(init, s[0], ..., s[n-1]) with std::max's rule (a NaN s[j] is skipped), N lanes at a time
+// (the scalar loop was a chain of dependent maxes: 1-2.5% of a float32 / int8 decode step).
+template <typename A> inline A row_max(const A* s, int64_t n, A init) {
+  constexpr int N = VecT<A>::N;
+  int64_t j = 0;
+  A m = init;
+  if (n >= N) {
+    vec_t<A> mv = vec_t<A>{} + init;
+    for (; j + N <= n; j += N) {
+      const vec_t<A> x = vload(s + j);
+      mv = mv < x ? x : mv;
+    }
+    for (int t = 0; t < N; ++t) m = std::max(m, mv[t]);
+  }
+  for (; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
 // exp for float vectors (Cephes expf: range reduction by ln 2, degree-6 polynomial, ~1 ulp).
 // Inputs below -87.3 (including -inf) give exactly 0, so masked scores vanish.
 inline vec_t<float> vexp(vec_t<float> x) {
@@ -204,10 +222,11 @@ inline double exp_row(double* s, int64_t n, double shift) {
   return sum;
 }
 
-// Vectorized upcasts to float32 by bit manipulation, N values at a time (no F16C needed, so
-// the baseline build vectorizes too). A narrow float's magnitude bits, shifted into a float32's
-// exponent and mantissa fields, read as float32 2^(127 - bias) times too small, subnormals
-// included; one multiply rescales them. Only the all-ones exponent (inf / NaN) needs a fix.
+// Vectorized upcasts to float32 by bit manipulation, N values at a time (the baseline build
+// needs no F16C for fp16, so it vectorizes too). A narrow float's magnitude bits, shifted into
+// a float32's exponent and mantissa fields, read as float32 2^(127 - bias) times too small,
+// subnormals included; one multiply rescales them. Only the all-ones exponent (inf / NaN) needs
+// a fix.
 template <typename U, int N> struct WideBits {
   typedef U narrow __attribute__((vector_size(N * sizeof(U))));
   typedef uint32_t wide __attribute__((vector_size(N * 4)));
@@ -223,21 +242,6 @@ inline vec_t<float> bits_as_float(typename WideBits<uint8_t, VecT<float>::N>::wi
   return f;
 }
 
-// bf16 -> float32: the high half of a float32.
-inline vec_t<float> upcast_bf16(const c10::BFloat16* p) {
-  return bits_as_float(WideBits<uint16_t, VecT<float>::N>::load(p) << 16);
-}
-// fp16 -> float32 (1 sign, 5 exponent, 10 mantissa bits; bias 15).
-inline vec_t<float> upcast_f16(const c10::Half* p) {
-  const auto w = WideBits<uint16_t, VecT<float>::N>::load(p);
-  const auto mag = (w & 0x7FFFu) << 13;
-  const auto special = (w & 0x7C00u) == 0x7C00u;  // inf / NaN: exponent all ones
-  auto out = bits_as_float(mag) * 0x1p112f;
-  typename WideBits<uint8_t, VecT<float>::N>::wide ob;
-  std::memcpy(&ob, &out, sizeof(ob));
-  ob = special ? (mag | 0x7F800000u) : ob;
-  return bits_as_float(ob | ((w & 0x8000u) << 16));
-}
 // N bytes widened to N 32-bit lanes, zero- or sign-extended. GCC 12 lowers the equivalent
 // __builtin_convertvector of byte vectors to scalar code (16 vcvtsi2ss per vector, measured 2x
 // slower than a float32 cache), hence the intrinsics.
@@ -260,7 +264,53 @@ inline typename WideBits<uint8_t, VecT<float>::N>::wide widen_bytes(const void* 
   std::memcpy(&w, &y, sizeof(w));
   return w;
 }
+// N 16-bit values zero-extended to N 32-bit lanes. GCC 12 splits the __builtin_convertvector
+// of a 16 x uint16 vector into two 256-bit halves (load, extract, two widenings, insert: six
+// operations where one vpmovzxwd does), hence the intrinsics here too.
+inline typename WideBits<uint8_t, VecT<float>::N>::wide widen_halves(const void* p) {
+#if VDPROJ_VBYTES == 64
+  typename WideBits<uint8_t, VecT<float>::N>::wide w;
+  const __m512i y = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  std::memcpy(&w, &y, sizeof(w));
+  return w;
+#elif VDPROJ_VBYTES == 32
+  typename WideBits<uint8_t, VecT<float>::N>::wide w;
+  const __m256i y = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+  std::memcpy(&w, &y, sizeof(w));
+  return w;
+#else
+  return WideBits<uint16_t, VecT<float>::N>::load(p);
+#endif
+}
 
+// bf16 -> float32: the high half of a float32.
+inline vec_t<float> upcast_bf16(const c10::BFloat16* p) {
+  return bits_as_float(widen_halves(p) << 16);
+}
+// fp16 -> float32 (1 sign, 5 exponent, 10 mantissa bits; bias 15). The AVX-512 and AVX2
+// variants are compiled with F16C (kernel_variants.h): one vcvtph2ps.
+inline vec_t<float> upcast_f16(const c10::Half* p) {
+#if VDPROJ_VBYTES == 64
+  vec_t<float> f;
+  const __m512 y = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  std::memcpy(&f, &y, sizeof(f));
+  return f;
+#elif VDPROJ_VBYTES == 32
+  vec_t<float> f;
+  const __m256 y = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  std::memcpy(&f, &y, sizeof(f));
+  return f;
+#else
+  const auto w = WideBits<uint16_t, VecT<float>::N>::load(p);
+  const auto mag = (w & 0x7FFFu) << 13;
+  const auto special = (w & 0x7C00u) == 0x7C00u;  // inf / NaN: exponent all ones
+  auto out = bits_as_float(mag) * 0x1p112f;
+  typename WideBits<uint8_t, VecT<float>::N>::wide ob;
+  std::memcpy(&ob, &out, sizeof(ob));
+  ob = special ? (mag | 0x7F800000u) : ob;
+  return bits_as_float(ob | ((w & 0x8000u) << 16));
+#endif
+}
 // float8_e4m3fn -> float32 (1 sign, 4 exponent, 3 mantissa bits; bias 7; no inf, and only
 // S.1111.111 is NaN).
 inline vec_t<float> upcast_e4m3(const uint8_t* p) {
@@ -877,8 +927,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // Online softmax; s becomes P (unnormalized, relative to the running max).
     for (int64_t r = 0; r < rows; ++r) {
       A* s = sbuf + r * kKeyBlock;
-      A bm = ninf;
-      for (int64_t jj = 0; jj < nk; ++jj) bm = std::max(bm, s[jj]);
+      const A bm = row_max(s, nk, ninf);
       if (bm == ninf) {  // every key of this block is masked for this row
         for (int64_t jj = 0; jj < nk; ++jj) s[jj] = 0;
         continue;
