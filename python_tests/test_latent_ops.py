@@ -797,6 +797,26 @@ def test_ext_kvcache_split_decode_low_precision(dtype, joint):
     check_latent_slots(caches, step, seqlens, 1, dtype)
 
 
+@needs_decode_kernel
+@pytest.mark.parametrize("tq", [1, 5], ids=["one-query", "five-queries"])
+@pytest.mark.parametrize("joint", [False, True], ids=["separate", "joint"])
+def test_ext_kvcache_one_sequence_split_restored_by_head(tq, joint):
+    """One sequence split across both threads: its splits are combined and restored head by
+    head in a second pass (fewer tiles than threads), by dot products for one query and by the
+    tiled restore for five."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs two threads")
+    h, d, dr, rk, rv, lens = 5, 64, 16, 48, 80, [1300]
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    caches = make_latent_cache(1, 1400, h, dr, rk, rv, lens, "cpu", torch.float32, joint)
+    step = make_latent_step(1, tq, tq, h, d, dr, rk, rv, "cpu", torch.float32, joint=joint)
+    caches64 = to_float64({n: (c.clone() if c is not None else None) for n, c in caches.items()})
+    out = run_latent_kvcache(step, caches, seqlens, True, "ext")
+    ref = run_latent_kvcache(to_float64(step), caches64, seqlens, True, "reference")
+    assert rel_error(out, ref) < TOLERANCES[torch.float32]
+    check_latent_slots(caches, step, seqlens, tq, torch.float32)
+
+
 @needs_training_kernels
 @pytest.mark.parametrize("shape", [(1, 70, 90, 2, 24, 8, 37, 29), (2, 40, 33, 2, 24, 8, 300, 19),
                                    (1, 100, 100, 1, 16, 0, 12, 9)],

@@ -949,16 +949,20 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
   }
 }
 
-// Normalize, write ctx and lse, restore: out[h] = ctx[h] @ w_r[h].T + b_r[h]. A row that saw
-// no key returns zeros (bias included) and lse = -inf. With several queries per tile the
-// restore is a small matrix product against w_r[h] transposed (wrT, (H, R, D)), so each w_r
-// row is loaded once per tile rather than once per query; a single query uses dot products.
+// Normalize, write ctx and lse, restore: out[h] = ctx[h] @ w_r[h].T + b_r[h], for the rows of
+// heads [h0, h1) of a tile. A row that saw no key returns zeros (bias included) and lse = -inf.
+// With several queries per tile the restore is a small matrix product against w_r[h]
+// transposed (wrT, (H, R, D)), so each w_r row is loaded once per tile rather than once per
+// query; a single query uses dot products.
 template <typename T, typename A>
-void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, TileState<A> st,
-                   const A* wr, const A* wrT, const A* br, A* rows_buf, A* out_buf) {
+void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t h0, int64_t h1,
+                   TileState<A> st, const A* wr, const A* wrT, const A* br, A* rows_buf,
+                   A* out_buf) {
   const int64_t Tq = a.Tq, H = a.H, D = a.D, R = a.R;
   const A ninf = -std::numeric_limits<A>::infinity();
+  auto in_range = [&](int64_t r) { return r % H >= h0 && r % H < h1; };
   for (int64_t r = 0; r < nq * H; ++r) {
+    if (!in_range(r)) continue;
     const int64_t gi = i0 + r / H, h = r % H;
     A* row = rows_buf + r * R;
     T* ctx = a.ctx ? static_cast<T*>(a.ctx) + ((b * Tq + gi) * H + h) * R : nullptr;
@@ -977,14 +981,15 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, TileSta
   }
   if (wrT != nullptr) {
     std::fill(out_buf, out_buf + nq * H * D, A(0));
-    for (int64_t h = 0; h < H; ++h)
+    for (int64_t h = h0; h < h1; ++h)
       rank_update(out_buf + h * D, H * D, rows_buf + h * R, H * R, wrT + h * R * D, D, nq, R, D);
   } else {
     for (int64_t r = 0; r < nq * H; ++r)
-      for (int64_t d = 0; d < D; ++d)
+      for (int64_t d = 0; in_range(r) && d < D; ++d)
         out_buf[r * D + d] = dot(rows_buf + r * R, wr + ((r % H) * D + d) * R, R);
   }
   for (int64_t r = 0; r < nq * H; ++r) {
+    if (!in_range(r)) continue;
     const int64_t gi = i0 + r / H, h = r % H;
     T* out = static_cast<T*>(a.out) + ((b * Tq + gi) * H + h) * D;
     const bool empty = st.m[r] == ninf || !(st.l[r] > 0);
@@ -1048,8 +1053,13 @@ void attention_run(const AttnArgs& a) {
   const int64_t part_stride = rows_max * (R + 2);
   std::vector<A> part(nsplit > 1 ? tiles * nsplit * part_stride : 0);
   const int64_t items = tiles * nsplit;
-  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[nsplit > 1 ? tiles : 0]);
-  for (int64_t t = 0; t < (nsplit > 1 ? tiles : 0); ++t) done[t].store(0);
+  // With fewer tiles than threads, one thread would combine and restore a whole tile (the
+  // restore reads all of w_r, 655 KB at the pythia-70m-kv shape, from memory at batch 1) while
+  // the others wait: then the tiles are combined and restored head by head, in a second pass.
+  const bool restore_by_head = nsplit > 1 && tiles < nth;
+  std::unique_ptr<std::atomic<int64_t>[]> done(
+      new std::atomic<int64_t>[nsplit > 1 && !restore_by_head ? tiles : 0]);
+  for (int64_t t = 0; t < (nsplit > 1 && !restore_by_head ? tiles : 0); ++t) done[t].store(0);
   // Caches read in place and converted in registers (attend_range's fused path): float32
   // accumulation, and every cache segment stored alike (float32 latent keys, bf16 / fp16,
   // int8 or e4m3).
@@ -1089,6 +1099,28 @@ void attention_run(const AttnArgs& a) {
     auto state_at = [&](A* base) {
       return TileState<A>{base, base + rows_max, base + 2 * rows_max};
     };
+    // The splits' partial states of a tile's rows of heads [h0, h1), combined into out.
+    auto combine_splits = [&](int64_t tile, int64_t nq, int64_t h0, int64_t h1,
+                              TileState<A> out) {
+      for (int64_t i = 0; i < nq; ++i)
+        for (int64_t r = i * H + h0; r < i * H + h1; ++r) {
+          A mx = ninf;
+          for (int64_t s = 0; s < nsplit; ++s)
+            mx = std::max(mx, state_at(part.data() + (tile * nsplit + s) * part_stride).m[r]);
+          out.m[r] = mx;
+          out.l[r] = 0;
+          A* accr = out.acc + r * R;
+          std::fill(accr, accr + R, A(0));
+          if (mx == ninf) continue;
+          for (int64_t s = 0; s < nsplit; ++s) {
+            TileState<A> ps = state_at(part.data() + (tile * nsplit + s) * part_stride);
+            if (ps.m[r] == ninf) continue;
+            const A w = std::exp(ps.m[r] - mx);
+            out.l[r] += w * ps.l[r];
+            axpy(accr, w, ps.acc + r * R, R);
+          }
+        }
+    };
     auto item = [&](int64_t it) {
       const int64_t split = it % nsplit, tile = it / nsplit;
       const int64_t b = tile / nqt, i0 = (tile % nqt) * QT;
@@ -1126,37 +1158,33 @@ void attention_run(const AttnArgs& a) {
         attend(Tag<void>{});
       }
       if (nsplit == 1) {
-        finalize_rows<T, A>(a, b, i0, nq, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
+        finalize_rows<T, A>(a, b, i0, nq, 0, H, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
                             out_buf.data());
         return;
       }
+      if (restore_by_head) return;  // combined and restored head by head below
       // The thread that completes a tile's last split combines the partial states and
       // finalizes the tile, so no barrier separates the two steps (a descheduled thread on
       // a busy machine then delays only its own tiles).
       if (done[tile].fetch_add(1, std::memory_order_acq_rel) != nsplit - 1) return;
       TileState<A> out = state_at(comb.data());
-      for (int64_t r = 0; r < rows; ++r) {
-        A mx = ninf;
-        for (int64_t s = 0; s < nsplit; ++s)
-          mx = std::max(mx, state_at(part.data() + (tile * nsplit + s) * part_stride).m[r]);
-        out.m[r] = mx;
-        out.l[r] = 0;
-        A* accr = out.acc + r * R;
-        std::fill(accr, accr + R, A(0));
-        if (mx == ninf) continue;
-        for (int64_t s = 0; s < nsplit; ++s) {
-          TileState<A> ps = state_at(part.data() + (tile * nsplit + s) * part_stride);
-          if (ps.m[r] == ninf) continue;
-          const A w = std::exp(ps.m[r] - mx);
-          out.l[r] += w * ps.l[r];
-          axpy(accr, w, ps.acc + r * R, R);
-        }
-      }
-      finalize_rows<T, A>(a, b, i0, nq, out, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
+      combine_splits(tile, nq, 0, H, out);
+      finalize_rows<T, A>(a, b, i0, nq, 0, H, out, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
                           out_buf.data());
     };
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) item(it);
+    if (restore_by_head) {
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < tiles * H; ++it) {
+        const int64_t tile = it / H, h = it % H;
+        const int64_t b = tile / nqt, i0 = (tile % nqt) * QT, nq = std::min(QT, Tq - i0);
+        TileState<A> out = state_at(comb.data());
+        combine_splits(tile, nq, h, h + 1, out);
+        finalize_rows<T, A>(a, b, i0, nq, h, h + 1, out, wr.ptr, wrT_ptr, br.ptr,
+                            rows_buf.data(), out_buf.data());
+      }
+    }
   }
 }
 
@@ -1471,7 +1499,11 @@ void effective_query_impl(const QueryArgs& a) {
   AsAcc<A, T> w(a.w_kr, H * Dn * Rk);
   const T* q = static_cast<const T*>(a.q);
   A* out = static_cast<A*>(a.q_eff);
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (Dn * Rk + 1));
+  // Each row reads its head's w_kr (Dn x Rk; 295 KB for all heads at the pythia-70m-kv shape,
+  // from memory at batch 1), which two cores read faster than one: rows split as soon as
+  // there are two, whatever the multiply-adds.
+  const int64_t grain =
+      std::max<int64_t>(1, std::min<int64_t>(kMinWorkPerThread / (Dn * Rk + 1), (n + 1) / 2));
   at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
     std::vector<A> qrow(D);
     for (int64_t r = lo; r < hi; ++r) {
