@@ -984,9 +984,11 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
     for (int64_t h = h0; h < h1; ++h)
       rank_update(out_buf + h * D, H * D, rows_buf + h * R, H * R, wrT + h * R * D, D, nq, R, D);
   } else {
-    for (int64_t r = 0; r < nq * H; ++r)
-      for (int64_t d = 0; in_range(r) && d < D; ++d)
+    for (int64_t r = 0; r < nq * H; ++r) {
+      if (!in_range(r)) continue;
+      for (int64_t d = 0; d < D; ++d)
         out_buf[r * D + d] = dot(rows_buf + r * R, wr + ((r % H) * D + d) * R, R);
+    }
   }
   for (int64_t r = 0; r < nq * H; ++r) {
     if (!in_range(r)) continue;
@@ -1057,9 +1059,10 @@ void attention_run(const AttnArgs& a) {
   // restore reads all of w_r, 655 KB at the pythia-70m-kv shape, from memory at batch 1) while
   // the others wait: then the tiles are combined and restored head by head, in a second pass.
   const bool restore_by_head = nsplit > 1 && tiles < nth;
-  std::unique_ptr<std::atomic<int64_t>[]> done(
-      new std::atomic<int64_t>[nsplit > 1 && !restore_by_head ? tiles : 0]);
-  for (int64_t t = 0; t < (nsplit > 1 && !restore_by_head ? tiles : 0); ++t) done[t].store(0);
+  // Otherwise the thread that completes a tile's last split combines it (done counts them).
+  const int64_t counted = nsplit > 1 && !restore_by_head ? tiles : 0;
+  std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[counted]);
+  for (int64_t t = 0; t < counted; ++t) done[t].store(0);
   // Caches read in place and converted in registers (attend_range's fused path): float32
   // accumulation, and every cache segment stored alike (float32 latent keys, bf16 / fp16,
   // int8 or e4m3).
