@@ -30,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -148,10 +149,12 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
             for name, model in models.items():  # warm-up (allocator, OpenMP pool)
                 decode_steps(model, caches[name], context, tokens, warmup, device)
             names = list(models)
+            order = random.Random(context * 1000 + batch)
             for rep in range(reps):  # interleaved, so drifts in machine load hit all alike,
-                # in an order rotated each repetition, so no model always runs first or last
-                shift = rep % len(names)
-                for name in names[shift:] + names[:shift]:
+                # in an order shuffled each repetition: a fixed rotation still let one model
+                # follow the same neighbour (and its cache footprint) every time
+                order.shuffle(names)
+                for name in names:
                     per_step[name] += decode_steps(models[name], caches[name], context, tokens,
                                                    steps, device)
             row = {"batch": batch, "context": context}

@@ -125,6 +125,57 @@ def test_overflow_raises_and_writes_nothing(kind):
 
 
 @pytest.mark.parametrize("kind", ["compressed", "full"])
+def test_new_tokens_follow_seqlens_changed_between_calls(kind):
+    """The caches plan a step's writes once for all layers (_step_plan); the plan must follow
+    seqlens written in place, replaced, or a different T, exactly like a cache seeing those
+    lengths for the first time."""
+    import copy
+    torch.manual_seed(3)
+    b, tmax, h, d, r = 2, 12, 2, 4, 3
+    attn = _Attn(h * d, r, torch.float32, "cpu")
+    cache = _make(kind, 2, b, tmax, h, d, r, torch.float32, "cpu")
+    with torch.no_grad():
+        for t in cache.buffers():
+            t.normal_()
+
+    def step(t_new, expect_at):
+        fresh = copy.deepcopy(cache)
+        fresh._plan = None
+        q, k = torch.randn(2, b, t_new, h, d).unbind(0)
+        v = torch.randn(b, t_new, h * d)
+        out = cache.attend(1, q, k, v, attn)
+        assert torch.equal(out, fresh.attend(1, q, k, v, attn))
+        for i, at in enumerate(expect_at):
+            assert torch.equal(cache.k_cache[1][i, at:at + t_new], k[i]), (i, at)
+        if kind == "compressed":  # a folded layer's call, which writes in Python
+            v_c = torch.randn(b, t_new, r)
+            out = cache.attend_compressed(0, q, k, v_c, attn)
+            assert torch.equal(out, fresh.attend_compressed(0, q, k, v_c, attn))
+            for i, at in enumerate(expect_at):
+                assert torch.equal(cache.vc_cache[0][i, at:at + t_new], v_c[i]), (i, at)
+        else:
+            cache.attend(0, q, k, v, attn)  # the other layer, same step: same slots
+        for i, at in enumerate(expect_at):
+            assert torch.equal(cache.k_cache[0][i, at:at + t_new], k[i]), (i, at)
+
+    cache.seqlens.fill_(2)
+    step(1, [2, 2])
+    cache.seqlens[1] = 4  # written in place: ragged now
+    step(1, [2, 4])
+    replaced = torch.tensor([5, 5], dtype=torch.int32)
+    while replaced._version < cache.seqlens._version:  # the same version count as the old one
+        replaced.add_(0)
+    cache.seqlens = replaced
+    step(1, [5, 5])
+    step(2, [5, 5])  # another T
+    cache.advance(3)
+    step(1, [8, 8])
+    cache.seqlens.fill_(tmax)
+    with pytest.raises(CacheOverflowError):
+        step(1, [tmax, tmax])
+
+
+@pytest.mark.parametrize("kind", ["compressed", "full"])
 def test_advance_and_reset(kind):
     cache = _make(kind, 2, 3, 8, 2, 4, 3, torch.float32, "cpu")
     cache.advance(2)

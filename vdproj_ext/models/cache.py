@@ -111,6 +111,27 @@ def _check_positive_int(name, value, allow_zero=False):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+class _StepPlan:
+    """One step's placement of T new tokens in a batch whose sequences hold `seqlens` tokens
+    (see _CacheBase._step_plan): uniform (every sequence equally long: one slice) or ragged
+    (positions (B, T) = seqlens[b] + 0 .. T-1, and slots = (rows, positions), an index of a
+    (B, Tmax, ...) buffer), the longest length, and lengths_after = seqlens + T, the
+    cache_seqlens of an op that only reads."""
+
+    def __init__(self, seqlens: torch.Tensor, t_new: int):
+        self.seqlens, self.version, self.t_new = seqlens, seqlens._version, t_new
+        lengths = seqlens.tolist()
+        self.start, self.longest = lengths[0], max(lengths)
+        self.uniform = all(n == self.start for n in lengths)
+        self.lengths_after = seqlens + t_new
+        self.positions = self.slots = None
+        if not self.uniform:
+            self.positions = seqlens.long().unsqueeze(1) + torch.arange(t_new,
+                                                                        device=seqlens.device)
+            rows = torch.arange(len(lengths), device=seqlens.device).unsqueeze(1)
+            self.slots = (rows, self.positions)
+
+
 class _CacheBase:
     """Bookkeeping shared by the three caches: lengths, checks of the new tokens, sizes."""
 
@@ -130,6 +151,7 @@ class _CacheBase:
         self.dtype, self.device = dtype, torch.device(device if device is not None else "cpu")
         self.cache_dtype = cache_dtype
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self._plan = None  # the current decode step's _StepPlan
 
     def _allocate(self, *row_shape, quantize=True):
         """Per layer, a zero cache tensor (B, Tmax, *row_shape) stored in cache_dtype (dtype
@@ -196,35 +218,39 @@ class _CacheBase:
         """(B, T) positions where T new tokens go: seqlens[b] + 0 .. T-1."""
         return self.seqlens.long().unsqueeze(1) + torch.arange(t_new, device=self.device)
 
-    def _new_token_slots(self, t_new: int):
-        """Where the T new tokens go, as an index of a (B, Tmax, ...) buffer: one slice when
-        every sequence holds the same number of tokens (a strided copy; decoding's usual
-        case, where an index_put per buffer and layer would cost more), else (rows,
-        positions) with positions from new_token_positions."""
-        lengths = self.seqlens.tolist()
-        if all(n == lengths[0] for n in lengths):
-            return slice(None), slice(lengths[0], lengths[0] + t_new)
-        rows = torch.arange(self.batch_size, device=self.device).unsqueeze(1)
-        return rows, self.new_token_positions(t_new)
+    def _step_plan(self, t_new: int) -> "_StepPlan":
+        """Where the T new tokens go and the lengths after them, computed once per decode step
+        and shared by all layers (each layer's own tolist, max and add cost a few microseconds
+        apiece: several percent of a step at batch 1 and a short context). Recomputed whenever
+        seqlens was written in place (its version counter) or replaced, or T changes."""
+        plan = self._plan
+        if (plan is None or plan.t_new != t_new or plan.seqlens is not self.seqlens
+                or plan.version != self.seqlens._version):
+            plan = self._plan = _StepPlan(self.seqlens, t_new)
+        return plan
 
-    def _write_new_tokens(self, buffer, scale, values, slots):
-        """buffer (B, Tmax, ...)[slots] = values (B, T, ...), slots from _new_token_slots;
-        quantized with their own scales (SPEC 3c) when the buffer is (scale not None), at
-        seqlens[b] onwards (the compiled quantize_into on the CPU)."""
+    def _write_new_tokens(self, buffer, scale, values, plan):
+        """buffer (B, Tmax, ...) at seqlens[b] + 0 .. T-1 = values (B, T, ...); quantized with
+        their own scales (SPEC 3c) when the buffer is (scale not None: the compiled
+        quantize_into on the CPU)."""
         if scale is not None:
             write_rows_at(buffer, scale, values, self.seqlens)
+        elif plan.uniform:  # one strided copy (an index_put would cost more)
+            buffer.narrow(1, plan.start, plan.t_new).copy_(values)
         else:
-            write_rows(buffer, scale, slots, values)
+            write_rows(buffer, scale, plan.slots, values)
 
     # -- checks of the T new tokens, before anything is written ---------------------------------
     def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name):
-        """Checks of cache.attend's arguments: k like q, values (B, T, value_width)."""
-        self._check_step(layer_idx, q, {"k": (k, (self.num_heads, self.head_dim)),
+        """Checks of cache.attend's arguments: k like q, values (B, T, value_width). Returns
+        the step's _StepPlan."""
+        return self._check_step(layer_idx, q, {"k": (k, (self.num_heads, self.head_dim)),
                                         value_name: (values, (value_width,))})
 
     def _check_step(self, layer_idx, q, new: dict):
         """layer_idx, q (B, T, H, D), the new tokens' tensors (name -> (tensor, its shape
-        after (B, T))) and the room left, before anything is written."""
+        after (B, T))) and the room left, before anything is written. Returns the step's
+        _StepPlan."""
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or \
                 not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"layer_idx must be an int in [0, {self.num_layers}), "
@@ -240,13 +266,15 @@ class _CacheBase:
             if tuple(t.shape) != (*q.shape[:2], *tail):
                 raise ValueError(f"{name} must have shape {(*q.shape[:2], *tail)} (B, T like "
                                  f"q), got {tuple(t.shape)}")
-        hi = int(self.seqlens.max())
+        plan = self._step_plan(q.shape[1])
+        hi = plan.longest
         if hi + q.shape[1] > self.max_len:
             raise CacheOverflowError(
                 f"{type(self).__name__} overflow: appending {q.shape[1]} token(s) to a sequence "
                 f"that already holds {hi} would exceed the cache's max_len={self.max_len}; "
                 f"nothing was written. Create the cache with a larger max_len "
                 f"(model.new_cache(batch_size, max_len)).")
+        return plan
 
     # -- sizes -----------------------------------------------------------------------------------
     @property
@@ -302,17 +330,15 @@ class CompressedKVCache(_CacheBase):
         """attend() for a layer whose value projection already yields V_c (B, T, R) (see
         folding.py): writes k and v_c as given (quantized as SPEC 3c says, like the op would),
         then restore-on-read attention over the first seqlens[b] + T positions."""
-        self._check_new_tokens(layer_idx, q, k, v_c, self.v_rank, "v_c")
-        t_new = q.shape[1]
-        slots = self._new_token_slots(t_new)
+        plan = self._check_new_tokens(layer_idx, q, k, v_c, self.v_rank, "v_c")
         k_scale, vc_scale = self.k_scale[layer_idx], self.vc_scale[layer_idx]
-        self._write_new_tokens(self.k_cache[layer_idx], k_scale, k, slots)
-        self._write_new_tokens(self.vc_cache[layer_idx], vc_scale, v_c, slots)
+        self._write_new_tokens(self.k_cache[layer_idx], k_scale, k, plan)
+        self._write_new_tokens(self.vc_cache[layer_idx], vc_scale, v_c, plan)
         rest = attn_module.v_restore
         # k=None: the op only reads; Tk = seqlens + T keeps the bottom-right causal alignment.
         return compressed_attn_with_kvcache(
             q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
-            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend,
+            cache_seqlens=plan.lengths_after, causal=True, backend=attn_module.backend,
             k_scale=k_scale, vc_scale=vc_scale)
 
 
@@ -387,20 +413,17 @@ class LatentKVCache(_CacheBase):
                "v_c": (v_c, (self.v_rank,))}
         if not self.joint:
             new["k_c"] = (k_c, (self.k_rank,))
-        self._check_step(layer_idx, q, new)
-        t_new = q.shape[1]
-        slots = self._new_token_slots(t_new)
+        plan = self._check_step(layer_idx, q, new)
         scales = self._layer_scales(layer_idx)
-        self._write_new_tokens(self.krope_cache[layer_idx], scales["krope_scale"], k_rope,
-                               slots)
+        self._write_new_tokens(self.krope_cache[layer_idx], scales["krope_scale"], k_rope, plan)
         if k_c is not None:
-            self._write_new_tokens(self.kc_cache[layer_idx], scales["kc_scale"], k_c, slots)
-        self._write_new_tokens(self.vc_cache[layer_idx], scales["vc_scale"], v_c, slots)
+            self._write_new_tokens(self.kc_cache[layer_idx], scales["kc_scale"], k_c, plan)
+        self._write_new_tokens(self.vc_cache[layer_idx], scales["vc_scale"], v_c, plan)
         rest = attn_module.v_restore
         return compressed_kv_attn_with_kvcache(
             q, self.krope_cache[layer_idx], self.kc_cache[layer_idx], self.vc_cache[layer_idx],
             attn_module.k_restore.weight, rest.weight, rest.bias,
-            cache_seqlens=self.seqlens + t_new, causal=True, backend=attn_module.backend,
+            cache_seqlens=plan.lengths_after, causal=True, backend=attn_module.backend,
             **scales)
 
 
@@ -451,28 +474,21 @@ class KVCache(_CacheBase):
     @torch.no_grad()
     def attend(self, layer_idx, q, k, v, attn_module=None):
         """attn_module is not needed: nothing is compressed."""
-        self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
+        plan = self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         batch, t_new, heads, head_dim = q.shape
         v = v.view(batch, t_new, heads, head_dim)
-        lengths = self.seqlens.tolist()
-        start, uniform = lengths[0], all(n == lengths[0] for n in lengths)
+        start, uniform = plan.start, plan.uniform
         q_ = q.transpose(1, 2)
-        if uniform:
-            end = start + t_new
-            slots = (slice(None), slice(start, end))
-        else:
-            # Ragged: write the new tokens at each sequence's own offset, then mask per
-            # sequence (key j visible to new token i of sequence b iff j <= seqlens[b] + i).
-            positions = self.new_token_positions(t_new)
-            slots = (torch.arange(batch, device=self.device).unsqueeze(1), positions)
-            end = max(lengths) + t_new
-        self._write_new_tokens(self.k_cache[layer_idx], self.k_scale[layer_idx], k, slots)
-        self._write_new_tokens(self.v_cache[layer_idx], self.v_scale[layer_idx], v, slots)
+        # Ragged: the new tokens go at each sequence's own offset, then a mask per sequence
+        # (key j visible to new token i of sequence b iff j <= seqlens[b] + i).
+        end = plan.longest + t_new
+        self._write_new_tokens(self.k_cache[layer_idx], self.k_scale[layer_idx], k, plan)
+        self._write_new_tokens(self.v_cache[layer_idx], self.v_scale[layer_idx], v, plan)
         keys = self._prefix(self._k[layer_idx], self._k_s[layer_idx], end, q.dtype)
         values = self._prefix(self._v[layer_idx], self._v_s[layer_idx], end, q.dtype)
         if not uniform:
             j = torch.arange(end, device=q.device)
-            mask = (j.view(1, 1, end) <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, end)
+            mask = (j.view(1, 1, end) <= plan.positions.unsqueeze(-1)).unsqueeze(1)  # (B,1,T,end)
             o = F.scaled_dot_product_attention(q_, keys, values, attn_mask=mask)
         elif t_new == 1 or start == 0:
             # One query sees every key; or prefill, where top-left == bottom-right causal.

@@ -1,6 +1,8 @@
 """Which implementation runs: loading the kernels, resolving `backend`, and backend_info()."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import bindings
@@ -68,3 +70,16 @@ def backend_info() -> dict:
                          "cuda": "ext" if cuda else "reference"},
         "cuda_available": torch.cuda.is_available(),
     }
+
+
+def inference_only(fn):
+    """torch.no_grad() for an op that writes caches in place, without its cost when grad is
+    already off, as it is when decoding (the decorator builds and enters a context object on
+    every call: a few microseconds of a batch-1 decode step's attention)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return call

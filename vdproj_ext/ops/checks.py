@@ -66,12 +66,14 @@ def check_softmax_scale(softmax_scale, head_dim) -> float:
 
 
 def check_same_device(named):
-    named = [(n, t) for n, t in named if t is not None]
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} must be on {first.device} like {first_name}, "
-                             f"got {t.device}")
+    first_name, device = None, None
+    for name, t in named:
+        if t is None:
+            continue
+        if device is None:
+            first_name, device = name, t.device
+        elif t.device != device:
+            raise ValueError(f"{name} must be on {device} like {first_name}, got {t.device}")
 
 
 def check_same_dtype(named):

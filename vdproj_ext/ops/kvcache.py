@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 
 from . import aten_paths, checks, reference, routing
-from .backend import resolve_backend
+from .backend import inference_only, resolve_backend
 
 
 def _contiguous(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
-@torch.no_grad()
+@inference_only
 def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None, v=None,
                                  w_c=None, b_c=None, cache_seqlens, causal=True,
                                  softmax_scale=None, backend="auto", k_scale=None, vc_scale=None):

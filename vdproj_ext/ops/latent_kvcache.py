@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from . import aten_paths, checks, reference, routing
+from .backend import inference_only
 
 
-@torch.no_grad()
+@inference_only
 def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r=None, *,
                                     k=None, v=None, w_kc=None, b_kc=None, w_c=None, b_c=None,
                                     cache_seqlens, causal=True, softmax_scale=None,

@@ -75,7 +75,23 @@ def _key_rank(key_latent) -> int:
     return 0 if key_latent is None else key_latent.shape[-1]
 
 
+_latent_paths: dict = {}
+
+
 def latent_path(backend, device, op) -> str:
+    """_choose_latent_path, memoized per (backend, device type, op): what it reads is fixed
+    once the kernels are loaded (has_kernel), and it runs on every decode step of every
+    layer."""
+    key = (backend, device.type, op) if isinstance(backend, str) else None
+    path = _latent_paths.get(key)
+    if path is None:
+        path = _choose_latent_path(backend, device, op)
+        if key is not None:
+            _latent_paths[key] = path
+    return path
+
+
+def _choose_latent_path(backend, device, op) -> str:
     """Which implementation of a latent-key op (SPEC 3b) runs: "kernel" (the compiled `op`),
     "aten" (aten_paths, batched) or "reference".
 
