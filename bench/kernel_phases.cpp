@@ -18,14 +18,22 @@
 #include <string>
 
 #ifndef VDPROJ_MULTI_ISA
-#error "bench/kernel_phases.cpp times the AVX-512 kernels: it needs GCC on x86-64"
+#error "bench/kernel_phases.cpp times the x86-64 kernel variants: it needs GCC on x86-64"
 #endif
 
 #include "kernel_variants.h"
 
 namespace {
 
-using namespace vdproj::cpu::isa_avx512;
+// The variant timed: isa_avx512 unless the build says otherwise (kernel_phases.py --isa).
+#ifndef KERNEL_PHASES_ISA
+#define KERNEL_PHASES_ISA isa_avx512
+#define KERNEL_PHASES_NEEDS Avx512
+#endif
+#define KERNEL_PHASES_STR2(x) #x
+#define KERNEL_PHASES_STR(x) KERNEL_PHASES_STR2(x)
+#define KERNEL_PHASES_NAME KERNEL_PHASES_STR(KERNEL_PHASES_NEEDS)
+using namespace vdproj::cpu::KERNEL_PHASES_ISA;
 
 constexpr int kHeads = 8;
 
@@ -83,8 +91,10 @@ double ns_per_key(int64_t keys, int64_t iters, int phase, int64_t Dr, int64_t Rk
 
 double phase_ns_per_key(const std::string& dtype, int64_t keys, int64_t iters,
                         const std::string& phase, int64_t Dr, int64_t Rk, int64_t Rv) {
-  TORCH_CHECK(vdproj::cpu_isa() == vdproj::Isa::Avx512,
-              "kernel_phases: needs an AVX-512 CPU (it times the AVX-512 kernels)");
+  TORCH_CHECK(static_cast<int>(vdproj::cpu_isa()) >=
+                  static_cast<int>(vdproj::Isa::KERNEL_PHASES_NEEDS),
+              "kernel_phases: this CPU lacks the instruction set of the kernels it was built "
+              "to time (", KERNEL_PHASES_NAME, ")");
   TORCH_CHECK(keys >= kKeyBlock && iters >= 1, "keys: expected at least ", kKeyBlock,
               ", iters at least 1; got ", keys, " and ", iters);
   TORCH_CHECK(Dr % 16 == 0 && Rk % 16 == 0 && Rv % 16 == 0 && Dr > 0 && Rk > 0 && Rv > 0,

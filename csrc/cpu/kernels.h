@@ -775,13 +775,20 @@ inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
                             const typename L::E* l0, const typename L::E* l1, int64_t Dl,
                             int64_t H, A* out0, A* out1, int64_t ldo, const float* kscale0,
                             const float* kscale1, float lscale0, float lscale1) {
+  // Two accumulators per head: eight heads at a time fill 16 of AVX-512's 32 registers. With
+  // AVX2's 16 they spill, so four heads at a time, which converts each shared vector twice:
+  // worth it but for e4m3, whose upcast costs more than the spills (AVX2, one thread, per
+  // position from L1 / L3: float32 step 157 -> 122 / 202 -> 176 ns, bf16 180 -> 149 /
+  // 191 -> 161, int8 179 -> 170 / 190 -> 170, e4m3 459 -> 534 / 480 -> 549;
+  // bench/kernel_phases.py --isa avx2, 2026-12-03).
+  constexpr int kHeads = kVBytes >= 64 || std::is_same<L, E4m3Rows>::value ? 8 : 4;
   auto heads = [&](auto dk) {
     constexpr int kDk = decltype(dk)::value;
     int64_t h = 0;
-    for (; h + 8 <= H; h += 8)
-      key_scores_rows_pair<A, 8, L, kDk>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk,
-                                         l0, l1, Dl, out0 + h * ldo, out1 + h * ldo, ldo,
-                                         kscale0 + h, kscale1 + h, lscale0, lscale1);
+    for (; h + kHeads <= H; h += kHeads)
+      key_scores_rows_pair<A, kHeads, L, kDk>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh,
+                                              Dk, l0, l1, Dl, out0 + h * ldo, out1 + h * ldo,
+                                              ldo, kscale0 + h, kscale1 + h, lscale0, lscale1);
     for (; h < H; ++h)
       key_scores_rows_pair<A, 1, L, kDk>(q + h * ldq, ldq, k0 + h * ksh, k1 + h * ksh, ksh, Dk,
                                          l0, l1, Dl, out0 + h * ldo, out1 + h * ldo, ldo,
