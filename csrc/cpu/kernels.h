@@ -1080,12 +1080,17 @@ void attention_run(const AttnArgs& a) {
   if constexpr (std::is_same<A, float>::value) {
     if (all_stored_as(CacheKind::I8)) fused = FusedRead::kInt8;
     if (all_stored_as(CacheKind::E4M3)) fused = FusedRead::kE4m3;
-    // Stored as the model's dtype: bf16 / fp16 caches, and float32 latent keys as well (two
-    // keys scored at a time, every row of the next block prefetched into L2): 20-23% faster
-    // than the direct path at issue 10's decode shapes, at 1 and 2 threads, and 9-12% in the
-    // causal training forward; an L1 prefetch of V_c on top measured 4-11% slower, and the
-    // V-only layout this way 0-5% slower than direct (same-process A/B, 2026-12-03).
-    if ((kShared || !std::is_same<T, A>::value) && all_stored_as(CacheKind::Model))
+    // Stored as the model's dtype: bf16 / fp16 caches, and with AVX-512 float32 latent keys as
+    // well (two keys scored at a time, every row of the next block prefetched into L2):
+    // 20-23% faster than the direct path at issue 10's decode shapes, at 1 and 2 threads, and
+    // 9-12% in the causal training forward; an L1 prefetch of V_c on top measured 4-11%
+    // slower, and the V-only layout this way 0-5% slower than direct (same-process A/B,
+    // 2026-12-03). On an AVX2-only EPYC the direct path was the faster one for float32 latent
+    // keys, by 32% at (4, 4096) and 37% at (8, 16384) (same-process A/B, 2 threads; there the
+    // next-block L2 prefetch is still the best for bf16: without it 28-31% slower).
+    constexpr bool fused_float32_latent = kVBytes >= 64;
+    if ((!std::is_same<T, A>::value || (kShared && fused_float32_latent)) &&
+        all_stored_as(CacheKind::Model))
       fused = FusedRead::kStorage;
   }
   // Scratch only for blocks converted through it (attend_range's scratch path: mixed storage,
