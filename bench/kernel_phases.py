@@ -41,7 +41,8 @@ def build(isa):
     build_dir.mkdir(parents=True, exist_ok=True)
     flags["cxx"] = [*flags["cxx"], f"-DKERNEL_PHASES_ISA=isa_{isa}",
                     f"-DKERNEL_PHASES_NEEDS={NEEDS[isa]}"]
-    return load(name=f"vdproj_kernel_phases_{isa}", sources=[str(ROOT / "bench" / "kernel_phases.cpp")],
+    return load(name=f"vdproj_kernel_phases_{isa}",
+                sources=[str(ROOT / "bench" / "kernel_phases.cpp")],
                 extra_include_paths=[str(ROOT / "csrc" / "cpu"), str(ROOT / "csrc" / "common")],
                 extra_cflags=flags["cxx"], extra_ldflags=flags["ldflags"],
                 build_directory=str(build_dir), verbose=False)

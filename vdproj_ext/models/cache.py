@@ -245,7 +245,7 @@ class _CacheBase:
         """Checks of cache.attend's arguments: k like q, values (B, T, value_width). Returns
         the step's _StepPlan."""
         return self._check_step(layer_idx, q, {"k": (k, (self.num_heads, self.head_dim)),
-                                        value_name: (values, (value_width,))})
+                                               value_name: (values, (value_width,))})
 
     def _check_step(self, layer_idx, q, new: dict):
         """layer_idx, q (B, T, H, D), the new tokens' tensors (name -> (tensor, its shape
