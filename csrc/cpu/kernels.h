@@ -874,11 +874,15 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // Scores: each key row is read once for all query rows of the tile. Meanwhile prefetch
     // this block's V_c rows into L1 (the rank update walks them column chunk by column chunk,
     // which the hardware prefetcher follows poorly; without it a decode step is about 20%
-    // slower) and, for latent keys, the next block's shared rows into L2 (2-11% faster). The
-    // per-head key rows are left to the hardware prefetcher: prefetching them as well measured
-    // 6-12% slower (next block, into L1 or L2), as did V_c into L2 and K_c two blocks ahead
-    // (bench/cpu_decode.py shapes, 2026-12-02). The fused path reads its rows in place
+    // slower) and, for latent keys with AVX-512, the next block's shared rows into L2 (2-11%
+    // faster). The per-head key rows are left to the hardware prefetcher: prefetching them as
+    // well measured 6-12% slower (next block, into L1 or L2), as did V_c into L2 and K_c two
+    // blocks ahead (bench/cpu_decode.py shapes, 2026-12-02). On the AVX2-only EPYC, where the
+    // AVX2 build reads float32 latent keys on this direct path, the shared rows' prefetch made
+    // it 0-9% slower (three same-process A/Bs at issue 10's shapes, 2026-12-03), so the AVX2
+    // build leaves them to the hardware prefetcher too. The fused path reads its rows in place
     // and prefetches all of the next block's rows into L2 as well.
+    constexpr bool prefetch_shared_rows = kVBytes >= 64;
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     // The fused path scores two keys at a time (key_scores_pair) where a query sees both.
     for (int64_t jj = 0; jj < nk;) {
@@ -890,7 +894,8 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
           // The joint latent's V_c rows are this block's keys: the scores read them already.
           // The fused path's rows are already in L2 (prefetched a block ahead).
           if (!l_is_v && !fused) prefetch_l1(vp + u * vs, R * sizeof(E));
-          if (kShared && u < nk_next) prefetch_l2(lp + (u + kKeyBlock) * ls, Dl * sizeof(E));
+          if (kShared && (fused || prefetch_shared_rows) && u < nk_next)
+            prefetch_l2(lp + (u + kKeyBlock) * ls, Dl * sizeof(E));
           if (fused && u < nk_next) {
             prefetch_l2(kp + (u + kKeyBlock) * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
             if (!l_is_v) prefetch_l2(vp + (u + kKeyBlock) * vs, R * sizeof(E));
