@@ -264,22 +264,24 @@ def bench_train(t, iters):
     return row
 
 
-def train_table(iters):
-    """The training section of the results: one row per T, printed as it is measured."""
-    lines = ["", "## Training: bf16, B=8, H=8, D=64, R=320, causal, forward + backward", "",
+def train_table(iters, row_or_error, lines):
+    """The training section of the results, appended to lines: one row per T, printed as it is
+    measured."""
+    lines += ["", "## Training: bf16, B=8, H=8, D=64, R=320, causal, forward + backward", "",
              "baseline = restore V with a GEMM + SDPA; api = compressed_v_attention(backend="
              "'auto') (path = its shape-based choice); absorbed = the cva_forward / cva_backward "
              "kernels forced.", "",
              "| T | api path | baseline ms | api ms | api / baseline | absorbed ms | "
              "absorbed / baseline |", "|---|---|---|---|---|---|---|"]
     for t in TRAIN_T:
-        r = bench_train(t, max(5, iters // 5))
-        print(f"  train T={t}: baseline {r['baseline_ms']:.3f} ms, api ({r['path']}) "
-              f"{r['api_ms']:.3f} ms, absorbed {r['absorbed_ms']:.3f} ms", flush=True)
-        lines.append(f"| {t} | {r['path']} | {r['baseline_ms']:.3f} | {r['api_ms']:.3f} | "
-                     f"{r['api_ms'] / r['baseline_ms']:.2f} | {r['absorbed_ms']:.3f} | "
-                     f"{r['absorbed_ms'] / r['baseline_ms']:.2f} |")
-    return lines
+        def train_row(t=t):
+            r = bench_train(t, max(5, iters // 5))
+            print(f"  train T={t}: baseline {r['baseline_ms']:.3f} ms, api ({r['path']}) "
+                  f"{r['api_ms']:.3f} ms, absorbed {r['absorbed_ms']:.3f} ms", flush=True)
+            return (f"| {t} | {r['path']} | {r['baseline_ms']:.3f} | {r['api_ms']:.3f} | "
+                    f"{r['api_ms'] / r['baseline_ms']:.2f} | {r['absorbed_ms']:.3f} | "
+                    f"{r['absorbed_ms'] / r['baseline_ms']:.2f} |")
+        row_or_error(lines, f"train T={t}", train_row, 7)
 
 
 def bench_quant_decode(batch, t, cache_dtype, copy_bw, sdpa_us, iters):
@@ -404,31 +406,66 @@ def main(argv=None):
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     latent = list(LATENT_HEADER)
     quant = list(QUANT_HEADER)
-    for batch, t in DECODE_SHAPES:
-        r = bench_decode(batch, t, copy_bw, iters)
-        latent.append(latent_decode_row(batch, t, copy_bw, r["sdpa_us"], iters))
-        for cache_dtype in (torch.int8, torch.float8_e4m3fn):
-            quant.append(quant_decode_row(batch, t, cache_dtype, copy_bw, r["sdpa_us"], iters))
-        print(f"  decode B={batch} T={t}: {r['ours_us']:.1f} us, {r['gbps']:.0f} GB/s "
-              f"({r['pct_copy']:.0f}% of copy), SDPA {r['sdpa_backend']} {r['sdpa_us']:.1f} us, "
-              f"speedup {r['speedup']:.2f}x, err {r['err']:.1e}", flush=True)
-        lines.append(f"| {batch} | {t} | {r['sets']} | {r['ours_us']:.1f} | {r['append_us']:.1f} | "
-                     f"{r['gbps']:.0f} | {r['pct_copy']:.0f}% | {r['sdpa_backend']} | "
-                     f"{r['sdpa_us']:.1f} | {r['sdpa_gbps']:.0f} | {r['speedup']:.2f}x | "
-                     f"{r['err']:.1e} |")
-    lines += latent
-    lines += quant
-    lines += train_table(iters)
-    lines += ["", f"Benchmark wall time: {time.time() - t0:.0f} s"]
-    table = "\n".join(lines)
-    print()
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
+    train = []
+    failures = []
     path = os.path.join(args.out, "gpu_results.md")
-    with open(path, "w") as f:
-        f.write(table + "\n")
+    os.makedirs(args.out, exist_ok=True)
+
+    def write_table():
+        # After every row: a later failure or a time limit still leaves what was measured.
+        with open(path, "w") as f:
+            f.write("\n".join(lines + latent + quant + train) + "\n")
+
+    def row_or_error(table, what, fn, columns):
+        """Append fn()'s row to table; on an exception, a row saying so (and go on)."""
+        try:
+            table.append(fn())
+            return True
+        except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+            msg = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200]
+            print(f"  {what} FAILED: {msg}", flush=True)
+            table.append("| " + what + " | " + " | ".join(["-"] * (columns - 2)) +
+                         f" | FAILED: {msg} |")
+            failures.append(what)
+            try:  # after a sticky CUDA error this fails too; the later rows then say so
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001
+                pass
+            return False
+        finally:
+            write_table()
+
+    for batch, t in DECODE_SHAPES:
+        r = {}
+
+        def decode_row(batch=batch, t=t):
+            r.update(bench_decode(batch, t, copy_bw, iters))
+            print(f"  decode B={batch} T={t}: {r['ours_us']:.1f} us, {r['gbps']:.0f} GB/s "
+                  f"({r['pct_copy']:.0f}% of copy), SDPA {r['sdpa_backend']} "
+                  f"{r['sdpa_us']:.1f} us, speedup {r['speedup']:.2f}x, err {r['err']:.1e}",
+                  flush=True)
+            return (f"| {batch} | {t} | {r['sets']} | {r['ours_us']:.1f} | {r['append_us']:.1f} | "
+                    f"{r['gbps']:.0f} | {r['pct_copy']:.0f}% | {r['sdpa_backend']} | "
+                    f"{r['sdpa_us']:.1f} | {r['sdpa_gbps']:.0f} | {r['speedup']:.2f}x | "
+                    f"{r['err']:.1e} |")
+        row_or_error(lines, f"decode B={batch} T={t}", decode_row, 12)
+        sdpa_us = r.get("sdpa_us", float("nan"))
+        row_or_error(latent, f"latent B={batch} T={t}",
+                     lambda b=batch, t=t: latent_decode_row(b, t, copy_bw, sdpa_us, iters), 7)
+        for cache_dtype in (torch.int8, torch.float8_e4m3fn):
+            row_or_error(quant, f"{cache_dtype} B={batch} T={t}",
+                         lambda b=batch, t=t, c=cache_dtype: quant_decode_row(
+                             b, t, c, copy_bw, sdpa_us, iters), 12)
+    train_table(iters, row_or_error, train)
+    train += ["", f"Benchmark wall time: {time.time() - t0:.0f} s"]
+    write_table()
+    print()
+    print("\n".join(lines + latent + quant + train))
     print(f"\nwritten to {path}")
-    return 0
+    if failures:
+        print(f"bench_gpu: {len(failures)} case(s) failed: {', '.join(failures)}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

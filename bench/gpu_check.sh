@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # One-shot GPU check for a machine with one NVIDIA GPU (written for an H200) and a CUDA build of
-# torch already installed; needs no network. In order, each step time-limited (total < 8 min):
+# torch already installed; needs no network. Every step has its own time limit, cut further to
+# what is left of GPU_CHECK_BUDGET seconds (default 540: a lease's 10-minute command limit, less
+# the transfers); a step with too little time left is skipped and says so. In order:
 #   1. build and install the package: pip install --no-build-isolation --no-deps .
-#   2. the CUDA tests (python_tests/test_cuda.py, and the device-parametrized tests on cuda)
-#   3. compute-sanitizer memcheck and racecheck on small decode and training cases (V-only and
+#   2. the CUDA tests (python_tests/test_cuda.py), every failure listed (no -x)
+#   3. the GPU benchmarks (bench/bench_gpu.py: decode, latent-key decode, quantized-cache decode,
+#      training); the table is rewritten after every row, so a time limit keeps what was measured
+#   4. the device-parametrized tests on cuda (test_attention, test_kvcache, test_latent_ops,
+#      test_cache, test_generate) and the quantized caches' CUDA tests (test_quant_cache)
+#   5. compute-sanitizer memcheck and racecheck on small decode and training cases (V-only and
 #      latent keys; decode also with int8 and float8_e4m3fn caches, appends included)
-#   4. the GPU benchmarks (bench/bench_gpu.py: decode, latent-key decode, quantized-cache decode,
-#      training), which print the results table last
-# Results and logs go to $OUT when set (the device tool's output folder), else bench/.
+# A summary of the steps is printed last. Results and logs go to $OUT when set (the device
+# tool's output folder), else bench/: gpu_check.log and gpu_results.md.
 # Usage: bash bench/gpu_check.sh
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$REPO"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
-export MAX_JOBS="${MAX_JOBS:-8}" PYTHONUNBUFFERED=1
+export MAX_JOBS="${MAX_JOBS:-12}" PYTHONUNBUFFERED=1
+# The installed _C or nothing: a JIT build of the sources would spend the lease compiling.
+export VDPROJ_EXT_NO_JIT=1
+BUDGET="${GPU_CHECK_BUDGET:-540}"
 PY="${PYTHON:-python3}"
 RESULTS="${OUT:-$REPO/bench}"
 mkdir -p "$RESULTS"
@@ -23,30 +31,57 @@ LOG="$RESULTS/gpu_check.log"
 start=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - start ))s] $*" | tee -a "$LOG"; }
 status=0
-fail() { echo "!! $*" | tee -a "$LOG"; status=1; }
+SUMMARY=()
+note() { SUMMARY+=("$*"); echo "-- $*" | tee -a "$LOG"; }
+# limit MAX: MAX seconds, or what is left of the budget (less 15 s for the summary) if less;
+# prints 0 when under 20 s are left, and the step is then skipped.
+limit() {
+  local left=$(( BUDGET - ($(date +%s) - start) - 15 ))
+  (( left < 20 )) && { echo 0; return; }
+  echo $(( left < $1 ? left : $1 ))
+}
+# run_step NAME MAX CMD...: CMD under timeout, its output appended to the log; noted as passed,
+# FAILED (exit code), TIMED OUT or SKIPPED in the summary.
+run_step() {
+  local name="$1" secs t0 rc
+  secs=$(limit "$2"); shift 2
+  if (( secs == 0 )); then note "SKIPPED  $name (budget spent)"; status=1; return 1; fi
+  t0=$(date +%s)
+  timeout "$secs" "$@" >>"$LOG" 2>&1; rc=$?
+  if (( rc == 0 )); then note "passed   $name ($(( $(date +%s) - t0 ))s)"; return 0; fi
+  if (( rc == 124 )); then note "TIMED OUT $name (limit ${secs}s)"; else
+    note "FAILED   $name (exit $rc, $(( $(date +%s) - t0 ))s)"; fi
+  status=1; return 1
+}
 
 stamp "environment"
 { nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"; "$CUDA_HOME/bin/nvcc" --version | tail -1; } 2>&1 | tee -a "$LOG"
 
-stamp "1. build: pip install --no-build-isolation --no-deps . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
-if ! timeout 240 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q . >>"$LOG" 2>&1; then
-  tail -40 "$LOG"; fail "build failed"; exit 1
+stamp "1. build: pip install --no-build-isolation --no-deps . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+if ! run_step "build" 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q .; then
+  tail -60 "$LOG"; printf '%s\n' "${SUMMARY[@]}"; exit 1
 fi
 # Run from outside the source tree so the installed package (with _C) is imported.
 cd /tmp
 "$PY" -c "import json, vdproj_ext; print(json.dumps(vdproj_ext.backend_info()))" 2>&1 | tee -a "$LOG"
 
-stamp "2. CUDA tests"
-if ! timeout 240 "$PY" -m pytest -q -x -p no:cacheprovider --benchmark-disable \
-    "$REPO/python_tests/test_cuda.py" >>"$LOG" 2>&1; then fail "test_cuda.py failed"; fi
-tail -5 "$LOG"
-if ! timeout 90 "$PY" -m pytest -q -p no:cacheprovider --benchmark-disable -k cuda \
-    "$REPO/python_tests/test_attention.py" "$REPO/python_tests/test_kvcache.py" \
-    "$REPO/python_tests/test_latent_ops.py" >>"$LOG" 2>&1; then
-  fail "device-parametrized tests failed on cuda"; fi
-tail -3 "$LOG"
+stamp "2. CUDA tests: python_tests/test_cuda.py"
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider --benchmark-disable)
+run_step "test_cuda.py" 150 "${PYTEST[@]}" "$REPO/python_tests/test_cuda.py"
+grep -E "^(FAILED|ERROR) | in [0-9.]+s" "$LOG" | tail -25
 
-stamp "3. compute-sanitizer (memcheck, racecheck) on small cases"
+stamp "3. GPU benchmarks"
+run_step "bench_gpu.py" 170 "$PY" "$REPO/bench/bench_gpu.py" --out "$RESULTS"
+grep -E "FAILED|^  (decode|latent|int8|float8|train)" "$LOG" | tail -25
+
+stamp "4. device-parametrized tests on cuda, and the quantized caches' CUDA tests"
+run_step "tests -k cuda" 120 "${PYTEST[@]}" -k cuda \
+  "$REPO/python_tests/test_attention.py" "$REPO/python_tests/test_kvcache.py" \
+  "$REPO/python_tests/test_latent_ops.py" "$REPO/python_tests/test_quant_cache.py" \
+  "$REPO/python_tests/test_cache.py" "$REPO/python_tests/test_generate.py"
+grep -E "^(FAILED|ERROR) | in [0-9.]+s" "$LOG" | tail -25
+
+stamp "5. compute-sanitizer (memcheck, racecheck) on small cases"
 SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
 SMALL='
 import torch, vdproj_ext
@@ -101,19 +136,14 @@ print("sanitizer case ok", torch.isfinite(o).all().item(), torch.isfinite(o1).al
 '
 if [[ -x "$SAN" ]]; then
   for tool in memcheck racecheck; do
-    if timeout 90 "$SAN" --tool "$tool" --error-exitcode 9 --print-limit 20 "$PY" -c "$SMALL" >>"$LOG" 2>&1; then
-      echo "compute-sanitizer $tool: clean" | tee -a "$LOG"
-    else
-      fail "compute-sanitizer $tool reported errors (or timed out)"; tail -30 "$LOG"
-    fi
+    run_step "compute-sanitizer $tool" 90 "$SAN" --tool "$tool" --error-exitcode 9 \
+      --print-limit 20 "$PY" -c "$SMALL" || grep -E "=========" "$LOG" | tail -20
   done
 else
-  echo "compute-sanitizer not found; skipped" | tee -a "$LOG"
+  note "SKIPPED  compute-sanitizer (not found)"
 fi
 
-stamp "4. GPU benchmarks"
-if ! timeout 180 "$PY" "$REPO/bench/bench_gpu.py" --out "$RESULTS" 2>&1 | tee -a "$LOG"; then
-  fail "benchmark failed"; fi
-
 stamp "done (status $status); log: $LOG, table: $RESULTS/gpu_results.md"
+[[ -f "$RESULTS/gpu_results.md" ]] && cat "$RESULTS/gpu_results.md"
+echo; echo "== summary"; printf '%s\n' "${SUMMARY[@]}"
 exit $status

@@ -101,19 +101,20 @@ def make_caches(shapes, storage, lens, g):
 
 
 def make_args(storage, model_dtype, case, rope_dim=None, joint=False, seed=0, heads=H,
-              head_dim=D):
-    """All arguments of one call, as a dict. rope_dim None: the V-only op (k_cache, vc_cache);
-    else the latent-key op. storage: cache name -> its dtype (None: the model's)."""
+              head_dim=D, k_rank=RK, v_rank=RV, t_max=TMAX):
+    """All arguments of one call, as a dict, on the CPU. rope_dim None: the V-only op (k_cache,
+    vc_cache); else the latent-key op. storage: cache name -> its dtype (None: the model's)."""
     lens, tq, t_new, causal = CASES[case] if isinstance(case, str) else case
     b, h, d = len(lens), heads, head_dim
     if rope_dim is None:
-        shapes = dict(k_cache=(b, TMAX, h, d), vc_cache=(b, TMAX, RV))
-        step = make_step(b, tq, t_new, h, d, RV, "cpu", model_dtype, seed=seed + 1)
+        shapes = dict(k_cache=(b, t_max, h, d), vc_cache=(b, t_max, v_rank))
+        step = make_step(b, tq, t_new, h, d, v_rank, "cpu", model_dtype, seed=seed + 1)
     else:
-        shapes = dict(krope_cache=(b, TMAX, h, rope_dim),
-                      kc_cache=None if joint else (b, TMAX, RK), vc_cache=(b, TMAX, RV))
-        step = make_latent_step(b, tq, t_new, h, d, rope_dim, RK, RV, "cpu", model_dtype,
-                                joint=joint, seed=seed + 1)
+        shapes = dict(krope_cache=(b, t_max, h, rope_dim),
+                      kc_cache=None if joint else (b, t_max, k_rank),
+                      vc_cache=(b, t_max, v_rank))
+        step = make_latent_step(b, tq, t_new, h, d, rope_dim, k_rank, v_rank, "cpu",
+                                model_dtype, joint=joint, seed=seed + 1)
     storage = {n: (storage.get(n) or model_dtype) for n in shapes}
     caches = make_caches(shapes, storage, lens, torch.Generator().manual_seed(seed))
     return dict(step, **caches, cache_seqlens=torch.tensor(lens, dtype=torch.int32),
@@ -721,3 +722,52 @@ def test_quantize_into_rejects_overflow_and_writes_nothing():
         torch.ops.vdproj_ext.quantize_into(cache.float(), scale, torch.randn(2, 1, 8),
                                            torch.tensor([0, 0], dtype=torch.int32))
     assert torch.equal(cache, before[0]) and torch.equal(scale, before[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The CUDA kernels (skipped without a GPU): the outputs and written rows of sections 1 and 2,
+# on shapes the kernels take (head_dim 64, ranks multiples of 8) and a cache long enough for
+# several blocks of rows; the caches go to the GPU, the checks run on what comes back.
+
+CUDA_CASES = {  # (seqlens, Tq, Tnew, causal), Tmax 203
+    "decode": ([117, 0, 202], 1, 1, True),
+    "chunk": ([0, 41, 200], 3, 3, True),
+    "read": ([150, 0, 203], 2, 0, True),
+    "chunk-full": ([77, 1, 0], 2, 2, False),
+}
+CUDA_LAYOUTS = {"v-only": (None, False), "latent-dr16": (16, False), "latent-dr0": (0, False),
+                "joint-dr16": (16, True)}
+
+
+def on_device(a, device):
+    return {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
+
+
+def takes_kernel_path(g):
+    from vdproj_ext.ops import routing
+    if "k_cache" in g:
+        return not routing.kvcache_uses_batched_aten(g["q"], g["k_cache"], g["vc_cache"],
+                                                     g["w_r"], g["k"], g["v"], g["w_c"])
+    return not routing.ckv_kvcache_uses_batched_aten(
+        g["q"], g["krope_cache"], g["kc_cache"], g["vc_cache"], g["w_r"], g["k"], g["v"],
+        g["w_kc"], g["w_c"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", list(CUDA_CASES))
+@pytest.mark.parametrize("layout", list(CUDA_LAYOUTS))
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("cache_dtype", QUANT_DTYPES, ids=QUANT_IDS)
+def test_cuda_kernels_against_float64(cache_dtype, model_dtype, layout, case):
+    rope_dim, joint = CUDA_LAYOUTS[layout]
+    a = make_args(uniform_storage(cache_dtype), model_dtype, CUDA_CASES[case], rope_dim, joint,
+                  heads=8, head_dim=64, k_rank=96, v_rank=136, t_max=203)
+    before = snapshot(a)
+    g = on_device(a, "cuda")
+    assert takes_kernel_path(g), "the CUDA kernels should take this case"
+    out = call(g, "ext")
+    torch.cuda.synchronize()
+    a = on_device(g, "cpu")
+    check_output(a, out.cpu(), model_dtype)
+    if a["k"] is not None:
+        check_written_rows(a, before)
