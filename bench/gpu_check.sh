@@ -3,6 +3,8 @@
 # torch already installed; needs no network. Every step has its own time limit, cut further to
 # what is left of GPU_CHECK_BUDGET seconds (default 540: a lease's 10-minute command limit, less
 # the transfers); a step with too little time left is skipped and says so. In order:
+#   0. a toolchain probe (bench/toolchain/): the first C++ compiler whose small module, loaded
+#      into torch's process, builds c10 messages and throws c10 errors cleanly builds the package
 #   1. build and install the package: pip install --no-build-isolation --no-deps .
 #   2. the CUDA tests (python_tests/test_cuda.py), every failure listed (no -x)
 #   3. the GPU benchmarks (bench/bench_gpu.py: decode, latent-key decode, quantized-cache decode,
@@ -57,6 +59,23 @@ run_step() {
 stamp "environment"
 { nvidia-smi -L; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"; "$CUDA_HOME/bin/nvcc" --version | tail -1; } 2>&1 | tee -a "$LOG"
 
+stamp "0. toolchain probe: c10 messages and exceptions from a module each compiler builds (CC=${CC:-} CXX=${CXX:-})"
+# The extension built by the image's default compiler crashed on its first error message on
+# the 2026-12-04 lease; build with the first compiler whose probe module does not.
+CANDIDATES=("${CXX:-c++}")
+for c in /usr/bin/g++ /usr/bin/g++-1[0-9]; do [[ -x "$c" ]] && CANDIDATES+=("$c"); done
+if PROBE_CHOICE=/tmp/vdproj_cxx timeout 120 bash "$REPO/bench/toolchain/probe.sh" "$PY" \
+    "${CANDIDATES[@]}" 2>&1 | tee -a "$LOG"; then
+  chosen="$(cat /tmp/vdproj_cxx)"
+  if [[ "$chosen" != "${CXX:-c++}" ]]; then
+    export CXX="$chosen" CC="${chosen/%g++/gcc}"
+    [[ -x "$CC" ]] || export CC="${chosen%/*}/gcc"
+  fi
+  note "toolchain: building with CXX=${CXX:-c++} CC=${CC:-cc}"
+else
+  note "toolchain: no compiler passed the probe; building with the default"
+fi
+
 stamp "1. build: pip install --no-build-isolation --no-deps . (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 if ! run_step "build" 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index -q .; then
   tail -60 "$LOG"; printf '%s\n' "${SUMMARY[@]}"; exit 1
@@ -86,6 +105,8 @@ SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
 SMALL='
 import torch, vdproj_ext
 from vdproj_ext import ops
+from vdproj_ext.ops.backend import load_kernels
+load_kernels()  # registers torch.ops.vdproj_ext.*
 dev, dt = "cuda", torch.bfloat16
 torch.manual_seed(0)
 B, T, H, D, R = 2, 300, 8, 64, 320

@@ -97,7 +97,7 @@ RestoreGrads restore_backward(const at::Tensor& grad_out, const at::Tensor& w_r,
   g.dctx = at::matmul(dout_h, w).transpose(0, 1).contiguous();  // (B*Tq, H, R)
   g.delta = (g.dctx.view({B, Tq, H, R}) * ctx_f).sum(-1).permute({0, 2, 1}).contiguous();
   g.dw = at::matmul(dout_h.transpose(1, 2), ctx_h).reshape({H * D, R});
-  g.db = dout.sum({0, 1}).reshape({H * D});
+  g.db = dout.sum(at::IntArrayRef{0, 1}).reshape({H * D});
   return g;
 }
 
