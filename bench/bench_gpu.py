@@ -20,6 +20,12 @@
 3. Training, bf16, B=8, T in {128, 1024, 4096}, H=8, D=64, R=320, causal, forward + backward:
    the public API (backend "auto": the shape-based choice of vdproj_ext.ops.routing), the
    absorbed kernels forced, and the baseline "restore V with a GEMM + SDPA".
+4. Where a decode step's device time goes: torch.profiler's CUDA kernel times of one call
+   (V-only and latent-key, bf16 and int8 caches, with and without an append) at (1, 32768)
+   and (128, 2048), kernel by kernel: the split attention, the combine, the restore, the
+   compress-on-write. The first H200 run (bench/RESULTS.md, 2026-12-04) found the decode
+   kernels at 19-43% of copy bandwidth and no faster with half the bytes: this says which
+   kernel to look at.
 Prints a markdown table and writes it to DIR/gpu_results.md (DIR: --out, else $OUT, else bench/).
 This file has no test functions: pytest collects it (pyproject python_files) and finds nothing.
 """
@@ -375,6 +381,73 @@ def quant_decode_row(batch, t, cache_dtype, copy_bw, sdpa_us, iters):
             f"{k['err_v']:.1e} / {k['err_l']:.1e} |")
 
 
+BREAKDOWN_SHAPES = [(1, 32768), (128, 2048)]
+BREAKDOWN_HEADER = (
+    "", "## Where a decode step's device time goes (torch.profiler, CUDA kernels)", "",
+    "Device microseconds per call, kernel by kernel (the mean over the profiled calls, no CUDA "
+    "graph), for one input set; launches = kernel launches per call. The graph-replay tables "
+    "above time the same calls back to back.", "",
+    "| case | B | T | kernel | launches | us per call |", "|---|---|---|---|---|---|")
+
+
+def breakdown_rows(batch, t, calls_per_case=20):
+    """Rows of BREAKDOWN_HEADER at (B, T): per case, each CUDA kernel's device time per call,
+    then the case's total."""
+    from torch.profiler import ProfilerActivity, profile
+    from vdproj_ext.ops.backend import load_kernels
+    from vdproj_ext.ops.quant import quantize_rows
+    ops_ = load_kernels()
+    dt, scale = torch.bfloat16, D ** -0.5
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dt)
+    w_r, b_r = (rnd(H * D, R) / R ** 0.5), rnd(H * D)
+    w_c, w_kr = rnd(R, H * D) / (H * D) ** 0.5, rnd(H * (D - DR), RK) / RK ** 0.5
+    full = torch.full((batch,), t, dtype=torch.int32, device="cuda")
+    minus1 = full - 1
+    q, k1, v1 = rnd(batch, 1, H, D), rnd(batch, 1, H, D), rnd(batch, 1, H * D)
+    kc, vc, kr, kl = rnd(batch, t, H, D), rnd(batch, t, R), rnd(batch, t, H, DR), rnd(batch, t, RK)
+    q8 = {n: quantize_rows(x.float(), torch.int8) for n, x in
+          dict(kc=kc, vc=vc, kr=kr, kl=kl).items()}
+    cases = {
+        "V-only bf16": lambda: ops_.kvcache_attention(q, kc, vc, w_r, b_r, None, None, None, None,
+                                                      full, True, scale),
+        "V-only bf16 +append": lambda: ops_.kvcache_attention(q, kc, vc, w_r, b_r, k1, v1, w_c,
+                                                              None, minus1, True, scale),
+        "V-only int8": lambda: ops_.kvcache_attention(
+            q, q8["kc"][0], q8["vc"][0], w_r, b_r, None, None, None, None, full, True, scale,
+            q8["kc"][1], q8["vc"][1]),
+        "latent bf16": lambda: ops_.ckv_kvcache_attention(
+            q, kr, kl, vc, w_kr, w_r, b_r, None, None, None, None, None, None, full, True, scale),
+        "latent int8": lambda: ops_.ckv_kvcache_attention(
+            q, q8["kr"][0], q8["kl"][0], q8["vc"][0], w_kr, w_r, b_r, None, None, None, None,
+            None, None, full, True, scale, q8["kr"][1], q8["kl"][1], q8["vc"][1]),
+    }
+    rows = []
+    for name, fn in cases.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls_per_case):
+                fn()
+            torch.cuda.synchronize()
+        total = 0.0
+        for e in sorted(prof.key_averages(), key=lambda e: e.key):
+            us = (getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0) or 0)
+            if us <= 0 or e.key.startswith("cuda") or "Memcpy" in e.key or "Memset" in e.key:
+                continue
+            total += us / calls_per_case
+            rows.append(f"| {name} | {batch} | {t} | `{e.key[:60]}` | "
+                        f"{e.count / calls_per_case:g} | {us / calls_per_case:.1f} |")
+        rows.append(f"| {name} | {batch} | {t} | **all kernels** | | **{total:.1f}** |")
+        print(f"  breakdown {name} B={batch} T={t}: {total:.1f} us of kernels per call",
+              flush=True)
+    del kc, vc, kr, kl, q8
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.dirname(__file__))
@@ -407,6 +480,7 @@ def main(argv=None):
     latent = list(LATENT_HEADER)
     quant = list(QUANT_HEADER)
     train = []
+    breakdown = []
     failures = []
     path = os.path.join(args.out, "gpu_results.md")
     os.makedirs(args.out, exist_ok=True)
@@ -414,7 +488,7 @@ def main(argv=None):
     def write_table():
         # After every row: a later failure or a time limit still leaves what was measured.
         with open(path, "w") as f:
-            f.write("\n".join(lines + latent + quant + train) + "\n")
+            f.write("\n".join(lines + latent + quant + train + breakdown) + "\n")
 
     def row_or_error(table, what, fn, columns):
         """Append fn()'s row to table; on an exception, a row saying so (and go on)."""
@@ -458,10 +532,22 @@ def main(argv=None):
                          lambda b=batch, t=t, c=cache_dtype: quant_decode_row(
                              b, t, c, copy_bw, sdpa_us, iters), 12)
     train_table(iters, row_or_error, train)
-    train += ["", f"Benchmark wall time: {time.time() - t0:.0f} s"]
+    for batch, t in BREAKDOWN_SHAPES:
+        try:
+            rows = breakdown_rows(batch, t)
+        except Exception as exc:  # noqa: BLE001 - diagnostic only; keep the tables above
+            msg = f"{type(exc).__name__}: {exc}".replace("|", "/").replace("\n", " ")[:200]
+            print(f"  breakdown B={batch} T={t} FAILED: {msg}", flush=True)
+            failures.append(f"breakdown B={batch} T={t}")
+            rows = [f"| - | {batch} | {t} | FAILED: {msg} | | |"]
+        if not breakdown:
+            breakdown.extend(BREAKDOWN_HEADER)
+        breakdown.extend(rows)
+        write_table()
+    breakdown += ["", f"Benchmark wall time: {time.time() - t0:.0f} s"]
     write_table()
     print()
-    print("\n".join(lines + latent + quant + train))
+    print("\n".join(lines + latent + quant + train + breakdown))
     print(f"\nwritten to {path}")
     if failures:
         print(f"bench_gpu: {len(failures)} case(s) failed: {', '.join(failures)}")

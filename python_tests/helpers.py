@@ -39,24 +39,24 @@ def run_attention(inputs, backend, causal, grad_out=None, scale=None):
     return out.detach(), grads
 
 
-def check_low_precision_against_reference(run, x64, dtype, causal, grad_out):
+def check_low_precision_against_reference(run, x64, dtype, causal, grad_out, factor=2.0):
     """run(inputs, backend, causal, grad_out) -> (out, grads) on inputs rounded to `dtype`: the
-    "ext" forward and gradient errors against float64 (on the same rounded inputs) at most twice
-    those of the float32-accumulating reference in that dtype, the forward within the dtype's
-    tolerance."""
+    "ext" forward and gradient errors against float64 (on the same rounded inputs) at most
+    `factor` (2) times those of the float32-accumulating reference in that dtype, the forward
+    within the dtype's tolerance."""
     xlow = {n: (v.to(dtype) if v is not None else None) for n, v in x64.items()}
     exact_out, exact_grads = run(to_float64(xlow), "reference", causal, grad_out)
     ref_out, ref_grads = run(xlow, "reference", causal, grad_out)
     out, grads = run(xlow, "ext", causal, grad_out)
     assert out.dtype == dtype
     err, ref_err = rel_error(out, exact_out), rel_error(ref_out, exact_out)
-    assert err <= 2 * ref_err, (err, ref_err)
+    assert err <= factor * ref_err, (err, ref_err)
     assert err < TOLERANCES[dtype]
     for name in exact_grads:
         err = rel_error(grads[name], exact_grads[name])
         ref_err = rel_error(ref_grads[name], exact_grads[name])
         assert grads[name].dtype == dtype
-        assert err <= 2 * ref_err, (name, err, ref_err)
+        assert err <= factor * ref_err, (name, err, ref_err)
 
 
 # ---- compressed_attn_with_kvcache ---------------------------------------------------------------

@@ -726,8 +726,9 @@ def test_quantize_into_rejects_overflow_and_writes_nothing():
 
 # ---------------------------------------------------------------------------------------------
 # 8. The CUDA kernels (skipped without a GPU): the outputs and written rows of sections 1 and 2,
-# on shapes the kernels take (head_dim 64, ranks multiples of 8) and a cache long enough for
-# several blocks of rows; the caches go to the GPU, the checks run on what comes back.
+# on shapes the kernels take (head_dim 64; with a quantized cache every row width a multiple of
+# 16) and a cache long enough for several blocks of rows; the caches go to the GPU, the checks
+# run on what comes back.
 
 CUDA_CASES = {  # (seqlens, Tq, Tnew, causal), Tmax 203
     "decode": ([117, 0, 202], 1, 1, True),
@@ -761,7 +762,7 @@ def takes_kernel_path(g):
 def test_cuda_kernels_against_float64(cache_dtype, model_dtype, layout, case):
     rope_dim, joint = CUDA_LAYOUTS[layout]
     a = make_args(uniform_storage(cache_dtype), model_dtype, CUDA_CASES[case], rope_dim, joint,
-                  heads=8, head_dim=64, k_rank=96, v_rank=136, t_max=203)
+                  heads=8, head_dim=64, k_rank=96, v_rank=144, t_max=203)
     before = snapshot(a)
     g = on_device(a, "cuda")
     assert takes_kernel_path(g), "the CUDA kernels should take this case"

@@ -18,9 +18,11 @@ from __future__ import annotations
 from .. import bindings
 from .backend import has_kernel, resolve_backend
 
-# PLACEHOLDER until measured on a GPU (bench/bench_gpu.py prints both paths side by side): the
-# absorbed kernel spends 2*(D+R) CUDA-core flops per (query, key, head); restore-then-SDPA spends
-# 4*D tensor-core flops plus one (Tk x R x H*D) GEMM, so it should win once Tq*Tk is large.
+# The absorbed kernel spends 2*(D+R) CUDA-core flops per (query, key, head); restore-then-SDPA
+# spends 4*D tensor-core flops plus one (Tk x R x H*D) GEMM, so it wins once Tq*Tk is large.
+# Measured on an H200 (bench/RESULTS.md, 2026-12-04; bf16, B=8, H=8, D=64, R=320, forward +
+# backward): at Tq = Tk = 128, this threshold, the absorbed kernels were already 4.2x slower.
+# Smaller shapes are unmeasured, so the threshold stays until bench/bench_gpu.py measures them.
 _CVA_COMPOSITE_MIN_QK = 128 * 128
 
 
