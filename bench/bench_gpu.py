@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -438,7 +439,9 @@ def breakdown_rows(batch, t, calls_per_case=20):
             if us <= 0 or e.key.startswith("cuda") or "Memcpy" in e.key or "Memset" in e.key:
                 continue
             total += us / calls_per_case
-            rows.append(f"| {name} | {batch} | {t} | `{e.key[:60]}` | "
+            kernel = re.search(r"\w+_kernel(<[^()]*>)?", e.key)  # drop namespaces and params
+            label = (kernel.group(0) if kernel else e.key)[:70]
+            rows.append(f"| {name} | {batch} | {t} | `{label}` | "
                         f"{e.count / calls_per_case:g} | {us / calls_per_case:.1f} |")
         rows.append(f"| {name} | {batch} | {t} | **all kernels** | | **{total:.1f}** |")
         print(f"  breakdown {name} B={batch} T={t}: {total:.1f} us of kernels per call",

@@ -13,8 +13,11 @@
 #      test_cache, test_generate) and the quantized caches' CUDA tests (test_quant_cache)
 #   5. compute-sanitizer memcheck and racecheck on small decode and training cases (V-only and
 #      latent keys; decode also with int8 and float8_e4m3fn caches, appends included)
+#   6. Nsight Compute (clocks as found) on the decode kernels of bench/gpu_ncu_workload.py:
+#      duration, DRAM and SM throughput, occupancy, launch sizes ($OUT/ncu_summary.txt)
 # A summary of the steps is printed last. Results and logs go to $OUT when set (the device
-# tool's output folder), else bench/: gpu_check.log and gpu_results.md.
+# tool's output folder), else bench/: gpu_check.log, gpu_results.md, ncu_decode.ncu-rep and
+# ncu_summary.txt.
 # Usage: bash bench/gpu_check.sh
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -162,6 +165,23 @@ if [[ -x "$SAN" ]]; then
   done
 else
   note "SKIPPED  compute-sanitizer (not found)"
+fi
+
+stamp "6. Nsight Compute on the decode kernels (bench/gpu_ncu_workload.py), if time is left"
+NCU="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+if [[ -x "$NCU" ]]; then
+  # Clocks as found (--clock-control none): the lease must not change the card's settings.
+  run_step "ncu" 90 "$NCU" --clock-control none --target-processes all \
+    -k regex:"attn_fwd|latent_attn|latent_query|combine|restore" \
+    --section SpeedOfLight --section Occupancy --section LaunchStats \
+    -o "$RESULTS/ncu_decode" -f "$PY" "$REPO/bench/gpu_ncu_workload.py" &&
+    "$NCU" --import "$RESULTS/ncu_decode.ncu-rep" --print-summary per-kernel \
+      >"$RESULTS/ncu_summary.txt" 2>&1
+  [[ -f "$RESULTS/ncu_summary.txt" ]] &&
+    grep -E "^  [a-z_]+kernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Grid Size" \
+      "$RESULTS/ncu_summary.txt" | head -60
+else
+  note "SKIPPED  ncu (not found)"
 fi
 
 stamp "done (status $status); log: $LOG, table: $RESULTS/gpu_results.md"
