@@ -17,9 +17,10 @@
    A fourth table times both decode ops with quantized caches (SPEC 3c), int8 and float8_e4m3fn
    with float32 row scales, at the same shapes: the V-only op (and with append: quantize-on-
    write of one new token) and the latent-key op; GB/s counts the 1-byte rows and their scales.
-3. Training, bf16, B=8, T in {128, 1024, 4096}, H=8, D=64, R=320, causal, forward + backward:
-   the public API (backend "auto": the shape-based choice of vdproj_ext.ops.routing), the
-   absorbed kernels forced, and the baseline "restore V with a GEMM + SDPA".
+3. Training, bf16, B=8, T in {64, 128, 1024, 4096}, H=8, D=64, R=320, causal, forward +
+   backward, for the V-only op and the latent-key op (Dr=16, Rk=192): the public API (backend
+   "auto": the shape-based choice of vdproj_ext.ops.routing), the absorbed kernels forced, and
+   the baseline "restore with GEMMs + SDPA".
 4. Where a decode step's device time goes: torch.profiler's CUDA kernel times of one call
    (V-only and latent-key, bf16 and int8 caches, with and without an append) at (1, 32768)
    and (128, 2048), kernel by kernel: the split attention, the combine, the restore, the
@@ -46,7 +47,7 @@ H, D, R = 8, 64, 320
 DR, RK = 16, 192  # latent keys: rotary dims per head, key latent rank (values: R)
 L2_BYTES = 60 * 2 ** 20
 DECODE_SHAPES = [(1, 32768), (32, 4096), (128, 2048)]
-TRAIN_T = [128, 1024, 4096]
+TRAIN_T = [64, 128, 1024, 4096]  # 64: below the API's composite threshold (128 x 128)
 
 
 def event_median(fn, iters, warmup=3):
@@ -233,62 +234,92 @@ def sdpa_decode_ms(batch, t, sets, scale, iters):
     return sdpa
 
 
-def bench_train(t, iters):
-    from vdproj_ext.ops import CompressedVAttentionFunction, compressed_v_attention
-    from vdproj_ext.ops.routing import cva_uses_restore_then_sdpa
+def bench_train(t, iters, latent=False):
+    """Forward + backward at B=8, T: baseline (restore with GEMMs, then SDPA), the API (its
+    shape-based choice) and the absorbed kernels forced; the V-only op, or with latent=True the
+    latent-key op (Dr=16, Rk=192)."""
+    from vdproj_ext import reference
+    from vdproj_ext.ops import (CompressedKVAttentionFunction, CompressedVAttentionFunction,
+                                compressed_kv_attention, compressed_v_attention)
+    from vdproj_ext.ops.routing import ckv_uses_restore_keys_then_sdpa, cva_uses_restore_then_sdpa
     dt, batch, scale = torch.bfloat16, 8, D ** -0.5
-    q = torch.randn(batch, t, H, D, device="cuda", dtype=dt, requires_grad=True)
-    k = torch.randn(batch, t, H, D, device="cuda", dtype=dt, requires_grad=True)
-    v_c = torch.randn(batch, t, R, device="cuda", dtype=dt, requires_grad=True)
-    w_r = (torch.randn(H * D, R, device="cuda") / R ** 0.5).to(dt).requires_grad_()
-    b_r = torch.randn(H * D, device="cuda", dtype=dt, requires_grad=True)
+
+    def leaf(*shape, div=1.0):
+        return (torch.randn(*shape, device="cuda") / div).to(dt).requires_grad_()
+    q, v_c = leaf(batch, t, H, D), leaf(batch, t, R)
+    w_r, b_r = leaf(H * D, R, div=R ** 0.5), leaf(H * D)
+    if latent:
+        k_rope, k_c, w_kr = leaf(batch, t, H, DR), leaf(batch, t, RK), leaf(H * (D - DR), RK,
+                                                                             div=RK ** 0.5)
+        leaves = (q, k_rope, k_c, v_c, w_kr, w_r, b_r)
+        composite = ckv_uses_restore_keys_then_sdpa(q, k_rope, k_c, v_c, needs_grad=True)
+
+        def api():
+            return compressed_kv_attention(q, k_rope, k_c, v_c, w_kr, w_r, b_r, causal=True,
+                                           backend="auto")
+
+        def absorbed():
+            return CompressedKVAttentionFunction.apply(q, k_rope, k_c, v_c, w_kr, w_r, b_r, True,
+                                                       scale, "ext")
+
+        def keys():
+            return reference.restore_keys(k_rope, k_c, w_kr)
+    else:
+        k = leaf(batch, t, H, D)
+        leaves = (q, k, v_c, w_r, b_r)
+        composite = cva_uses_restore_then_sdpa(q, k, v_c, needs_grad=True)
+
+        def api():
+            return compressed_v_attention(q, k, v_c, w_r, b_r, causal=True, backend="auto")
+
+        def absorbed():
+            return CompressedVAttentionFunction.apply(q, k, v_c, w_r, b_r, True, scale, "ext")
+
+        def keys():
+            return k
     gout = torch.randn(batch, t, H, D, device="cuda", dtype=dt)
-    leaves = (q, k, v_c, w_r, b_r)
 
     def step(forward):
         for x in leaves:
             x.grad = None
         forward().backward(gout)
 
-    def api():
-        return compressed_v_attention(q, k, v_c, w_r, b_r, causal=True, backend="auto")
-
-    def absorbed():
-        return CompressedVAttentionFunction.apply(q, k, v_c, w_r, b_r, True, scale, "ext")
-
     def baseline():
         v_r = F.linear(v_c, w_r, b_r).view(batch, t, H, D)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys().transpose(1, 2),
                                               v_r.transpose(1, 2), is_causal=True,
                                               scale=scale).transpose(1, 2)
 
-    path = "composite" if cva_uses_restore_then_sdpa(q, k, v_c, needs_grad=True) else "absorbed"
-    row = dict(T=t, path=path)
+    row = dict(T=t, path="composite" if composite else "absorbed")
     row["baseline_ms"] = event_median(lambda: step(baseline), iters)
     row["api_ms"] = event_median(lambda: step(api), iters)
-    row["absorbed_ms"] = event_median(lambda: step(absorbed), max(3, iters // 4 if t >= 4096 else iters),
+    row["absorbed_ms"] = event_median(lambda: step(absorbed),
+                                      max(3, iters // 4 if t >= 4096 else iters),
                                       warmup=1 if t >= 4096 else 3)
     return row
 
 
 def train_table(iters, row_or_error, lines):
-    """The training section of the results, appended to lines: one row per T, printed as it is
-    measured."""
-    lines += ["", "## Training: bf16, B=8, H=8, D=64, R=320, causal, forward + backward", "",
-             "baseline = restore V with a GEMM + SDPA; api = compressed_v_attention(backend="
-             "'auto') (path = its shape-based choice); absorbed = the cva_forward / cva_backward "
-             "kernels forced.", "",
-             "| T | api path | baseline ms | api ms | api / baseline | absorbed ms | "
-             "absorbed / baseline |", "|---|---|---|---|---|---|---|"]
-    for t in TRAIN_T:
-        def train_row(t=t):
-            r = bench_train(t, max(5, iters // 5))
-            print(f"  train T={t}: baseline {r['baseline_ms']:.3f} ms, api ({r['path']}) "
-                  f"{r['api_ms']:.3f} ms, absorbed {r['absorbed_ms']:.3f} ms", flush=True)
-            return (f"| {t} | {r['path']} | {r['baseline_ms']:.3f} | {r['api_ms']:.3f} | "
-                    f"{r['api_ms'] / r['baseline_ms']:.2f} | {r['absorbed_ms']:.3f} | "
-                    f"{r['absorbed_ms'] / r['baseline_ms']:.2f} |")
-        row_or_error(lines, f"train T={t}", train_row, 7)
+    """The training sections of the results, appended to lines: one row per (op, T), printed
+    as it is measured."""
+    for latent in (False, True):
+        what = (f"latent keys (Dr={DR}, Rk={RK}, Rv={R}), compressed_kv_attention" if latent
+                else f"V-only (R={R}), compressed_v_attention")
+        lines += ["", f"## Training, {what}: bf16, B=8, H={H}, D={D}, causal, forward + backward",
+                  "", "baseline = restore with GEMMs + SDPA; api = backend 'auto' (path = its "
+                  "shape-based choice); absorbed = the absorbed training kernels forced.", "",
+                  "| T | api path | baseline ms | api ms | api / baseline | absorbed ms | "
+                  "absorbed / baseline |", "|---|---|---|---|---|---|---|"]
+        for t in TRAIN_T:
+            def train_row(t=t, latent=latent):
+                r = bench_train(t, max(5, iters // 5), latent)
+                print(f"  train {'latent' if latent else 'V-only'} T={t}: baseline "
+                      f"{r['baseline_ms']:.3f} ms, api ({r['path']}) {r['api_ms']:.3f} ms, "
+                      f"absorbed {r['absorbed_ms']:.3f} ms", flush=True)
+                return (f"| {t} | {r['path']} | {r['baseline_ms']:.3f} | {r['api_ms']:.3f} | "
+                        f"{r['api_ms'] / r['baseline_ms']:.2f} | {r['absorbed_ms']:.3f} | "
+                        f"{r['absorbed_ms'] / r['baseline_ms']:.2f} |")
+            row_or_error(lines, f"train {'latent' if latent else 'V-only'} T={t}", train_row, 7)
 
 
 def bench_quant_decode(batch, t, cache_dtype, copy_bw, sdpa_us, iters):
