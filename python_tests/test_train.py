@@ -12,7 +12,7 @@ from vdproj_ext.cli import train
 from vdproj_ext.experiment.checkpoint import CheckpointError, EpochLog, RunState
 from vdproj_ext.experiment.data import (build_dataset, epoch_order, split_text, strip_notices,
                                         train_batches)
-from vdproj_ext.experiment.protocol import REFERENCE_RANKING, RUNS, runs_for
+from vdproj_ext.experiment.protocol import REFERENCE_RANKING, RUNS, Settings, runs_for
 from vdproj_ext.experiment.runner import latent_key_config
 from vdproj_ext.models import VDProjConfig
 
@@ -341,6 +341,24 @@ def test_mode_e2e_kv_trains_everything_with_latent_keys(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| V-DProj + latent keys end-to-end |" in report
     assert f"-{100 * SMOKE_KV_REDUCTION:.2f}%" in report
+
+
+def test_every_cli_preset_trains_including_the_latent_key_ones(tmp_path):
+    # The "-kv" model presets train on their base preset's data and settings; --preset
+    # smoke-kv once failed with a KeyError before any run started.
+    for preset in VDProjConfig.PRESETS:
+        base = preset[:-3] if preset.endswith("-kv") else preset
+        assert Settings.for_preset(preset) == Settings.for_preset(base)
+    with pytest.raises(ValueError, match="preset"):
+        Settings.for_preset("no-such-preset")
+    for mode, reduction in (("two_phase", 0.1875), ("two_phase_kv", SMOKE_KV_REDUCTION)):
+        out = train.main(["--preset", "smoke-kv", "--threads", "1", "--no-progress", "--out",
+                          str(tmp_path / mode), "--mode", mode, "--epochs", "1",
+                          "--phase1-epochs", "1", "--no-plots"])
+        # The V-only run drops the preset's latent keys; the latent-key run keeps its k_rank.
+        assert set(out["runs"]) == {mode}
+        assert out["runs"][mode]["kv_cache_reduction"] == pytest.approx(reduction)
+        assert math.isfinite(out["runs"][mode]["best_val_ppl"])
 
 
 def test_phase1_pca_fits_the_keys_too(smoke_all, tmp_path):

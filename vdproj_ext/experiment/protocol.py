@@ -49,6 +49,18 @@ PRESET_SETTINGS = {
                   phase1_epochs=2, epochs=2),
 }
 
+
+
+def settings_key(preset: str) -> str:
+    """The PRESET_SETTINGS entry of a model preset: a latent-key preset ("cpu-small-kv") trains
+    on its base preset's data and settings."""
+    base = preset[:-3] if preset.endswith("-kv") else preset
+    if base not in PRESET_SETTINGS:
+        raise ValueError(f"preset: no data and run settings for {preset!r}; known: "
+                         f"{sorted(PRESET_SETTINGS)} (and their '-kv' latent-key variants)")
+    return base
+
+
 # The latent-key runs' Rk as a fraction of H*D (SPEC section 5); --k-rank overrides it.
 LATENT_KEY_RANK_FRACTION = 0.375
 
@@ -78,7 +90,7 @@ class Settings:
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> "Settings":
         """The preset's settings; overrides that are None keep the preset's value."""
-        values = dict(PROTOCOL, **PRESET_SETTINGS[preset])
+        values = dict(PROTOCOL, **PRESET_SETTINGS[settings_key(preset)])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
