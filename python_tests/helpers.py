@@ -42,21 +42,31 @@ def run_attention(inputs, backend, causal, grad_out=None, scale=None):
 def check_low_precision_against_reference(run, x64, dtype, causal, grad_out, factor=2.0):
     """run(inputs, backend, causal, grad_out) -> (out, grads) on inputs rounded to `dtype`: the
     "ext" forward and gradient errors against float64 (on the same rounded inputs) at most
-    `factor` (2) times those of the float32-accumulating reference in that dtype, the forward
-    within the dtype's tolerance."""
+    `factor` (2) times those of the reference run in that dtype, the forward within the
+    dtype's tolerance. On the CPU also at most `factor` times those of the whole computation
+    in float32, rounded to `dtype` only at the end: a stricter baseline, since the reference in
+    bf16 rounds its intermediates (not yet measured for the CUDA kernels)."""
     xlow = {n: (v.to(dtype) if v is not None else None) for n, v in x64.items()}
+    grad_out = grad_out.to(dtype)  # every run differentiates the same rounded gradient
     exact_out, exact_grads = run(to_float64(xlow), "reference", causal, grad_out)
     ref_out, ref_grads = run(xlow, "reference", causal, grad_out)
+    baselines = [(ref_out, ref_grads)]
+    if xlow["q"].device.type == "cpu":
+        x32 = {n: (v.float() if v is not None else None) for n, v in xlow.items()}
+        f32_out, f32_grads = run(x32, "reference", causal, grad_out)
+        baselines.append((f32_out.to(dtype), {n: g.to(dtype) for n, g in f32_grads.items()}))
     out, grads = run(xlow, "ext", causal, grad_out)
     assert out.dtype == dtype
-    err, ref_err = rel_error(out, exact_out), rel_error(ref_out, exact_out)
-    assert err <= factor * ref_err, (err, ref_err)
+    err = rel_error(out, exact_out)
     assert err < TOLERANCES[dtype]
-    for name in exact_grads:
-        err = rel_error(grads[name], exact_grads[name])
-        ref_err = rel_error(ref_grads[name], exact_grads[name])
-        assert grads[name].dtype == dtype
-        assert err <= factor * ref_err, (name, err, ref_err)
+    for base_out, base_grads in baselines:
+        ref_err = rel_error(base_out, exact_out)
+        assert err <= factor * ref_err, (err, ref_err)
+        for name in exact_grads:
+            g_err = rel_error(grads[name], exact_grads[name])
+            ref_err = rel_error(base_grads[name], exact_grads[name])
+            assert grads[name].dtype == dtype
+            assert g_err <= factor * ref_err, (name, g_err, ref_err)
 
 
 # ---- compressed_attn_with_kvcache ---------------------------------------------------------------

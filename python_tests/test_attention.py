@@ -15,7 +15,7 @@ from conftest import rel_error
 from helpers import (check_low_precision_against_reference, make_attention_inputs,
                      run_attention, to_float64)
 from vdproj_ext import compressed_v_attention
-from vdproj_ext.ops.backend import load_kernels
+from vdproj_ext.ops.backend import has_kernel, load_kernels
 
 # (B, Tq, Tk, H, D, R): odd head sizes and ranks, R not a multiple of any vector width.
 SHAPES = [
@@ -73,6 +73,20 @@ def test_low_precision_within_twice_reference_error(device, dtype, causal):
     gout = torch.randn(2, 11, 3, 24, dtype=torch.float64, device=device)
     # Both backends see the same rounded inputs; compare each to float64 on those inputs.
     check_low_precision_against_reference(run_attention, x64, dtype, causal, gout)
+
+
+@pytest.mark.skipif(not has_kernel("cpu", "cva_backward"), reason="CPU training kernels not built")
+def test_bf16_gradients_within_twice_float32_accumulation_over_seeds():
+    """As the latent-key op's sweep (test_latent_ops.py): small random cases, every gradient
+    against the whole computation in float32 rounded to bf16 at the end."""
+    for seed in range(6):
+        for causal in (False, True):
+            shape = (2, 7, 9, 3, 24, 13)
+            x64 = make_attention_inputs(shape, "cpu", seed=seed)
+            gout = torch.randn(2, 7, 3, 24, dtype=torch.float64,
+                               generator=torch.Generator().manual_seed(seed))
+            check_low_precision_against_reference(run_attention, x64, torch.bfloat16, causal,
+                                                  gout)
 
 
 def test_non_contiguous_inputs(device):

@@ -222,11 +222,12 @@ inline double exp_row(double* s, int64_t n, double shift) {
   return sum;
 }
 
-// Vectorized upcasts to float32 by bit manipulation, N values at a time (the baseline build
-// needs no F16C for fp16, so it vectorizes too). A narrow float's magnitude bits, shifted into
-// a float32's exponent and mantissa fields, read as float32 2^(127 - bias) times too small,
-// subnormals included; one multiply rescales them. Only the all-ones exponent (inf / NaN) needs
-// a fix.
+// Vectorized upcasts to float32, N values at a time. None may pass a float32 subnormal through
+// an arithmetic instruction: with denormals-are-zero set (torch.set_flush_denormal(True)) the
+// CPU reads it as zero, and the narrow format's subnormals would silently vanish. So the
+// AVX-512 and AVX2 builds widen e4m3 to fp16 bits and convert with vcvtph2ps (F16C, which
+// converts fp16 subnormals whatever the denormal mode), and the baseline build (no F16C) takes
+// a narrow subnormal's value from an integer conversion of its mantissa bits.
 template <typename U, int N> struct WideBits {
   typedef U narrow __attribute__((vector_size(N * sizeof(U))));
   typedef uint32_t wide __attribute__((vector_size(N * 4)));
@@ -301,26 +302,73 @@ inline vec_t<float> upcast_f16(const c10::Half* p) {
   std::memcpy(&f, &y, sizeof(f));
   return f;
 #else
+  // Normals: exponent rebiased (15 -> 127) in the integer domain; subnormals (exponent 0):
+  // mantissa * 2^-24; inf / NaN (exponent all ones): exponent all ones in float32 too.
+  typedef int32_t lanes __attribute__((vector_size(VDPROJ_VBYTES)));
   const auto w = WideBits<uint16_t, VecT<float>::N>::load(p);
   const auto mag = (w & 0x7FFFu) << 13;
-  const auto special = (w & 0x7C00u) == 0x7C00u;  // inf / NaN: exponent all ones
-  auto out = bits_as_float(mag) * 0x1p112f;
-  typename WideBits<uint8_t, VecT<float>::N>::wide ob;
-  std::memcpy(&ob, &out, sizeof(ob));
-  ob = special ? (mag | 0x7F800000u) : ob;
+  const auto exponent = w & 0x7C00u;
+  lanes mant;
+  const auto m = w & 0x3FFu;
+  std::memcpy(&mant, &m, sizeof(mant));
+  const vec_t<float> sub = __builtin_convertvector(mant, vec_t<float>) * 0x1p-24f;
+  typename WideBits<uint8_t, VecT<float>::N>::wide sub_bits;
+  std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
+  auto ob = exponent == 0x7C00u ? (mag | 0x7F800000u) : mag + (112u << 23);
+  ob = exponent == 0u ? sub_bits : ob;
   return bits_as_float(ob | ((w & 0x8000u) << 16));
 #endif
 }
 // float8_e4m3fn -> float32 (1 sign, 4 exponent, 3 mantissa bits; bias 7; no inf, and only
 // S.1111.111 is NaN).
+// With F16C: e4m3 bits moved to fp16's fields (exponent bias 7 -> 15, so the fp16 value is
+// 2^-8 times the e4m3 one, subnormals included), the NaN codes made fp16 NaNs, then vcvtph2ps
+// and one multiply by 2^8 of a float32 that is never subnormal.
 inline vec_t<float> upcast_e4m3(const uint8_t* p) {
+#if VDPROJ_VBYTES == 64 || VDPROJ_VBYTES == 32
+#if VDPROJ_VBYTES == 64
+  using H = __m256i;  // 16 fp16 lanes
+  const H w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#define VDPROJ_E4M3_OP(op) _mm256_##op##_epi16
+#define VDPROJ_E4M3_BITS(op) _mm256_##op##_si256
+#else
+  using H = __m128i;  // 8 fp16 lanes
+  const H w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#define VDPROJ_E4M3_OP(op) _mm_##op##_epi16
+#define VDPROJ_E4M3_BITS(op) _mm_##op##_si128
+#endif
+  // w << 7: sign at bit 14, exponent at 13:10, mantissa at 9:7; adding bit 14 to itself moves
+  // the sign to bit 15.
+  H t = VDPROJ_E4M3_OP(slli)(w, 7);
+  t = VDPROJ_E4M3_OP(add)(t, VDPROJ_E4M3_BITS(and)(t, VDPROJ_E4M3_OP(set1)(0x4000)));
+  const H nan = VDPROJ_E4M3_OP(cmpeq)(VDPROJ_E4M3_BITS(and)(w, VDPROJ_E4M3_OP(set1)(0x7F)),
+                                      VDPROJ_E4M3_OP(set1)(0x7F));
+  t = VDPROJ_E4M3_BITS(or)(t, nan);  // all ones: an fp16 NaN
+#undef VDPROJ_E4M3_OP
+#undef VDPROJ_E4M3_BITS
+  vec_t<float> f;
+#if VDPROJ_VBYTES == 64
+  const __m512 y = _mm512_mul_ps(_mm512_cvtph_ps(t), _mm512_set1_ps(256.0f));
+#else
+  const __m256 y = _mm256_mul_ps(_mm256_cvtph_ps(t), _mm256_set1_ps(256.0f));
+#endif
+  std::memcpy(&f, &y, sizeof(f));
+  return f;
+#else
+  // Normals: exponent rebiased (7 -> 127) in the integer domain; subnormals (exponent 0):
+  // mantissa * 2^-9; S.1111.111: NaN.
+  typedef int32_t lanes __attribute__((vector_size(VDPROJ_VBYTES)));
   const auto w = widen_bytes<false>(p);
   const auto mag7 = w & 0x7Fu;
-  auto out = bits_as_float(mag7 << 20) * 0x1p120f;
-  typename WideBits<uint8_t, VecT<float>::N>::wide ob;
-  std::memcpy(&ob, &out, sizeof(ob));
+  lanes m;
+  std::memcpy(&m, &mag7, sizeof(m));
+  const vec_t<float> sub = __builtin_convertvector(m, vec_t<float>) * 0x1p-9f;
+  typename WideBits<uint8_t, VecT<float>::N>::wide sub_bits;
+  std::memcpy(&sub_bits, &sub, sizeof(sub_bits));
+  auto ob = mag7 < 8u ? sub_bits : (mag7 << 20) + (120u << 23);
   ob = mag7 == 0x7Fu ? 0x7FC00000u : ob;
   return bits_as_float(ob | ((w & 0x80u) << 24));
+#endif
 }
 inline vec_t<float> upcast_i8(const int8_t* p) {
   typedef int32_t lanes __attribute__((vector_size(VDPROJ_VBYTES)));
@@ -977,7 +1025,8 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
     if (!in_range(r)) continue;
     const int64_t gi = i0 + r / H, h = r % H;
     A* row = rows_buf + r * R;
-    T* ctx = a.ctx ? static_cast<T*>(a.ctx) + ((b * Tq + gi) * H + h) * R : nullptr;
+    // ctx in accumulation precision (saved_context_dtype, csrc/common/checks.h)
+    A* ctx = a.ctx ? static_cast<A*>(a.ctx) + ((b * Tq + gi) * H + h) * R : nullptr;
     const bool empty = st.m[r] == ninf || !(st.l[r] > 0);
     if (empty) {
       std::fill(row, row + R, A(0));
@@ -986,7 +1035,7 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
       const A* accr = st.acc + r * R;
       for (int64_t c = 0; c < R; ++c) row[c] = accr[c] * inv;
     }
-    if (ctx) store_row(ctx, row, R);
+    if (ctx) std::copy(row, row + R, ctx);
     if (a.lse)
       a.lse[(b * H + h) * Tq + gi] =
           empty ? -INFINITY : static_cast<float>(st.m[r] + std::log(st.l[r]));
@@ -1233,8 +1282,8 @@ void backward_impl(const BwdArgs& a) {
   const A ninf = -std::numeric_limits<A>::infinity();
   const int64_t nrow = B * Tq * H;  // (b, i, h) attention rows
   AsAcc<A, T> dO(a.dout, nrow * D), kA(a.k, B * Tk * HDk),
-      klA(a.kl_is_vc ? nullptr : a.kl, B * Tk * Dl), vA(a.vc, B * Tk * R), wr(a.w_r, HD * R),
-      ctxA(a.ctx, nrow * R);
+      klA(a.kl_is_vc ? nullptr : a.kl, B * Tk * Dl), vA(a.vc, B * Tk * R), wr(a.w_r, HD * R);
+  AsAcc<A, A> ctxA(a.ctx, nrow * R);  // saved in accumulation precision
   const A* qA = static_cast<const A*>(a.q);
   const A* kl = a.kl_is_vc ? vA.ptr : klA.ptr;  // shared key rows (B, Tk, Dl)
   // The score of the scaled query row qrow (head h) for key j of sequence b.

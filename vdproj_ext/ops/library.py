@@ -31,6 +31,12 @@ def kernel_backward(ctx, grad_out):
     return dq, dk, dvc, dwr, (dbr if ctx.has_bias else None)
 
 
+def saved_context_dtype(q):
+    """The dtype of the latent context a forward op saves for its backward (csrc/common/checks.h
+    saved_context_dtype): accumulation precision, float32 (float64 for float64 inputs)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _register_fakes():
     @torch.library.register_fake("vdproj_ext::cva_forward")
     def _cva_forward_fake(q, k, v_c, w_r, b_r, causal, softmax_scale):
@@ -38,7 +44,7 @@ def _register_fakes():
         rank = v_c.shape[-1]
         out = q.new_empty((batch, tq, heads, head_dim))
         lse = q.new_empty((batch, heads, tq), dtype=torch.float32)
-        ctx_c = q.new_empty((batch, tq, heads, rank))
+        ctx_c = q.new_empty((batch, tq, heads, rank), dtype=saved_context_dtype(q))
         return out, lse, ctx_c
 
     @torch.library.register_fake("vdproj_ext::cva_backward")
@@ -120,7 +126,7 @@ def _ckv_forward_fake(q, k_rope, k_c, v_c, w_kr, w_r, b_r, causal, softmax_scale
     batch, tq, heads, head_dim = q.shape
     out = q.new_empty((batch, tq, heads, head_dim))
     lse = q.new_empty((batch, heads, tq), dtype=torch.float32)
-    ctx_c = q.new_empty((batch, tq, heads, v_c.shape[-1]))
+    ctx_c = q.new_empty((batch, tq, heads, v_c.shape[-1]), dtype=saved_context_dtype(q))
     return out, lse, ctx_c
 
 
