@@ -7,6 +7,9 @@ import torch
 from helpers import (assert_same_error_on_every_backend, make_cache, make_step, replace_args,
                      shared_attention_bad_cases, shared_seqlens_bad_cases)
 from vdproj_ext import backend_info, compressed_attn_with_kvcache, compressed_v_attention
+from vdproj_ext.ops.backend import load_kernels
+
+load_kernels()  # defines torch.ops.vdproj_ext.*, which the raw-op tests call (also run alone)
 
 B, TQ, TK, H, D, R = 2, 3, 5, 2, 8, 6
 BACKENDS = ["reference", "ext"]
@@ -222,6 +225,23 @@ def test_opcheck_cva_forward_and_backward():
                                a["w_r"].detach(), lse, ctx, causal, 0.37))
     torch.library.opcheck(torch.ops.vdproj_ext.cva_forward.default,
                           (a["q"], a["k"], a["v_c"], a["w_r"], None, True, 0.37))
+
+
+def test_saved_context_is_float32_for_bf16_and_checked():
+    # The latent context a forward saves for its backward stays in float32 for bf16 inputs (a
+    # bf16 copy cost the gradients precision); the fake kernel says so too, and the backward
+    # refuses a context of another dtype by name.
+    a = attn_inputs(torch.bfloat16, requires_grad=True)
+    args = (a["q"], a["k"], a["v_c"], a["w_r"], a["b_r"], True, 0.37)
+    torch.library.opcheck(torch.ops.vdproj_ext.cva_forward.default, args)
+    out, lse, ctx = torch.ops.vdproj_ext.cva_forward(*args)
+    assert out.dtype == torch.bfloat16 and ctx.dtype == torch.float32
+    plain = [t.detach() for t in (a["q"], a["k"], a["v_c"], a["w_r"])]
+    torch.library.opcheck(torch.ops.vdproj_ext.cva_backward.default,
+                          (torch.randn_like(out), *plain, lse, ctx, True, 0.37))
+    with pytest.raises(TypeError, match="ctx must have dtype torch.float32"):
+        torch.ops.vdproj_ext.cva_backward(torch.randn_like(out), *plain, lse,
+                                          ctx.bfloat16(), True, 0.37)
 
 
 def test_opcheck_kvcache_attention():
