@@ -651,9 +651,10 @@ def check_every_stored_value_latent(stored):
 def check_conversions(flush_denormal=False):
     """Every check of section 7 in this process (run under each VDPROJ_CPU_ISA). With
     flush_denormal (torch.set_flush_denormal(True): denormals read as zero) the quantized codes
-    only: e4m3's subnormals are ordinary values once scaled, and once dequantized to zero in
-    this mode (a float32 denormal passed through a multiply). bf16 / fp16 subnormals are
-    float32 denormals themselves, which that mode flushes in any float32 arithmetic."""
+    only: e4m3's subnormals are ordinary values once scaled, which an upcast passing a float32
+    denormal through a multiply would read as zero in this mode (the kernels' first one did).
+    bf16 / fp16 subnormals are float32 denormals themselves, which that mode flushes in any
+    float32 arithmetic."""
     torch.set_flush_denormal(flush_denormal)
     for stored in (every_e4m3(), every_int8()):
         check_every_stored_value(stored, torch.float32, rtol=1e-5)
@@ -663,7 +664,7 @@ def check_conversions(flush_denormal=False):
         check_every_stored_value(special_half(torch.float16), torch.float16, rtol=2 ** -10)
 
 
-@pytest.mark.parametrize("flush_denormal", [False, True], ids=["", "flush_denormal"])
+@pytest.mark.parametrize("flush_denormal", [False, True], ids=["normal", "flush_denormal"])
 @pytest.mark.parametrize("isa", ["baseline", "avx2", None], ids=["baseline", "avx2", "default"])
 def test_every_stored_value_under_every_instruction_set(isa, flush_denormal):
     tests = os.path.dirname(os.path.abspath(__file__))

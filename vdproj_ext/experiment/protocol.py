@@ -50,7 +50,6 @@ PRESET_SETTINGS = {
 }
 
 
-
 def settings_key(preset: str) -> str:
     """The PRESET_SETTINGS entry of a model preset: a latent-key preset ("cpu-small-kv") trains
     on its base preset's data and settings."""
