@@ -59,13 +59,13 @@ def check_low_precision_against_reference(run, x64, dtype, causal, grad_out, fac
     assert out.dtype == dtype
     err = rel_error(out, exact_out)
     assert err < TOLERANCES[dtype]
+    assert all(grads[name].dtype == dtype for name in exact_grads)
     for base_out, base_grads in baselines:
         ref_err = rel_error(base_out, exact_out)
         assert err <= factor * ref_err, (err, ref_err)
         for name in exact_grads:
             g_err = rel_error(grads[name], exact_grads[name])
             ref_err = rel_error(base_grads[name], exact_grads[name])
-            assert grads[name].dtype == dtype
             assert g_err <= factor * ref_err, (name, g_err, ref_err)
 
 

@@ -209,17 +209,15 @@ inline AttnDims check_attention_inputs(const at::Tensor& q, const at::Tensor& k,
   return d;
 }
 
-// The dtype of the latent context (B, Tq, H, R) a forward saves for its backward: accumulation
-// precision, float32 (float64 for float64 inputs). The backward's row sums dctx . ctx and dW_r
-// read it; saved as bf16 it gave up to 4.6x the gradient error of a float32-accumulating
-// implementation (CPU kernels, 2026-12-05).
-inline at::ScalarType saved_context_dtype(const at::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// Accumulation precision: float64 for float64, float32 otherwise.
+inline at::ScalarType accumulation_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // What a backward op takes besides its forward's inputs: grad_out (B, Tq, H, D) like q, ctx
-// (B, Tq, H, R) of saved_context_dtype(q), and softmax_lse (B, H, Tq) float32 (as the forward
-// returned them).
+// (B, Tq, H, R) in accumulation_dtype(q), and softmax_lse (B, H, Tq) float32 (as the forward
+// returned them). The backward's row sums dctx . ctx and dW_r read ctx; saved as bf16 it gave
+// up to 4.6x the gradient error of a float32-accumulating implementation (CPU, 2026-12-05).
 inline void check_backward_extras(const at::Tensor& q, const at::Tensor& grad_out,
                                   const at::Tensor& softmax_lse, const at::Tensor& ctx,
                                   const AttnDims& d) {
@@ -229,8 +227,8 @@ inline void check_backward_extras(const at::Tensor& q, const at::Tensor& grad_ou
   check_same_device({{"q", &q}, {"grad_out", &grad_out}, {"ctx", &ctx},
                      {"softmax_lse", &softmax_lse}});
   check_same_dtype({{"q", &q}, {"grad_out", &grad_out}});
-  TORCH_CHECK_TYPE(ctx.scalar_type() == saved_context_dtype(q), "ctx must have dtype ",
-                   py_dtype(saved_context_dtype(q)), " (as the forward returned it) for q of ",
+  TORCH_CHECK_TYPE(ctx.scalar_type() == accumulation_dtype(q), "ctx must have dtype ",
+                   py_dtype(accumulation_dtype(q)), " (as the forward returned it) for q of ",
                    py_dtype(q.scalar_type()), ", got ",
                    py_dtype(ctx.scalar_type()));
   TORCH_CHECK_TYPE(softmax_lse.scalar_type() == at::kFloat,

@@ -95,11 +95,8 @@ inline void set_cache_reads(cpu::AttnArgs& a, const at::Tensor& keys,
   a.v_scale = row_scales(v_scale);
 }
 
-// The kernels take queries (and return their gradient) in accumulation precision: float64
-// for float64, float32 otherwise. to_accumulation is a no-op for float32 and float64 tensors.
-inline at::ScalarType accumulation_dtype(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The kernels take queries (and return their gradient) in accumulation precision
+// (accumulation_dtype, common/checks.h). to_accumulation is a no-op for float32 and float64.
 inline at::Tensor to_accumulation(const at::Tensor& t) { return t.to(accumulation_dtype(t)); }
 
 // The dispatcher sends an op here when its tensors are on the CPU; the checks compare every other

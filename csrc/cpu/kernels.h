@@ -1025,7 +1025,7 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
     if (!in_range(r)) continue;
     const int64_t gi = i0 + r / H, h = r % H;
     A* row = rows_buf + r * R;
-    // ctx in accumulation precision (saved_context_dtype, csrc/common/checks.h)
+    // ctx in accumulation precision (check_backward_extras, csrc/common/checks.h)
     A* ctx = a.ctx ? static_cast<A*>(a.ctx) + ((b * Tq + gi) * H + h) * R : nullptr;
     const bool empty = st.m[r] == ninf || !(st.l[r] > 0);
     if (empty) {

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ckv_forward_cpu(
 
   at::Tensor out = at::empty({d.B, d.Tq, d.H, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.H, d.Tq}, q.options().dtype(at::kFloat));
-  at::Tensor ctx = at::empty({d.B, d.Tq, d.H, d.Rv}, q.options().dtype(saved_context_dtype(q)));
+  at::Tensor ctx = at::empty({d.B, d.Tq, d.H, d.Rv}, q.options().dtype(accumulation_dtype(q)));
   const std::vector<int64_t> seqlen(d.B, d.T);
   const at::Tensor q_eff = effective_query(q, w_kr, d.Dr);
   cpu::AttnArgs a = attn_args(q_eff, k_rope, v_c, w_r, b_r, seqlen, causal, softmax_scale);

@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cva_forward_cuda(
   if (d.B * d.Tq * d.H > 0) launch_attention(p, stream);
 
   at::Tensor out = restore_with_aten(ctx_f, lse, w_r_in, b_r, q.scalar_type());
-  return {out, lse, ctx_f};  // saved_context_dtype: float32
+  return {out, lse, ctx_f};  // ctx in accumulation precision (check_backward_extras)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cva_backward_cuda(
@@ -365,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ckv_forward_cuda(
   if (d.B * d.Tq * d.H > 0) launch_latent_attention(p, stream);
 
   at::Tensor out = restore_with_aten(ctx_f, lse, w_r, b_r, q.scalar_type());
-  return {out, lse, ctx_f};  // saved_context_dtype: float32
+  return {out, lse, ctx_f};  // ctx in accumulation precision (check_backward_extras)
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -33,7 +33,9 @@ def kernel_backward(ctx, grad_out):
 
 def saved_context_dtype(q):
     """The dtype of the latent context a forward op saves for its backward (csrc/common/checks.h
-    saved_context_dtype): accumulation precision, float32 (float64 for float64 inputs)."""
+    check_backward_extras): accumulation precision, float32 (float64 for float64 inputs), as
+    reference.accumulation_dtype, which this module cannot import (reference -> quant ->
+    backend -> library would be a cycle)."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
