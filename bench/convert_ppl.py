@@ -5,7 +5,7 @@ one, at several ranks; validation perplexity on the embedded Shakespeare split.
 It trains nothing. It takes the output folder of a baseline training run,
 
     python -m vdproj_ext.train --preset cpu-small --mode baseline --out runs/baseline
-    python bench/convert_ppl.py --train-out runs/baseline          # cpu-small, the defaults
+    python bench/convert_ppl.py --train-out runs/baseline          # its preset, the defaults
 
 writes that model as a Hugging Face GPT-NeoX folder (<out>/hf_baseline, models.save_gpt_neox),
 and converts it with from_gpt_neox at each setting:
@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -36,7 +37,8 @@ try:
     import vdproj_ext  # noqa: F401
 except ImportError:  # run as a script from a source checkout without an install
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vdproj_ext.experiment.checkpoint import find_checkpoint, load_trained_model
+from vdproj_ext.experiment.checkpoint import (CheckpointError, find_checkpoint,
+                                              load_trained_model)
 from vdproj_ext.experiment.data import build_dataset
 from vdproj_ext.experiment.protocol import Settings
 from vdproj_ext.models import from_gpt_neox, save_gpt_neox
@@ -44,14 +46,21 @@ from vdproj_ext.models import from_gpt_neox, save_gpt_neox
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def load_baseline(train_out: str, hf_dir: Path):
-    """The baseline run's model, written as a GPT-NeoX folder; (folder, config)."""
+def load_baseline(train_out: str):
+    """The baseline run's model; a ValueError for anything else."""
     model, _ = load_trained_model(find_checkpoint(Path(train_out), ["baseline"]))
     if model.config.v_rank is not None:
-        raise SystemExit(f"{train_out}: the checkpoint is compressed (v_rank="
+        raise ValueError(f"{train_out}: the checkpoint is compressed (v_rank="
                          f"{model.config.v_rank}); convert_ppl needs the baseline run")
-    save_gpt_neox(model, hf_dir)
-    return hf_dir, model.config
+    return model
+
+
+def training_preset(train_out: str) -> str:
+    """The preset the training run recorded in its results.json."""
+    path = Path(train_out) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: give --preset, the training run's preset")
+    return json.loads(path.read_text())["preset"]
 
 
 def load_splits(train_out: str, preset: str, vocab_size: int):
@@ -88,9 +97,23 @@ def settings_grid(cfg, k_fracs, joint_fracs, v_frac):
     return grid
 
 
-def run(args) -> dict:
-    out = Path(args.out)
-    hf_dir, cfg = load_baseline(args.train_out, out / "hf_baseline")
+def check_grid(cfg, grid):
+    """Every setting's config, built before anything is converted or written: a ValueError
+    names the first bad one (e.g. a rank above the dims it compresses)."""
+    for name, ranks in grid:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                problem = cfg.replace(**ranks).oversized_rank()
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            raise ValueError(f"setting {name!r}: {problem}")
+
+
+def run(args, model, grid) -> dict:
+    cfg, hf_dir = model.config, Path(args.out) / "hf_baseline"
+    save_gpt_neox(model, hf_dir)
     calib_all, val = load_splits(args.train_out, args.preset, cfg.vocab_size)
     calib = calib_all[:args.calib_samples]
     if args.val_samples:
@@ -99,7 +122,7 @@ def run(args) -> dict:
     rows = [{"setting": "original", "cache_values": 2 * cfg.hidden_size, "reduction": 0.0,
              "ppl": {"-": original}}]
     print(f"original: val ppl {original:.3f} ({len(val)} windows of {val.shape[1]} tokens)")
-    for name, ranks in settings_grid(cfg, args.k_fracs, args.joint_fracs, args.v_frac):
+    for name, ranks in grid:
         row = {"setting": name, "ranks": ranks, "ppl": {}}
         for init in args.inits:
             t0 = time.time()
@@ -136,8 +159,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-out", required=True,
                    help="output folder of `python -m vdproj_ext.train --mode baseline`")
-    p.add_argument("--preset", default="cpu-small",
-                   help="the training preset (its data settings rebuild the splits)")
+    p.add_argument("--preset", help="the training preset, whose data settings rebuild the "
+                   "splits (default: the one --train-out's results.json records)")
     p.add_argument("--k-fracs", type=float, nargs="+", default=[0.125, 0.25, 0.375, 0.5],
                    help="k_rank as fractions of H*D (separate latents)")
     p.add_argument("--joint-fracs", type=float, nargs="+", default=[0.5, 0.625, 0.75, 1.0],
@@ -151,10 +174,22 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
+    if not all(f > 0 for f in (*args.k_fracs, *args.joint_fracs, args.v_frac)):
+        p.error("--k-fracs, --joint-fracs and --v-frac must be positive fractions of H*D")
+    if args.calib_samples < 1 or args.val_samples < 0:
+        p.error("--calib-samples must be >= 1 and --val-samples >= 0")
+    try:  # everything checkable before the work: a usage error, not a traceback
+        args.preset = args.preset or training_preset(args.train_out)
+        Settings.for_preset(args.preset)
+        model = load_baseline(args.train_out)
+        grid = settings_grid(model.config, args.k_fracs, args.joint_fracs, args.v_frac)
+        check_grid(model.config, grid)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        p.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    result = run(args)
+    result = run(args, model, grid)
     result["wall_s"] = round(time.time() - t0, 1)
     result["command"] = "python bench/convert_ppl.py " + " ".join(
         argv if argv is not None else sys.argv[1:])

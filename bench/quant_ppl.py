@@ -43,7 +43,8 @@ try:
     import vdproj_ext  # noqa: F401
 except ImportError:  # run as a script from a source checkout without an install
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from vdproj_ext.experiment.checkpoint import find_checkpoint, load_trained_model
+from vdproj_ext.experiment.checkpoint import (CheckpointError, find_checkpoint,
+                                              load_trained_model)
 from vdproj_ext.experiment.data import Dataset
 from vdproj_ext.models import kv_cache_nbytes, rotate_latents
 
@@ -157,9 +158,14 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     train_out = Path(args.train_out)
-    results = json.loads((train_out / "results.json").read_text())
+    try:  # a usage error, not a traceback, for a folder that lacks what is measured
+        results = json.loads((train_out / "results.json").read_text())
+        for run in args.runs:
+            find_checkpoint(train_out, [run])
+        first, _ = load_trained_model(find_checkpoint(train_out, [args.runs[0]]))
+    except (FileNotFoundError, CheckpointError) as e:
+        p.error(f"--train-out {args.train_out}: {e}")
     t0 = time.time()
-    first, _ = load_trained_model(find_checkpoint(train_out, [args.runs[0]]))
     windows = validation_windows(train_out, first.config.vocab_size)
     models = [measure_run(run, args, windows) for run in args.runs]
     used = min(len(windows), args.max_batches * args.batch) if args.max_batches else len(windows)

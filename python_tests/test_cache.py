@@ -219,6 +219,49 @@ def test_model_new_cache_kinds():
     assert comp.nbytes / full.nbytes == (hd + cfg.v_rank) / (2 * hd)
 
 
+# The smoke preset's compressed layouts: values only, latent keys, and the joint latent.
+COMPRESSED_LAYOUTS = {"v_rank": dict(v_rank=20), "latent": dict(k_rank=12, v_rank=20),
+                      "joint": dict(joint_kv=True, v_rank=20)}
+
+
+@pytest.mark.parametrize("layout", sorted(COMPRESSED_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_compressed_new_cache_refuses_a_dtype_other_than_the_models(layout, dtype):
+    """The compressed caches' fused ops need the cache in the model's dtype; new_cache refuses
+    another dtype up front (a ValueError naming both and cache_dtype=) instead of handing out
+    a cache that every forward then rejects. The model's own dtype, given or not, works."""
+    from vdproj_ext import VDProjConfig, VDProjForCausalLM
+    model = VDProjForCausalLM(VDProjConfig.preset("smoke", **COMPRESSED_LAYOUTS[layout]))
+    with pytest.raises(ValueError, match=r"dtype=torch\.(bfloat16|float64).*torch\.float32"
+                                         r".*cache_dtype="):
+        model.new_cache(2, 8, dtype=dtype)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    for same in (None, torch.float32):
+        cache = model.new_cache(2, 8, dtype=same)
+        assert cache.dtype == torch.float32
+        with torch.no_grad():
+            model(ids, cache=cache)
+        assert cache.seqlens.tolist() == [5, 5]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-5), (torch.bfloat16, 3e-2)])
+def test_uncompressed_new_cache_stores_another_dtype(dtype, tol):
+    """The uncompressed KVCache may store its rows in another dtype than the model's (it casts
+    them back before SDPA): a float32 model's cached logits through such a cache match the
+    float64 model's full forward to the storage dtype's precision."""
+    from helpers import logits_through_cache
+    from vdproj_ext import VDProjConfig, VDProjForCausalLM
+    model = VDProjForCausalLM(VDProjConfig.preset("smoke", v_rank=None), init_seed=1).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    cache = model.new_cache(2, 11, dtype=dtype)
+    assert all(t.dtype == dtype for t in cache.buffers())
+    got = logits_through_cache(model, ids, cache, [6])
+    with torch.no_grad():
+        expected = model.double()(ids).logits
+    assert got.dtype == torch.float32
+    assert rel_error(got, expected) < tol
+
+
 @pytest.mark.parametrize("v_rank", [320, None])
 def test_kv_cache_nbytes_without_allocating(v_rank):
     from vdproj_ext.models import kv_cache_nbytes

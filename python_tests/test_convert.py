@@ -421,12 +421,39 @@ def test_convert_ppl_bench_on_a_tiny_run(tmp_path):
     spec = importlib.util.spec_from_file_location("convert_ppl", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--train-out", str(train_out), "--preset", "smoke", "--k-fracs",
+    # bad settings are usage errors before anything is written (k_rank 0.75 * 32 = 24 is
+    # above smoke's 16 non-rotary key dims)
+    for bad in (["--k-fracs", "0.75"], ["--k-fracs", "0"], ["--preset", "nope"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--train-out", str(train_out), *bad, "--out", str(tmp_path / "bad")])
+        assert exit_info.value.code == 2, bad
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        bench.main(["--train-out", str(tmp_path / "missing"), "--out", str(tmp_path / "bad")])
+    # the preset defaults to the run's own (results.json)
+    result = bench.main(["--train-out", str(train_out), "--k-fracs",
                          "0.25", "--joint-fracs", "1.5", "--calib-samples", "8",
                          "--val-samples", "4", "--out", str(tmp_path)])
+    assert result["preset"] == "smoke"
     names = [r["setting"] for r in result["rows"]]
     assert names == ["original", "values only", "separate k8 v20", "joint R48"]
     joint_full = result["rows"][-1]  # R = H*Dn + H*D: lossless
     assert joint_full["ppl"]["pca"] == pytest.approx(result["original_ppl"], rel=1e-4)
     assert all(math.isfinite(p) for r in result["rows"] for p in r["ppl"].values())
     assert (tmp_path / "convert_ppl_smoke.md").read_text().count("| joint R48 |") == 1
+
+
+def test_quant_ppl_bench_refuses_a_folder_without_its_runs(tmp_path, monkeypatch, capsys):
+    """bench/quant_ppl.py on a folder without results.json, or without the runs' checkpoints:
+    a usage error naming --train-out (it was a traceback)."""
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import quant_ppl
+    for setup in ("empty", "no checkpoints"):
+        if setup == "no checkpoints":
+            (tmp_path / "results.json").write_text('{"preset": "smoke"}')
+        with pytest.raises(SystemExit) as exit_info:
+            quant_ppl.main(["--train-out", str(tmp_path), "--out", str(tmp_path / "out")])
+        assert exit_info.value.code == 2, setup
+        assert f"--train-out {tmp_path}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -152,15 +152,48 @@ def test_kernel_and_reference_generate_the_same_tokens():
     assert torch.equal(ref.generate(ids, 16), ext.generate(ids, 16))
 
 
+@torch.no_grad()
+def _greedy_below(model, ids, steps, limit):
+    """Greedy decoding over the ids < limit only, by re-running the whole sequence."""
+    seq = ids
+    for _ in range(steps):
+        nxt = model(seq).logits[:, -1, :limit].argmax(-1, keepdim=True)
+        seq = torch.cat((seq, nxt), 1)
+    return seq
+
+
+@pytest.mark.parametrize("v_rank", V_RANKS)
+def test_vocab_limit_keeps_generated_ids_below_it(v_rank):
+    """vocab_limit (a tokenizer smaller than the model's vocabulary): ids >= vocab_limit are
+    never generated, greedy or sampled, even where the model prefers them; greedy is the
+    argmax over the ids below the limit."""
+    model = _model(v_rank, torch.float64)
+    with torch.no_grad():  # the upper half of the vocabulary dominates the logits
+        model.embed_out.weight[128:].mul_(100)
+    ids = torch.randint(0, 128, (2, 4))
+    free = model.generate(ids, 6)
+    assert int(free[:, 4:].min()) >= 128  # the model alone would leave the limit
+    limited = model.generate(ids, 6, vocab_limit=128)
+    assert torch.equal(limited, _greedy_below(model, ids, 6, 128))
+    sampled = model.generate(ids, 6, vocab_limit=128, temperature=1.5, top_k=500,
+                             generator=torch.Generator().manual_seed(1))
+    assert int(sampled.max()) < 128
+    assert torch.equal(model.generate(ids, 6, vocab_limit=model.config.vocab_size), free)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="vocab_limit"):
+            model.generate(ids, 2, vocab_limit=bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # The vdproj-generate command line
 
 
-def _training_checkpoint(folder, v_rank=20):
+def _training_checkpoint(folder, v_rank=20, model=None):
     """What `python -m vdproj_ext.train` writes: out/checkpoints/<run>.pt with the model's
-    config and state dict (and the tokenizer's name)."""
-    cfg = VDProjConfig.preset("smoke", v_rank=v_rank)
-    model = VDProjForCausalLM(cfg, init_seed=4)
+    config and state dict (and the tokenizer's name); of `model` when given."""
+    if model is None:
+        model = VDProjForCausalLM(VDProjConfig.preset("smoke", v_rank=v_rank), init_seed=4)
+    cfg = model.config
     (folder / "checkpoints").mkdir(parents=True)
     torch.save({"format": "vdproj-train-checkpoint-1", "model": model.state_dict(),
                 "config": cfg.to_dict(), "tokenizer": "bytes", "state": {}},
@@ -213,6 +246,46 @@ def test_cli_errors(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path), "--v-rank", "8", "--prompt", "x"]) == 2
     assert "v-rank" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("v_rank", V_RANKS)
+def test_cli_bytes_tokenizer_on_a_larger_vocabulary(tmp_path, capsys, v_rank):
+    """A model with 512 token ids and the 256-id bytes tokenizer: generation keeps to the ids
+    the tokenizer can decode (greedy = the argmax over ids < 256), never crashes, even where
+    the model prefers the ids above 255; sampling too."""
+    from vdproj_ext.cli.generate import main
+    model = VDProjForCausalLM(VDProjConfig.preset("smoke", v_rank=v_rank, vocab_size=512),
+                              init_seed=4)
+    with torch.no_grad():  # ids >= 256 dominate: unrestricted greedy picks them
+        model.embed_out.weight[256:].mul_(100)
+    _training_checkpoint(tmp_path, model=model)
+    prompt = "ROMEO:"
+    ids = torch.tensor([list(prompt.encode())])
+    assert int(model.eval().generate(ids, 5)[0, 6:].min()) >= 256
+    rc = main(["--checkpoint", str(tmp_path), "--tokenizer", "bytes", "--prompt", prompt,
+               "--max-new-tokens", "5"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    expected = _greedy_below(model, ids, 5, 256)[0, 6:].tolist()
+    assert max(expected) < 256
+    assert out.splitlines()[0] == prompt + bytes(expected).decode("utf-8", errors="replace")
+    rc = main(["--checkpoint", str(tmp_path), "--tokenizer", "bytes", "--prompt", prompt,
+               "--max-new-tokens", "8", "--temperature", "2.0", "--seed", "3"])
+    assert rc == 0, capsys.readouterr().out
+
+
+def test_cli_tokenizer_larger_than_the_model_vocabulary(tmp_path, capsys):
+    """The bytes tokenizer (256 ids) on a model of 128: a clear error (exit 2) naming both
+    sizes, before anything is generated."""
+    from vdproj_ext.cli.generate import main
+    model = VDProjForCausalLM(VDProjConfig.preset("smoke", vocab_size=128), init_seed=4)
+    _training_checkpoint(tmp_path, model=model)
+    rc = main(["--checkpoint", str(tmp_path), "--tokenizer", "bytes", "--prompt", "ab",
+               "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert "256" in captured.err and "vocab_size 128" in captured.err
+    assert "--tokenizer" in captured.err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def test_presets_and_cache_reduction():
 def test_rope_dims_are_the_rotated_dims():
     """GPT-NeoX rotates 2 * ceil(rotary_ndims / 2) dims: an odd rotary_ndims keeps one more
     dim out of the key latent (int(64 * 0.3) = 19 -> 20)."""
-    cfg = VDProjConfig(hidden_size=128, num_heads=2, rotary_pct=0.3, k_rank=8)
+    cfg = VDProjConfig(hidden_size=128, num_heads=2, rotary_pct=0.3, k_rank=8, v_rank=80)
     assert (cfg.rotary_ndims, cfg.rope_dims) == (19, 20)
     assert cfg.cache_values_per_token() == 2 * 20 + 8 + cfg.v_rank
     attn = CompressedVAttention(128, 2, 16, rotary_pct=0.3, k_rank=8)
@@ -225,11 +225,12 @@ def test_pca_fit_lossless_at_full_rank_and_lowers_both_losses(kind):
 
 def test_cache_size_pythia70m_kv_is_640_of_1024():
     cfg = VDProjConfig.preset("pythia-70m-kv")
-    with torch.device("meta"):  # sizes come from shapes: nothing is allocated
-        model = VDProjForCausalLM(cfg)
-        joint = VDProjForCausalLM(cfg.replace(k_rank=None, joint_kv=True))
-        base = VDProjForCausalLM(cfg.uncompressed())
     for dtype in (torch.float32, torch.bfloat16):
+        with torch.device("meta"):  # sizes come from shapes: nothing is allocated
+            # a compressed cache is in the model's dtype (new_cache refuses another)
+            model = VDProjForCausalLM(cfg).to(dtype)
+            joint = VDProjForCausalLM(cfg.replace(k_rank=None, joint_kv=True)).to(dtype)
+            base = VDProjForCausalLM(cfg.uncompressed()).to(dtype)
         kv = model.new_cache(2, 32, dtype=dtype)
         full = base.new_cache(2, 32, dtype=dtype)
         assert isinstance(kv, LatentKVCache) and isinstance(full, KVCache)

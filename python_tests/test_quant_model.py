@@ -304,6 +304,35 @@ def test_rotation_keeps_quantized_cache_logits_close(layout, cache_dtype):
     assert rel_error(got, ref) < LOGIT_TOL[cache_dtype]
 
 
+@pytest.mark.parametrize("kind", ["hadamard", "random"])
+@pytest.mark.parametrize("layout", ["v_only", "separate", "joint"])
+def test_rotation_same_before_or_after_fold(layout, kind):
+    """Each latent gets the same matrix whether rotate_latents runs before or after
+    prepare_for_inference. The smoke ranks (R=20, Rk=12) have no power-of-2 factor >= 8, so
+    even "hadamard" draws seeded random matrices here: a seed tied to the latents' order
+    (V, K unfolded; K, V folded) would swap them between the two orders. Same weights, so
+    the same int8 cache rows and logits."""
+    model = _model(layout)
+    rotate_fold = rotate_latents(copy.deepcopy(model), kind, seed=5).prepare_for_inference()
+    fold_rotate = rotate_latents(copy.deepcopy(model).prepare_for_inference(), kind, seed=5)
+    for a, b in zip(rotate_fold.attention_modules(), fold_rotate.attention_modules()):
+        for name in ("fused", "v_restore", "k_restore"):
+            if hasattr(a, name):
+                wa, wb = getattr(a, name).weight, getattr(b, name).weight
+                assert rel_error(wa, wb) < 1e-6, name
+    # and the rotation did change the key latent's pair (not both orders a no-op)
+    plain = copy.deepcopy(model).prepare_for_inference()
+    attn = plain.gpt_neox.layers[0].attention
+    if layout == "separate":
+        assert rel_error(fold_rotate.gpt_neox.layers[0].attention.k_restore.weight,
+                         attn.k_restore.weight) > 1e-2
+    ids = torch.randint(0, model.config.vocab_size, (2, 12),
+                        generator=torch.Generator().manual_seed(0))
+    got = [logits_through_cache(m, ids, m.new_cache(2, 12, cache_dtype=torch.int8), [5])
+           for m in (rotate_fold, fold_rotate)]
+    assert rel_error(got[0], got[1]) < 1e-5
+
+
 def test_rotation_needs_a_compressed_model():
     with pytest.raises(ValueError, match="v_rank"):
         rotate_latents(_model("uncompressed"))

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -421,3 +422,96 @@ def test_run_state_round_trips_and_reads_first_layout_files():
         for key in ("trainable", "initial", "best_state", "pca_reference_val_recon"):
             del stage[key]
     assert RunState.from_dict(saved) == state
+
+
+# ---- command-line and bookkeeping defects found by the second audit (each failed before
+# its fix)
+
+
+def test_rank_overrides_are_taken_or_refused_never_dropped():
+    """--k-rank 0 once fell back to the preset's k_rank, and joint_kv dropped a k_rank."""
+    base = VDProjConfig.preset("smoke-kv")
+    with pytest.raises(ValueError, match="k_rank must be a positive int"):
+        latent_key_config(base, k_rank=0)
+    with pytest.raises(ValueError, match="k_rank"):
+        latent_key_config(base, k_rank=8, joint_kv=True)
+    assert latent_key_config(base, joint_kv=True).joint_kv
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k-rank", "0"], "--k-rank: expected a positive integer, got 0"),
+    (["--k-rank", "-3"], "--k-rank: expected a positive integer, got -3"),
+    (["--v-rank", "0"], "--v-rank: expected a positive integer, got 0"),
+    # smoke: hidden 32 (2 heads of 16, rotary 8): keys have 2 * 8 = 16 non-rotary dims
+    (["--v-rank", "100"], "v_rank=100 exceeds the 32 dims"),
+    (["--k-rank", "40"], "k_rank=40 exceeds the 16 non-rotary key dims"),
+    (["--seq-len", "512"], "--seq-len 512 exceeds"),
+])
+def test_bad_rank_flags_are_usage_errors(flags, message, tmp_path, capsys):
+    """Exit 2 with argparse's usage line and the message, before any run starts; no
+    traceback, and nothing written."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*SMOKE, "--out", str(tmp_path / "out"), "--mode", "two_phase_kv", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: vdproj-train" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_ranks_above_the_dimension_they_compress_are_flagged():
+    """A rank above the width it compresses caches more than the dims it replaces (v_rank:
+    a kv_cache_reduction below 0): the config warns, the experiment refuses it
+    (test_bad_rank_flags_are_usage_errors). Full rank is exact conversion, not flagged."""
+    base = VDProjConfig.preset("smoke")  # hidden 32, Dn = 8 per head, 2 heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert base.replace(v_rank=32).kv_cache_reduction == 0.0
+        assert base.replace(k_rank=16).kv_cache_reduction == pytest.approx(
+            1 - (16 + 16 + 20) / 64)
+        assert base.replace(v_rank=48, joint_kv=True).oversized_rank() is None
+    for changes, message in ((dict(v_rank=33), "v_rank=33 exceeds the 32 dims"),
+                             (dict(k_rank=17), "k_rank=17 exceeds the 16 non-rotary key dims"),
+                             # the joint latent compresses [k_nope | v]: 16 + 32 dims
+                             (dict(v_rank=49, joint_kv=True), "v_rank=49 exceeds the 48 dims")):
+        with pytest.warns(UserWarning, match=message):
+            cfg = base.replace(**changes)
+        assert message in cfg.oversized_rank()
+    with pytest.warns(UserWarning, match="v_rank=33"):
+        assert base.replace(v_rank=33).kv_cache_reduction < 0
+
+
+def test_phase1_both_labels_each_run_by_its_method_and_resumes_with_either(tmp_path):
+    """--phase1 both: two_phase is the SGD run (labelled sgd, not both), so --phase1 sgd can
+    resume its folder and --phase1 both can resume an --phase1 sgd folder."""
+    args = [*SMOKE, "--out", str(tmp_path), "--mode", "two_phase", "--epochs", "1",
+            "--phase1-epochs", "1", "--no-plots", "--no-pca-reference"]
+    both = train.main([*args, "--phase1", "both"])
+    assert both["runs"]["two_phase"]["phase1_method"] == "sgd"
+    assert both["runs"]["two_phase_pca"]["phase1_method"] == "pca"
+    assert both["phase1_method"] == "both"  # the job's choice, at the top level
+    again = train.main([*args, "--phase1", "sgd", "--resume"])  # finished: reused
+    assert numbers(again["runs"]["two_phase"]) == numbers(both["runs"]["two_phase"])
+    again = train.main([*args, "--phase1", "both", "--resume"])
+    assert numbers(again["runs"]["two_phase"]) == numbers(both["runs"]["two_phase"])
+    # runs without a phase 1 do not care about the flag
+    e2e = [*args[:-6], "--mode", "e2e", "--epochs", "1", "--no-plots"]
+    first = train.main([*e2e, "--phase1", "pca"])
+    assert numbers(train.main([*e2e, "--phase1", "sgd", "--resume"])["runs"]["e2e"]) == \
+        numbers(first["runs"]["e2e"])
+
+
+def test_a_killed_write_leaves_no_temporary_file_behind(tmp_path):
+    """A kill during a checkpoint write leaves <run>.pt.tmp-<pid> (the checkpoint itself
+    stays whole); the next write to that path removes it, unless its writer still lives."""
+    from vdproj_ext.experiment.checkpoint import atomic_save_json
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "e2e.pt"
+    stale = tmp_path / f"e2e.pt.tmp-{dead.pid}"
+    live = tmp_path / f"e2e.pt.tmp-{os.getppid()}"  # a running process's write in progress
+    other = tmp_path / f"two_phase.pt.tmp-{dead.pid}"  # another file's: not this writer's
+    for f in (stale, live, other):
+        f.write_bytes(b"partial")
+    atomic_save_json({"a": 1}, str(path))
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert not stale.exists() and live.exists() and other.exists()

@@ -107,6 +107,13 @@ def main(argv=None) -> int:
     if cfg.v_rank is not None and not args.no_fold:
         model = model.prepare_for_inference()
         desc += ", compress projections folded (prepare_for_inference)"
+    # The tokenizer must decode every id generated: a smaller vocabulary than the model's
+    # (Pythia's embedding is padded past its tokenizer; bytes on a larger model) restricts
+    # generation to its ids; a larger one does not belong to this model.
+    tok_vocab = getattr(tok, "vocab_size", None)
+    if tok_vocab is not None and tok_vocab > cfg.vocab_size:
+        return _error(f"the tokenizer has {tok_vocab} token ids, more than the model's "
+                      f"vocab_size {cfg.vocab_size}; pass the matching --tokenizer")
     prompt_ids = tok.encode(args.prompt)
     if not prompt_ids:
         return _error("the prompt encodes to no tokens")
@@ -118,7 +125,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     out = model.generate(ids, args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, eos_token_id=args.eos_token_id, generator=gen,
-                         cache_dtype=CACHE_DTYPES[args.cache_dtype])
+                         cache_dtype=CACHE_DTYPES[args.cache_dtype], vocab_limit=tok_vocab)
     if ids.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0

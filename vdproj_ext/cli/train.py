@@ -16,12 +16,24 @@ from typing import List, Optional
 
 from ..experiment.checkpoint import CheckpointError
 from ..experiment.protocol import DEFAULT_RUNS, MODES, RUN_NAMES, Settings, runs_for
-from ..experiment.runner import ExperimentOptions, default_jobs, run_jobs, train_runs
+from ..experiment.runner import (ExperimentOptions, default_jobs, run_configs, run_jobs,
+                                 train_runs)
 from ..experiment.report import write_outputs
 from ..models import VDProjConfig
 
 
-def parse_args(argv=None):
+def positive_int(text: str) -> int:
+    """argparse type: an int > 0 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vdproj-train", description="V-DProj experiment: baseline, end-to-end and "
         "two-phase training of a GPT-NeoX model with a compressed value cache (and, in the "
@@ -54,14 +66,14 @@ def parse_args(argv=None):
     g.add_argument("--phase1-lr", type=float, help="phase 1 learning rate (1e-3)")
     g.add_argument("--patience", type=int, help="early-stopping patience (1)")
     g.add_argument("--batch-size", type=int, help="global batch size (8)")
-    g.add_argument("--v-rank", type=int, help="override the preset's v_rank")
-    g.add_argument("--k-rank", type=int, help="the latent-key runs' k_rank (default: the "
-                   "preset's, else 0.375 * hidden size)")
+    g.add_argument("--v-rank", type=positive_int, help="override the preset's v_rank")
+    g.add_argument("--k-rank", type=positive_int, help="the latent-key runs' k_rank "
+                   "(default: the preset's, else 0.375 * hidden size)")
     g.add_argument("--init-from", help="start every run from a local Hugging Face GPT-NeoX "
                    "checkpoint folder (e.g. Pythia-70m) instead of random weights; its shape "
                    "replaces the preset's, and its vocabulary must match the tokenizer")
     _execution_args(p.add_argument_group("execution"))
-    return p.parse_args(argv)
+    return p
 
 
 def _execution_args(g):
@@ -113,8 +125,13 @@ def _child_command(argv: List[str]):
 def main(argv=None) -> Optional[dict]:
     from_cli = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    opts = options(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # bad flag combinations: a usage error before anything is written
+        opts = options(args)
+        run_configs(opts)
+    except ValueError as e:
+        parser.error(str(e))
     runs = [args.child_run] if args.child_run else runs_for(args.mode, args.phase1)
     jobs = default_jobs(args.jobs, runs, as_child=bool(args.child_run))
     if jobs > 1 and len(runs) > 1:

@@ -19,6 +19,7 @@ same files through load_trained_model.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -43,7 +44,9 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: str, write_fn):
-    """write_fn(tmp_path), fsync, then os.replace onto `path`."""
+    """write_fn(tmp_path), fsync, then os.replace onto `path`. A killed writer leaves its
+    temporary behind (a checkpoint's can be a gigabyte): the next write removes it."""
+    remove_stale_temporaries(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write_fn(tmp)
@@ -53,6 +56,29 @@ def atomic_write_bytes(path: str, write_fn):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(path: str):
+    """Remove `path`'s temporaries (path.tmp-<pid>) whose writer is no longer running."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        pid = tmp.rsplit("-", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:  # another process got there first
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes one file at a time: a leftover of its own
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def atomic_save_json(obj, path):

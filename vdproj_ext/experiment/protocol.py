@@ -144,9 +144,13 @@ class RunSpec:
     def two_phase(self) -> bool:
         return self.stages == ("phase1", "phase2")
 
-    def phase1_method(self, requested: str) -> str:
-        """The phase-1 method this run uses under `--phase1 requested`."""
-        return self.phase1 or requested
+    def phase1_method(self, requested: str) -> Optional[str]:
+        """The phase-1 method this run uses under `--phase1 requested` (None: no phase 1).
+        Under "both" the run without a fixed method is the SGD one, its variant the PCA one;
+        so a run's method, label and checkpoint fingerprint never read "both"."""
+        if not self.two_phase:
+            return None
+        return self.phase1 or ("sgd" if requested == "both" else requested)
 
 
 RUNS: Dict[str, RunSpec] = {r.name: r for r in (

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -81,13 +82,32 @@ def latent_key_config(cfg: VDProjConfig, k_rank: Optional[int] = None,
                       joint_kv: bool = False) -> VDProjConfig:
     """The latent-key runs' config: cfg with k_rank from --k-rank, else the preset's, else
     LATENT_KEY_RANK_FRACTION * H*D (SPEC section 5). joint_kv, or a joint-latent preset, makes
-    the keys share the value latent instead."""
+    the keys share the value latent instead. An explicit k_rank is taken or refused
+    (VDProjConfig's checks), never replaced: 0 is an error, not "the default"."""
     if joint_kv:
+        if k_rank is not None:
+            raise ValueError(f"k_rank={k_rank} and joint_kv exclude each other: the joint "
+                             f"latent is the values' v_rank={cfg.v_rank} latent")
         return cfg.replace(k_rank=None, joint_kv=True)
+    if k_rank is not None:
+        return cfg.replace(k_rank=k_rank, joint_kv=False)
     if cfg.joint_kv:
         return cfg
-    k_rank = k_rank or cfg.k_rank or round(LATENT_KEY_RANK_FRACTION * cfg.hidden_size)
-    return cfg.replace(k_rank=k_rank)
+    return cfg.replace(k_rank=cfg.k_rank or round(LATENT_KEY_RANK_FRACTION * cfg.hidden_size))
+
+
+def run_configs(opts: ExperimentOptions):
+    """The V-only runs' config and the latent-key runs' one; a ValueError naming the bad
+    choice (the CLI calls this first, to refuse bad flags before anything is written)."""
+    with warnings.catch_warnings():  # an oversized rank: refused here, not just warned of
+        warnings.simplefilter("ignore")
+        preset_cfg = resolve_config(opts)
+        configs = (preset_cfg.replace(k_rank=None, joint_kv=False),
+                   latent_key_config(preset_cfg, opts.k_rank, opts.joint_kv))
+    for cfg in configs:
+        if cfg.oversized_rank():
+            raise ValueError(cfg.oversized_rank())
+    return configs
 
 
 class Experiment:
@@ -95,10 +115,7 @@ class Experiment:
 
     def __init__(self, opts: ExperimentOptions, dist: Dist):
         self.opts, self.dist = opts, dist
-        preset_cfg = resolve_config(opts)
-        self.cfg = preset_cfg.replace(k_rank=None, joint_kv=False)  # the V-only runs'
-        self.kv_cfg = latent_key_config(preset_cfg, opts.k_rank,     # the latent-key runs'
-                                        opts.joint_kv)
+        self.cfg, self.kv_cfg = run_configs(opts)  # the V-only runs', the latent-key runs'
         if dist.main:
             os.makedirs(os.path.join(opts.out, "checkpoints"), exist_ok=True)
         self.amp = opts.amp if opts.amp != "auto" else (
@@ -130,11 +147,14 @@ class Experiment:
         s = self.opts.settings
         protocol = json.dumps({k: getattr(s, k) for k in sorted(PROTOCOL)}, sort_keys=True)
         config = self.kv_cfg if spec.latent_keys else self.cfg
-        return {"run": spec.name, "config": json.dumps(config.to_dict(), sort_keys=True),
-                "data": self.data.fingerprint(), "seed": self.opts.seed,
-                "phase1": spec.phase1_method(self.opts.phase1),
-                "protocol": protocol + f" epochs={s.epochs} phase1_epochs={s.phase1_epochs}",
-                "amp": self.amp, "init_from": self.opts.init_from}
+        fingerprint = {"run": spec.name, "config": json.dumps(config.to_dict(), sort_keys=True),
+                       "data": self.data.fingerprint(), "seed": self.opts.seed,
+                       "protocol": protocol + f" epochs={s.epochs} "
+                                              f"phase1_epochs={s.phase1_epochs}",
+                       "amp": self.amp, "init_from": self.opts.init_from}
+        if spec.two_phase:  # --phase1 does not concern the other runs
+            fingerprint["phase1"] = spec.phase1_method(self.opts.phase1)
+        return fingerprint
 
     def config_for(self, spec: RunSpec) -> VDProjConfig:
         if not spec.compressed:

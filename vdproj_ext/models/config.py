@@ -20,7 +20,10 @@ uncompressed. Valid combinations (check_latent_ranks):
     v_rank=R                           V-DProj: compressed values, full keys
     v_rank=Rv, k_rank=Rk               separate key and value latents
     v_rank=R, joint_kv=True            one latent for both (k_rank must stay None)
-Latent keys need at least one non-rotary dimension per head (rotary_pct < 1).
+Latent keys need at least one non-rotary dimension per head (rotary_pct < 1). A rank above
+the width it compresses (hidden_size for v_rank, H*Dn for k_rank, H*Dn + hidden_size for a
+joint v_rank) caches more than the dims it replaces: the config warns
+(oversized_rank), and the training experiment refuses it.
 
 Dr, the per-head rotary dims kept whole (`rope_dims`), is what rotary actually rotates:
 rotary_ndims rounded up to even. GPT-NeoX (here and in transformers) rotates cos.shape[-1] =
@@ -30,6 +33,7 @@ dim than rotary_ndims depends on the position and cannot go into the latent.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,6 +67,25 @@ class VDProjConfig:
             raise ValueError(f"rotary_pct must lie in [0, 1], got {self.rotary_pct}")
         check_latent_ranks(self.v_rank, self.k_rank, self.joint_kv, self.head_dim,
                            self.rope_dims)
+        if self.oversized_rank():  # legal, but rarely meant: the experiment refuses it
+            warnings.warn(self.oversized_rank(), stacklevel=3)
+
+    def oversized_rank(self) -> Optional[str]:
+        """Why a rank exceeds the width it compresses (None if none does): that latent then
+        caches more than the dims it replaces (with v_rank, kv_cache_reduction goes below 0).
+        Full rank is fine (exact conversion)."""
+        nope = self.num_heads * (self.head_dim - self.rope_dims)
+        if self.v_rank is not None:
+            width, what = ((self.hidden_size + nope, "[k_nope | v] (H*(D-Dr) + hidden_size)")
+                           if self.joint_kv else (self.hidden_size, "hidden_size"))
+            if self.v_rank > width:
+                return (f"v_rank={self.v_rank} exceeds the {width} dims it compresses "
+                        f"({what}): the latent would be wider than what it replaces")
+        if self.k_rank is not None and self.k_rank > nope:
+            return (f"k_rank={self.k_rank} exceeds the {nope} non-rotary key dims it "
+                    f"compresses (H*(D-Dr)): the latent would be wider than what it "
+                    f"replaces")
+        return None
 
     @property
     def head_dim(self) -> int:

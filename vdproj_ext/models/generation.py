@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 
-def _check_arguments(input_ids, max_new_tokens, temperature, top_k):
+def _check_arguments(input_ids, max_new_tokens, temperature, top_k, vocab_limit=None):
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (B, T) with T >= 1, got {tuple(input_ids.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -20,6 +20,9 @@ def _check_arguments(input_ids, max_new_tokens, temperature, top_k):
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or
+                                    not isinstance(vocab_limit, int) or vocab_limit < 1):
+        raise ValueError(f"vocab_limit must be a positive int or None, got {vocab_limit!r}")
 
 
 def _real_token_mask(input_ids, attention_mask) -> torch.Tensor:
@@ -55,11 +58,13 @@ def _append_after_prompts(packed, lengths, tokens, pad: int):
     return out
 
 
-def _sampler(temperature: float, top_k: Optional[int], generator) -> Callable:
+def _sampler(temperature: float, top_k: Optional[int], generator,
+             vocab_limit: Optional[int] = None) -> Callable:
     """logits (B, vocab) -> next tokens (B,): argmax at temperature 0, else a sample from the
-    softmax at that temperature, over the top_k logits when top_k is set."""
+    softmax at that temperature, over the top_k logits when top_k is set; only over the ids
+    below vocab_limit when it is set."""
     def pick(logits):
-        logits = logits.float()
+        logits = logits[..., :vocab_limit].float()  # the slice is the ids themselves
         if temperature == 0:
             return logits.argmax(-1)
         logits = logits / temperature
@@ -108,7 +113,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: Optional[int] = None,
              eos_token_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
              pad_token_id: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None, cache_dtype=None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None, cache_dtype=None,
+             vocab_limit: Optional[int] = None) -> torch.Tensor:
     """Prompt followed by max_new_tokens generated tokens (greedy when temperature == 0).
 
     attention_mask (B, T), 1 on real tokens, lets prompts of different lengths share a
@@ -119,8 +125,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
 
     cache_dtype (None, torch.int8 or torch.float8_e4m3fn) is the cache's storage
     (model.new_cache); it needs use_cache.
+
+    vocab_limit: only ids below it are generated (greedy takes the argmax over them, sampling
+    draws among them), e.g. a tokenizer's vocabulary size where the model's embedding is
+    larger (padded, as Pythia's). None: the model's whole vocabulary.
     """
-    _check_arguments(input_ids, max_new_tokens, temperature, top_k)
+    _check_arguments(input_ids, max_new_tokens, temperature, top_k, vocab_limit)
     if cache_dtype is not None and not use_cache:
         raise ValueError(f"cache_dtype={cache_dtype} needs use_cache=True (without a cache "
                          f"nothing is stored)")
@@ -129,8 +139,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
         eos_token_id if eos_token_id is not None else 0)
     packed, lengths = _pack_right(input_ids, mask, pad)
     generated = _generate_tokens(model, packed, lengths, max_new_tokens,
-                                 _sampler(temperature, top_k, generator), pad, eos_token_id,
-                                 use_cache, cache_dtype)
+                                 _sampler(temperature, top_k, generator, vocab_limit), pad,
+                                 eos_token_id, use_cache, cache_dtype)
     if bool(mask[:, -1].all()):  # left-padded or unpadded: append after the prompt as given
         return torch.cat((input_ids, generated), 1)
     return _append_after_prompts(packed, lengths, generated, pad)

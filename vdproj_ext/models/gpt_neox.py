@@ -213,14 +213,24 @@ class VDProjForCausalLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, dtype=None, cache_dtype=None):
         """An empty KV cache: LatentKVCache with latent keys, CompressedKVCache when only
         v_rank is set, else KVCache. dtype: of the cached values, and of what a quantized
-        cache dequantizes to (default: the model's). cache_dtype: None (stored in dtype), or
-        torch.int8 / torch.float8_e4m3fn: every cache tensor quantized with float32 per-row
-        scales (SPEC 3c; cache.py). The uncompressed KVCache dequantizes before SDPA
-        (unfused, a baseline); the compressed caches dequantize inside the attention."""
+        cache dequantizes to (default: the model's). Only the uncompressed KVCache takes a
+        dtype other than the model's (it casts its rows back to the model's dtype before
+        SDPA); the compressed caches' fused ops need the model's dtype, so they raise a
+        ValueError for any other (to store them smaller, use cache_dtype). cache_dtype: None
+        (stored in dtype), or torch.int8 / torch.float8_e4m3fn: every cache tensor quantized
+        with float32 per-row scales (SPEC 3c; cache.py). The uncompressed KVCache
+        dequantizes before SDPA (unfused, a baseline); the compressed caches dequantize
+        inside the attention."""
         check_cache_dtype(cache_dtype)
         cfg = self.config
         param = next(self.parameters())
         dtype = dtype or param.dtype
+        if cfg.v_rank is not None and dtype != param.dtype:
+            raise ValueError(
+                f"new_cache(dtype={dtype}): a compressed model's cache must be in the model's "
+                f"dtype {param.dtype} (its fused attention ops read it directly); leave dtype "
+                f"out, convert the model with model.to({dtype}), or store the cache smaller "
+                f"with cache_dtype=torch.int8 or torch.float8_e4m3fn")
         shape = (cfg.num_layers, batch_size, max_len, cfg.num_heads, cfg.head_dim)
         common = dict(dtype=dtype, device=param.device, cache_dtype=cache_dtype)
         if cfg.latent_keys:
@@ -236,9 +246,12 @@ class VDProjForCausalLM(nn.Module):
         to eval mode; returns the model itself. Call it once before decoding with generate()
         (bench/bench_decode.py does; generate() itself works on either form and never folds,
         since the model may still be trained): logits are unchanged up to float rounding,
-        and decoding never computes V or k_nope. The model is inference-only afterwards (no
-        reconstruction loss; training would not update the folded weights). An uncompressed
-        model is only put in eval mode. Idempotent. For a folded copy instead, use
+        and decoding never computes V or k_nope. The folded model is for inference: the fused
+        Linear replaces query_key_value and the compress projections, so there is no
+        reconstruction loss, and LM training would update the fused weight, which nothing
+        maps back onto the pair (nor does a folded state_dict load into an unfolded model).
+        Train first, then fold. An uncompressed model is only put in eval mode. Idempotent.
+        For a folded copy instead, use
         copy.deepcopy(model).prepare_for_inference() (or fold_v_compress(model))."""
         if self.config.v_rank is not None:
             fold_v_compress(self, inplace=True)
@@ -248,13 +261,15 @@ class VDProjForCausalLM(nn.Module):
                  temperature: float = 0.0, top_k: Optional[int] = None,
                  eos_token_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None,
                  pad_token_id: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None, cache_dtype=None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, cache_dtype=None,
+                 vocab_limit: Optional[int] = None) -> torch.Tensor:
         """Prompt followed by max_new_tokens generated tokens (see models/generation.py);
-        cache_dtype as for new_cache."""
+        cache_dtype as for new_cache; vocab_limit: only ids below it are generated."""
         return generation.generate(
             self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
             eos_token_id=eos_token_id, attention_mask=attention_mask, pad_token_id=pad_token_id,
-            use_cache=use_cache, generator=generator, cache_dtype=cache_dtype)
+            use_cache=use_cache, generator=generator, cache_dtype=cache_dtype,
+            vocab_limit=vocab_limit)
 
     # ---- loading
     @classmethod

@@ -25,7 +25,8 @@ they are. Restore biases are unchanged (they act after the rotation is undone).
 
 rotate_latents works on a model folded by prepare_for_inference as well: the latents are then
 the last rows of the fused query/key/value projection (folding.py), which are rotated instead
-of v_compress / k_compress.
+of v_compress / k_compress. Each latent gets the same Q in either form (its seed follows the
+latent, "k" or "v", not its position), so rotating before or after folding gives the same model.
 """
 from __future__ import annotations
 
@@ -85,25 +86,31 @@ def _rotate_restore_(restore: nn.Linear, q: torch.Tensor) -> None:
 
 
 def _latents(attn) -> List[tuple]:
-    """(compress weight, compress bias, its latent rows, restores) of each latent of a
-    layer, unfolded (CompressedVAttention) or folded (FoldedVAttention)."""
+    """(name, compress weight, compress bias, its latent rows, restores) of each latent of a
+    layer, unfolded (CompressedVAttention) or folded (FoldedVAttention). name is "v" for the
+    value latent (or the joint latent) and "k" for a separate key latent: it identifies the
+    latent whichever form the layer is in (the unfolded order is V, K, the folded one K, V)."""
     joint, latent_keys = attn.joint_kv, attn.latent_keys
     value_restores = [attn.k_restore, attn.v_restore] if joint else [attn.v_restore]
     if hasattr(attn, "fused"):  # folded: the latents are the fused projection's last rows
         w, b = attn.fused.weight, attn.fused.bias
         start = w.shape[0] - sum(attn.latent_widths)
-        restores = [value_restores] if joint or not latent_keys else \
-            [[attn.k_restore], value_restores]
+        latents = [("v", value_restores)] if joint or not latent_keys else \
+            [("k", [attn.k_restore]), ("v", value_restores)]
         out = []
-        for width, rest in zip(attn.latent_widths, restores):
-            out.append((w, b, slice(start, start + width), rest))
+        for width, (name, rest) in zip(attn.latent_widths, latents):
+            out.append((name, w, b, slice(start, start + width), rest))
             start += width
         return out
-    out = [(attn.v_compress.weight, attn.v_compress.bias, slice(None), value_restores)]
+    out = [("v", attn.v_compress.weight, attn.v_compress.bias, slice(None), value_restores)]
     if latent_keys and not joint:
-        out.append((attn.k_compress.weight, attn.k_compress.bias, slice(None),
+        out.append(("k", attn.k_compress.weight, attn.k_compress.bias, slice(None),
                     [attn.k_restore]))
     return out
+
+
+# The seed offset of each latent within its layer (rotate_latents): by identity, not by order.
+_LATENT_SEED = {"v": 0, "k": 1}
 
 
 def rotate_latents(model, kind: str = "hadamard", *, seed: int = 0):
@@ -119,9 +126,10 @@ def rotate_latents(model, kind: str = "hadamard", *, seed: int = 0):
         raise ValueError("rotate_latents needs a compressed model (config.v_rank is set): an "
                          "uncompressed cache has no latent to rotate")
     for i, layer in enumerate(model.gpt_neox.layers):
-        for j, (weight, bias, rows, restores) in enumerate(_latents(layer.attention)):
+        for name, weight, bias, rows, restores in _latents(layer.attention):
             rank = restores[0].in_features
-            q = rotation_matrix(rank, kind, seed=seed + 2 * i + j).to(weight.device)
+            q = rotation_matrix(rank, kind, seed=seed + 2 * i + _LATENT_SEED[name])
+            q = q.to(weight.device)
             _rotate_rows_(weight, bias, rows, q)
             for restore in restores:
                 _rotate_restore_(restore, q)
