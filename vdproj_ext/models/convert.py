@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -77,26 +78,9 @@ def _rotary_settings(hf: dict):
             float(rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))))
 
 
-def _check_rank(name: str, rank, top: Optional[int] = None, what: str = "") -> None:
-    if rank is None:
-        return
-    if isinstance(rank, bool) or not isinstance(rank, int):
+def _check_rank_type(name: str, rank) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
         raise TypeError(f"{name} must be an int or None, got {type(rank).__name__}")
-    if top is not None and not 1 <= rank <= top:
-        raise ValueError(f"{name} must lie in [1, {top}] ({what} of this checkpoint), "
-                         f"got {rank}")
-
-
-def _check_ranks(config: VDProjConfig) -> None:
-    """Ranks above the width of what a latent compresses would only add zero dimensions."""
-    nope = config.num_heads * (config.head_dim - config.rope_dims)
-    if config.joint_kv:
-        _check_rank("v_rank", config.v_rank, config.hidden_size + nope,
-                    "H*Dn + H*D, the width of [k_nope | v],")
-    else:
-        _check_rank("v_rank", config.v_rank, config.hidden_size,
-                    f"hidden_size={config.hidden_size}, H*D")
-    _check_rank("k_rank", config.k_rank, nope, "H*Dn, the non-rotary key dims,")
 
 
 def config_from_gpt_neox(hf: dict, v_rank: Optional[int] = None, k_rank: Optional[int] = None,
@@ -116,26 +100,29 @@ def config_from_gpt_neox(hf: dict, v_rank: Optional[int] = None, k_rank: Optiona
     if hidden % heads:
         raise ValueError(f"unsupported GPT-NeoX config: hidden_size {hidden} is not divisible "
                          f"by num_attention_heads {heads}")
-    _check_rank("v_rank", v_rank)  # the types; the ranges once the config knows the shape
-    _check_rank("k_rank", k_rank)
-    config = VDProjConfig(
-        vocab_size=int(need("vocab_size")),
-        hidden_size=hidden,
-        num_layers=int(need("num_hidden_layers")),
-        num_heads=heads,
-        intermediate_size=int(need("intermediate_size")),
-        rotary_pct=rotary_pct,
-        rotary_base=rotary_base,
-        max_positions=int(hf.get("max_position_embeddings", 2048)),
-        layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
-        use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
-        attention_bias=bool(hf.get("attention_bias", True)),
-        v_rank=v_rank,
-        v_bias=True,
-        k_rank=k_rank,
-        joint_kv=joint_kv,
-    )
-    _check_ranks(config)
+    _check_rank_type("v_rank", v_rank)  # the ranges once the config knows the shape
+    _check_rank_type("k_rank", k_rank)
+    with warnings.catch_warnings():  # a rank above what it compresses: refused just below
+        warnings.simplefilter("ignore")
+        config = VDProjConfig(
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads,
+            intermediate_size=int(need("intermediate_size")),
+            rotary_pct=rotary_pct,
+            rotary_base=rotary_base,
+            max_positions=int(hf.get("max_position_embeddings", 2048)),
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+            use_parallel_residual=bool(hf.get("use_parallel_residual", True)),
+            attention_bias=bool(hf.get("attention_bias", True)),
+            v_rank=v_rank,
+            v_bias=True,
+            k_rank=k_rank,
+            joint_kv=joint_kv,
+        )
+    if config.oversized_rank():  # it would only add zero dimensions
+        raise ValueError(f"{config.oversized_rank()} (this checkpoint's shape)")
     return config
 
 
