@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
-from helpers import (assert_same_error_on_every_backend, make_cache, make_step, replace_args,
-                     shared_attention_bad_cases, shared_seqlens_bad_cases)
+from helpers import (assert_same_error_on_every_backend, make_attention_inputs, make_cache,
+                     make_latent_attention_inputs, make_latent_cache, make_latent_step,
+                     make_step, replace_args, run_attention, run_kvcache, run_latent_attention,
+                     run_latent_kvcache, shared_attention_bad_cases, shared_seqlens_bad_cases)
 from vdproj_ext import backend_info, compressed_attn_with_kvcache, compressed_v_attention
 from vdproj_ext.ops.backend import load_kernels
 
@@ -301,3 +303,72 @@ def test_torch_compile_inductor_decode():
     out_eager = decode(*c2.values())
     torch.testing.assert_close(out, out_eager)
     torch.testing.assert_close(c["vc_cache"], c2["vc_cache"], equal_nan=True)
+
+
+# ---- NaN in the part of the inputs that is read propagates (a NaN key once gave zeros: an
+# online-softmax row whose sum was NaN was taken for a row without keys)
+
+NAN_CASES = ("attention", "kvcache", "latent_attention", "latent_kvcache")
+
+
+def _nan_key_call(case, backend, causal):
+    """The output of `case` with NaN in one read key element of batch 0, head 1 (under the
+    causal mask too, every query of batch 0 reads it). backend "aten": the ATen paths the
+    GPU takes for inputs its kernels do not (ops/aten_paths.py), run here on the CPU."""
+    from vdproj_ext.ops import aten_paths
+    b, tq, tk, h, d, dr, rk, r = 2, 3, 7, 3, 16, 8, 6, 5
+    seqlens = torch.tensor([5, 7], dtype=torch.int32)
+    scale = d ** -0.5
+    if case == "attention":
+        x = make_attention_inputs((b, tq, tk, h, d, r), "cpu", torch.float32)
+        x["k"][0, 4, 1, 2] = float("nan")
+        if backend == "aten":
+            return aten_paths.restore_then_sdpa(*x.values(), causal, scale)
+        return run_attention(x, backend, causal=causal)[0]
+    if case == "kvcache":
+        k_cache, vc_cache = make_cache(b, tk, h, d, r, seqlens.tolist(), "cpu", torch.float32)
+        k_cache[0, 2, 1, 2] = float("nan")
+        s = make_step(b, tq, 0, h, d, r, "cpu", torch.float32)
+        if backend == "aten":
+            return aten_paths.batched_kvcache_attention(
+                s["q"], k_cache, vc_cache, s["w_r"], s["b_r"], s["k"], s["v"], s["w_c"],
+                s["b_c"], seqlens, causal, scale)
+        return run_kvcache(s, k_cache, vc_cache, seqlens, causal, backend)
+    if case == "latent_attention":
+        x = make_latent_attention_inputs((b, tq, tk, h, d, dr, rk, r), "cpu", torch.float32)
+        x["k_rope"][0, 4, 1, 2] = float("nan")
+        if backend == "aten":
+            return aten_paths.restore_keys_then_sdpa(*x.values(), causal, scale)
+        return run_latent_attention(x, backend, causal=causal)[0]
+    caches = make_latent_cache(b, tk, h, dr, rk, r, seqlens.tolist(), "cpu", torch.float32)
+    caches["krope_cache"][0, 2, 1, 2] = float("nan")
+    s = make_latent_step(b, tq, 0, h, d, dr, rk, r, "cpu", torch.float32)
+    if backend == "aten":
+        return aten_paths.batched_latent_kvcache_attention(
+            s["q"], *caches.values(), s["w_kr"], s["w_r"], s["b_r"], s["k"], s["v"], s["w_kc"],
+            s["b_kc"], s["w_c"], s["b_c"], seqlens, causal, scale)
+    return run_latent_kvcache(s, caches, seqlens, causal, backend)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "aten"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", NAN_CASES)
+def test_nan_in_a_read_key_gives_nan_not_zeros(case, causal, backend):
+    """As in float math (and torch's SDPA): the poisoned head's outputs are NaN, every other
+    head and batch row stays finite."""
+    out = _nan_key_call(case, backend, causal)
+    assert out[0, :, 1].isnan().all(), out[0, :, 1]
+    out[0, :, 1] = 0
+    assert out.isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_as_the_only_visible_key_gives_nan(backend):
+    """Query 0 of a causal Tq = Tk call sees key 0 alone: a NaN there is not 'no key'
+    (the kernels' block max skips NaN scores, which once made such a row zeros)."""
+    x = make_attention_inputs((2, 5, 5, 3, 16, 5), "cpu", torch.float32)
+    x["k"][0, 0, 1] = float("nan")
+    out = run_attention(x, backend, causal=True)[0]
+    assert out[0, :, 1].isnan().all()
+    out[0, :, 1] = 0
+    assert out.isfinite().all()

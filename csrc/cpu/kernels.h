@@ -987,10 +987,15 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // Online softmax; s becomes P (unnormalized, relative to the running max).
     for (int64_t r = 0; r < rows; ++r) {
       A* s = sbuf + r * kKeyBlock;
-      const A bm = row_max(s, nk, ninf);
-      if (bm == ninf) {  // every key of this block is masked for this row
-        for (int64_t jj = 0; jj < nk; ++jj) s[jj] = 0;
-        continue;
+      A bm = row_max(s, nk, ninf);  // skips NaN scores
+      if (bm == ninf) {
+        bool nan = false;
+        for (int64_t jj = 0; jj < nk; ++jj) nan |= s[jj] != s[jj];
+        if (!nan) {  // every key of this block is masked for this row
+          for (int64_t jj = 0; jj < nk; ++jj) s[jj] = 0;
+          continue;
+        }
+        bm = 0;  // only NaN visible (a NaN input): any finite max lets it reach l, as it must
       }
       const A mold = st.m[r];
       const A mnew = std::max(mold, bm);
@@ -1010,7 +1015,8 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
 }
 
 // Normalize, write ctx and lse, restore: out[h] = ctx[h] @ w_r[h].T + b_r[h], for the rows of
-// heads [h0, h1) of a tile. A row that saw no key returns zeros (bias included) and lse = -inf.
+// heads [h0, h1) of a tile. A row that saw no key returns zeros (bias included) and lse = -inf;
+// one whose scores held a NaN returns NaN, as float math does.
 // With several queries per tile the restore is a small matrix product against w_r[h]
 // transposed (wrT, (H, R, D)), so each w_r row is loaded once per tile rather than once per
 // query; a single query uses dot products.
@@ -1019,7 +1025,6 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
                    TileState<A> st, const A* wr, const A* wrT, const A* br, A* rows_buf,
                    A* out_buf) {
   const int64_t Tq = a.Tq, H = a.H, D = a.D, R = a.R;
-  const A ninf = -std::numeric_limits<A>::infinity();
   auto in_range = [&](int64_t r) { return r % H >= h0 && r % H < h1; };
   for (int64_t r = 0; r < nq * H; ++r) {
     if (!in_range(r)) continue;
@@ -1027,7 +1032,8 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
     A* row = rows_buf + r * R;
     // ctx in accumulation precision (check_backward_extras, csrc/common/checks.h)
     A* ctx = a.ctx ? static_cast<A*>(a.ctx) + ((b * Tq + gi) * H + h) * R : nullptr;
-    const bool empty = st.m[r] == ninf || !(st.l[r] > 0);
+    // l >= 1 once a key was seen; NaN (a NaN input) is not empty and propagates
+    const bool empty = st.l[r] == A(0);
     if (empty) {
       std::fill(row, row + R, A(0));
     } else {
@@ -1055,7 +1061,7 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
     if (!in_range(r)) continue;
     const int64_t gi = i0 + r / H, h = r % H;
     T* out = static_cast<T*>(a.out) + ((b * Tq + gi) * H + h) * D;
-    const bool empty = st.m[r] == ninf || !(st.l[r] > 0);
+    const bool empty = st.l[r] == A(0);
     for (int64_t d = 0; d < D; ++d) {
       A o = out_buf[r * D + d];
       if (br) o += br[h * D + d];

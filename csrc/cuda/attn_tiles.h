@@ -154,7 +154,8 @@ __device__ __forceinline__ void store_row_stats(const P& p, int64_t b, int64_t s
                                                 float m_run, float l_run) {
   if (p.final_mode) {
     const int64_t h = row / p.Tq, i = row - h * p.Tq;
-    p.lse_out[(b * p.H + h) * p.Tq + i] = l_run > 0.f ? (m_run + log2f(l_run)) * kLn2F : -INFINITY;
+    // l_run is 0 for a row that saw no key, NaN (propagated) after a NaN input
+    p.lse_out[(b * p.H + h) * p.Tq + i] = l_run != 0.f ? (m_run + log2f(l_run)) * kLn2F : -INFINITY;
   } else {
     const int64_t base = (b * p.nsplit + split) * p.nrows;
     p.part_ml[(base + row) * 2 + 0] = m_run;
@@ -178,7 +179,7 @@ __device__ __forceinline__ void store_row_acc(const P& p, const float (&acc)[2][
     float inv = 1.f;  // exact: the partials keep their bits
     if (p.final_mode) {
       dst = p.ctx_out + ((b * p.Tq + i) * p.H + h) * R;
-      inv = l_s[w] > 0.f ? 1.f / l_s[w] : 0.f;
+      inv = l_s[w] != 0.f ? 1.f / l_s[w] : 0.f;
     } else {
       dst = p.part_acc + ((b * p.nsplit + split) * p.nrows + row) * R;
     }

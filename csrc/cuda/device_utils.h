@@ -142,7 +142,10 @@ __device__ __forceinline__ float warp_sum(float x) {
 // alpha, the factor that rescales what the row accumulated before. All 32 lanes call it.
 __device__ __forceinline__ float online_softmax_step(float s, float& m_run, float& l_run,
                                                      float& alpha) {
-  const float m_new = fmaxf(m_run, warp_max(s));
+  float tile_max = warp_max(s);  // fmaxf skips NaN
+  // Only NaN visible (a NaN input): a finite max lets the NaN reach l_run, as it must.
+  if (tile_max == -INFINITY && __any_sync(0xffffffffu, s != s)) tile_max = 0.f;
+  const float m_new = fmaxf(m_run, tile_max);
   float pr;
   if (m_new == -INFINITY) {  // nothing visible yet: keep everything at zero
     pr = 0.f;

@@ -271,6 +271,36 @@ Outcome run_decode(const DecodeCase& c) {
   return res;
 }
 
+// A NaN in one visible cached key (batch 0, head 0, position 0, dim 0): batch 0's head-0
+// outputs are NaN, as in float math (never zeros, as an online softmax that skips NaN in its
+// max once gave), and every other output matches the float64 reference.
+Outcome run_decode_nan_key(const DecodeCase& c) {
+  Outcome res;
+  device_for(c.dev);
+  std::mt19937_64 rng(seed_of(c.name));
+  DecodeInputs in = make_decode_inputs(c, rng);
+  const double scale = 1.0 / std::sqrt(double(c.D));
+  const DecodeRef ref = decode_reference(c, in, scale);  // the heads the NaN does not reach
+  store(c.dt, in.k_cache.get(), 0, std::nan(""));
+  if (c.Tnew > 0) run_compress(c, in);
+  const Buffer out = run_attend_cache(c, in, scale, res);
+  const int64_t HD = int64_t(c.H) * c.D, n = int64_t(c.B) * c.Tq * HD;
+  Vec got, want;
+  int64_t not_nan = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double o = load(c.dt, out.get(), size_t(i));
+    if (i < c.Tq * HD && (i % HD) < c.D) {
+      not_nan += !std::isnan(o);
+    } else {
+      got.push_back(o);
+      want.push_back(ref.out[size_t(i)]);
+    }
+  }
+  res.expect(not_nan == 0, std::to_string(not_nan) + " outputs of the NaN key's head are not NaN");
+  res.expect_close("out (other heads)", got, want, tolerance(c.dt));
+  return res;
+}
+
 // ---- training: compressed_v_attention forward and backward ----------------------------------------
 struct TrainCase {
   std::string name;
@@ -421,6 +451,16 @@ void add_shape_cases(std::vector<Case>& cases) {
   const DecodeCase r520{"decode/f32/D128/r520-two-chunks", DType::kFloat32, 128, 1, 2, 2, 520, 64, 2, {50},
                         true, true, false, big_device(), 0, 0};
   for (const DecodeCase& c : {r136, r520}) cases.push_back(Case{c.name, [c] { return run_decode(c); }});
+  // NaN in a read key: among many keys across splits (partials and combine) and in one split
+  // (final mode); and as the only key batch 0 has (a tile of NaN and masked scores only).
+  const DecodeCase nan_splits{"decode/f32/D64/nan-key-splits", DType::kFloat32, 64, 2, 4, 1, 64, 160, 1,
+                              {130, 37}, true, true, false, big_device(), 2, 0};
+  const DecodeCase nan_final{"decode/f32/D64/nan-key-one-split", DType::kFloat32, 64, 3, 3, 3, 64, 67, 0,
+                             {40, 64, 29}, false, true, false, one_sm(227 * 1024), 1, 0};
+  const DecodeCase nan_only{"decode/bf16/D64/nan-only-key-one-split", DType::kBFloat16, 64, 3, 3, 3, 64, 67, 0,
+                            {1, 64, 29}, false, true, false, one_sm(227 * 1024), 1, 0};
+  for (const DecodeCase& c : {nan_splits, nan_final, nan_only})
+    cases.push_back(Case{c.name, [c] { return run_decode_nan_key(c); }});
   const TrainCase t{"train/bf16/D64/r136", DType::kBFloat16, 64, 1, 2, 9, 40, 136, true, big_device()};
   cases.push_back(Case{t.name, [t] { return run_train(t); }});
   for (DType dt : {DType::kFloat32, DType::kBFloat16}) {

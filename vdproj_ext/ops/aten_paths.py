@@ -79,7 +79,8 @@ def _attend_restore_on_read(scores, allowed, valid, vc_cache, w_r, b_r, out_dtyp
     batch, heads, tq, _ = scores.shape
     rank = vc_cache.shape[-1]
     vv = torch.where(valid[:, :, None], vc_cache, 0).to(scores.dtype)
-    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    # A row with no visible key is NaN here and zeroed below; a NaN from the inputs stays.
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     ctx = torch.einsum("bhij,bjr->bihr", probs, vv)
     out = torch.einsum("bihr,hdr->bihd", ctx, w_r.to(scores.dtype).reshape(heads, -1, rank))
     if b_r is not None:

@@ -56,8 +56,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if allowed is not None:
-        # Rows with every key masked are all -inf and softmax gives NaN there.
-        probs = torch.nan_to_num(probs, nan=0.0)
+        # Rows with every key masked are all -inf and softmax gives NaN there: zeros. A NaN
+        # that comes from the inputs stays NaN, as in float math.
+        probs = probs.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
     return torch.einsum("bhij,bjhd->bihd", probs, v)
 
 
