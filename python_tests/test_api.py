@@ -142,6 +142,10 @@ CACHE_BAD = {
                       r"k_cache must have dtype"),
     "cache stride": (lambda a: replace_args(a, vc_cache=a["vc_cache"].transpose(0, 2).contiguous()
                                         .transpose(0, 2)), ValueError, r"vc_cache must have a unit stride"),
+    "k_cache expanded": (lambda a: replace_args(a, k_cache=a["k_cache"][:1].expand_as(a["k_cache"])),
+                         ValueError, r"k_cache has elements that share memory"),
+    "vc_cache expanded": (lambda a: replace_args(a, vc_cache=a["vc_cache"][:1].expand_as(a["vc_cache"])),
+                          ValueError, r"vc_cache has elements that share memory"),
     "q not a tensor": (lambda a: replace_args(a, q=a["q"].tolist()), TypeError,
                        r"q must be a torch.Tensor"),
     "q int dtype": (lambda a: replace_args(a, q=a["q"].long()), TypeError, r"q must be float32"),
@@ -163,6 +167,19 @@ def test_kvcache_bad_input(case, backend):
         call_cache(args, backend=backend)
     # A rejected call writes nothing (NaN compares equal to NaN here).
     torch.testing.assert_close(args["k_cache"], before[0], equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_cache_is_read_when_nothing_is_written(backend):
+    """A prefix shared by every batch row (expand, stride 0) is refused only when new tokens
+    would be written into it; read-only calls see the same result as with a copy."""
+    args = replace_args(cache_inputs(seqlens=(3, 3)), k=None, v=None)
+    shared = replace_args(args, k_cache=args["k_cache"][:1].expand_as(args["k_cache"]),
+                          vc_cache=args["vc_cache"][:1].expand_as(args["vc_cache"]))
+    owned = replace_args(shared, k_cache=shared["k_cache"].contiguous(),
+                         vc_cache=shared["vc_cache"].contiguous())
+    torch.testing.assert_close(call_cache(shared, backend=backend),
+                               call_cache(owned, backend=backend), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -569,6 +569,12 @@ LATENT_CACHE_BAD = {
     "kc_cache stride": (lambda a: replace_args(a, kc_cache=a["kc_cache"].transpose(0, 2).contiguous()
                                            .transpose(0, 2)), ValueError,
                         r"kc_cache must have a unit stride"),
+    "krope_cache expanded": (lambda a: replace_args(
+        a, krope_cache=a["krope_cache"][:1].expand_as(a["krope_cache"])), ValueError,
+        r"krope_cache has elements that share memory"),
+    "kc_cache expanded": (lambda a: replace_args(
+        a, kc_cache=a["kc_cache"][:1].expand_as(a["kc_cache"])), ValueError,
+        r"kc_cache has elements that share memory"),
     "krope_cache dtype": (lambda a: replace_args(a, krope_cache=a["krope_cache"].half()), TypeError,
                           r"krope_cache must have dtype"),
     "kc_cache device": (lambda a: replace_args(a, kc_cache=a["kc_cache"].to("meta")), ValueError,

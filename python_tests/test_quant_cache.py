@@ -425,6 +425,8 @@ def scale_cases(cache_name, shape):
                         rf"{s} must be on cpu"),
         f"{s} not a tensor": (lambda a: replace_args(a, **{s: a[s].tolist()}), TypeError,
                               rf"{s} must be a torch.Tensor"),
+        f"{s} expanded": (lambda a: replace_args(a, **{s: a[s][:1].expand_as(a[s])}),
+                          ValueError, rf"{s} has elements that share memory"),
     }
 
 

@@ -290,6 +290,20 @@ inline void check_written_in_place(std::initializer_list<NamedTensor> caches) {
   }
 }
 
+// Tensors written in place need one memory location per element: in a view with a stride of 0
+// (as expand gives) one batch row's new tokens would overwrite another's.
+inline void check_no_shared_elements(std::initializer_list<NamedTensor> written) {
+  for (const auto& [name, t] : written) {
+    if (t == nullptr) continue;
+    bool shared = false;
+    for (int64_t i = 0; i < t->dim(); ++i) shared |= t->stride(i) == 0 && t->size(i) > 1;
+    TORCH_CHECK_VALUE(!shared, name, " has elements that share memory (shape ",
+                      py_tuple(t->sizes()), ", strides ", py_tuple(t->strides()),
+                      ", as from expand); new tokens are written into it in place, so pass a "
+                      "tensor that owns each element (for example .contiguous())");
+  }
+}
+
 inline void check_seqlens_tensor(const at::Tensor& lens, int64_t B) {
   TORCH_CHECK_TYPE(lens.scalar_type() == at::kInt,
                    "cache_seqlens must have dtype torch.int32, got ", py_dtype(lens.scalar_type()));
@@ -344,6 +358,9 @@ inline KvcacheDims check_kvcache_inputs(const KvcacheInputs& in, double softmax_
   check_cache_scale(k_entry, {d.B, d.Tmax, d.H});
   check_cache_scale(vc_entry, {d.B, d.Tmax});
   d.Tnew = check_new_tokens(in, d);
+  if (in.k != nullptr)
+    check_no_shared_elements({{"k_cache", &in.k_cache}, {"vc_cache", &in.vc_cache},
+                              {"k_scale", in.k_scale}, {"vc_scale", in.vc_scale}});
   check_seqlens_tensor(in.cache_seqlens, d.B);
   return d;
 }
@@ -503,6 +520,10 @@ inline std::pair<LatentDims, int64_t> check_latent_kvcache_inputs(const LatentKv
   check_cache_scale(kc_entry, {d.B, d.T});
   check_cache_scale(vc_entry, {d.B, d.T});
   const int64_t t_new = check_new_latent_tokens(in, d);
+  if (in.k != nullptr)
+    check_no_shared_elements({{"krope_cache", &in.krope_cache}, {"kc_cache", in.kc_cache},
+                              {"vc_cache", &in.vc_cache}, {"krope_scale", in.krope_scale},
+                              {"kc_scale", in.kc_scale}, {"vc_scale", in.vc_scale}});
   check_seqlens_tensor(in.cache_seqlens, d.B);
   return {d, t_new};
 }

@@ -169,6 +169,7 @@ void quantize_into_cpu(at::Tensor& cache, at::Tensor& scale, const at::Tensor& v
                     "quantize_into: cache must be (B, Tmax, n) or (B, Tmax, H, n), got shape ",
                     py_tuple(cache.sizes()));
   check_written_in_place({{"cache", &cache}});
+  check_no_shared_elements({{"cache", &cache}, {"scale", &scale}});
   const at::ScalarType vt = values_in.scalar_type();
   TORCH_CHECK_TYPE(vt == at::kFloat || vt == at::kDouble || vt == at::kBFloat16 ||
                        vt == at::kHalf,

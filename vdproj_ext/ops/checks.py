@@ -123,6 +123,17 @@ def check_written_in_place(named_caches):
                              f"(got strides {cache.stride()}); it is written in place")
 
 
+def check_no_shared_elements(named_written):
+    """Tensors written in place need one memory location per element: in a view with a stride
+    of 0 (as expand gives) one batch row's new tokens would overwrite another's."""
+    for name, t in named_written:
+        if t is not None and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{name} has elements that share memory (shape {tuple(t.shape)}, "
+                             f"strides {t.stride()}, as from expand); new tokens are written "
+                             f"into it in place, so pass a tensor that owns each element "
+                             f"(for example .contiguous())")
+
+
 # ---------------------------------------------------------------------------------------------
 # compressed_v_attention
 
@@ -195,6 +206,9 @@ def check_kvcache_dtypes_and_shapes(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b
     check_cache_scales([("k_scale", k_scale, "k_cache", k_cache, (batch, max_len, heads)),
                         ("vc_scale", vc_scale, "vc_cache", vc_cache, (batch, max_len))])
     _check_new_tokens(k, v, w_c, b_c, batch, heads, head_dim, rank)
+    if k is not None:
+        check_no_shared_elements([("k_cache", k_cache), ("vc_cache", vc_cache),
+                                  ("k_scale", k_scale), ("vc_scale", vc_scale)])
     check_seqlens_dtype_and_shape(cache_seqlens, batch)
 
 
@@ -328,6 +342,10 @@ def check_latent_kvcache_dtypes_and_shapes(q, krope_cache, kc_cache, vc_cache, w
          ("vc_scale", vc_scale, "vc_cache", vc_cache, (batch, max_len))])
     _check_new_latent_tokens(k, v, w_kc, b_kc, w_c, b_c, kc_cache is None,
                              (batch, heads, head_dim, rope_dim, k_rank, v_rank))
+    if k is not None:
+        check_no_shared_elements([("krope_cache", krope_cache), ("kc_cache", kc_cache),
+                                  ("vc_cache", vc_cache), ("krope_scale", krope_scale),
+                                  ("kc_scale", kc_scale), ("vc_scale", vc_scale)])
     check_seqlens_dtype_and_shape(cache_seqlens, batch)
 
 
