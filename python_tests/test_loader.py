@@ -78,3 +78,36 @@ def test_sources_only_wheel_compiles_on_first_use(tmp_path):
     assert info["cpu_kernels"] and info["auto_backend"]["cpu"] == "ext"
     assert info["ext_error"] is None
     assert info["max_err"] < 1e-5
+
+
+REGISTERED_AT_IMPORT = """
+import json, torch, vdproj_ext
+ops = torch.ops.vdproj_ext
+names = ["cva_forward", "cva_backward", "kvcache_attention", "ckv_forward",
+         "ckv_kvcache_attention"]
+defined = {n: hasattr(ops, n) for n in names}
+q = torch.empty(1, 3, 2, 8, device="meta"); k = torch.empty(1, 4, 2, 8, device="meta")
+v_c = torch.empty(1, 4, 5, device="meta"); w_r = torch.empty(16, 5, device="meta")
+fake = [list(t.shape) for t in ops.cva_forward(q, k, v_c, w_r, None, True, 0.3)]
+print("RESULT" + json.dumps({"defined": defined, "fake": fake,
+                             "origin": vdproj_ext.backend_info()["extension_origin"]}))
+"""
+
+
+def test_ops_are_defined_and_registered_at_import():
+    """An ahead-of-time build defines torch.ops.vdproj_ext.* and their fake kernels as soon as
+    the package is imported, before any op is called (as torch.library users expect)."""
+    if vdproj_ext_origin() != "aot":
+        pytest.skip("needs the ahead-of-time build (a JIT build waits for the first call)")
+    proc = run_python(REPO, REGISTERED_AT_IMPORT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    result = json.loads(line[len("RESULT"):])
+    assert all(result["defined"].values()), result["defined"]
+    assert result["fake"] == [[1, 3, 2, 8], [1, 2, 3], [1, 3, 2, 5]]
+    assert result["origin"] == "aot"
+
+
+def vdproj_ext_origin():
+    import vdproj_ext
+    return vdproj_ext.backend_info()["extension_origin"]

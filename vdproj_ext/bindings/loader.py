@@ -89,12 +89,17 @@ def _try_jit():
         return None, f"JIT build of the kernels failed: {type(exc).__name__}: {exc}"
 
 
-def load():
-    """Return the compiled module, or None; the reason for None is in `status()`."""
+def load(jit: bool = True):
+    """Return the compiled module, or None; the reason for None is in `status()`.
+
+    jit=False tries only the ahead-of-time build (an import, cheap enough for package import
+    time) and remembers nothing when it is absent, so that a later load() may still build."""
     with _lock:
         if "module" in _state:
             return _state["module"]
         module, aot_reason = _try_aot()
+        if module is None and not jit:
+            return None
         origin, reason = "aot", None
         if module is None:
             module, jit_reason = _try_jit()

@@ -17,11 +17,16 @@ Imports only torch, vdproj_ext.bindings and its own modules.
 """
 from . import reference
 from .attention import CompressedVAttentionFunction, compressed_v_attention
+from . import backend
 from .backend import BACKENDS, backend_info
 from .kvcache import compressed_attn_with_kvcache
 from .latent_attention import CompressedKVAttentionFunction, compressed_kv_attention
 from .latent_kvcache import compressed_kv_attn_with_kvcache
 from .linear import decode_linear
+
+# Define and register torch.ops.vdproj_ext.* at import when the kernels were compiled ahead of
+# time; a JIT build (minutes) waits for the first call that needs it.
+backend.load_kernels(jit=False)
 
 __all__ = ["compressed_v_attention", "compressed_attn_with_kvcache", "compressed_kv_attention",
            "compressed_kv_attn_with_kvcache", "decode_linear", "backend_info",

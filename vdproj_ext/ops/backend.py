@@ -14,9 +14,10 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 _kernel_built: dict = {}
 
 
-def load_kernels():
-    """torch.ops.vdproj_ext once the compiled kernels are loaded (and registered), else None."""
-    if bindings.load() is None:
+def load_kernels(jit: bool = True):
+    """torch.ops.vdproj_ext once the compiled kernels are loaded (and registered), else None.
+    jit=False: only an ahead-of-time build is loaded (bindings.load)."""
+    if bindings.load(jit) is None:
         return None
     register_torch_library()
     return torch.ops.vdproj_ext
