@@ -287,12 +287,14 @@ def test_registered_autograd_matches_function():
         torch.testing.assert_close(g_op, g_ref, rtol=1e-9, atol=1e-9)
 
 
-def test_torch_compile_fullgraph_training_step():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_training_step(backend):
     torch._dynamo.reset()
     a = attn_inputs(requires_grad=True)
 
     def step(q, k, v_c, w_r, b_r):
-        return compressed_v_attention(q, k, v_c, w_r, b_r, causal=True, backend="ext").square().sum()
+        return compressed_v_attention(q, k, v_c, w_r, b_r, causal=True,
+                                      backend=backend).square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(*a.values())

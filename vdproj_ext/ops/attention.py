@@ -10,13 +10,20 @@ from .library import kernel_backward, save_for_kernel_backward
 
 def reference_backward(ctx, grad_out, reference_op=reference.compressed_v_attention):
     """Gradients of reference_op (its tensor inputs saved, None for an absent one), by
-    recomputing it with autograd on."""
-    inputs = [t.detach().requires_grad_() if t is not None else None for t in ctx.saved_tensors]
-    with torch.enable_grad():
-        out = reference_op(*inputs, causal=ctx.causal, softmax_scale=ctx.softmax_scale)
-        wanted = [t for t in inputs if t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
-    return tuple(next(grads) if t is not None else None for t in inputs)
+    recomputing it under torch.func.vjp, which torch.compile(fullgraph=True) traces (a nested
+    torch.autograd.grad is a graph break)."""
+    saved = ctx.saved_tensors
+    present = [i for i, t in enumerate(saved) if t is not None]
+
+    def op(*tensors):
+        args = list(saved)
+        for i, t in zip(present, tensors):
+            args[i] = t
+        return reference_op(*args, causal=ctx.causal, softmax_scale=ctx.softmax_scale)
+
+    _, vjp = torch.func.vjp(op, *(saved[i] for i in present))
+    grads = iter(vjp(grad_out))
+    return tuple(next(grads) if t is not None else None for t in saved)
 
 
 class CompressedVAttentionFunction(torch.autograd.Function):
