@@ -7,13 +7,15 @@ import sys
 
 import torch
 
-from vdproj_ext import reference
-
+# Load the CMake build before importing vdproj_ext, whose own build would otherwise define
+# torch.ops.vdproj_ext first (the package then leaves its copy unloaded: the loader's guard).
 path = sys.argv[1]
 spec = importlib.util.spec_from_file_location("_C", path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)  # registers torch.ops.vdproj_ext.*
 print("cmake-built extension:", path, module.build_info())
+
+from vdproj_ext import reference  # noqa: E402
 
 torch.manual_seed(0)
 q, k = torch.randn(2, 5, 3, 16, dtype=torch.float64), torch.randn(2, 7, 3, 16, dtype=torch.float64)

@@ -111,3 +111,40 @@ def test_ops_are_defined_and_registered_at_import():
 def vdproj_ext_origin():
     import vdproj_ext
     return vdproj_ext.backend_info()["extension_origin"]
+
+
+SECOND_COPY = """
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("_C", sys.argv[1])
+other = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(other)  # another copy defines torch.ops.vdproj_ext first
+import vdproj_ext
+q = torch.randn(1, 3, 2, 8); k = torch.randn(1, 4, 2, 8)
+v_c = torch.randn(1, 4, 5); w_r = torch.randn(16, 5)
+out = vdproj_ext.compressed_v_attention(q, k, v_c, w_r, causal=True)
+ref = vdproj_ext.compressed_v_attention(q, k, v_c, w_r, causal=True, backend="reference")
+info = vdproj_ext.backend_info()
+print("RESULT" + json.dumps({"error": info["extension_error"], "loaded": info["extension_loaded"],
+                             "max_err": (out - ref).abs().max().item()}))
+"""
+
+
+def test_a_second_copy_of_the_kernels_is_not_loaded(tmp_path):
+    """With torch.ops.vdproj_ext already defined by another build (a CMake build loaded by
+    hand), importing and calling vdproj_ext must not load its own copy: a second
+    TORCH_LIBRARY(vdproj_ext) terminates the process. The package falls back and says why."""
+    built = sorted((REPO / "vdproj_ext").glob("_C*.so"))
+    if not built:
+        pytest.skip("needs the ahead-of-time build in the source tree")
+    copy = tmp_path / "other" / built[0].name  # another file: dlopen loads it anew
+    copy.parent.mkdir()
+    shutil.copy(built[0], copy)
+    proc = subprocess.run([sys.executable, "-c", SECOND_COPY, str(copy)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    result = json.loads(line[len("RESULT"):])
+    assert result["loaded"] is False
+    assert "already defined by another copy" in result["error"]
+    assert result["max_err"] == 0.0

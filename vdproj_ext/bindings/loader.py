@@ -89,6 +89,12 @@ def _try_jit():
         return None, f"JIT build of the kernels failed: {type(exc).__name__}: {exc}"
 
 
+def _namespace_taken() -> bool:
+    """Whether some other library already defined the vdproj_ext op namespace (for example a
+    CMake build loaded by hand): a second TORCH_LIBRARY(vdproj_ext) terminates the process."""
+    return hasattr(torch.ops.vdproj_ext, "cva_forward")
+
+
 def load(jit: bool = True):
     """Return the compiled module, or None; the reason for None is in `status()`.
 
@@ -97,6 +103,13 @@ def load(jit: bool = True):
     with _lock:
         if "module" in _state:
             return _state["module"]
+        if _namespace_taken():
+            if not jit:
+                return None
+            _state.update(module=None, origin=None, reason=(
+                "torch.ops.vdproj_ext is already defined by another copy of the kernels loaded "
+                "in this process; loading a second copy would abort it, so none was loaded"))
+            return None
         module, aot_reason = _try_aot()
         if module is None and not jit:
             return None
