@@ -54,6 +54,94 @@ def test_unknown_preset_and_bad_config():
         VDProjConfig(hidden_size=30, num_heads=4)
 
 
+BAD_CONFIG_FIELDS = [("num_heads", 0), ("num_heads", -2), ("hidden_size", -4),
+                     ("num_layers", -1), ("num_layers", 0), ("vocab_size", 0),
+                     ("intermediate_size", 0), ("max_positions", 0), ("v_rank", 2.5),
+                     ("v_rank", True), ("v_rank", 0), ("rotary_pct", 1.5), ("rotary_pct", -0.5),
+                     ("rotary_base", 0.0), ("rotary_base", -5.0), ("rotary_base", float("inf"))]
+
+
+@pytest.mark.parametrize("field,value", BAD_CONFIG_FIELDS)
+def test_config_refuses_a_bad_field_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        VDProjConfig.preset("smoke").replace(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [(f, v) for f, v in BAD_CONFIG_FIELDS
+                                         if f in ("num_heads", "hidden_size", "v_rank",
+                                                  "rotary_pct", "rotary_base")])
+def test_attention_layer_refuses_a_bad_argument_by_name(field, value):
+    """The layer alone checks its arguments as the config does (num_heads=0 once raised
+    ZeroDivisionError, v_rank=0 built a layer that ignored V, rotary_base=0 gave NaN)."""
+    args = dict(hidden_size=12, num_heads=2, v_rank=5, rotary_pct=0.5, rotary_base=10000.0)
+    with pytest.raises(ValueError, match=field):
+        CompressedVAttention(**{**args, field: value})
+
+
+LAYOUTS = {"uncompressed": dict(v_rank=None), "values": dict(), "latent": dict(k_rank=12),
+           "latent-k8": dict(k_rank=8), "joint": dict(joint_kv=True)}
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["plain", "folded"])
+@pytest.mark.parametrize("cache_of", list(LAYOUTS))
+@pytest.mark.parametrize("model_of", list(LAYOUTS))
+def test_cache_of_another_layout_is_refused(model_of, cache_of, folded):
+    """A cache must store what the model's layers cache: a plain KVCache under a compressed
+    model once gave wrong logits silently, and other pairs raised AttributeError."""
+    model = small(**LAYOUTS[model_of]).eval()
+    if folded and model.config.v_rank is not None:
+        model.prepare_for_inference()
+    cache = small(**LAYOUTS[cache_of]).new_cache(2, 8)
+    ids = torch.randint(0, 256, (2, 3))
+    if cache_of == model_of:
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, cache=cache).logits, model(ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+        return
+    before = [t.clone() for t in cache.buffers()]
+    with pytest.raises(ValueError, match=r"cache: this \w+ stores .* but the attention layer"):
+        model(ids, cache=cache)
+    assert int(cache.seqlens.sum()) == 0
+    for t, old in zip(cache.buffers(), before):
+        torch.testing.assert_close(t, old, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cache_of_another_batch_or_depth_is_refused_by_name():
+    model = small().eval()
+    ids = torch.randint(0, 256, (2, 3))
+    for cache in (model.new_cache(3, 8), model.new_cache(1, 8)):
+        with pytest.raises(ValueError, match=r"cache holds batch_size=\d .* input_ids has 2 rows"):
+            model(ids, cache=cache)
+    deeper = VDProjForCausalLM(model.config.replace(num_layers=3)).new_cache(2, 8)
+    with pytest.raises(ValueError, match=r"num_layers=3 layers.* the model 2 layers"):
+        model(ids, cache=deeper)
+    with pytest.raises(TypeError, match="cache must be a cache from model.new_cache"):
+        model(ids, cache={"k": None})
+
+
+def test_generate_refuses_an_empty_batch_by_name():
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, T\) with B >= 1"):
+        small().generate(torch.zeros(0, 4, dtype=torch.long), 2)
+
+
+def test_attention_layer_alone_with_a_cache_rotates_at_the_cache_positions():
+    """Without cos/sin a cached layer rotates the new tokens at seqlens + 0 .. T-1, so token by
+    token equals one uncached pass (it once rotated every step at position 0)."""
+    from vdproj_ext.models import CompressedKVCache
+    torch.manual_seed(0)
+    attn = CompressedVAttention(hidden_size=12, num_heads=2, v_rank=5, rotary_pct=0.5).eval()
+    attn.backend = "reference"
+    x = torch.randn(1, 4, 12)
+    cache = CompressedKVCache(1, 1, 8, 2, 6, 5)
+    with torch.no_grad():
+        full = attn(x)[0]
+        steps = []
+        for i in range(4):
+            steps.append(attn(x[:, i:i + 1], cache=cache)[0])
+            cache.advance(1)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_names_follow_gpt_neox():
     m = small()
     keys = set(m.state_dict())

@@ -100,6 +100,32 @@ def kv_cache_nbytes(num_layers, batch_size, max_len, num_heads, head_dim, v_rank
     return num_layers * batch_size * max_len * per_token_bytes
 
 
+def layer_layout(attn) -> tuple:
+    """What an attention layer caches, read from its restore weights (so folded layers, which
+    keep them, answer the same): ("full",), ("values", v_rank) or ("latent", v_rank, k_rank
+    (None: joint), rope_dims)."""
+    v_restore = getattr(attn, "v_restore", None)
+    if v_restore is None:
+        return ("full",)
+    v_rank = v_restore.weight.shape[1]
+    if not getattr(attn, "latent_keys", False):
+        return ("values", v_rank)
+    nope = attn.k_restore.weight.shape[0] // attn.num_heads
+    k_rank = None if attn.joint_kv else attn.k_restore.weight.shape[1]
+    return ("latent", v_rank, k_rank, attn.head_dim - nope)
+
+
+def _describe_layout(layout: tuple) -> str:
+    if layout[0] == "full":
+        return "full keys and values"
+    if layout[0] == "values":
+        return f"full keys and a v_rank={layout[1]} value latent"
+    _, v_rank, k_rank, rope = layout
+    keys = (f"keys sharing the v_rank={v_rank} latent (joint)" if k_rank is None
+            else f"a k_rank={k_rank} key latent and a v_rank={v_rank} value latent")
+    return f"{rope} rotary dims per head, {keys}"
+
+
 class CacheOverflowError(ValueError):
     """Raised when appending tokens would pass the cache's max_len (nothing is written)."""
 
@@ -241,6 +267,23 @@ class _CacheBase:
             write_rows(buffer, scale, plan.slots, values)
 
     # -- checks of the T new tokens, before anything is written ---------------------------------
+    def layout(self) -> tuple:
+        """What this cache stores per token, as layer_layout describes a layer."""
+        raise NotImplementedError
+
+    def check_fits(self, layer_idx, attn_module) -> None:
+        """The layer (CompressedVAttention or its folded form) must cache what this cache
+        stores: another layout would be read wrongly (a plain KVCache under a compressed
+        layer skips its pairs) or not at all. The layers call it before attending; attend()
+        itself takes any module with the weights it reads."""
+        need = layer_layout(attn_module)
+        if need != self.layout():
+            raise ValueError(
+                f"cache: this {type(self).__name__} stores {_describe_layout(self.layout())}, "
+                f"but the attention layer (layer_idx={layer_idx}) caches "
+                f"{_describe_layout(need)}; create the cache with the model's "
+                f"new_cache(batch_size, max_len)")
+
     def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name):
         """Checks of cache.attend's arguments: k like q, values (B, T, value_width). Returns
         the step's _StepPlan."""
@@ -315,6 +358,9 @@ class CompressedKVCache(_CacheBase):
     def _buffer_lists(self):
         return [self.k_cache, self.vc_cache]
 
+    def layout(self) -> tuple:
+        return ("values", self.v_rank)
+
     def attend(self, layer_idx, q, k, v, attn_module):
         """The op compresses v with attn_module.v_compress as it writes it (and quantizes the
         new rows of a quantized cache)."""
@@ -385,6 +431,9 @@ class LatentKVCache(_CacheBase):
     def _layer_scales(self, layer_idx) -> dict:
         return dict(krope_scale=self.krope_scale[layer_idx], kc_scale=self.kc_scale[layer_idx],
                     vc_scale=self.vc_scale[layer_idx])
+
+    def layout(self) -> tuple:
+        return ("latent", self.v_rank, self.k_rank, self.rope_dims)
 
     def attend(self, layer_idx, q, k, v, attn_module):
         """The op compresses k_nope with attn_module.k_compress (joint: [k_nope | v] with
@@ -470,6 +519,9 @@ class KVCache(_CacheBase):
         is a float cache, a dequantized copy when it is quantized)."""
         return dequantize(stored[:, :, :end], None if scale is None else scale[:, :, :end],
                           dtype)
+
+    def layout(self) -> tuple:
+        return ("full",)
 
     @torch.no_grad()
     def attend(self, layer_idx, q, k, v, attn_module=None):

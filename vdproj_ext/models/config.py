@@ -33,6 +33,7 @@ dim than rotary_ndims depends on the position and cannot go into the latent.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -58,13 +59,10 @@ class VDProjConfig:
     joint_kv: bool = False               # True: keys share the v_rank latent
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
-                             f"num_heads ({self.num_heads})")
-        if self.v_rank is not None and not (0 < self.v_rank):
-            raise ValueError(f"v_rank must be a positive int or None, got {self.v_rank}")
-        if not 0.0 <= self.rotary_pct <= 1.0:
-            raise ValueError(f"rotary_pct must lie in [0, 1], got {self.rotary_pct}")
+        for name in ("vocab_size", "num_layers", "intermediate_size", "max_positions"):
+            check_positive_int(name, getattr(self, name))
+        check_attention_shape(self.hidden_size, self.num_heads, self.rotary_pct,
+                              self.rotary_base)
         check_latent_ranks(self.v_rank, self.k_rank, self.joint_kv, self.head_dim,
                            self.rope_dims)
         if self.oversized_rank():  # legal, but rarely meant: the experiment refuses it
@@ -196,11 +194,33 @@ def rope_dims(rotary_ndims: int) -> int:
     return 2 * ((rotary_ndims + 1) // 2)
 
 
+def check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_attention_shape(hidden_size, num_heads, rotary_pct, rotary_base) -> None:
+    """The shape of an attention layer (VDProjConfig and CompressedVAttention both check it)."""
+    check_positive_int("hidden_size", hidden_size)
+    check_positive_int("num_heads", num_heads)
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
+                         f"({num_heads})")
+    if (isinstance(rotary_pct, bool) or not isinstance(rotary_pct, (int, float))
+            or not 0.0 <= rotary_pct <= 1.0):
+        raise ValueError(f"rotary_pct must be a number in [0, 1], got {rotary_pct!r}")
+    # base ** (-2i/d) is the rotary frequency: a base <= 0 gives NaN (or inf) angles
+    if (isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float))
+            or not math.isfinite(rotary_base) or rotary_base <= 0):
+        raise ValueError(f"rotary_base must be a finite number > 0, got {rotary_base!r}")
+
+
 def check_latent_ranks(v_rank, k_rank, joint_kv, head_dim: int, rope_dims: int) -> None:
     """The combinations of v_rank, k_rank and joint_kv a layer supports (module docstring)."""
-    if k_rank is not None and (isinstance(k_rank, bool) or not isinstance(k_rank, int)
-                               or k_rank <= 0):
-        raise ValueError(f"k_rank must be a positive int or None, got {k_rank!r}")
+    for name, rank in (("v_rank", v_rank), ("k_rank", k_rank)):
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
+                                 or rank <= 0):
+            raise ValueError(f"{name} must be a positive int or None, got {rank!r}")
     if not isinstance(joint_kv, bool):
         raise TypeError(f"joint_kv must be a bool, got {type(joint_kv).__name__}")
     if not (k_rank is not None or joint_kv):

@@ -89,6 +89,8 @@ class FoldedVAttention(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer_idx: int = 0, want_recon: bool = False):
         if want_recon:
             raise ValueError("a folded attention layer has no V to reconstruct (inference only)")
+        if cache is not None:
+            cache.check_fits(layer_idx, self)
         b, t, _ = x.shape
         h, d, hd, dk = self.num_heads, self.head_dim, self.hidden_size, self.key_dims
         y = self.fused(x)

@@ -12,8 +12,9 @@ import torch
 
 
 def _check_arguments(input_ids, max_new_tokens, temperature, top_k, vocab_limit=None):
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be (B, T) with T >= 1, got {tuple(input_ids.shape)}")
+    if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (B, T) with B >= 1 and T >= 1, "
+                         f"got {tuple(input_ids.shape)}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     if temperature < 0:

@@ -153,6 +153,18 @@ class VDProjForCausalLM(nn.Module):
         """cos, sin for positions (B or 1, T), shared by all layers."""
         return rotary_cos_sin(positions, self.config.rotary_ndims, self.config.rotary_base)
 
+    def _check_cache(self, cache, batch: int) -> None:
+        """The cache's batch and layer count (its layout is checked by each layer)."""
+        if not isinstance(cache, (KVCache, CompressedKVCache, LatentKVCache)):
+            raise TypeError(f"cache must be a cache from model.new_cache(...), got "
+                            f"{type(cache).__name__}")
+        if cache.batch_size != batch or cache.num_layers != self.config.num_layers:
+            raise ValueError(
+                f"cache holds batch_size={cache.batch_size} sequences of "
+                f"num_layers={cache.num_layers} layers, but input_ids has {batch} rows and the "
+                f"model {self.config.num_layers} layers; create the cache with "
+                f"model.new_cache({batch}, max_len)")
+
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 cache=None, *, return_recon: bool = False, skip_logits: bool = False,
                 loss_reduction: str = "mean") -> CausalLMOutput:
@@ -167,6 +179,7 @@ class VDProjForCausalLM(nn.Module):
             raise ValueError(f"input_ids must be 2-D (B, T), got shape {tuple(input_ids.shape)}")
         b, t = input_ids.shape
         if cache is not None:
+            self._check_cache(cache, b)
             positions = cache.new_token_positions(t).to(input_ids.device)
         else:
             positions = torch.arange(t, device=input_ids.device).unsqueeze(0)

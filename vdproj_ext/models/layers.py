@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import compressed_kv_attention, compressed_v_attention, decode_linear
-from .config import VDProjConfig, check_latent_ranks, rope_dims
+from .config import VDProjConfig, check_attention_shape, check_latent_ranks, rope_dims
 
 # ---------------------------------------------------------------------------------------------
 # Rotary embedding (GPT-NeoX style: rotate_half on the first rotary_ndims of each head)
@@ -120,9 +120,7 @@ class CompressedVAttention(nn.Module):
                  max_positions: int = 2048, bias: bool = True, v_bias: bool = True,
                  k_rank: Optional[int] = None, joint_kv: bool = False):
         super().__init__()
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads "
-                             f"({num_heads})")
+        check_attention_shape(hidden_size, num_heads, rotary_pct, rotary_base)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.v_rank, self.k_rank, self.joint_kv = v_rank, k_rank, joint_kv
@@ -179,17 +177,19 @@ class CompressedVAttention(nn.Module):
     def forward(self, x, cos=None, sin=None, cache=None, layer_idx: int = 0,
                 want_recon: bool = False):
         """x (B, T, H*D); cos, sin from rotary_cos_sin (the model computes them once for all
-        layers; None: positions 0 .. T-1). Returns (out (B, T, H*D), recon): recon is None,
-        or, when want_recon and the layer is compressed, the reconstruction losses in
-        float32, {"v": mean((V - V_r)^2)} plus "k": mean((k_nope - k_nope_r)^2) with latent
-        keys."""
+        layers; None: positions 0 .. T-1, or with a cache cache.seqlens[b] + 0 .. T-1).
+        Returns (out (B, T, H*D), recon): recon is None, or, when want_recon and the layer is
+        compressed, the reconstruction losses in float32, {"v": mean((V - V_r)^2)} plus "k":
+        mean((k_nope - k_nope_r)^2) with latent keys."""
         b, t, _ = x.shape
-        if cos is None:
-            positions = torch.arange(t, device=x.device).unsqueeze(0)
+        if cos is None:  # the new tokens' positions: after what the cache holds
+            positions = (cache.new_token_positions(t).to(x.device) if cache is not None
+                         else torch.arange(t, device=x.device).unsqueeze(0))
             cos, sin = rotary_cos_sin(positions, self.rotary_ndims, self.rotary_base)
         q, k, v = self.project_qkv(x, cos, sin)
         recon = None
         if cache is not None:
+            cache.check_fits(layer_idx, self)
             o = cache.attend(layer_idx, q, k, v, self)
         elif self.compressed:
             o, recon = self._compressed_attention(q, k, v, want_recon)
