@@ -324,3 +324,26 @@ def test_folded_model_matches(biases, device):
         folded(ids[:, :2], cache=folded.new_cache(3, 1))
     with pytest.raises(ValueError, match="compressed"):
         fold_v_compress(_model(None))
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--top-k", "0"], ["--top-k", "-2"],
+                                   ["--threads", "-1"], ["--max-new-tokens", "0"],
+                                   ["--v-rank", "0"]])
+def test_cli_bad_values_are_usage_errors(flags, tmp_path, capsys):
+    """Once a ValueError/RuntimeError traceback (exit 1) from models/generation.py."""
+    from vdproj_ext.cli.generate import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", str(tmp_path), "--prompt", "x", *flags])
+    assert exit_info.value.code == 2
+    assert f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_cli_refuses_conversion_flags_for_a_training_checkpoint(tmp_path, capsys):
+    """--init and --calibration-text convert a HF folder; with a training checkpoint they
+    were silently ignored."""
+    from vdproj_ext.cli.generate import main
+    _training_checkpoint(tmp_path)
+    for flags in (["--init", "random"], ["--calibration-text", __file__]):
+        assert main(["--checkpoint", str(tmp_path), "--prompt", "x", *flags]) == 2
+        assert "--init and --calibration-text apply when --v-rank converts" in \
+            capsys.readouterr().err

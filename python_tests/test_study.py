@@ -248,3 +248,25 @@ def test_cpu_study_design_meets_the_issue():
     per_token = cfg.uncompressed().param_counts()["total"] / (min(sizes) * 128)
     assert 50 < per_token < 62  # the reference: 72.4M over 1.28M tokens = 56.6
     assert estimate_wall_s(plan, list(plan.runs), jobs=2) / 60 <= 70
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sweeps", "bogus"], "--sweeps: expected a comma-separated list"),
+    (["--seeds", "0"], "--seeds: expected a positive integer"),
+    (["--v-rank-fractions", "2"], "--v-rank-fractions: expected a fraction in (0, 1]"),
+    (["--data-sizes", "0"], "--data-sizes: expected a positive integer"),
+    (["--device", "bogus"], "--device: invalid choice"),
+    (["--data-pt", "/nonexistent.pt"], "--data-pt: no such file or folder"),
+    (["--jobs", "0"], "--jobs: expected a positive integer"),
+    (["--sweeps", "data", "--data-sizes", "16,100000"], "fewer than the 100000 requested"),
+])
+def test_bad_values_are_usage_errors_before_anything_is_written(flags, message, tmp_path,
+                                                                capsys):
+    """Once exit 1 with a message or a traceback, some after study_plan.json and
+    data/source.json were written (which then refused the corrected command)."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        study_cli.main([*SMOKE, "--out", str(out), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))

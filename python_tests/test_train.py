@@ -11,6 +11,7 @@ import torch
 
 from vdproj_ext.cli import train
 from vdproj_ext.experiment.checkpoint import CheckpointError, EpochLog, RunState
+from vdproj_ext.experiment.loop import TrainingDiverged, ppl
 from vdproj_ext.experiment.data import (build_dataset, epoch_order, split_text, strip_notices,
                                         train_batches)
 from vdproj_ext.experiment.protocol import REFERENCE_RANKING, RUNS, Settings, runs_for
@@ -515,3 +516,59 @@ def test_a_killed_write_leaves_no_temporary_file_behind(tmp_path):
     atomic_save_json({"a": 1}, str(path))
     assert json.loads(path.read_text()) == {"a": 1}
     assert not stale.exists() and live.exists() and other.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs: expected a positive integer, got 0"),
+    (["--phase1-epochs", "0"], "--phase1-epochs: expected a positive integer"),
+    (["--batch-size", "-4"], "--batch-size: expected a positive integer, got -4"),
+    (["--seq-len", "1"], "--seq-len: expected an integer >= 2, got 1"),
+    (["--n-train", "0"], "--n-train: expected a positive integer"),
+    (["--n-val", "0"], "--n-val: expected a positive integer"),
+    (["--eval-batch", "0"], "--eval-batch: expected a positive integer"),
+    (["--patience", "0"], "--patience: expected a positive integer"),
+    (["--threads", "-1"], "--threads: expected a positive integer"),
+    (["--save-every-steps", "-1"], "--save-every-steps: expected a non-negative integer"),
+    (["--save-every-s", "-5"], "--save-every-s: expected a finite number >= 0"),
+    (["--lr", "-1"], "--lr: expected a finite number > 0, got -1"),
+    (["--lr", "nan"], "--lr: expected a finite number > 0, got nan"),
+    (["--val-frac", "2"], "--val-frac: expected a fraction strictly between 0 and 1"),
+    (["--tokenizer", "bogus"], "--tokenizer: expected neox, bytes, bpe:N"),
+    (["--tokenizer", "bpe:0"], "--tokenizer: expected a positive integer, got 0"),
+    (["--device", "bogus"], "--device: invalid choice: 'bogus'"),
+    (["--data-text", "/nonexistent.txt"], "--data-text: no such file or folder"),
+    (["--data-npy", "/nonexistent.npy"], "--data-npy: no such file or folder"),
+    (["--init-from", "/nonexistent"], "--init-from: no such file or folder"),
+    (["--data-text", __file__, "--data-npy", __file__],
+     "--data-text and --data-npy are alternatives"),
+    (["--tokenizer", "neox", "--data-npy", __file__],
+     "--tokenizer does not apply to pre-tokenized data (--data-npy)"),
+])
+def test_bad_values_are_usage_errors_before_anything_is_written(flags, message, tmp_path,
+                                                                capsys):
+    """Each of these once crashed with a traceback (ZeroDivisionError, TypeError, ...) after
+    creating the output folder, or (--device, two data sources) was silently ignored."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*SMOKE, "--out", str(tmp_path / "out"), "--mode", "baseline", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: vdproj-train" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_diverges_is_a_clear_error_also_on_resume(tmp_path, capsys):
+    """NaN in every epoch's validation loss leaves no weights to keep: a clear error (exit
+    1), logged as NaN perplexity, and the same error on --resume (once a TypeError)."""
+    args = [*SMOKE, "--out", str(tmp_path), "--mode", "baseline", "--epochs", "2",
+            "--lr", "1e30"]
+    for extra in ([], ["--resume"]):
+        with pytest.raises(TrainingDiverged, match="training diverged: no epoch gave a finite "
+                                                   "validation loss"):
+            train.main(args + extra)
+    captured = capsys.readouterr()
+    assert "val_ppl nan" in captured.out + captured.err
+
+
+def test_ppl_of_a_nan_loss_is_nan():
+    assert math.isnan(ppl(float("nan")))
+    assert ppl(800.0) == float("inf") and ppl(0.0) == 1.0

@@ -32,6 +32,7 @@ from ..experiment.protocol import REFERENCE_RANKING, RUN_NAMES
 from ..models import kv_cache_nbytes
 from ..models.calibration import INITS
 from ..ops import backend_info
+from .argtypes import non_negative_float, positive_int
 
 CACHE_DTYPES = {"model": None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 
@@ -55,35 +56,33 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="training checkpoint (.pt) or output folder, or a HF GPT-NeoX folder")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=50)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-token-id", type=int, default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json path, 'neox' or 'bytes'")
     p.add_argument("--run", choices=RUN_NAMES, default=None,
                    help="which run of a training output folder (default: the first present "
                         f"of {', '.join(REFERENCE_RANKING)})")
-    p.add_argument("--v-rank", type=int, default=None,
+    p.add_argument("--v-rank", type=positive_int, default=None,
                    help="compress a HF GPT-NeoX checkpoint to this rank on load")
-    p.add_argument("--k-rank", type=int, default=None,
+    p.add_argument("--k-rank", type=positive_int, default=None,
                    help="with --v-rank: also compress the keys' non-rotary dims to this rank")
-    p.add_argument("--init", default="pca", choices=INITS)
+    p.add_argument("--init", default=None, choices=INITS,
+                   help="how --v-rank converts a HF folder (default pca)")
     p.add_argument("--calibration-text", default=None, help="text file for --init pca/svd")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dtype", default="model", choices=sorted(CACHE_DTYPES),
                    help="KV cache storage: the model's dtype, or int8 / fp8 (float8_e4m3fn) "
                         "with float32 per-row scales")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--no-fold", action="store_true",
                    help="keep the compress projections separate (by default a compressed "
                         "model decodes after model.prepare_for_inference(), which folds them "
                         "into the query/key/value projection: faster)")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 def _error(msg: str) -> int:

@@ -25,17 +25,27 @@ from ..experiment.study import (DESIGNS, SWEEPS, Session, StudyError, default_jo
                                 estimate_run_s, estimate_wall_s, execute_run, execute_study,
                                 load_plan, pending_runs, plan_study, prepare_data, save_plan)
 from ..experiment.study_report import check_study, write_study
+from .argtypes import (DEVICES, existing_path, non_negative_float, unit_fraction,
+                       positive_float, positive_int)
 
 
 def _ints(text: str) -> tuple:
-    return tuple(int(x) for x in text.split(",") if x)
+    return tuple(positive_int(x) for x in text.split(",") if x)
 
 
 def _floats(text: str) -> tuple:
-    return tuple(float(x) for x in text.split(",") if x)
+    return tuple(unit_fraction(x) for x in text.split(",") if x)
 
 
-def parse_args(argv=None):
+def _sweeps(text: str) -> str:
+    unknown = [s for s in text.split(",") if s and s not in SWEEPS]
+    if unknown or not any(text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                         f"{', '.join(SWEEPS)}, got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vdproj-study", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,36 +54,41 @@ def parse_args(argv=None):
                         "overfitting regime on a CPU; smoke: CI)")
     p.add_argument("--out", default="runs/study", help="output folder (default runs/study); "
                    "rerun the same command to continue an interrupted study")
-    p.add_argument("--sweeps", default=",".join(SWEEPS),
+    p.add_argument("--sweeps", default=",".join(SWEEPS), type=_sweeps,
                    help=f"comma-separated, of {', '.join(SWEEPS)} (default all)")
-    p.add_argument("--seeds", type=int, help="seeds of the seed sweep (default: the design's)")
-    p.add_argument("--sweep-seeds", type=int, help="seeds of the rank and data sweeps")
+    p.add_argument("--seeds", type=positive_int,
+                   help="seeds of the seed sweep (default: the design's)")
+    p.add_argument("--sweep-seeds", type=positive_int, help="seeds of the rank and data sweeps")
     p.add_argument("--v-rank-fractions", type=_floats,
                    help="the rank sweep's v_rank as fractions of H*D, e.g. 0.25,0.5,0.75")
     p.add_argument("--data-sizes", type=_ints, help="the data sweep's training-set sizes, "
                    "e.g. 128,512,2048")
-    p.add_argument("--data-pt", help="exact splits (python -m vdproj_ext.cli.data --export) to "
+    p.add_argument("--data-pt", type=existing_path,
+                   help="exact splits (python -m vdproj_ext.cli.data --export) to "
                    "draw every training-set size from, instead of building them here")
-    p.add_argument("--jobs", type=int, help="runs trained at once, each a separate process "
-                   "(default: one per core; runs of a few seconds, as in smoke, train in this "
-                   "process one after another)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--budget-minutes", type=float,
+    p.add_argument("--jobs", type=positive_int,
+                   help="runs trained at once, each a separate process (default: one per "
+                   "core; runs of a few seconds, as in smoke, train in this process one after "
+                   "another)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads per run (default 1)")
+    p.add_argument("--budget-minutes", type=positive_float,
                    help="refuse to start when the estimated time exceeds this")
     p.add_argument("--launcher", help="command that starts each run instead of this Python, "
                    "e.g. \"torchrun --standalone --nproc_per_node=4\" (DDP per run)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--save-every-s", type=float, default=0.0,
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--save-every-s", type=non_negative_float, default=0.0,
                    help="write epoch-end checkpoints only this often (0: every epoch; "
                         "pythia-70m on a GPU: e.g. 120)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--child-run", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if (args.jobs is not None and args.jobs < 1) or args.threads < 1:
-        p.error("--jobs and --threads must be at least 1")
-    return args
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def _child_command(args):
@@ -123,7 +138,8 @@ def _check_budget(est: Optional[float], args) -> None:
 
 def main(argv=None) -> Optional[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.child_run:
         execute_run(load_plan(args.out), args.child_run, args.out, threads=args.threads,
                     device=args.device, save_every_s=args.save_every_s)
@@ -133,13 +149,17 @@ def main(argv=None) -> Optional[dict]:
                             v_rank_fractions=args.v_rank_fractions, data_sizes=args.data_sizes)
         plan = plan_study(args.preset, [s for s in args.sweeps.split(",") if s], design)
         todo = pending_runs(plan, args.out)
-    except (ValueError, StudyError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, StudyError) as e:  # a usage error, before anything is written
+        parser.error(str(e))
     args.jobs = args.jobs or default_jobs(plan, todo)
     est = _announce(plan, todo, args)
     _check_budget(est, args)
     if args.dry_run:
         return None
+    try:  # the data is checked before its first file is written
+        prepare_data(plan, args.out, args.data_pt)
+    except (ValueError, StudyError) as e:
+        parser.error(str(e))
     return _run(plan, args, est, "python -m vdproj_ext.study " + shlex.join(argv))
 
 
@@ -150,7 +170,6 @@ def _run(plan, args, est, command: str) -> dict:
                       None if est is None else round(est, 1), args.device, args.save_every_s)
     failure = None
     try:
-        prepare_data(plan, args.out, args.data_pt)
         execute_study(plan, args.out, session, child_command=_child_command(args),
                       progress=not args.no_progress)
     except (StudyError, CheckpointError) as e:

@@ -15,22 +15,15 @@ import sys
 from typing import List, Optional
 
 from ..experiment.checkpoint import CheckpointError
+from ..experiment.loop import TrainingDiverged
 from ..experiment.protocol import DEFAULT_RUNS, MODES, RUN_NAMES, Settings, runs_for
 from ..experiment.runner import (ExperimentOptions, default_jobs, run_configs, run_jobs,
                                  train_runs)
 from ..experiment.report import write_outputs
 from ..models import VDProjConfig
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int > 0 (argparse names the flag in its error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+from .argtypes import (DEVICES, existing_path, int_at_least, non_negative_float,
+                       non_negative_int, open_fraction, positive_float, positive_int,
+                       tokenizer_spec)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,27 +42,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the runs whose checkpoints are in --out")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data")
-    g.add_argument("--data-text", help="your own UTF-8 text file instead of Shakespeare")
-    g.add_argument("--data-npy", help="a pre-tokenized .npy token stream (1-D) or (N, seq_len)")
-    g.add_argument("--data-pt", help="exact splits exported by `python -m vdproj_ext.cli.data "
-                                     "--export` (for machines without tokenizers)")
-    g.add_argument("--tokenizer", help="neox | bpe:N | bytes | path/to/tokenizer.json "
-                                       "(default: the preset's)")
-    g.add_argument("--n-train", type=int, help="training samples (default: the preset's)")
-    g.add_argument("--n-val", type=int, help="validation samples (default: the preset's)")
-    g.add_argument("--val-frac", type=float, help="held-out tail fraction of the text")
-    g.add_argument("--seq-len", type=int, help="tokens per sample (default 128)")
+    g.add_argument("--data-text", type=existing_path,
+                   help="your own UTF-8 text file instead of Shakespeare")
+    g.add_argument("--data-npy", type=existing_path,
+                   help="a pre-tokenized .npy token stream (1-D) or (N, seq_len)")
+    g.add_argument("--data-pt", type=existing_path,
+                   help="exact splits exported by `python -m vdproj_ext.cli.data "
+                   "--export` (for machines without tokenizers)")
+    g.add_argument("--tokenizer", type=tokenizer_spec,
+                   help="neox | bpe:N | bytes | path/to/tokenizer.json "
+                   "(default: the preset's)")
+    g.add_argument("--n-train", type=positive_int, help="training samples (default: the preset's)")
+    g.add_argument("--n-val", type=positive_int, help="validation samples (default: the preset's)")
+    g.add_argument("--val-frac", type=open_fraction, help="held-out tail fraction of the text")
+    g.add_argument("--seq-len", type=int_at_least(2), help="tokens per sample (default 128)")
     g = p.add_argument_group("protocol overrides (defaults are the reference's)")
-    g.add_argument("--epochs", type=int, help="max epochs of phase 2 / e2e / baseline (30)")
-    g.add_argument("--phase1-epochs", type=int, help="max epochs of phase 1 (10)")
-    g.add_argument("--lr", type=float, help="phase 2 / e2e / baseline learning rate (1e-4)")
-    g.add_argument("--phase1-lr", type=float, help="phase 1 learning rate (1e-3)")
-    g.add_argument("--patience", type=int, help="early-stopping patience (1)")
-    g.add_argument("--batch-size", type=int, help="global batch size (8)")
+    g.add_argument("--epochs", type=positive_int,
+                   help="max epochs of phase 2 / e2e / baseline (30)")
+    g.add_argument("--phase1-epochs", type=positive_int, help="max epochs of phase 1 (10)")
+    g.add_argument("--lr", type=positive_float,
+                   help="phase 2 / e2e / baseline learning rate (1e-4)")
+    g.add_argument("--phase1-lr", type=positive_float, help="phase 1 learning rate (1e-3)")
+    g.add_argument("--patience", type=positive_int, help="early-stopping patience (1)")
+    g.add_argument("--batch-size", type=positive_int, help="global batch size (8)")
     g.add_argument("--v-rank", type=positive_int, help="override the preset's v_rank")
     g.add_argument("--k-rank", type=positive_int, help="the latent-key runs' k_rank "
                    "(default: the preset's, else 0.375 * hidden size)")
-    g.add_argument("--init-from", help="start every run from a local Hugging Face GPT-NeoX "
+    g.add_argument("--init-from", type=existing_path,
+                   help="start every run from a local Hugging Face GPT-NeoX "
                    "checkpoint folder (e.g. Pythia-70m) instead of random weights; its shape "
                    "replaces the preset's, and its vocabulary must match the tokenizer")
     _execution_args(p.add_argument_group("execution"))
@@ -77,19 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _execution_args(g):
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--device", default="auto", choices=DEVICES)
     g.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"),
                    help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
     g.add_argument("--backend", default="auto", choices=("auto", "ext", "reference"),
                    help="backend of vdproj_ext's attention ops")
-    g.add_argument("--eval-batch", type=int, help="evaluation batch size")
-    g.add_argument("--jobs", type=int, help="runs trained at once in separate processes "
-                   "(default: all of them; 1 trains them one after another in this process)")
-    g.add_argument("--threads", type=int, help="torch CPU threads per process (default: "
-                   "cores / jobs)")
-    g.add_argument("--save-every-steps", type=int, default=0,
+    g.add_argument("--eval-batch", type=positive_int, help="evaluation batch size")
+    g.add_argument("--jobs", type=positive_int,
+                   help="runs trained at once in separate processes (default: all of them; 1 "
+                   "trains them one after another in this process)")
+    g.add_argument("--threads", type=positive_int,
+                   help="torch CPU threads per process (default: cores / jobs)")
+    g.add_argument("--save-every-steps", type=non_negative_int, default=0,
                    help="also checkpoint every N steps within an epoch (0: at epoch ends)")
-    g.add_argument("--save-every-s", type=float, default=0.0,
+    g.add_argument("--save-every-s", type=non_negative_float, default=0.0,
                    help="write epoch-end checkpoints only when this many seconds passed since "
                         "the last one (0: every epoch; large models on fast GPUs: e.g. 120)")
     g.add_argument("--no-pca-reference", action="store_true",
@@ -122,11 +123,23 @@ def _child_command(argv: List[str]):
     return command
 
 
+def _check_data_flags(parser, args) -> None:
+    """One data source, and --tokenizer only for text (pre-tokenized data carries its ids)."""
+    given = [f"--{f.replace('_', '-')}" for f in ("data_text", "data_npy", "data_pt")
+             if getattr(args, f)]
+    if len(given) > 1:
+        parser.error(f"{' and '.join(given)} are alternatives: give one data source")
+    if args.tokenizer and (args.data_npy or args.data_pt):
+        parser.error(f"--tokenizer does not apply to pre-tokenized data ({given[0]})")
+
+
 def main(argv=None) -> Optional[dict]:
     from_cli = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.child_run:  # a child gets its parent's flags plus --data-pt (the splits)
+        _check_data_flags(parser, args)
     try:  # bad flag combinations: a usage error before anything is written
         opts = options(args)
         run_configs(opts)
@@ -147,6 +160,11 @@ def main(argv=None) -> Optional[dict]:
         if not from_cli:
             raise
         sys.exit(2)
+    except TrainingDiverged as e:  # not a usage error: the settings trained to NaN
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not from_cli:
+            raise
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -67,20 +67,28 @@ def calibration_ids(text_path: Optional[str], tokenizer, vocab_size: int, prompt
 
 
 def load_model(checkpoint, *, run: Optional[str] = None, v_rank: Optional[int] = None,
-               k_rank: Optional[int] = None, init: str = "pca",
+               k_rank: Optional[int] = None, init: Optional[str] = None,
                calibration_text: Optional[str] = None,
                tokenizer: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                device=None) -> Tuple[VDProjForCausalLM, object, str]:
     """The one place that turns --checkpoint into (model, tokenizer, description).
 
     A training output folder gives the checkpoint of `run`, by default the first present in
-    REFERENCE_RANKING (two_phase, else e2e, else baseline)."""
+    REFERENCE_RANKING (two_phase, else e2e, else baseline). init (default "pca") and
+    calibration_text convert a Hugging Face folder to v_rank; anywhere else they are refused,
+    not ignored."""
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist")
-    if is_hf_folder(path):
-        return _load_hf_folder(path, v_rank=v_rank, k_rank=k_rank, init=init, tokenizer=tokenizer,
-                               calibration_text=calibration_text, dtype=dtype, device=device)
+    hf_folder = is_hf_folder(path)
+    if not (hf_folder and v_rank is not None) and (init is not None or calibration_text):
+        raise ValueError("--init and --calibration-text apply when --v-rank converts a Hugging "
+                         "Face GPT-NeoX folder" + ("" if hf_folder else "; a training "
+                                                   "checkpoint is already trained"))
+    if hf_folder:
+        return _load_hf_folder(path, v_rank=v_rank, k_rank=k_rank, init=init or "pca",
+                               tokenizer=tokenizer, calibration_text=calibration_text,
+                               dtype=dtype, device=device)
     if v_rank is not None or k_rank is not None:
         raise ValueError("--v-rank and --k-rank apply to Hugging Face GPT-NeoX folders; a "
                          "training checkpoint already fixes its ranks")

@@ -28,7 +28,14 @@ from .protocol import POSITION_EDGES, STAGES, Settings
 
 
 def ppl(loss: float) -> float:
+    """exp(loss), inf past float range, NaN for a NaN loss (a diverged run)."""
+    if math.isnan(loss):
+        return float("nan")
     return math.exp(loss) if loss < 700 else float("inf")
+
+
+class TrainingDiverged(RuntimeError):
+    """No epoch of a stage gave a finite validation metric, so there are no weights to keep."""
 
 
 @dataclass
@@ -194,6 +201,12 @@ class StageTrainer:
             pending = self.train_epoch(net)
             self.end_epoch(pending, t0)
         del net
+        if st.best_state is None:  # every epoch's metric was NaN (NaN < best is never true)
+            what = "reconstruction loss" if self.recon_objective else "loss"
+            raise TrainingDiverged(
+                f"[{self.state.run}/{self.spec.name}] training diverged: no epoch gave a finite "
+                f"validation {what} (see the log above), so there are no weights to keep; "
+                f"lower the learning rate and train into another --out")
         model.load_state_dict(st.best_state)
         for p in model.parameters():
             p.requires_grad_(True)

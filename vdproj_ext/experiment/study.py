@@ -287,22 +287,27 @@ def prepare_data(plan: StudyPlan, out: str, data_pt: Optional[str] = None) -> Li
     last windows before the validation tail, and the tokenizers encode line by line).
     OUT/data/source.json records where they came from; another source is refused."""
     sizes = sorted({r.n_train for r in plan.runs.values()})
-    _check_data_source(plan, out, data_pt)
+    source, source_path = _check_data_source(plan, out, data_pt)
     missing = [n for n in sizes if not os.path.exists(data_path(out, n))]
-    if not missing:
-        return []
-    vocab = VDProjConfig.preset(plan.preset).vocab_size
-    full = load_dataset(plan.settings(max(sizes)), vocab, data_pt=data_pt)
-    for n in missing:
-        if n > len(full.train):
+    full = None
+    if missing:  # load and check everything before the first file is written
+        vocab = VDProjConfig.preset(plan.preset).vocab_size
+        full = load_dataset(plan.settings(max(sizes)), vocab, data_pt=data_pt)
+        if max(missing) > len(full.train):
             raise ValueError(f"the data holds {len(full.train)} training samples, fewer than "
-                             f"the study's size {n}")
+                             f"the study's size {max(missing)}")
+    if not os.path.exists(source_path):
+        os.makedirs(os.path.dirname(source_path), exist_ok=True)
+        atomic_save_json(source, source_path)
+    for n in missing:
         part = dataclasses.replace(full, train=full.train[len(full.train) - n:])
         atomic_write_bytes(data_path(out, n), part.save)
     return missing
 
 
-def _check_data_source(plan: StudyPlan, out: str, data_pt: Optional[str]) -> None:
+def _check_data_source(plan: StudyPlan, out: str, data_pt: Optional[str]):
+    """(source, path of OUT/data/source.json); an existing record of another source is an
+    error."""
     s = Settings.for_preset(plan.preset)
     source = {"preset": plan.preset, "tokenizer": s.tokenizer, "n_val": s.n_val,
               "val_frac": s.val_frac, "seq_len": s.seq_len,
@@ -313,9 +318,7 @@ def _check_data_source(plan: StudyPlan, out: str, data_pt: Optional[str]) -> Non
             if json.load(f) != source:
                 raise StudyError(f"{path} records data from another source than this study's "
                                  f"{source}; use another --out")
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_save_json(source, path)
+    return source, path
 
 
 def run_options(plan: StudyPlan, run: StudyRun, out: str,
