@@ -270,3 +270,11 @@ def test_bad_values_are_usage_errors_before_anything_is_written(flags, message, 
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*"))
+
+
+def test_no_plots_is_not_reported_as_plots_written(tmp_path, capsys):
+    study_cli.main([*SMOKE, "--out", str(tmp_path), "--sweeps", "seeds", "--seeds", "1",
+                    "--no-plots"])
+    out = capsys.readouterr().out
+    assert "outputs complete" in out and "plots written" not in out
+    assert not list(tmp_path.rglob("*.png"))

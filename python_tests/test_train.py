@@ -572,3 +572,28 @@ def test_a_run_that_diverges_is_a_clear_error_also_on_resume(tmp_path, capsys):
 def test_ppl_of_a_nan_loss_is_nan():
     assert math.isnan(ppl(float("nan")))
     assert ppl(800.0) == float("inf") and ppl(0.0) == 1.0
+
+
+def test_ctrl_c_is_a_message_not_a_traceback(tmp_path):
+    """SIGINT (Ctrl-C) mid-training: exit 130 with a note on --resume, no KeyboardInterrupt
+    traceback (the checkpoints keep the finished steps; resuming is tested above)."""
+    import signal
+    import time
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vdproj_ext.train", *SMOKE, "--out", str(out), "--mode",
+         "baseline", "--epochs", "100000", "--patience", "100000", "--no-plots",
+         "--save-every-steps", "1"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "baseline.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command with --resume" in err, err

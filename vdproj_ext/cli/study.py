@@ -27,6 +27,7 @@ from ..experiment.study import (DESIGNS, SWEEPS, Session, StudyError, default_jo
 from ..experiment.study_report import check_study, write_study
 from .argtypes import (DEVICES, existing_path, non_negative_float, unit_fraction,
                        positive_float, positive_int)
+from .interrupt import run_interruptible
 
 
 def _ints(text: str) -> tuple:
@@ -137,6 +138,11 @@ def _check_budget(est: Optional[float], args) -> None:
 
 
 def main(argv=None) -> Optional[dict]:
+    return run_interruptible(_main, argv, "finished runs and checkpoints stay in --out; rerun "
+                             "the same command to continue")
+
+
+def _main(argv) -> Optional[dict]:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -187,7 +193,8 @@ def _run(plan, args, est, command: str) -> dict:
     if problems:
         sys.exit("error: the study's outputs are incomplete:\n  " + "\n  ".join(problems))
     print(f"outputs complete: {len(study['runs'])} runs in study.json, intervals and paired "
-          f"differences consistent with the per-seed values, plots written", flush=True)
+          f"differences consistent with the per-seed values"
+          + ("" if args.no_plots else ", plots written"), flush=True)
     return study
 
 

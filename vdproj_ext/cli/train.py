@@ -24,6 +24,7 @@ from ..models import VDProjConfig
 from .argtypes import (DEVICES, existing_path, int_at_least, non_negative_float,
                        non_negative_int, open_fraction, positive_float, positive_int,
                        tokenizer_spec)
+from .interrupt import run_interruptible
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +135,11 @@ def _check_data_flags(parser, args) -> None:
 
 
 def main(argv=None) -> Optional[dict]:
+    return run_interruptible(_main, argv, "the checkpoints in --out keep the finished work; "
+                             "rerun the same command with --resume to continue")
+
+
+def _main(argv) -> Optional[dict]:
     from_cli = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
