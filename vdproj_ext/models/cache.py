@@ -100,21 +100,6 @@ def kv_cache_nbytes(num_layers, batch_size, max_len, num_heads, head_dim, v_rank
     return num_layers * batch_size * max_len * per_token_bytes
 
 
-def layer_layout(attn) -> tuple:
-    """What an attention layer caches, read from its restore weights (so folded layers, which
-    keep them, answer the same): ("full",), ("values", v_rank) or ("latent", v_rank, k_rank
-    (None: joint), rope_dims)."""
-    v_restore = getattr(attn, "v_restore", None)
-    if v_restore is None:
-        return ("full",)
-    v_rank = v_restore.weight.shape[1]
-    if not getattr(attn, "latent_keys", False):
-        return ("values", v_rank)
-    nope = attn.k_restore.weight.shape[0] // attn.num_heads
-    k_rank = None if attn.joint_kv else attn.k_restore.weight.shape[1]
-    return ("latent", v_rank, k_rank, attn.head_dim - nope)
-
-
 def _describe_layout(layout: tuple) -> str:
     if layout[0] == "full":
         return "full keys and values"
@@ -268,7 +253,8 @@ class _CacheBase:
 
     # -- checks of the T new tokens, before anything is written ---------------------------------
     def layout(self) -> tuple:
-        """What this cache stores per token, as layer_layout describes a layer."""
+        """What this cache stores per token, as a layer's cache_layout describes it
+        (CompressedVAttention)."""
         raise NotImplementedError
 
     def check_fits(self, layer_idx, attn_module) -> None:
@@ -276,7 +262,7 @@ class _CacheBase:
         stores: another layout would be read wrongly (a plain KVCache under a compressed
         layer skips its pairs) or not at all. The layers call it before attending; attend()
         itself takes any module with the weights it reads."""
-        need = layer_layout(attn_module)
+        need = attn_module.cache_layout  # fixed at construction: nothing derived per step
         if need != self.layout():
             raise ValueError(
                 f"cache: this {type(self).__name__} stores {_describe_layout(self.layout())}, "

@@ -73,6 +73,7 @@ class FoldedVAttention(nn.Module):
         self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
         self.hidden_size, self.backend = attn.hidden_size, attn.backend
         self.latent_keys, self.joint_kv = attn.latent_keys, attn.joint_kv
+        self.cache_layout = attn.cache_layout
         # per head, the key dims the cache keeps whole: all of them, or the rotary ones
         self.key_dims = attn.rope_dims if attn.latent_keys else attn.head_dim
         weight, bias, self.latent_widths = _folded_projection(attn)

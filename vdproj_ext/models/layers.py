@@ -140,6 +140,11 @@ class CompressedVAttention(nn.Module):
         if self.latent_keys:
             self.k_restore = Linear(self.key_rank, nope, bias=v_bias)
         self.dense = Linear(hidden_size, hidden_size, bias=bias)
+        # What a cache for this layer must store (cache.check_fits; fixed with the ranks):
+        # ("full",), ("values", v_rank) or ("latent", v_rank, k_rank (None: joint), Dr).
+        self.cache_layout = (("full",) if v_rank is None else
+                             ("latent", v_rank, k_rank, self.rope_dims) if self.latent_keys
+                             else ("values", v_rank))
 
     @property
     def compressed(self) -> bool:
