@@ -194,9 +194,13 @@ def rope_dims(rotary_ndims: int) -> int:
     return 2 * ((rotary_ndims + 1) // 2)
 
 
-def check_positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value, optional: bool = False) -> None:
+    """value an int > 0 (bool excluded), or None when optional."""
+    if optional and value is None:
+        return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, "
+                         f"got {value!r}")
 
 
 def check_attention_shape(hidden_size, num_heads, rotary_pct, rotary_base) -> None:
@@ -217,10 +221,8 @@ def check_attention_shape(hidden_size, num_heads, rotary_pct, rotary_base) -> No
 
 def check_latent_ranks(v_rank, k_rank, joint_kv, head_dim: int, rope_dims: int) -> None:
     """The combinations of v_rank, k_rank and joint_kv a layer supports (module docstring)."""
-    for name, rank in (("v_rank", v_rank), ("k_rank", k_rank)):
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
-                                 or rank <= 0):
-            raise ValueError(f"{name} must be a positive int or None, got {rank!r}")
+    check_positive_int("v_rank", v_rank, optional=True)
+    check_positive_int("k_rank", k_rank, optional=True)
     if not isinstance(joint_kv, bool):
         raise TypeError(f"joint_kv must be a bool, got {type(joint_kv).__name__}")
     if not (k_rank is not None or joint_kv):
