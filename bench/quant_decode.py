@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import vdproj_ext
+from vdproj_ext import bindings
 from vdproj_ext import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
 from vdproj_ext.ops.quant import quantize_rows
 
@@ -78,6 +79,20 @@ def v_only_case(batch, t_max, kind, g):
     return step, nbytes(k, k_s, vc, vc_s)
 
 
+def without_int8_vnni(case):
+    """The same step on the float32 FMA path of the int8 kernels (csrc/cpu/int8_vnni.h off)."""
+    step, size = case
+    kernels = bindings.load()
+
+    def run():
+        previous = kernels._set_cpu_int8_vnni(False)
+        try:
+            step()
+        finally:
+            kernels._set_cpu_int8_vnni(previous)
+    return run, size
+
+
 def sdpa_case(batch, t_max, dtype, g):
     q = torch.randn(batch, H, 1, D, generator=g).to(dtype)
     k = torch.randn(batch, H, t_max, D, generator=g).to(dtype)
@@ -110,6 +125,8 @@ def main() -> None:
         for kind in STORAGE:
             cases[f"latent {kind}"] = latent_case(batch, t_max, kind, g)
             cases[f"v-only {kind}"] = v_only_case(batch, t_max, kind, g)
+            if kind == "int8" and info["cpu_int8_vnni"]:  # the A/B of the VNNI path
+                cases["latent int8 no-vnni"] = without_int8_vnni(cases["latent int8"])
         if args.only:
             keep = set(args.only.split(",")) | {"sdpa fp32", "latent fp32", "v-only fp32"}
             cases = {n: c for n, c in cases.items() if n in keep}
@@ -127,6 +144,10 @@ def main() -> None:
                   f"| {min(times[name]) * 1e3:.3f} | {size / 1e6:.1f} "
                   f"| {size / med[name] / 1e9:.1f} | {med['sdpa fp32'] / med[name]:.2f} "
                   f"| {base / med[name]:.2f} | {len(times[name])} |")
+        if "latent int8 no-vnni" in med:
+            vnni_gain = med["latent int8 no-vnni"] / med["latent int8"]
+            print(f"| ({batch}, {t_max}) | latent int8: VNNI path / FMA path speed | "
+                  f"{vnni_gain:.2f}x | | | | | | |")
         del cases
     print(f"\nread bandwidth after: {read_bandwidth():.1f} GB/s")
 

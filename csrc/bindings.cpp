@@ -25,6 +25,7 @@
 #include <torch/extension.h>
 #include <torch/version.h>
 
+#include "cpu/dispatch.h"
 #ifdef VDPROJ_WITH_CUDA
 #include "cuda/cuda_api.h"
 #endif
@@ -65,6 +66,10 @@ pybind11::dict build_info() {
 #else
   info["with_cuda"] = false;
 #endif
+  // int8 latent-key decode with AVX-512 VNNI (csrc/cpu/int8_vnni.h): supported by this CPU,
+  // and in use
+  info["cpu_int8_vnni_supported"] = vdproj::cpu_supports_int8_vnni();
+  info["cpu_int8_vnni"] = vdproj::cpu_has_int8_vnni();
 #ifdef _OPENMP
   info["openmp"] = true;
 #else
@@ -95,6 +100,17 @@ inputs it rejects.)doc";
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vdproj_ext compiled kernels (ops are registered under torch.ops.vdproj_ext)";
   m.def("build_info", &build_info);
+  m.def(
+      "_set_cpu_int8_vnni",
+      [](bool on) {
+        TORCH_CHECK_VALUE(!on || vdproj::cpu_supports_int8_vnni(),
+                          "_set_cpu_int8_vnni: on=True needs a CPU with AVX-512 VNNI; this one "
+                          "has none (build_info()['cpu_int8_vnni_supported'] is False)");
+        return vdproj::int8_vnni_switch().exchange(on);
+      },
+      "Turns the AVX-512 VNNI path of int8 latent-key decode on or off (benchmarks, tests); "
+      "returns the previous setting",
+      pybind11::arg("on"));
 #ifdef VDPROJ_WITH_CUDA
   m.def("cuda_kernel_support", &vdproj::cuda::kernel_support, kSupportDoc, pybind11::arg("op"),
         pybind11::arg("q"), pybind11::arg("rank"), pybind11::arg("vector_loaded"),

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -46,6 +47,31 @@ inline Isa cpu_isa() {
   }();
   return isa;
 }
+
+// AVX-512 VNNI (int8 dot products), used by int8 latent-key caches' decode (csrc/cpu/
+// int8_vnni.h) within the AVX-512 variant.
+inline bool cpu_supports_int8_vnni() {
+#ifdef VDPROJ_MULTI_ISA
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return cpu_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Whether the kernels use it: where supported, unless VDPROJ_INT8_VNNI=0; switched at run time
+// by the _set_cpu_int8_vnni binding (benchmarks compare both paths in one process).
+inline std::atomic<bool>& int8_vnni_switch() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("VDPROJ_INT8_VNNI");
+    return cpu_supports_int8_vnni() && (env == nullptr || std::string(env) != "0");
+  }()};
+  return on;
+}
+inline bool cpu_has_int8_vnni() { return int8_vnni_switch().load(std::memory_order_relaxed); }
 
 #ifdef VDPROJ_MULTI_ISA
 #define VDPROJ_ISA_CALL(fn, ...)                                          \

@@ -1070,6 +1070,8 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
   }
 }
 
+#include "int8_vnni.h"
+
 enum class FusedRead { kNone, kInt8, kE4m3, kStorage };
 template <typename L> struct Tag { using type = L; };
 
@@ -1153,6 +1155,13 @@ void attention_run(const AttnArgs& a) {
         all_stored_as(CacheKind::Model))
       fused = FusedRead::kStorage;
   }
+  // One query over int8 latent keys: the integer dot products of int8_vnni.h where the CPU
+  // has AVX-512 VNNI.
+#if VDPROJ_VBYTES >= 64 && defined(__x86_64__)
+  const bool int8_vnni_path = kShared && fused == FusedRead::kInt8 && cpu_has_int8_vnni() &&
+                              int8_vnni::supports(H, Dk, Dl, R, a.kl_is_vc) &&
+                              a.k_st == H * Dk && a.k_sh == Dk && a.k_scale.sh == 1;
+#endif
   // Scratch only for blocks converted through it (attend_range's scratch path: mixed storage,
   // or float64 with a quantized cache); float32 / float64 caches and the fused path are read
   // in place.
@@ -1171,6 +1180,10 @@ void attention_run(const AttnArgs& a) {
     std::vector<int64_t> lim(QT);
     std::vector<float> kscale(2 * H);
     const Scratch<A> scratch{kscale.data(), sbuf.data(), kbuf.data(), lbuf.data(), vbuf.data()};
+#if VDPROJ_VBYTES >= 64 && defined(__x86_64__)
+    std::unique_ptr<int8_vnni::Workspace> vnni_ws;
+    if (int8_vnni_path) vnni_ws.reset(new int8_vnni::Workspace(H, Dk, Dl, R));
+#endif
     auto state_at = [&](A* base) {
       return TileState<A>{base, base + rows_max, base + 2 * rows_max};
     };
@@ -1227,7 +1240,14 @@ void attention_run(const AttnArgs& a) {
       };
       if constexpr (std::is_same<A, float>::value) {
         switch (fused) {
-          case FusedRead::kInt8: attend(Tag<Int8Rows>{}); break;
+          case FusedRead::kInt8:
+#if VDPROJ_VBYTES >= 64 && defined(__x86_64__)
+            if (vnni_ws && nq == 1 &&
+                int8_vnni::attend_one_query<T>(*vnni_ws, qs.data(), lim[0], src, j0, j1, st))
+              break;
+#endif
+            attend(Tag<Int8Rows>{});
+            break;
           case FusedRead::kE4m3: attend(Tag<E4m3Rows>{}); break;
           case FusedRead::kStorage: attend(Tag<RowLoader<T>>{}); break;
           default: attend(Tag<void>{}); break;

@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <new>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>

@@ -67,6 +67,8 @@ def backend_info() -> dict:
         "cuda_kernels": cuda,
         "cuda_archs": [f"sm_{a // 10}" for a in built.get("cuda_archs", [])],
         "openmp": built.get("openmp", False),
+        # int8 latent-key decode with AVX-512 VNNI integer dot products (csrc/cpu/int8_vnni.h)
+        "cpu_int8_vnni": built.get("cpu_int8_vnni", False),
         "auto_backend": {"cpu": "ext" if cpu else "reference",
                          "cuda": "ext" if cuda else "reference"},
         "cuda_available": torch.cuda.is_available(),
