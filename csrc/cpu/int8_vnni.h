@@ -84,6 +84,17 @@ inline float split_digits(const float* v, int64_t n, int8_t* planes, int64_t ld_
 }
 
 inline __m512i broadcast4(const int32_t* p) { return _mm512_set1_epi32(*p); }
+inline __m512i broadcast_bytes4(const int8_t* p) {
+  int32_t w;
+  std::memcpy(&w, p, 4);
+  return _mm512_set1_epi32(w);
+}
+
+// All 16 lanes finite (x * 0 is 0 for finite x, NaN otherwise)
+inline bool all_lanes_finite(__m512 x) {
+  return _mm512_cmp_ps_mask(_mm512_mul_ps(x, _mm512_setzero_ps()), _mm512_setzero_ps(),
+                            _CMP_EQ_OQ) == 0xFFFF;
+}
 
 // (d0 - c0) * 2^16 + (d1 - c1) * 2^8 + (d2 - c2) as float32; the first two combined in int32
 // (|d0 - c0| <= 512 * 127 * 128, so the shift cannot overflow).
@@ -134,6 +145,44 @@ struct AlignedVectors {  // 64-byte aligned vectors (std::vector<__m512i> is not
   AlignedVectors& operator=(const AlignedVectors&) = delete;
 };
 
+// The next block's cache rows, prefetched into L2 one line at a time from inside the scoring
+// and rank-update loops, so that the lines stream in evenly over a block: issued in bursts
+// (a group's share at once) the prefetches stalled the core on its line-fill buffers, as
+// perf showed, and a decode step from memory was up to 24% slower.
+struct RowLines {
+  const char* row = nullptr;
+  int64_t ld = 0, lines = 0, rows = 0, line = 0;
+  void set(const void* first, int64_t stride, int64_t bytes, int64_t n) {
+    row = static_cast<const char*>(first);
+    ld = stride;
+    lines = (bytes + 63) / 64;
+    rows = lines > 0 ? n : 0;
+    line = 0;
+  }
+  bool issue_one() {
+    if (rows <= 0) return false;
+    asm volatile("prefetcht1 %0" : : "m"(*(row + line * 64)));
+    if (++line == lines) {
+      line = 0;
+      row += ld;
+      --rows;
+    }
+    return true;
+  }
+};
+struct NextBlock {  // its per-head keys, shared keys and values, in that order
+  RowLines part[3];
+  void issue_one() {
+    for (RowLines& p : part)
+      if (p.issue_one()) return;
+  }
+  void issue_all() {
+    for (RowLines& p : part)
+      while (p.issue_one()) {
+      }
+  }
+};
+
 // One thread's buffers for a (H, Dk, Dl, R) shape.
 struct Workspace {
   int64_t H, Dk, Dl, R;
@@ -146,16 +195,16 @@ struct Workspace {
   std::vector<int32_t> c_lat, c_rope; // H x 3 offset corrections each
   AlignedVectors keys_t;          // a group's transposed key rows: Dl/4 + H*Dk/4 vectors
   AlignedVectors values_i;        // a block's interleaved V_c rows: kBlock/4 x R/64 x 4
-  std::vector<int32_t> w_digits;      // kBlock/4 x H x 3
+  std::vector<int8_t> w_digits;       // H x 3 planes of kBlock bytes (a constant stride)
   std::vector<float> w_scale, scores; // H; H x kBlock
   std::vector<int32_t> w_corr;        // H x 3
-  std::vector<const char*> prefetch;  // a group's share of the next block's cache lines
+  std::vector<float> kscale_t;        // a group's key scales, H x 16
   Workspace(int64_t H_, int64_t Dk_, int64_t Dl_, int64_t R_)
       : H(H_), Dk(Dk_), Dl(Dl_), R(R_), q_lat(H_ * 3 * Dl_ / 4), q_rope(H_ * 3 * Dk_ / 4),
         planes(3 * std::max<int64_t>({Dl_, Dk_, kBlock})), s_lat(H_),
         s_rope(H_), c_lat(3 * H_), c_rope(3 * H_), keys_t(Dl_ / 4 + H_ * Dk_ / 4),
-        values_i(kBlock / 4 * R_ / 64 * 4), w_digits(kBlock / 4 * H_ * 3), w_scale(H_),
-        scores(H_ * kBlock), w_corr(3 * H_) {}
+        values_i(kBlock / 4 * R_ / 64 * 4), w_digits(H_ * 3 * kBlock), w_scale(H_),
+        scores(H_ * kBlock), w_corr(3 * H_), kscale_t(H_ * kGroup) {}
 };
 
 // Row `row` of `rows` digits (n values, n % 4 == 0): split_digits into ws.planes, then
@@ -187,31 +236,40 @@ inline bool split_query(const float* q, Workspace& ws) {
 }
 
 // Scores of the 16 keys at krow / lrow (row strides ks_t, ls bytes) for every head:
-// out[h * ldo + i]. kscale: H per key (key stride ksc), lscale: one per key (stride lsc). The
-// prefetch lines are issued spread over the loop, two per step: a burst of them stalls the
-// core on the line-fill buffers (from memory, 24% slower than spread).
-inline void score_group(Workspace& ws, const int8_t* krow, int64_t ks_t, const int8_t* lrow,
-                        int64_t ls, const float* kscale, int64_t ksc, const float* lscale,
-                        int64_t lsc, float* out, int64_t ldo, const char* const* pf, int64_t npf) {
+// out[h * ldo + i]; kscale: H per key (key stride ksc), lscale: one per key (stride lsc).
+// False if a scale or a score is not finite: then the float32 code must score these keys (its
+// NaN and inf follow the float math). One line of the next block per step of the latent loop.
+// Not inlined: inlined into its caller, GCC kept the 24 accumulators on the stack (1.3x
+// slower).
+__attribute__((noinline)) bool score_group(Workspace& ws, const int8_t* krow, int64_t ks_t,
+                                           const int8_t* lrow, int64_t ls, const float* kscale,
+                                           int64_t ksc, const float* lscale, int64_t lsc,
+                                           float* out, int64_t ldo, NextBlock& next) {
   const int64_t H = ws.H, Dk = ws.Dk, Dl = ws.Dl, gl = Dl / 4, gk = Dk / 4;
+  // The scales first: the gathers' latency then hides behind the transposes.
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 lsv = _mm512_i32gather_ps(_mm512_mullo_epi32(lane, _mm512_set1_epi32(int(lsc))),
+                                         lscale, 4);
+  bool exact = all_lanes_finite(lsv);
+  if (gk > 0) {
+    const __m512i kidx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(ksc)));
+    for (int64_t h = 0; h < H; ++h) {
+      const __m512 ksv = _mm512_i32gather_ps(kidx, kscale + h, 4);
+      exact &= all_lanes_finite(ksv);
+      _mm512_storeu_ps(ws.kscale_t.data() + h * kGroup, ksv);
+    }
+  }
   __m512i* tr = ws.keys_t.p;
   for (int64_t c = 0; c < Dl / 64; ++c) transpose_rows16(lrow + c * 64, ls, tr + c * 16);
   for (int64_t c = 0; c < H * Dk / 64; ++c)
     transpose_rows16(krow + c * 64, ks_t, tr + gl + c * 16);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 lsv = _mm512_i32gather_ps(_mm512_mullo_epi32(lane, _mm512_set1_epi32(int(lsc))),
-                                         lscale, 4);
-  const __m512i kidx = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(ksc)));
-  // two lines a step of the latent loop
-  int64_t next_pf = 0;
   for (int64_t hb = 0; hb < H; hb += 4) {
     __m512i la[4][3], ro[4][3];
     for (int h = 0; h < 4; ++h)
       for (int d = 0; d < 3; ++d) la[h][d] = ro[h][d] = _mm512_setzero_si512();
     const int32_t* qd = ws.q_lat.data() + hb * 3;
     for (int64_t g = 0; g < gl; ++g, qd += H * 3) {
-      if (next_pf < npf) asm volatile("prefetcht1 %0" : : "m"(*pf[next_pf++]));
-      if (next_pf < npf) asm volatile("prefetcht1 %0" : : "m"(*pf[next_pf++]));
+      next.issue_one();
       const __m512i x = _mm512_load_si512(tr + g);
 #pragma GCC unroll 4
       for (int h = 0; h < 4; ++h)
@@ -235,14 +293,15 @@ inline void score_group(Workspace& ws, const int8_t* krow, int64_t ks_t, const i
       __m512 s = _mm512_mul_ps(combine_digits(la[h], ws.c_lat.data() + 3 * hh),
                                _mm512_mul_ps(lsv, _mm512_set1_ps(ws.s_lat[hh])));
       if (gk > 0) {
-        const __m512 ksv = _mm512_i32gather_ps(kidx, kscale + hh, 4);
+        const __m512 ksv = _mm512_loadu_ps(ws.kscale_t.data() + hh * kGroup);
         s = _mm512_fmadd_ps(combine_digits(ro[h], ws.c_rope.data() + 3 * hh),
                             _mm512_mul_ps(ksv, _mm512_set1_ps(ws.s_rope[hh])), s);
       }
+      exact &= all_lanes_finite(s);
       _mm512_storeu_ps(out + hh * ldo, s);
     }
   }
-  for (; next_pf < npf; ++next_pf) asm volatile("prefetcht1 %0" : : "m"(*pf[next_pf]));
+  return exact;
 }
 
 // Rows 4g .. 4g+3 (stride ld bytes) of nch 64-byte column chunks, offset by 128 and
@@ -272,18 +331,19 @@ inline void interleave_quads(const int8_t* v, int64_t ld, int64_t nq4, int64_t n
 // acc (H rows, R; row stride R) += w (H rows, nk; stride ldw) @ V_c (int8 rows of stride ldv).
 // w >= 0 (softmax weights times the V_c scales). A row whose weights the digits cannot carry
 // (non-finite, or too small) takes the float32 rank update.
-inline void rank_update_vnni(Workspace& ws, float* acc, const float* w, int64_t ldw,
-                             const int8_t* v, int64_t ldv, int64_t nk) {
+// One line of the next block per step of the integer loop. Not inlined (see score_group).
+__attribute__((noinline)) void rank_update_vnni(Workspace& ws, float* acc, const float* w,
+                                                int64_t ldw, const int8_t* v, int64_t ldv,
+                                                int64_t nk, NextBlock& next) {
   const int64_t H = ws.H, R = ws.R, nq4 = nk / 4, nk4 = nq4 * 4, nch = R / 64;
-  int32_t* dig = ws.w_digits.data();
+  int8_t* dig = ws.w_digits.data();
   for (int64_t r = 0; r < H; ++r) {
-    float sc = nk4 > 0 ? split_into(w + r * ldw, nk4, ws.planes, r, H, dig,
-                                    ws.w_corr.data() + 3 * r)
+    float sc = nk4 > 0 ? split_digits(w + r * ldw, nk4, dig + r * 3 * kBlock, kBlock,
+                                      ws.w_corr.data() + 3 * r)
                        : 0.0f;
     if (sc < 0.0f) {  // this row by the float32 code; zero digits here
       rank_update<float, Int8Rows>(acc + r * R, R, w + r * ldw, ldw, v, ldv, 1, nk4, R);
-      for (int64_t g = 0; g < nq4; ++g)
-        for (int d = 0; d < 3; ++d) dig[(g * H + r) * 3 + d] = 0;
+      std::memset(dig + r * 3 * kBlock, 0, 3 * kBlock);
       for (int d = 0; d < 3; ++d) ws.w_corr[3 * r + d] = 0;
       sc = 0.0f;
     }
@@ -304,15 +364,17 @@ inline void rank_update_vnni(Workspace& ws, float* acc, const float* w, int64_t 
           for (int d = 0; d < 3; ++d)
             for (int s = 0; s < SV; ++s) a[r][d][s] = _mm512_setzero_si512();
         const __m512i* base = vi + c * 4 + half * SV;
-        const int32_t* dg = dig + r0 * 3;
-        for (int64_t g = 0; g < nq4; ++g, base += nch * 4, dg += H * 3) {
+        // the planes of rows r0 .. r0+3 at constant offsets from one pointer
+        const int8_t* dg = dig + r0 * 3 * kBlock;
+        for (int64_t g = 0; g < nq4; ++g, base += nch * 4, dg += 4) {
+          next.issue_one();
           __m512i x[SV];
           for (int s = 0; s < SV; ++s) x[s] = _mm512_load_si512(base + s);
 #pragma GCC unroll 4
           for (int r = 0; r < RT; ++r)
 #pragma GCC unroll 3
             for (int d = 0; d < 3; ++d) {
-              const __m512i b = broadcast4(dg + r * 3 + d);
+              const __m512i b = broadcast_bytes4(dg + (r * 3 + d) * kBlock);
 #pragma GCC unroll 2
               for (int s = 0; s < SV; ++s) VDPROJ_DPBUSD(a[r][d][s], x[s], b);
             }
@@ -341,12 +403,6 @@ inline void rank_update_vnni(Workspace& ws, float* acc, const float* w, int64_t 
   }
 }
 
-template <typename T> inline bool all_finite(const T* p, int64_t n, int64_t stride) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(p[i * stride]);
-  return ok;
-}
-
 // attend_range for one query of a latent-key int8 cache (separate K_c and V_c): keys
 // [j0, min(j1, lim + 1)), blocks of kBlock. False, with nothing done, if the query cannot be
 // split into digits (then the caller takes the float32 path).
@@ -360,42 +416,25 @@ bool attend_one_query(Workspace& ws, const float* q, int64_t lim, const KeySourc
   float* sbuf = ws.scores.data();
   const int64_t ks_t = src.k.st, ls = src.l.st, vs = src.v.st;
   const int64_t ksc = src.k.sc_st, lsc = src.l.sc_st, vsc = src.v.sc_st;
-  const int64_t row_lines = (H * Dk + 63) / 64 + (Dl + 63) / 64 + (R + 63) / 64;
-  ws.prefetch.resize(kGroup * row_lines);
   float v_scale[kBlock];
+  NextBlock next;
   for (int64_t jb = j0; jb < j1; jb += kBlock) {
     const int64_t nk = std::min(kBlock, j1 - jb);
-    const int64_t next_end = std::min(j1, jb + nk + kBlock);
+    const int64_t jn = jb + nk, n_next = std::min(kBlock, j1 - jn);
+    if (n_next > 0) {
+      next.part[0].set(src.k.row(jn), ks_t, H * Dk, n_next);
+      next.part[1].set(src.l.row(jn), ls, Dl, n_next);
+      next.part[2].set(src.v.row(jn), vs, R, n_next);
+    }
     const int8_t* kp = static_cast<const int8_t*>(src.k.row(jb));
     const int8_t* lp = static_cast<const int8_t*>(src.l.row(jb));
     const int8_t* vp = static_cast<const int8_t*>(src.v.row(jb));
     for (int64_t jj = 0; jj < nk; ++jj) v_scale[jj] = src.v.scale[(jb + jj) * vsc];
     int64_t jj = 0;
     for (; jj + kGroup <= nk; jj += kGroup) {
-      // This group's share of the next block's rows, into L2.
-      int64_t npf = 0;
-      for (int64_t u = 0; u < kGroup; ++u) {
-        const int64_t j = jb + kBlock + jj + u;
-        if (j >= next_end) break;
-        auto add = [&](const void* row, int64_t bytes) {
-          const char* p = static_cast<const char*>(row);
-          for (int64_t o = 0; o < bytes; o += 64) ws.prefetch[npf++] = p + o;
-        };
-        add(src.k.row(j), H * Dk);
-        add(src.l.row(j), Dl);
-        add(src.v.row(j), R);
-      }
-      const float* kscale = src.k.scale + (jb + jj) * ksc;
-      const float* lscale = src.l.scale + (jb + jj) * lsc;
       float* out = sbuf + jj;
-      bool exact = all_finite(lscale, kGroup, lsc);
-      for (int64_t u = 0; u < kGroup; ++u) exact &= all_finite(kscale + u * ksc, H, 1);
-      if (exact) {
-        score_group(ws, kp + jj * ks_t, ks_t, lp + jj * ls, ls, kscale, ksc, lscale, lsc, out,
-                    kBlock, ws.prefetch.data(), npf);
-        for (int64_t h = 0; h < H; ++h) exact &= all_finite(out + h * kBlock, kGroup, 1);
-      }
-      if (!exact)  // the float32 code's semantics for non-finite scales or scores
+      if (!score_group(ws, kp + jj * ks_t, ks_t, lp + jj * ls, ls, src.k.scale + (jb + jj) * ksc,
+                       ksc, src.l.scale + (jb + jj) * lsc, lsc, out, kBlock, next))
         for (int64_t u = 0; u < kGroup; ++u)
           key_scores<float, Int8Rows>(q, Dk + Dl, kp + (jj + u) * ks_t, Dk, Dk,
                                       lp + (jj + u) * ls, Dl, H, out + u, kBlock,
@@ -431,7 +470,8 @@ bool attend_one_query(Workspace& ws, const float* q, int64_t lim, const KeySourc
       st.m[r] = mnew;
       for (int64_t u = 0; u < nk; ++u) s[u] *= v_scale[u];
     }
-    rank_update_vnni(ws, st.acc, sbuf, kBlock, vp, vs, nk);
+    rank_update_vnni(ws, st.acc, sbuf, kBlock, vp, vs, nk, next);
+    next.issue_all();
   }
   return true;
 }
