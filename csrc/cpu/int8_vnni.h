@@ -10,8 +10,8 @@
 // (the offset's contribution, 128 * sum(d), is subtracted afterwards). Every product and sum
 // is exact in int32; the digits carry 24 bits of the float side relative to its largest
 // element, so the result is within float32 rounding of the float math on the dequantized
-// cache (measured 1.2e-7 relative for the scores, 9e-8 for the values, below the float32
-// path's 8e-8 and 2.8e-7: bench/RESULTS.md). Three digits cost three instructions per four
+// cache (measured 1.2e-7 relative for the scores and 9e-8 for the values, where the float32
+// path has 8e-8 and 2.8e-7: bench/RESULTS.md). Three digits cost three instructions per four
 // multiply-adds per lane, 25% fewer than float32 FMAs, and the int8 rows need no conversion.
 //
 // Keys are scored 16 at a time, one per lane: 16 rows are transposed by 32-bit words so that
