@@ -412,7 +412,6 @@ bool attend_one_query(Workspace& ws, const float* q, int64_t lim, const KeySourc
   if (!split_query(q, ws)) return false;
   const int64_t H = ws.H, Dk = ws.Dk, Dl = ws.Dl, R = ws.R;
   j1 = std::min(j1, lim + 1);
-  const float ninf = -std::numeric_limits<float>::infinity();
   float* sbuf = ws.scores.data();
   const int64_t ks_t = src.k.st, ls = src.l.st, vs = src.v.st;
   const int64_t ksc = src.k.sc_st, lsc = src.l.sc_st, vsc = src.v.sc_st;
@@ -430,46 +429,20 @@ bool attend_one_query(Workspace& ws, const float* q, int64_t lim, const KeySourc
     const int8_t* lp = static_cast<const int8_t*>(src.l.row(jb));
     const int8_t* vp = static_cast<const int8_t*>(src.v.row(jb));
     for (int64_t jj = 0; jj < nk; ++jj) v_scale[jj] = src.v.scale[(jb + jj) * vsc];
+    // Keys [u0, u1) of the block by the float32 code, one at a time.
+    auto score_in_float = [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u)
+        key_scores<float, Int8Rows>(q, Dk + Dl, kp + u * ks_t, Dk, Dk, lp + u * ls, Dl, H,
+                                    sbuf + u, kBlock, src.k.scale + (jb + u) * ksc,
+                                    src.l.scale[(jb + u) * lsc]);
+    };
     int64_t jj = 0;
-    for (; jj + kGroup <= nk; jj += kGroup) {
-      float* out = sbuf + jj;
+    for (; jj + kGroup <= nk; jj += kGroup)
       if (!score_group(ws, kp + jj * ks_t, ks_t, lp + jj * ls, ls, src.k.scale + (jb + jj) * ksc,
-                       ksc, src.l.scale + (jb + jj) * lsc, lsc, out, kBlock, next))
-        for (int64_t u = 0; u < kGroup; ++u)
-          key_scores<float, Int8Rows>(q, Dk + Dl, kp + (jj + u) * ks_t, Dk, Dk,
-                                      lp + (jj + u) * ls, Dl, H, out + u, kBlock,
-                                      src.k.scale + (jb + jj + u) * ksc,
-                                      src.l.scale[(jb + jj + u) * lsc]);
-    }
-    for (; jj < nk; ++jj)  // the block's last keys, fewer than a group
-      key_scores<float, Int8Rows>(q, Dk + Dl, kp + jj * ks_t, Dk, Dk, lp + jj * ls, Dl, H,
-                                  sbuf + jj, kBlock, src.k.scale + (jb + jj) * ksc,
-                                  src.l.scale[(jb + jj) * lsc]);
-    // Online softmax, as attend_range's.
-    for (int64_t r = 0; r < H; ++r) {
-      float* s = sbuf + r * kBlock;
-      float bm = row_max(s, nk, ninf);
-      if (bm == ninf) {
-        bool nan = false;
-        for (int64_t u = 0; u < nk; ++u) nan |= s[u] != s[u];
-        if (!nan) {
-          for (int64_t u = 0; u < nk; ++u) s[u] = 0;
-          continue;
-        }
-        bm = 0;
-      }
-      const float mold = st.m[r];
-      const float mnew = std::max(mold, bm);
-      const float sum = exp_row(s, nk, mnew);
-      if (mold != mnew && mold != ninf) {
-        const float alpha = std::exp(mold - mnew);
-        st.l[r] *= alpha;
-        scale_row(st.acc + r * R, alpha, R);
-      }
-      st.l[r] += sum;
-      st.m[r] = mnew;
-      for (int64_t u = 0; u < nk; ++u) s[u] *= v_scale[u];
-    }
+                       ksc, src.l.scale + (jb + jj) * lsc, lsc, sbuf + jj, kBlock, next))
+        score_in_float(jj, jj + kGroup);
+    score_in_float(jj, nk);  // the block's last keys, fewer than a group
+    softmax_block(sbuf, kBlock, H, nk, st, R, v_scale);
     rank_update_vnni(ws, st.acc, sbuf, kBlock, vp, vs, nk, next);
     next.issue_all();
   }

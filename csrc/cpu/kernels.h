@@ -853,6 +853,41 @@ inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
   }
 }
 
+// Online softmax of one block of nk keys for `rows` rows: each row of s (row stride lds)
+// becomes P, unnormalized and relative to the running max m, and l and acc (R wide) are
+// rescaled to the new max. With v_scale, P is then multiplied by each key's V_c scale (a
+// quantized row's scale folded into its weights).
+template <typename A>
+inline void softmax_block(A* sbuf, int64_t lds, int64_t rows, int64_t nk, TileState<A> st,
+                          int64_t R, const A* v_scale) {
+  const A ninf = -std::numeric_limits<A>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    A* s = sbuf + r * lds;
+    A bm = row_max(s, nk, ninf);  // skips NaN scores
+    if (bm == ninf) {
+      bool nan = false;
+      for (int64_t jj = 0; jj < nk; ++jj) nan |= s[jj] != s[jj];
+      if (!nan) {  // every key of this block is masked for this row
+        for (int64_t jj = 0; jj < nk; ++jj) s[jj] = 0;
+        continue;
+      }
+      bm = 0;  // only NaN visible (a NaN input): any finite max lets it reach l, as it must
+    }
+    const A mold = st.m[r];
+    const A mnew = std::max(mold, bm);
+    const A sum = exp_row(s, nk, mnew);
+    if (mold != mnew && mold != ninf) {
+      const A alpha = std::exp(mold - mnew);
+      st.l[r] *= alpha;
+      scale_row(st.acc + r * R, alpha, R);
+    }
+    st.l[r] += sum;
+    st.m[r] = mnew;
+    if (v_scale != nullptr)
+      for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= v_scale[jj];
+  }
+}
+
 // L void: float32 / float64 caches are read in place ("direct"), others are upcast or
 // dequantized block by block into the thread's scratch. L a RowLoader: every segment is stored
 // as L::E and read in place, converted in registers if narrower (the fused path: latent keys
@@ -984,32 +1019,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
       }
       jj += step;
     }
-    // Online softmax; s becomes P (unnormalized, relative to the running max).
-    for (int64_t r = 0; r < rows; ++r) {
-      A* s = sbuf + r * kKeyBlock;
-      A bm = row_max(s, nk, ninf);  // skips NaN scores
-      if (bm == ninf) {
-        bool nan = false;
-        for (int64_t jj = 0; jj < nk; ++jj) nan |= s[jj] != s[jj];
-        if (!nan) {  // every key of this block is masked for this row
-          for (int64_t jj = 0; jj < nk; ++jj) s[jj] = 0;
-          continue;
-        }
-        bm = 0;  // only NaN visible (a NaN input): any finite max lets it reach l, as it must
-      }
-      const A mold = st.m[r];
-      const A mnew = std::max(mold, bm);
-      const A sum = exp_row(s, nk, mnew);
-      if (mold != mnew && mold != ninf) {
-        const A alpha = std::exp(mold - mnew);
-        st.l[r] *= alpha;
-        scale_row(st.acc + r * R, alpha, R);
-      }
-      st.l[r] += sum;
-      st.m[r] = mnew;
-      if (fold_v_scale)
-        for (int64_t jj = 0; jj < nk; ++jj) s[jj] *= v_scale[jj];
-    }
+    softmax_block(sbuf, kKeyBlock, rows, nk, st, R, fold_v_scale ? v_scale : nullptr);
     rank_update<A, Loaded>(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R);
   }
 }
