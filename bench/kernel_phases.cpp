@@ -102,11 +102,15 @@ double phase_ns_per_key(const std::string& dtype, int64_t keys, int64_t iters,
   const int ph = phase == "scores" ? kScores : phase == "values" ? kValues : phase == "step" ? kStep : 0;
   TORCH_CHECK(ph != 0, "phase: expected 'scores', 'values' or 'step', got '", phase, "'");
   if (dtype == "float32") return ns_per_key<RowLoader<float>>(keys, iters, ph, Dr, Rk, Rv);
-  if (dtype == "bfloat16")
+  // bfloat16: the loader this build's kernels use (Bf16Rows); the other two for A/Bs
+  if (dtype == "bfloat16") return ns_per_key<Bf16Rows>(keys, iters, ph, Dr, Rk, Rv);
+  if (dtype == "bfloat16-pairs") return ns_per_key<Bf16PairRows>(keys, iters, ph, Dr, Rk, Rv);
+  if (dtype == "bfloat16-inorder")
     return ns_per_key<RowLoader<c10::BFloat16>>(keys, iters, ph, Dr, Rk, Rv);
   if (dtype == "int8") return ns_per_key<Int8Rows>(keys, iters, ph, Dr, Rk, Rv);
   if (dtype == "float8_e4m3fn") return ns_per_key<E4m3Rows>(keys, iters, ph, Dr, Rk, Rv);
-  TORCH_CHECK(false, "dtype: expected float32, bfloat16, int8 or float8_e4m3fn, got '", dtype,
+  TORCH_CHECK(false, "dtype: expected float32, bfloat16, bfloat16-pairs, bfloat16-inorder, int8 or "
+              "float8_e4m3fn, got '", dtype,
               "'");
 }
 

@@ -9,6 +9,7 @@ reaches (4,224 multiply-adds a position: 264 sixteen-wide FMAs with AVX-512, 528
 ones with AVX2).
 
     python bench/kernel_phases.py [--rounds 7] [--positions 300000] [--isa avx2]
+        [--dtypes float32,bfloat16]
 
 A developer's tool for the question "compute or memory?": it needs an x86-64 CPU with the
 instruction set asked for (AVX-512 by default).
@@ -30,7 +31,10 @@ DR, RK, RV, H = 16, 192, 320, 8
 MULTIPLY_ADDS_PER_POSITION = H * (DR + RK + RV)
 LANES = {"avx512": 16, "avx2": 8}  # float32 lanes of a vector FMA
 NEEDS = {"avx512": "Avx512", "avx2": "Avx2"}  # vdproj::Isa (csrc/cpu/dispatch.h)
+# bfloat16: the bf16 loader of this build's kernels (Bf16Rows); bfloat16-pairs and
+# bfloat16-inorder: each of the two loaders, for an A/B (Bf16PairRows, RowLoader<BFloat16>)
 DTYPES = ["float32", "bfloat16", "int8", "float8_e4m3fn"]
+AB_DTYPES = ["bfloat16-pairs", "bfloat16-inorder"]
 PHASES = ["scores", "values", "step"]
 SIZES = {"L1/L2": 64, "L3": 4096, "DRAM": 65536}
 
@@ -55,10 +59,17 @@ def main() -> None:
                         help="cached positions timed per measurement")
     parser.add_argument("--isa", choices=sorted(LANES), default="avx512",
                         help="which compiled variant of the kernels to time")
+    parser.add_argument("--dtypes", default=",".join(DTYPES),
+                        help=f"comma-separated cache dtypes (default: {','.join(DTYPES)}; "
+                             f"also {', '.join(AB_DTYPES)})")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
+    unknown = sorted(set(dtypes) - set(DTYPES) - set(AB_DTYPES))
+    if unknown:
+        parser.error(f"--dtypes: unknown {unknown}; expected some of {DTYPES + AB_DTYPES}")
     ext = build(args.isa)
     fmas_per_position = MULTIPLY_ADDS_PER_POSITION / LANES[args.isa]
-    cases = [(size, dt, ph) for size in SIZES for dt in DTYPES for ph in PHASES]
+    cases = [(size, dt, ph) for size in SIZES for dt in dtypes for ph in PHASES]
     times = {c: [] for c in cases}
     for r in range(args.rounds):
         for case in cases if r % 2 == 0 else cases[::-1]:
@@ -72,7 +83,7 @@ def main() -> None:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     print("| cache dtype | working set | scores ns | values ns | step ns | FMA/ns (step) |")
     print("|---|---|---:|---:|---:|---:|")
-    for dt in DTYPES:
+    for dt in dtypes:
         for size in SIZES:
             s, v, st = (med[(size, dt, ph)] for ph in PHASES)
             print(f"| {dt} | {size} ({SIZES[size]} positions) | {s:.1f} | {v:.1f} | {st:.1f} | "

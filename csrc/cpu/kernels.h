@@ -456,33 +456,82 @@ inline void quantize_row(const float* x, int64_t n, CacheKind kind, void* dst, f
 template <typename S> struct RowLoader {  // float32 / float64: the values themselves
   using E = S;
   static constexpr bool kScaled = false;
+  static constexpr bool kPairs = false;  // vec2 (Bf16PairRows)
   static vec_t<S> vec(const E* p) { return vload(p); }
   static S one(E x) { return x; }
 };
 template <> struct RowLoader<c10::BFloat16> {
   using E = c10::BFloat16;
   static constexpr bool kScaled = false;
+  static constexpr bool kPairs = false;
   static vec_t<float> vec(const E* p) { return upcast_bf16(p); }
   static float one(E x) { return float(x); }
 };
 template <> struct RowLoader<c10::Half> {
   using E = c10::Half;
   static constexpr bool kScaled = false;
+  static constexpr bool kPairs = false;
   static vec_t<float> vec(const E* p) { return upcast_f16(p); }
   static float one(E x) { return float(x); }
 };
 struct Int8Rows {
   using E = int8_t;
   static constexpr bool kScaled = true;
+  static constexpr bool kPairs = false;
   static vec_t<float> vec(const E* p) { return upcast_i8(p); }
   static float one(E x) { return float(x); }
 };
 struct E4m3Rows {
   using E = uint8_t;
   static constexpr bool kScaled = true;
+  static constexpr bool kPairs = false;
   static vec_t<float> vec(const E* p) { return upcast_e4m3(p); }
   static float one(E x) { return e4m3_to_float(x); }
 };
+// bf16 rows read 2N values at a time as N 32-bit words: the low halves are the even elements,
+// the high halves the odd ones, so a shift and an and (in-lane) upcast both, where vec takes a
+// widening shuffle and a shift per N. The price is the order: a chunk of 2N values comes out
+// as its N even elements, then its N odd ones. The kernels keep the query and the
+// accumulators in that order too (pair_order); a shorter rest is read in place by vec.
+struct Bf16PairRows {
+  using E = c10::BFloat16;
+  static constexpr bool kScaled = false;
+  static constexpr bool kPairs = true;
+  static vec_t<float> vec(const E* p) { return upcast_bf16(p); }
+  static void vec2(const E* p, vec_t<float>& even, vec_t<float>& odd) {
+    typename WideBits<uint8_t, VecT<float>::N>::wide w;
+    std::memcpy(&w, p, sizeof(w));
+    even = bits_as_float(w << 16);
+    odd = bits_as_float(w & 0xFFFF0000u);
+  }
+  static float one(E x) { return float(x); }
+};
+
+// The bf16 loader of the fused path. Pairs in the AVX2 build, where they measured 5-12% faster
+// than reading in order (bf16 decode steps at issue 11's shapes, 2 threads, same-process A/B,
+// bench/RESULTS.md); the AVX-512 build keeps the in-order widening until measured on an
+// AVX-512 machine (bench/kernel_phases.py --dtypes bfloat16-pairs,bfloat16-inorder).
+constexpr bool kBf16Pairs = kVBytes == 32;
+using Bf16Rows = std::conditional_t<kBf16Pairs, Bf16PairRows, RowLoader<c10::BFloat16>>;
+
+// n values into the order Bf16PairRows reads them in (to_pairs) or back: each whole chunk of
+// 2N as its even elements, then its odd ones; the rest unchanged.
+inline void pair_order(float* x, int64_t n, bool to_pairs) {
+  constexpr int N = VecT<float>::N;
+  float t[2 * N];
+  for (int64_t c = 0; c + 2 * N <= n; c += 2 * N) {
+    std::memcpy(t, x + c, sizeof(t));
+    for (int i = 0; i < N; ++i) {
+      if (to_pairs) {
+        x[c + i] = t[2 * i];
+        x[c + N + i] = t[2 * i + 1];
+      } else {
+        x[c + 2 * i] = t[i];
+        x[c + 2 * i + 1] = t[N + i];
+      }
+    }
+  }
+}
 
 // A contiguous (rows, cols) matrix in accumulation precision: the tensor itself, or an
 // upcast copy when it is stored as bf16/fp16.
@@ -515,7 +564,11 @@ inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp,
     for (int t = 0; t < CT; ++t) c[r][t] = vload(acc + r * lda + t * N);
   for (int64_t j = 0; j < nk; ++j) {
     vec_t<A> x[CT];
-    for (int t = 0; t < CT; ++t) x[t] = L::vec(v + j * ldv + t * N);
+    if constexpr (L::kPairs && CT % 2 == 0) {
+      for (int t = 0; t < CT; t += 2) L::vec2(v + j * ldv + t * N, x[t], x[t + 1]);
+    } else {
+      for (int t = 0; t < CT; ++t) x[t] = L::vec(v + j * ldv + t * N);
+    }
     for (int r = 0; r < RT; ++r) {
       const A pr = p[r * ldp + j];
       for (int t = 0; t < CT; ++t) c[r][t] += pr * x[t];
@@ -526,7 +579,8 @@ inline void rank_update_tile(A* acc, int64_t lda, const A* p, int64_t ldp,
 }
 
 // acc (rows, ncols; row stride lda) += p (rows, nk; row stride ldp) @ v (nk, ncols; ldv), v read
-// through the loader L (stored values in place: float32 / float64 by default).
+// through the loader L (stored values in place: float32 / float64 by default). With
+// Bf16PairRows, acc's columns are in pair_order.
 template <typename A, typename L = RowLoader<A>>
 void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const typename L::E* v,
                  int64_t ldv, int64_t rows, int64_t nk, int64_t ncols) {
@@ -534,8 +588,9 @@ void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const typename L:
   // 16 (AVX-512) or 8 accumulator registers. Rows stored narrower than A are converted once
   // per row tile, so their tiles take 8 rows (a decode step's heads) by fewer columns.
   constexpr bool converting = !std::is_same<typename L::E, A>::value;
-  constexpr int RT = converting ? 8 : 4;
-  constexpr int CT = (kVBytes >= 64 ? 4 : 2) / (converting ? 2 : 1);
+  // Pairs: two vectors per load, so column tiles of 2N; with AVX2's 16 registers 4 rows.
+  constexpr int RT = converting && !(L::kPairs && kVBytes < 64) ? 8 : 4;
+  constexpr int CT = L::kPairs ? 2 : (kVBytes >= 64 ? 4 : 2) / (converting ? 2 : 1);
   int64_t c = 0;
   // Column chunks outermost: the block's v columns stay in L1 while all rows use them.
   for (; c + CT * N <= ncols; c += CT * N) {
@@ -653,6 +708,7 @@ template <typename A> struct Scratch {
   A* k;  // upcast key blocks (bf16 / fp16 storage only)
   A* l;
   A* v;
+  A* q;  // the tile's queries in pair_order (Bf16PairRows)
 };
 
 // out[r * ldo] = hsum(acc[r]) + tail[r] for RB rows. Eight float rows are reduced together by a
@@ -696,7 +752,8 @@ inline void hsum_rows(const vec_t<A>* acc, const A* tail, A* out, int64_t ldo) {
 // The key is read through the loader L (stored values in place: float32 / float64 by default;
 // bf16, fp16 or a quantized cache upcast in registers). With a quantized cache, head r's
 // per-head segment is scaled by kscale[r] and the shared one by lscale: one multiply per loaded
-// vector, so the value used is SPEC 3c's float32 stored * scale.
+// vector, so the value used is SPEC 3c's float32 stored * scale. With Bf16PairRows each of q's
+// two segments is in pair_order.
 template <typename A, int RB, typename L = RowLoader<A>>
 inline void key_scores_rows(const A* q, int64_t ldq, const typename L::E* k, int64_t ksh,
                             int64_t Dk, const typename L::E* l, int64_t Dl, A* out, int64_t ldo,
@@ -716,7 +773,16 @@ inline void key_scores_rows(const A* q, int64_t ldq, const typename L::E* k, int
     if constexpr (L::kScaled) x *= sc;
     return x;
   };
+  static_assert(!(L::kPairs && L::kScaled), "pairs of scaled rows");
   int64_t c = 0;
+  if constexpr (L::kPairs)  // q in pair_order
+    for (; c + 2 * N <= Dk; c += 2 * N)
+      for (int r = 0; r < RB; ++r) {
+        vec_t<A> even, odd;
+        L::vec2(k + r * ksh + c, even, odd);
+        acc[r] += vload(q + r * ldq + c) * even;
+        acc[r] += vload(q + r * ldq + c + N) * odd;
+      }
   for (; c + N <= Dk; c += N)
     for (int r = 0; r < RB; ++r)
       acc[r] += vload(q + r * ldq + c) *
@@ -726,7 +792,17 @@ inline void key_scores_rows(const A* q, int64_t ldq, const typename L::E* k, int
       tail[r] += q[r * ldq + c] *
                  scaled_one(L::one(k[r * ksh + c]), L::kScaled ? kscale[r] : 1.0f);
   const A* ql = q + Dk;
-  for (c = 0; c + N <= Dl; c += N) {
+  c = 0;
+  if constexpr (L::kPairs)
+    for (; c + 2 * N <= Dl; c += 2 * N) {
+      vec_t<A> even, odd;
+      L::vec2(l + c, even, odd);
+      for (int r = 0; r < RB; ++r) {
+        acc[r] += vload(ql + r * ldq + c) * even;
+        acc[r] += vload(ql + r * ldq + c + N) * odd;
+      }
+    }
+  for (; c + N <= Dl; c += N) {
     const vec_t<A> lv = scaled(L::vec(l + c), lscale);
     for (int r = 0; r < RB; ++r) acc[r] += vload(ql + r * ldq + c) * lv;
   }
@@ -743,6 +819,18 @@ template <typename V> inline V in_register(V v) {
   asm("" : "+v"(v));
 #endif
   return v;
+}
+
+// One chunk of 2N query values (q, in pair_order) against two keys read by vec2 (even and
+// odd elements e0, o0 and e1, o1): acc0 += q . key0, acc1 += q . key1.
+template <typename A>
+inline void pair_chunk_fma(vec_t<A>& acc0, vec_t<A>& acc1, const A* q, vec_t<A> e0,
+                           vec_t<A> o0, vec_t<A> e1, vec_t<A> o1) {
+  const vec_t<A> qe = in_register(vload(q)), qo = in_register(vload(q + VecT<A>::N));
+  acc0 += qe * e0;
+  acc1 += qe * e1;
+  acc0 += qo * o0;
+  acc1 += qo * o1;
 }
 
 // key_scores_rows for two keys at once (k0/l0 and k1/l1, scales ks0/ls0 and ks1/ls1): each
@@ -771,7 +859,16 @@ inline void key_scores_rows_pair(const A* q, int64_t ldq, const typename L::E* k
     if constexpr (L::kScaled) x *= sc;
     return x;
   };
+  static_assert(!(L::kPairs && L::kScaled), "pairs of scaled rows");
   int64_t c = 0;
+  if constexpr (L::kPairs)  // q in pair_order
+    for (; c + 2 * N <= Dk; c += 2 * N)
+      for (int r = 0; r < RB; ++r) {
+        vec_t<A> e0, o0, e1, o1;
+        L::vec2(k0 + r * ksh + c, e0, o0);
+        L::vec2(k1 + r * ksh + c, e1, o1);
+        pair_chunk_fma(acc0[r], acc1[r], q + r * ldq + c, e0, o0, e1, o1);
+      }
   for (; c + N <= Dk; c += N)
     for (int r = 0; r < RB; ++r) {
       const vec_t<A> qv = in_register(vload(q + r * ldq + c));
@@ -784,7 +881,15 @@ inline void key_scores_rows_pair(const A* q, int64_t ldq, const typename L::E* k
       tail1[r] += q[r * ldq + c] * scaled(A(L::one(k1[r * ksh + c])), L::kScaled ? ks1[r] : 1.f);
     }
   const A* ql = q + Dk;
-  for (c = 0; c + N <= Dl; c += N) {
+  c = 0;
+  if constexpr (L::kPairs)
+    for (; c + 2 * N <= Dl; c += 2 * N) {
+      vec_t<A> e0, o0, e1, o1;
+      L::vec2(l0 + c, e0, o0);
+      L::vec2(l1 + c, e1, o1);
+      for (int r = 0; r < RB; ++r) pair_chunk_fma(acc0[r], acc1[r], ql + r * ldq + c, e0, o0, e1, o1);
+    }
+  for (; c + N <= Dl; c += N) {
     const vec_t<A> lv0 = scaled(L::vec(l0 + c), ls0), lv1 = scaled(L::vec(l1 + c), ls1);
     for (int r = 0; r < RB; ++r) {
       const vec_t<A> qv = in_register(vload(ql + r * ldq + c));
@@ -908,6 +1013,17 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
   const int64_t Dl = kShared ? Dl_in : 0, Dq = Dk + Dl;
   const bool l_is_v = kShared && kl_is_vc;
   const int64_t rows = nq * H;
+  // Bf16PairRows: the queries' segments and the accumulators in the order its vec2 reads
+  // the rows in (pair_order), the accumulators put back at the end.
+  if constexpr (Loaded::kPairs) {
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy(qs + r * Dq, qs + (r + 1) * Dq, buf.q + r * Dq);
+      pair_order(buf.q + r * Dq, Dk, true);
+      pair_order(buf.q + r * Dq + Dk, Dl, true);
+      pair_order(st.acc + r * R, R, true);
+    }
+    qs = buf.q;
+  }
   // A quantized V_c row's scale multiplies its weights in P rather than each of its R values:
   // always on the fused path; on the scratch path for float32 accumulation only (SPEC 3c's
   // value is the float32 product stored * scale, which a float64 accumulation would not
@@ -1022,6 +1138,8 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     softmax_block(sbuf, kKeyBlock, rows, nk, st, R, fold_v_scale ? v_scale : nullptr);
     rank_update<A, Loaded>(st.acc, R, sbuf, kKeyBlock, vp, vs, rows, nk, R);
   }
+  if constexpr (Loaded::kPairs)
+    for (int64_t r = 0; r < rows; ++r) pair_order(st.acc + r * R, R, false);
 }
 
 // Normalize, write ctx and lse, restore: out[h] = ctx[h] @ w_r[h].T + b_r[h], for the rows of
@@ -1179,17 +1297,21 @@ void attention_run(const AttnArgs& a) {
       std::is_same<T, A>::value && all_stored_as(CacheKind::Model) && fused == FusedRead::kNone;
   const bool scratch = !direct && fused == FusedRead::kNone;
   const bool own_l = kShared && scratch && !a.kl_is_vc;  // an upcast buffer for the shared rows
+  const bool bf16_pairs = kBf16Pairs && std::is_same<T, c10::BFloat16>::value &&
+                          fused == FusedRead::kStorage;  // Bf16PairRows' query buffer
 
 #pragma omp parallel num_threads(nth)
   {
     std::vector<A> qs(rows_max * Dq), sbuf(rows_max * kKeyBlock);
     std::vector<A> kbuf(scratch ? kKeyBlock * H * Dk : 0), vbuf(scratch ? kKeyBlock * R : 0);
     std::vector<A> lbuf(own_l ? kKeyBlock * Dl : 0);
+    std::vector<A> qpairs(bf16_pairs ? rows_max * Dq : 0);
     std::vector<A> own(nsplit > 1 ? 0 : part_stride), comb(nsplit > 1 ? part_stride : 0);
     std::vector<A> rows_buf(rows_max * R), out_buf(rows_max * D);
     std::vector<int64_t> lim(QT);
     std::vector<float> kscale(2 * H);
-    const Scratch<A> scratch{kscale.data(), sbuf.data(), kbuf.data(), lbuf.data(), vbuf.data()};
+    const Scratch<A> scratch{kscale.data(), sbuf.data(), kbuf.data(),
+                             lbuf.data(),   vbuf.data(), qpairs.data()};
 #if VDPROJ_VBYTES >= 64 && defined(__x86_64__)
     std::unique_ptr<int8_vnni::Workspace> vnni_ws;
     if (int8_vnni_path) vnni_ws.reset(new int8_vnni::Workspace(H, Dk, Dl, R));
@@ -1259,7 +1381,12 @@ void attention_run(const AttnArgs& a) {
             attend(Tag<Int8Rows>{});
             break;
           case FusedRead::kE4m3: attend(Tag<E4m3Rows>{}); break;
-          case FusedRead::kStorage: attend(Tag<RowLoader<T>>{}); break;
+          case FusedRead::kStorage:
+            if constexpr (std::is_same<T, c10::BFloat16>::value)
+              attend(Tag<Bf16Rows>{});
+            else
+              attend(Tag<RowLoader<T>>{});
+            break;
           default: attend(Tag<void>{}); break;
         }
       } else {
