@@ -1080,8 +1080,12 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // AVX2 build reads float32 latent keys on this direct path, the shared rows' prefetch made
     // it 0-9% slower (three same-process A/Bs at issue 10's shapes, 2026-12-03), so the AVX2
     // build leaves them to the hardware prefetcher too. The fused path reads its rows in place
-    // and prefetches all of the next block's rows into L2 as well.
+    // and prefetches all of a later key's rows into L2 as well: the same key of the next block
+    // with AVX-512, four keys ahead with AVX2, which measured up to 23% faster than a block
+    // ahead for bf16 / fp16 caches and the same within noise for int8 and e4m3 (same-process
+    // A/B, 2 threads, issue 11's shapes and (1, 2048), 2026-12-06; bench/RESULTS.md).
     constexpr bool prefetch_shared_rows = kVBytes >= 64;
+    constexpr int64_t kFusedPrefetchKeys = kVBytes >= 64 ? kKeyBlock : 4;
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     // The fused path scores two keys at a time (key_scores_pair) where a query sees both.
     for (int64_t jj = 0; jj < nk;) {
@@ -1093,11 +1097,13 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
           // The joint latent's V_c rows are this block's keys: the scores read them already.
           // The fused path's rows are already in L2 (prefetched a block ahead).
           if (!l_is_v && !fused) prefetch_l1(vp + u * vs, R * sizeof(E));
-          if (kShared && (fused || prefetch_shared_rows) && u < nk_next)
+          if (kShared && !fused && prefetch_shared_rows && u < nk_next)
             prefetch_l2(lp + (u + kKeyBlock) * ls, Dl * sizeof(E));
-          if (fused && u < nk_next) {
-            prefetch_l2(kp + (u + kKeyBlock) * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
-            if (!l_is_v) prefetch_l2(vp + (u + kKeyBlock) * vs, R * sizeof(E));
+          if (fused && jb + u + kFusedPrefetchKeys < j1) {
+            const int64_t ahead = u + kFusedPrefetchKeys;
+            if (kShared) prefetch_l2(lp + ahead * ls, Dl * sizeof(E));
+            prefetch_l2(kp + ahead * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
+            if (!l_is_v) prefetch_l2(vp + ahead * vs, R * sizeof(E));
           }
         }
         if constexpr (scaled) {
