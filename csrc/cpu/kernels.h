@@ -933,7 +933,8 @@ inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
   // worth it but for e4m3, whose upcast costs more than the spills (AVX2, one thread, per
   // position from L1 / L3: float32 step 157 -> 122 / 202 -> 176 ns, bf16 180 -> 149 /
   // 191 -> 161, int8 179 -> 170 / 190 -> 170, e4m3 459 -> 534 / 480 -> 549;
-  // bench/kernel_phases.py --isa avx2, 2026-12-03).
+  // bench/kernel_phases.py --isa avx2, 2026-12-03). attend_range's AVX2 build scores e4m3 one
+  // key at a time instead, faster still.
   constexpr int kHeads = kVBytes >= 64 || std::is_same<L, E4m3Rows>::value ? 8 : 4;
   auto heads = [&](auto dk) {
     constexpr int kDk = decltype(dk)::value;
@@ -1087,9 +1088,13 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     constexpr bool prefetch_shared_rows = kVBytes >= 64;
     constexpr int64_t kFusedPrefetchKeys = kVBytes >= 64 ? kKeyBlock : 4;
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
-    // The fused path scores two keys at a time (key_scores_pair) where a query sees both.
+    // The fused path scores two keys at a time (key_scores_pair) where a query sees both, but
+    // for e4m3 in the AVX2 build: there one key for eight heads (key_scores) measured 6-12%
+    // faster at issue 11's shapes and (1, 2048), both layouts (same-process A/B, 2 threads,
+    // 2026-12-06), as the pairs take twice the upcasts or spill (key_scores_pair).
+    constexpr bool pair_keys = fused && !(kVBytes < 64 && std::is_same<L, E4m3Rows>::value);
     for (int64_t jj = 0; jj < nk;) {
-      const int64_t step = fused && jj + 1 < nk ? 2 : 1;
+      const int64_t step = pair_keys && jj + 1 < nk ? 2 : 1;
       const float* kscale[2] = {buf.kscale, buf.kscale + H};  // H per key of the step
       float lscale[2] = {1.0f, 1.0f};
       for (int64_t u = jj; u < jj + step; ++u) {
