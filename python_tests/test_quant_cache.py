@@ -280,6 +280,24 @@ def test_wide_head_groups_against_float64(cache_dtype, heads, head_dim, rope_dim
     check_output(a, call(a, "ext"), model_dtype)
 
 
+# Several key blocks of 64 with ragged ends, and ranks wide enough for every column tile of the
+# rank update (int8's 4 rows x 3 vectors with AVX2, bf16's pairs of vectors) and its tails.
+LONG_CASES = {"decode": ([150, 37, 129], 1, 1, True), "chunk": ([70, 0, 131], 3, 3, True)}
+
+
+@pytest.mark.parametrize("case", list(LONG_CASES))
+@pytest.mark.parametrize("rope_dim", [None, 16], ids=["v-only", "latent"])
+@pytest.mark.parametrize("cache_dtype", [*QUANT_DTYPES, torch.bfloat16, torch.float16,
+                                         torch.float32], ids=[*QUANT_IDS, "bf16", "fp16", "fp32"])
+def test_long_caches_wide_ranks_against_float64(cache_dtype, rope_dim, case):
+    quantized = is_quantized(cache_dtype)
+    model_dtype = torch.float32 if quantized else cache_dtype
+    storage = uniform_storage(cache_dtype) if quantized else {}
+    a = make_args(storage, model_dtype, LONG_CASES[case], rope_dim, heads=8, head_dim=64,
+                  k_rank=37, v_rank=43, t_max=160)
+    check_output(a, call(a, "ext"), model_dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. The rows an append writes
 
