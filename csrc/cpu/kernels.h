@@ -1091,6 +1091,11 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // A/B, 2 threads, issue 11's shapes and (1, 2048), 2026-12-06; bench/RESULTS.md).
     constexpr bool prefetch_shared_rows = kVBytes >= 64;
     constexpr int64_t kFusedPrefetchKeys = kVBytes >= 64 ? kKeyBlock : 4;
+    // The AVX2 build's direct path with latent keys does prefetch each key's rotary rows, four
+    // keys ahead into L2: 0-13% faster at issue 10's shapes (K_c's rows as well, or V_c's:
+    // slower; the V-only layout's per-head keys, 2 KB a key: 5-13% slower; same-process A/Bs,
+    // 2026-12-06, bench/RESULTS.md).
+    constexpr bool prefetch_rotary_rows = kShared && kVBytes == 32;
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     // The fused path scores two keys at a time (key_scores_pair) where a query sees both, but
     // for e4m3 in the AVX2 build: there one key for eight heads (key_scores) measured 6-12%
@@ -1108,6 +1113,8 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
           if (!l_is_v && !fused) prefetch_l1(vp + u * vs, R * sizeof(E));
           if (kShared && !fused && prefetch_shared_rows && u < nk_next)
             prefetch_l2(lp + (u + kKeyBlock) * ls, Dl * sizeof(E));
+          if (prefetch_rotary_rows && direct && jb + u + kFusedPrefetchKeys < j1)
+            prefetch_l2(kp + (u + kFusedPrefetchKeys) * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
           if (fused && jb + u + kFusedPrefetchKeys < j1) {
             const int64_t ahead = u + kFusedPrefetchKeys;
             if (kShared) prefetch_l2(lp + ahead * ls, Dl * sizeof(E));
