@@ -273,10 +273,17 @@ def test_latent_output_against_float64(cache_dtype, model_dtype, joint, rope_dim
 @pytest.mark.parametrize("cache_dtype", [*QUANT_DTYPES, torch.bfloat16, torch.float32],
                          ids=[*QUANT_IDS, "bf16", "fp32"])
 def test_wide_head_groups_against_float64(cache_dtype, heads, head_dim, rope_dim, case):
+    check_one_storage_against_float64(cache_dtype, case, rope_dim, heads=heads,
+                                      head_dim=head_dim)
+
+
+def check_one_storage_against_float64(cache_dtype, case, rope_dim, **shape):
+    """The ext op with every cache stored as cache_dtype (a float32 model for a quantized one,
+    else a model of that dtype) against float64."""
     quantized = is_quantized(cache_dtype)
     model_dtype = torch.float32 if quantized else cache_dtype
     storage = uniform_storage(cache_dtype) if quantized else {}
-    a = make_args(storage, model_dtype, case, rope_dim, heads=heads, head_dim=head_dim)
+    a = make_args(storage, model_dtype, case, rope_dim, **shape)
     check_output(a, call(a, "ext"), model_dtype)
 
 
@@ -290,12 +297,8 @@ LONG_CASES = {"decode": ([150, 37, 129], 1, 1, True), "chunk": ([70, 0, 131], 3,
 @pytest.mark.parametrize("cache_dtype", [*QUANT_DTYPES, torch.bfloat16, torch.float16,
                                          torch.float32], ids=[*QUANT_IDS, "bf16", "fp16", "fp32"])
 def test_long_caches_wide_ranks_against_float64(cache_dtype, rope_dim, case):
-    quantized = is_quantized(cache_dtype)
-    model_dtype = torch.float32 if quantized else cache_dtype
-    storage = uniform_storage(cache_dtype) if quantized else {}
-    a = make_args(storage, model_dtype, LONG_CASES[case], rope_dim, heads=8, head_dim=64,
-                  k_rank=37, v_rank=43, t_max=160)
-    check_output(a, call(a, "ext"), model_dtype)
+    check_one_storage_against_float64(cache_dtype, LONG_CASES[case], rope_dim, heads=8,
+                                      head_dim=64, k_rank=37, v_rank=43, t_max=160)
 
 
 # ---------------------------------------------------------------------------------------------

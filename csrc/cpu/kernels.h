@@ -937,8 +937,8 @@ inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
   // worth it but for e4m3, whose upcast costs more than the spills (AVX2, one thread, per
   // position from L1 / L3: float32 step 157 -> 122 / 202 -> 176 ns, bf16 180 -> 149 /
   // 191 -> 161, int8 179 -> 170 / 190 -> 170, e4m3 459 -> 534 / 480 -> 549;
-  // bench/kernel_phases.py --isa avx2, 2026-12-03). attend_range's AVX2 build scores e4m3 one
-  // key at a time instead, faster still.
+  // bench/kernel_phases.py --isa avx2, 2026-12-03). attend_range's AVX2 build now scores e4m3
+  // one key at a time, faster still; the unmeasured baseline build keeps its pairs.
   constexpr int kHeads = kVBytes >= 64 || std::is_same<L, E4m3Rows>::value ? 8 : 4;
   auto heads = [&](auto dk) {
     constexpr int kDk = decltype(dk)::value;
@@ -1086,11 +1086,11 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // it 0-9% slower (three same-process A/Bs at issue 10's shapes, 2026-12-03), so the AVX2
     // build leaves them to the hardware prefetcher too. The fused path reads its rows in place
     // and prefetches all of a later key's rows into L2 as well: the same key of the next block
-    // with AVX-512, four keys ahead with AVX2, which measured up to 23% faster than a block
+    // (AVX-512, baseline), four keys ahead with AVX2, which measured up to 27% faster than a block
     // ahead for bf16 / fp16 caches and the same within noise for int8 and e4m3 (same-process
     // A/B, 2 threads, issue 11's shapes and (1, 2048), 2026-12-06; bench/RESULTS.md).
     constexpr bool prefetch_shared_rows = kVBytes >= 64;
-    constexpr int64_t kFusedPrefetchKeys = kVBytes >= 64 ? kKeyBlock : 4;
+    constexpr int64_t kPrefetchAhead = kVBytes == 32 ? 4 : kKeyBlock;  // keys
     // The AVX2 build's direct path with latent keys does prefetch each key's rotary rows, four
     // keys ahead into L2: 0-13% faster at issue 10's shapes (K_c's rows as well, or V_c's:
     // slower; the V-only layout's per-head keys, 2 KB a key: 5-13% slower; same-process A/Bs,
@@ -1101,7 +1101,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // for e4m3 in the AVX2 build: there one key for eight heads (key_scores) measured 6-12%
     // faster at issue 11's shapes and (1, 2048), both layouts (same-process A/B, 2 threads,
     // 2026-12-06), as the pairs take twice the upcasts or spill (key_scores_pair).
-    constexpr bool pair_keys = fused && !(kVBytes < 64 && std::is_same<L, E4m3Rows>::value);
+    constexpr bool pair_keys = fused && !(kVBytes == 32 && std::is_same<L, E4m3Rows>::value);
     for (int64_t jj = 0; jj < nk;) {
       const int64_t step = pair_keys && jj + 1 < nk ? 2 : 1;
       const float* kscale[2] = {buf.kscale, buf.kscale + H};  // H per key of the step
@@ -1109,17 +1109,16 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
       for (int64_t u = jj; u < jj + step; ++u) {
         if (fused || direct) {
           // The joint latent's V_c rows are this block's keys: the scores read them already.
-          // The fused path's rows are already in L2 (prefetched a block ahead).
+          // The fused path's rows are already in L2 (prefetched ahead).
           if (!l_is_v && !fused) prefetch_l1(vp + u * vs, R * sizeof(E));
           if (kShared && !fused && prefetch_shared_rows && u < nk_next)
             prefetch_l2(lp + (u + kKeyBlock) * ls, Dl * sizeof(E));
-          if (prefetch_rotary_rows && direct && jb + u + kFusedPrefetchKeys < j1)
-            prefetch_l2(kp + (u + kFusedPrefetchKeys) * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
-          if (fused && jb + u + kFusedPrefetchKeys < j1) {
-            const int64_t ahead = u + kFusedPrefetchKeys;
-            if (kShared) prefetch_l2(lp + ahead * ls, Dl * sizeof(E));
-            prefetch_l2(kp + ahead * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
-            if (!l_is_v) prefetch_l2(vp + ahead * vs, R * sizeof(E));
+          const int64_t ahead = u + kPrefetchAhead;
+          if (jb + ahead < j1) {
+            if (fused && kShared) prefetch_l2(lp + ahead * ls, Dl * sizeof(E));
+            if (fused || (prefetch_rotary_rows && direct))
+              prefetch_l2(kp + ahead * ks_t, ((H - 1) * ks_h + Dk) * sizeof(E));
+            if (fused && !l_is_v) prefetch_l2(vp + ahead * vs, R * sizeof(E));
           }
         }
         if constexpr (scaled) {
@@ -1135,12 +1134,14 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
       }
       for (int64_t i = 0; i < nq; ++i) {
         A* srow = sbuf + i * H * kKeyBlock + jj;
-        if (step == 2 && jb + jj + 1 <= lim[i]) {
-          key_scores_pair<A, Loaded>(qs + i * H * Dq, Dq, kp + jj * ks_t, kp + (jj + 1) * ks_t,
-                                     ks_h, Dk, lp + jj * ls, lp + (jj + 1) * ls, Dl, H, srow,
-                                     srow + 1, kKeyBlock, kscale[0], kscale[1], lscale[0],
-                                     lscale[1]);
-          continue;
+        if constexpr (pair_keys) {
+          if (step == 2 && jb + jj + 1 <= lim[i]) {
+            key_scores_pair<A, Loaded>(qs + i * H * Dq, Dq, kp + jj * ks_t,
+                                       kp + (jj + 1) * ks_t, ks_h, Dk, lp + jj * ls,
+                                       lp + (jj + 1) * ls, Dl, H, srow, srow + 1, kKeyBlock,
+                                       kscale[0], kscale[1], lscale[0], lscale[1]);
+            continue;
+          }
         }
         for (int64_t u = 0; u < step; ++u) {
           const E* krow = kp + (jj + u) * ks_t;
