@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import statistics
@@ -132,7 +133,14 @@ def decode_steps(model, cache, context, tokens, steps, device):
 
 
 def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, budget_bytes,
-             log=print):
+             min_seconds=0.0, log=print):
+    """One row per (batch, context). Each point runs at least `reps` interleaved repetitions,
+    and more where steps are cheap, so that every point is timed for about `min_seconds` (all
+    models together, estimated from the warm-up): a 12 ms step at batch 1 is otherwise timed
+    36 times, too few against this machine's noise for a 2% question. A model's "speedup" is
+    the median over repetitions of its step time's ratio to the uncompressed model's in the
+    same repetition (paired, so a burst of load that hits one repetition cancels);
+    "speedup_of_medians" is the plain ratio of median tokens/s, kept for comparison."""
     rows = []
     vocab = models["uncompressed"].config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -146,18 +154,24 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
                 caches[name] = cache
             tokens = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
             per_step = {name: [] for name in models}
+            per_rep = {name: [] for name in models}  # median step of each repetition
+            round_s = 0.0
             for name, model in models.items():  # warm-up (allocator, OpenMP pool)
-                decode_steps(model, caches[name], context, tokens, warmup, device)
+                round_s += steps * statistics.median(
+                    decode_steps(model, caches[name], context, tokens, warmup, device))
+            reps_here = max(reps, math.ceil(min_seconds / max(round_s, 1e-9)))
             names = list(models)
             order = random.Random(context * 1000 + batch)
-            for rep in range(reps):  # interleaved, so drifts in machine load hit all alike,
-                # in an order shuffled each repetition: a fixed rotation still let one model
-                # follow the same neighbour (and its cache footprint) every time
+            for rep in range(reps_here):  # interleaved, so drifts in machine load hit all
+                # alike, in an order shuffled each repetition: a fixed rotation still let one
+                # model follow the same neighbour (and its cache footprint) every time
                 order.shuffle(names)
                 for name in names:
-                    per_step[name] += decode_steps(models[name], caches[name], context, tokens,
-                                                   steps, device)
-            row = {"batch": batch, "context": context}
+                    times = decode_steps(models[name], caches[name], context, tokens, steps,
+                                         device)
+                    per_step[name] += times
+                    per_rep[name].append(statistics.median(times))
+            row = {"batch": batch, "context": context, "reps": reps_here}
             for name in models:
                 step_s = statistics.median(per_step[name])
                 cache_bytes = caches[name].nbytes
@@ -169,7 +183,11 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
                                  models[name])) // seq_bytes)}
             base = row["uncompressed"]
             for name in models:  # ratios to the uncompressed model
-                row[name]["speedup"] = row[name]["tokens_per_s"] / base["tokens_per_s"]
+                paired = [b / m for b, m in zip(per_rep["uncompressed"], per_rep[name])]
+                row[name]["speedup"] = statistics.median(paired)
+                row[name]["speedup_iqr"] = _iqr(paired)
+                row[name]["speedup_of_medians"] = (row[name]["tokens_per_s"]
+                                                   / base["tokens_per_s"])
                 row[name]["cache_reduction"] = 1 - row[name]["cache_bytes"] / base["cache_bytes"]
             log(_row_line(row, list(models)))
             rows.append(row)
@@ -183,7 +201,7 @@ def _iqr(xs):
 
 
 def _row_line(row, names):
-    s = f"batch {row['batch']:4d} ctx {row['context']:5d} | tok/s"
+    s = f"batch {row['batch']:4d} ctx {row['context']:5d} reps {row.get('reps', '-'):>3} | tok/s"
     for name in names:
         r = row[name]
         s += f" {name} {r['tokens_per_s']:.1f}"
@@ -196,14 +214,14 @@ def markdown_table(rows, meta):
     """One row per (batch, context): each model's cache (MiB), tokens/s and ratio to the
     uncompressed model, and the largest batch of each model in the memory budget."""
     names = [n for n in rows[0] if isinstance(rows[0][n], dict)]
-    head = "| batch | context |"
+    head = "| batch | context | reps |"
     head += "".join(f" {n} cache (MiB) |" for n in names if not n.endswith("+fold"))
     head += "".join(f" {n} tok/s |" + ("" if n == "uncompressed" else f" {n} vs uncompr. |")
                     for n in names)
     head += f" max batch in {meta['budget_gib']:g} GiB ({' / '.join(names)}) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        line = f"| {r['batch']} | {r['context']} |"
+        line = f"| {r['batch']} | {r['context']} | {r.get('reps', '-')} |"
         line += "".join(f" {r[n]['cache_bytes'] / 2**20:.1f} |" for n in names
                         if not n.endswith("+fold"))
         line += "".join(f" {r[n]['tokens_per_s']:.1f} |" +
@@ -261,6 +279,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="decode steps per repetition")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--min-seconds", type=float, default=10.0,
+                   help="time each (batch, context) point for at least this long, all models "
+                        "together, by raising --reps where steps are cheap (0: exactly --reps)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads on CPU (default: all cores torch sees)")
     p.add_argument("--budget-gib", type=float, default=2.0,
@@ -293,10 +314,12 @@ def main(argv=None):
     budget = int(args.budget_gib * 2**30)
     t0 = time.time()
     rows = run_grid(models, args.batches, args.contexts, steps=args.steps, reps=args.reps,
-                    warmup=args.warmup, device=device, dtype=dtype, budget_bytes=budget)
+                    warmup=args.warmup, device=device, dtype=dtype, budget_bytes=budget,
+                    min_seconds=args.min_seconds)
     meta = {"preset": args.preset, "device": str(device), "dtype": args.dtype,
             "backend": backend, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "budget_gib": args.budget_gib, "steps": args.steps, "reps": args.reps,
+            "min_seconds": args.min_seconds,
             "weight_bytes": {k: weight_bytes(m) for k, m in models.items()},
             "command": "python bench/bench_decode.py " + " ".join(argv if argv is not None
                                                                    else sys.argv[1:]),
@@ -308,8 +331,10 @@ def main(argv=None):
     table = markdown_table(rows, meta)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"{meta['command']}\n\n{args.preset}, {device.type}, {args.dtype}, backend "
-                f"{backend}, {meta['threads']} threads, medians of {args.reps}x{args.steps} "
-                f"decode steps\n\n{table}\n")
+                f"{backend}, {meta['threads']} threads, medians of at least "
+                f"{args.reps}x{args.steps} decode steps (more repetitions where steps are cheap: at least "
+                f"{args.min_seconds:g} s a point, column reps); 'vs uncompr.' is the median "
+                f"of per-repetition paired ratios\n\n{table}\n")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     plot(rows, os.path.join(args.out, stem + ".png"),
