@@ -1085,12 +1085,14 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     // AVX2 build reads float32 latent keys on this direct path, the shared rows' prefetch made
     // it 0-9% slower (three same-process A/Bs at issue 10's shapes, 2026-12-03), so the AVX2
     // build leaves them to the hardware prefetcher too. The fused path reads its rows in place
-    // and prefetches all of a later key's rows into L2 as well: the same key of the next block
-    // (AVX-512, baseline), four keys ahead with AVX2, which measured up to 27% faster than a block
-    // ahead for bf16 / fp16 caches and the same within noise for int8 and e4m3 (same-process
-    // A/B, 2 threads, issue 11's shapes and (1, 2048), 2026-12-06; bench/RESULTS.md).
+    // and prefetches all of a later key's rows into L2 as well: four keys ahead with AVX2 and
+    // AVX-512 (the same key of the next block in the unmeasured baseline build). Against a
+    // block ahead that measured up to 27% faster for bf16 / fp16 caches with AVX2 and the same
+    // within noise for int8 and e4m3; with AVX-512 (Zen 5), 1.5-20% faster for every storage,
+    // the float32 latent keys included (same-process A/Bs, 2 threads, issue 11's shapes and
+    // (1, 2048), 2026-12-06; bench/RESULTS.md).
     constexpr bool prefetch_shared_rows = kVBytes >= 64;
-    constexpr int64_t kPrefetchAhead = kVBytes == 32 ? 4 : kKeyBlock;  // keys
+    constexpr int64_t kPrefetchAhead = kVBytes >= 32 ? 4 : kKeyBlock;  // keys
     // The AVX2 build's direct path with latent keys does prefetch each key's rotary rows, four
     // keys ahead into L2: 0-13% faster at issue 10's shapes (K_c's rows as well, or V_c's:
     // slower; the V-only layout's per-head keys, 2 KB a key: 5-13% slower; same-process A/Bs,
@@ -1098,10 +1100,10 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
     constexpr bool prefetch_rotary_rows = kShared && kVBytes == 32;
     const int64_t nk_next = std::min(kKeyBlock, j1 - jb - nk);
     // The fused path scores two keys at a time (key_scores_pair) where a query sees both, but
-    // for e4m3 in the AVX2 build: there one key for eight heads (key_scores) measured 6-12%
-    // faster at issue 11's shapes and (1, 2048), both layouts (same-process A/B, 2 threads,
-    // 2026-12-06), as the pairs take twice the upcasts or spill (key_scores_pair).
-    constexpr bool pair_keys = fused && !(kVBytes == 32 && std::is_same<L, E4m3Rows>::value);
+    // for e4m3 with AVX2 or AVX-512: there one key for eight heads (key_scores) measured 6-12%
+    // (AVX2) and 4-18% (AVX-512) faster at issue 11's shapes and (1, 2048), both layouts
+    // (same-process A/Bs, 2 threads, 2026-12-06), as the pairs take twice the upcasts or spill.
+    constexpr bool pair_keys = fused && !(kVBytes >= 32 && std::is_same<L, E4m3Rows>::value);
     for (int64_t jj = 0; jj < nk;) {
       const int64_t step = pair_keys && jj + 1 < nk ? 2 : 1;
       const float* kscale[2] = {buf.kscale, buf.kscale + H};  // H per key of the step
