@@ -18,7 +18,8 @@ v_rank); "kv", latent keys as well (only for a preset with k_rank or joint_kv, s
 pythia-70m-kv); and each compressed one "+fold", after model.prepare_for_inference() (the
 compress projections folded into the fused query/key/value projection: what generate() users
 and vdproj-generate decode with), to measure what the folds gain. Every model's tokens/s is
-also given as a ratio to the uncompressed model's.
+also given as a ratio to the uncompressed model's: the median of the ratios measured within
+each interleaved repetition, with every point timed for at least --min-seconds (run_grid).
 
 Writes a markdown table and a PNG plot (--out, default bench/results/), and prints which
 backend ran. The pytest functions at the bottom are small smoke benchmarks collected by
