@@ -156,11 +156,12 @@ def run_grid(models, batches, contexts, *, steps, reps, warmup, device, dtype, b
             tokens = torch.randint(0, vocab, (batch, 1), generator=gen).to(device)
             per_step = {name: [] for name in models}
             per_rep = {name: [] for name in models}  # median step of each repetition
-            round_s = 0.0
+            round_s = 0.0  # one repetition of every model, estimated from the warm-up
             for name, model in models.items():  # warm-up (allocator, OpenMP pool)
-                round_s += steps * statistics.median(
-                    decode_steps(model, caches[name], context, tokens, warmup, device))
-            reps_here = max(reps, math.ceil(min_seconds / max(round_s, 1e-9)))
+                warm = decode_steps(model, caches[name], context, tokens, warmup, device)
+                round_s += steps * statistics.median(warm) if warm else 0.0
+            # without a warm-up (--warmup 0) there is no estimate: exactly `reps`
+            reps_here = max(reps, math.ceil(min_seconds / round_s)) if round_s > 0 else reps
             names = list(models)
             order = random.Random(context * 1000 + batch)
             for rep in range(reps_here):  # interleaved, so drifts in machine load hit all
@@ -333,9 +334,9 @@ def main(argv=None):
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"{meta['command']}\n\n{args.preset}, {device.type}, {args.dtype}, backend "
                 f"{backend}, {meta['threads']} threads, medians of at least "
-                f"{args.reps}x{args.steps} decode steps (more repetitions where steps are cheap: at least "
-                f"{args.min_seconds:g} s a point, column reps); 'vs uncompr.' is the median "
-                f"of per-repetition paired ratios\n\n{table}\n")
+                f"{args.reps}x{args.steps} decode steps (more repetitions where steps are "
+                f"cheap: at least {args.min_seconds:g} s a point, column reps); 'vs uncompr.' "
+                f"is the median of per-repetition paired ratios\n\n{table}\n")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     plot(rows, os.path.join(args.out, stem + ".png"),
