@@ -509,8 +509,9 @@ struct Bf16PairRows {
 
 // The bf16 loader of the fused path. Pairs in the AVX2 build, where they measured 5-12% faster
 // than reading in order (bf16 decode steps at issue 11's shapes, 2 threads, same-process A/B,
-// bench/RESULTS.md); the AVX-512 build keeps the in-order widening until measured on an
-// AVX-512 machine (bench/kernel_phases.py --dtypes bfloat16-pairs,bfloat16-inorder).
+// bench/RESULTS.md); the AVX-512 build keeps the in-order widening, as pairs there measured
+// 0.86-1.01x in the same A/B on a Zen 5 EPYC (2026-12-06), though 3-11% faster per position in
+// bench/kernel_phases.py --dtypes bfloat16-pairs,bfloat16-inorder.
 constexpr bool kBf16Pairs = kVBytes == 32;
 using Bf16Rows = std::conditional_t<kBf16Pairs, Bf16PairRows, RowLoader<c10::BFloat16>>;
 
@@ -591,7 +592,8 @@ void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const typename L:
   // Pairs: two vectors per load, so column tiles of 2N; with AVX2's 16 registers 4 rows.
   // int8 with AVX2: 4 rows by 3 vectors (12 accumulators), which measured 0-9% faster decode
   // steps than 8 by 1 (same-process A/B, 2 threads, issue 11's shapes and (1, 2048),
-  // 2026-12-06); e4m3, whose upcast costs more, was 5-25% slower so and keeps 8 by 1.
+  // 2026-12-06); e4m3, whose upcast costs more, was 5-25% slower so and keeps 8 by 1. With
+  // AVX-512, 4 by 3, 8 by 3 and 4 by 4 int8 tiles were 0.98-1.03x its 8 by 2 (Zen 5, same day).
   constexpr bool int8_avx2 = std::is_same<L, Int8Rows>::value && kVBytes == 32;
   constexpr int RT = converting && !int8_avx2 && !(L::kPairs && kVBytes < 64) ? 8 : 4;
   constexpr int CT = int8_avx2 ? 3 : L::kPairs ? 2 : (kVBytes >= 64 ? 4 : 2) / (converting ? 2 : 1);
@@ -937,8 +939,8 @@ inline void key_scores_pair(const A* q, int64_t ldq, const typename L::E* k0,
   // worth it but for e4m3, whose upcast costs more than the spills (AVX2, one thread, per
   // position from L1 / L3: float32 step 157 -> 122 / 202 -> 176 ns, bf16 180 -> 149 /
   // 191 -> 161, int8 179 -> 170 / 190 -> 170, e4m3 459 -> 534 / 480 -> 549;
-  // bench/kernel_phases.py --isa avx2, 2026-12-03). attend_range's AVX2 build now scores e4m3
-  // one key at a time, faster still; the unmeasured baseline build keeps its pairs.
+  // bench/kernel_phases.py --isa avx2, 2026-12-03). attend_range's AVX2 and AVX-512 builds
+  // now score e4m3 one key at a time, faster still; the unmeasured baseline build keeps pairs.
   constexpr int kHeads = kVBytes >= 64 || std::is_same<L, E4m3Rows>::value ? 8 : 4;
   auto heads = [&](auto dk) {
     constexpr int kDk = decltype(dk)::value;
