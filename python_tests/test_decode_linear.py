@@ -26,8 +26,10 @@ def reference(x, w, b):
 
 
 # rows 1..17 cover every row-block template (1-8), the split into blocks of 8 and the
-# two-weight-rows path (blocks of 8, N odd for a last single row); K covers tails shorter than
-# one vector, between vectors and past the unrolled loop, and x rows larger than L1.
+# two-weight-rows path (blocks of 8, N odd for a last single row); with AVX2, every tile of
+# 1-3 weight rows (N mod 3 of 0, 1 and 2) by 1-4 x rows (M mod 4 of 0-3). K covers tails
+# shorter than one vector, between vectors and past the unrolled loop, and x rows larger than
+# L1.
 SHAPES = [((1,), 1, 1), ((3,), 17, 5), ((2, 4), 33, 77), ((13,), 200, 130), ((16,), 64, 512),
           ((17,), 9, 31), ((8,), 515, 48), ((1, 5), 1000, 96), ((7,), 3, 300),
           ((8,), 21, 37), ((2, 8), 11, 1601)]

@@ -1853,6 +1853,84 @@ inline void linear_row_pair8(const A* x, int64_t xs, const A* w0, int64_t K, con
   }
 }
 
+// WR adjacent weight rows against XR x rows, every x vector loaded once into a register for
+// the WR rows (in_register: GCC would otherwise fold it into each multiply-add as a memory
+// operand). With AVX2's 16 registers, 3 x 4 holds 12 accumulators, 3 weight vectors and one x
+// vector, where linear_row_pair8's 16 accumulators spill three of them to the stack every
+// iteration. kPrefetch: pf walks the WR rows `ahead` further on.
+// How it is written matters to GCC 12 (checked in the disassembly): a run-time branch in the
+// loop kept every accumulator on the stack, and a single [WR][XR] array read by the sums'
+// loop below had each accumulator stored to the stack every iteration; one array per weight
+// row, copied out before the sums, stays in registers.
+template <typename A, int WR, int XR, bool kPrefetch>
+inline void linear_tile(const A* x, int64_t xs, const A* w0, int64_t K, const char* pf, A* out,
+                        int64_t ldo) {
+  static_assert(WR >= 1 && WR <= 3, "linear_tile: 1 to 3 weight rows");
+  constexpr int N = VecT<A>::N;
+  constexpr int64_t kRowStep = WR * kVBytes;  // bytes of the WR rows per k vector
+  vec_t<A> a0[XR], a1[XR], a2[XR];
+  for (int m = 0; m < XR; ++m) a0[m] = a1[m] = a2[m] = vec_t<A>{};
+  const A* w1 = w0 + K;
+  const A* w2 = w0 + 2 * K;
+  int64_t k = 0;
+  for (; k + N <= K; k += N) {
+    if constexpr (kPrefetch)
+      for (int64_t o = 0; o < kRowStep; o += 64)
+        prefetch_l2(pf + WR * k * int64_t(sizeof(A)) + o, 1);
+    const vec_t<A> v0 = vload(w0 + k);
+    vec_t<A> v1{}, v2{};
+    if constexpr (WR > 1) v1 = vload(w1 + k);
+    if constexpr (WR > 2) v2 = vload(w2 + k);
+    for (int m = 0; m < XR; ++m) {
+      const vec_t<A> xv = in_register(vload(x + m * xs + k));
+      a0[m] += v0 * xv;
+      if constexpr (WR > 1) a1[m] += v1 * xv;
+      if constexpr (WR > 2) a2[m] += v2 * xv;
+    }
+  }
+  if constexpr (kPrefetch)
+    prefetch_l2(pf + WR * k * int64_t(sizeof(A)), WR * (K - k) * int64_t(sizeof(A)));
+  vec_t<A> sums[WR * XR];
+  for (int m = 0; m < XR; ++m) {
+    sums[m] = a0[m];
+    if constexpr (WR > 1) sums[XR + m] = a1[m];
+    if constexpr (WR > 2) sums[2 * XR + m] = a2[m];
+  }
+  for (int r = 0; r < WR; ++r)
+    for (int m = 0; m < XR; ++m) {
+      A s = hsum<A>(sums[r * XR + m]);
+      for (int64_t kk = k; kk < K; ++kk) s += w0[r * K + kk] * x[m * xs + kk];
+      out[r * ldo + m] = s;
+    }
+}
+
+// linear_tile for wr <= 3 rows and xr <= 4 x rows (static switch).
+template <typename A>
+inline void linear_tile_any(int64_t wr, int64_t xr, const A* x, int64_t xs, const A* w0,
+                            int64_t K, const char* pf, A* out, int64_t ldo) {
+  auto rows = [&](auto wr_c) {
+    constexpr int WR = decltype(wr_c)::value;
+    auto cols = [&](auto xr_c) {
+      constexpr int XR = decltype(xr_c)::value;
+      if (pf != nullptr)
+        linear_tile<A, WR, XR, true>(x, xs, w0, K, pf, out, ldo);
+      else
+        linear_tile<A, WR, XR, false>(x, xs, w0, K, pf, out, ldo);
+    };
+    switch (xr) {
+      case 1: cols(std::integral_constant<int, 1>{}); break;
+      case 2: cols(std::integral_constant<int, 2>{}); break;
+      case 3: cols(std::integral_constant<int, 3>{}); break;
+      default: cols(std::integral_constant<int, 4>{}); break;
+    }
+  };
+  switch (wr) {
+    case 1: rows(std::integral_constant<int, 1>{}); break;
+    case 2: rows(std::integral_constant<int, 2>{}); break;
+    default: rows(std::integral_constant<int, 3>{}); break;
+  }
+}
+
 // One weight row against mb <= 8 x rows (mb chooses the template).
 template <typename A>
 inline void linear_row_any(int64_t mb, const A* x, const A* wrow, int64_t K, const char* pf,
@@ -1886,6 +1964,30 @@ void linear_impl(const LinearArgs& a) {
   const int64_t nth = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
   const int64_t grain = (N + nth - 1) / nth;
+  // AVX2 (16 registers): linear_tile's 3 weight rows by 4 x rows, which measured 1.01-1.17x
+  // the pairs of rows against 8 x rows below at 8 rows, 1.17-1.37x at 16 and 1.22-1.44x at 4
+  // (bench/RESULTS.md, 2026-12-07). AVX-512 keeps the pairs, whose 16 accumulators fit its 32
+  // registers; the baseline build, not measured, too.
+  if constexpr (kVBytes == 32) {
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      A out[3 * 4];
+      // Three rows at a time against every group of (up to) 4 x rows; only the first group's
+      // pass prefetches, later ones find the rows in L1.
+      for (int64_t n = n0; n < n1; n += 3) {
+        const int64_t wr = std::min<int64_t>(3, n1 - n);
+        const A* w0 = w + n * K;
+        const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          const int64_t xr = std::min<int64_t>(4, M - m0);
+          linear_tile_any<A>(wr, xr, x + m0 * K, K, w0, K, m0 == 0 ? pf : nullptr, out, 4);
+          for (int64_t r = 0; r < wr; ++r)
+            for (int64_t m = 0; m < xr; ++m)
+              y[(m0 + m) * N + n + r] = out[r * 4 + m] + (bias ? bias[n + r] : A(0));
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out0[8], out1[8];
     // Rows in pairs, each pair against every block of (up to) 8 x rows; a last odd row alone.
