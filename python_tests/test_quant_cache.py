@@ -301,6 +301,17 @@ def test_long_caches_wide_ranks_against_float64(cache_dtype, rope_dim, case):
                                       head_dim=64, k_rank=37, v_rank=43, t_max=160)
 
 
+# The absorbed query's rank update at a K_c rank wider than its widest row tile (twelve
+# vectors: 96 float32 columns with AVX2, 192 with AVX-512) with every rest: 3 query rows alone
+# (decode) and 9 (a group of four rows, twice, and one alone).
+@pytest.mark.parametrize("case", list(LONG_CASES))
+@pytest.mark.parametrize("cache_dtype", [torch.int8, torch.bfloat16, torch.float32],
+                         ids=["int8", "bf16", "fp32"])
+def test_wide_latent_rank_against_float64(cache_dtype, case):
+    check_one_storage_against_float64(cache_dtype, LONG_CASES[case], 16, heads=8, head_dim=64,
+                                      k_rank=403, v_rank=43, t_max=160)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. The rows an append writes
 

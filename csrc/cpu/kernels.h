@@ -625,6 +625,33 @@ void rank_update(A* acc, int64_t lda, const A* p, int64_t ldp, const typename L:
   }
 }
 
+// rank_update for few rows (the absorbed query: one per sequence, or a handful): whole groups
+// of four rows through rank_update, and a rest of rows one at a time with up to twelve column
+// vectors of accumulators, independent multiply-add chains (rank_update's single-row tiles
+// hold two, and wait on them).
+template <typename A>
+void rank_update_few_rows(A* acc, int64_t lda, const A* p, int64_t ldp, const A* v, int64_t ldv,
+                          int64_t rows, int64_t nk, int64_t ncols) {
+  constexpr int N = VecT<A>::N;
+  const int64_t whole = rows / 4 * 4;
+  if (whole > 0) rank_update<A>(acc, lda, p, ldp, v, ldv, whole, nk, ncols);
+  for (int64_t r = whole; r < rows; ++r) {
+    A* a = acc + r * lda;
+    const A* pr = p + r * ldp;
+    int64_t c = 0;
+    for (; c + 12 * N <= ncols; c += 12 * N)
+      rank_update_tile<A, 1, 12>(a + c, lda, pr, ldp, v + c, ldv, nk);
+    for (; c + 4 * N <= ncols; c += 4 * N)
+      rank_update_tile<A, 1, 4>(a + c, lda, pr, ldp, v + c, ldv, nk);
+    for (; c + N <= ncols; c += N) rank_update_tile<A, 1, 1>(a + c, lda, pr, ldp, v + c, ldv, nk);
+    for (; c < ncols; ++c) {
+      A s = a[c];
+      for (int64_t j = 0; j < nk; ++j) s += pr[j] * v[j * ldv + c];
+      a[c] = s;
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward / decode attention in the absorbed form.
 //
@@ -1758,23 +1785,28 @@ void effective_query_impl(const QueryArgs& a) {
   const int64_t H = a.H, D = a.D, Dr = a.Dr, Dn = D - Dr, Rk = a.Rk, Dq = Dr + Rk;
   const int64_t n = a.rows * H;
   if (n == 0) return;
+  const int64_t rows = a.rows;
   AsAcc<A, T> w(a.w_kr, H * Dn * Rk);
   const T* q = static_cast<const T*>(a.q);
   A* out = static_cast<A*>(a.q_eff);
-  // Each row reads its head's w_kr (Dn x Rk; 295 KB for all heads at the pythia-70m-kv shape,
-  // from memory at batch 1), which two cores read faster than one: rows split as soon as
-  // there are two, whatever the multiply-adds.
-  const int64_t grain =
-      std::max<int64_t>(1, std::min<int64_t>(kMinWorkPerThread / (Dn * Rk + 1), (n + 1) / 2));
-  at::parallel_for(0, n, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<A> qrow(D);
-    for (int64_t r = lo; r < hi; ++r) {
-      load_row(qrow.data(), q + r * D, D);
-      A* o = out + r * Dq;
-      std::copy(qrow.data(), qrow.data() + Dr, o);
-      std::fill(o + Dr, o + Dq, A(0));
-      const A* wh = w.ptr + (r % H) * Dn * Rk;
-      for (int64_t d = 0; d < Dn; ++d) axpy(o + Dr, qrow[Dr + d], wh + d * Rk, Rk);
+  // Head by head, all rows at once, so each head's w_kr (Dn x Rk; 295 KB for all heads at the
+  // pythia-70m-kv shape, from memory at batch 1) is read once per call rather than once per
+  // row. Two cores read it faster than one: the heads split as soon as there are two,
+  // whatever the multiply-adds.
+  const int64_t grain = std::max<int64_t>(
+      1, std::min<int64_t>(kMinWorkPerThread / (rows * Dn * Rk + 1), (H + 1) / 2));
+  at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
+    std::vector<A> q_nope(rows * Dn);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* qr = q + (r * H + h) * D;
+        A* o = out + (r * H + h) * Dq;
+        load_row(o, qr, Dr);
+        std::fill(o + Dr, o + Dq, A(0));
+        load_row(q_nope.data() + r * Dn, qr + Dr, Dn);
+      }
+      rank_update_few_rows<A>(out + h * Dq + Dr, H * Dq, q_nope.data(), Dn,
+                              w.ptr + h * Dn * Rk, Rk, rows, Dn, Rk);
     }
   });
 }
