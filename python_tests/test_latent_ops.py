@@ -859,12 +859,15 @@ def test_ext_kvcache_one_sequence_split_restored_by_head(tq, joint):
 
 @needs_training_kernels
 @pytest.mark.parametrize("shape", [(1, 70, 90, 2, 24, 8, 37, 29), (2, 40, 33, 2, 24, 8, 300, 19),
-                                   (1, 100, 100, 1, 16, 0, 12, 9)],
-                         ids=["many-rows", "wide-queries", "one-head-dr0"])
+                                   (1, 100, 100, 1, 16, 0, 12, 9),
+                                   (2, 151, 40, 2, 64, 16, 403, 19)],
+                         ids=["many-rows", "wide-queries", "one-head-dr0", "query-row-chunks"])
 @pytest.mark.parametrize("joint", [False, True], ids=["separate", "joint"])
 def test_ext_many_query_rows_per_tile(shape, joint):
     """Several query tiles per sequence, tiles of up to 64 rows (the tiled restore), and rows
-    wide enough (Dr + Rk = 308) that fewer of them fit a tile."""
+    wide enough (Dr + Rk = 308) that fewer of them fit a tile. query-row-chunks: the absorbed
+    query in chunks of 12 rows a head (302 rows: a last chunk of 2), Rk wider than its widest
+    row tile."""
     x = make_latent_attention_inputs(shape, "cpu", torch.float32, joint=joint)
     check_against_float64(x, "ext", True, latent_grad_out(shape, "cpu"))
 

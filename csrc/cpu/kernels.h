@@ -1789,24 +1789,30 @@ void effective_query_impl(const QueryArgs& a) {
   AsAcc<A, T> w(a.w_kr, H * Dn * Rk);
   const T* q = static_cast<const T*>(a.q);
   A* out = static_cast<A*>(a.q_eff);
-  // Head by head, all rows at once, so each head's w_kr (Dn x Rk; 295 KB for all heads at the
-  // pythia-70m-kv shape, from memory at batch 1) is read once per call rather than once per
-  // row. Two cores read it faster than one: the heads split as soon as there are two,
-  // whatever the multiply-adds.
+  // Head by head, a chunk of rows at a time, so each head's w_kr (Dn x Rk; 295 KB for all heads
+  // at the pythia-70m-kv shape, from memory at batch 1) is read once per chunk rather than once
+  // per row: a decode step's rows are one chunk, many rows (training) several, which keeps
+  // more threads than heads busy. Two cores read w_kr faster than one: the work splits as
+  // soon as there are two items, whatever the multiply-adds.
+  const int64_t chunk = std::max<int64_t>(4, kMinWorkPerThread / (Dn * Rk + 1)) / 4 * 4;
+  const int64_t nchunks = (rows + chunk - 1) / chunk, items = H * nchunks;
   const int64_t grain = std::max<int64_t>(
-      1, std::min<int64_t>(kMinWorkPerThread / (rows * Dn * Rk + 1), (H + 1) / 2));
-  at::parallel_for(0, H, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<A> q_nope(rows * Dn);
-    for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t r = 0; r < rows; ++r) {
+      1, std::min<int64_t>(kMinWorkPerThread / (std::min(rows, chunk) * Dn * Rk + 1),
+                           (items + 1) / 2));
+  at::parallel_for(0, items, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<A> q_nope(std::min(rows, chunk) * Dn);
+    for (int64_t it = lo; it < hi; ++it) {
+      const int64_t h = it / nchunks, r0 = (it % nchunks) * chunk;
+      const int64_t nr = std::min(chunk, rows - r0);
+      for (int64_t r = r0; r < r0 + nr; ++r) {
         const T* qr = q + (r * H + h) * D;
         A* o = out + (r * H + h) * Dq;
         load_row(o, qr, Dr);
         std::fill(o + Dr, o + Dq, A(0));
-        load_row(q_nope.data() + r * Dn, qr + Dr, Dn);
+        load_row(q_nope.data() + (r - r0) * Dn, qr + Dr, Dn);
       }
-      rank_update_few_rows<A>(out + h * Dq + Dr, H * Dq, q_nope.data(), Dn,
-                              w.ptr + h * Dn * Rk, Rk, rows, Dn, Rk);
+      rank_update_few_rows<A>(out + (r0 * H + h) * Dq + Dr, H * Dq, q_nope.data(), Dn,
+                              w.ptr + h * Dn * Rk, Rk, nr, Dn, Rk);
     }
   });
 }
