@@ -1985,6 +1985,32 @@ inline void linear_row_any(int64_t mb, const A* x, const A* wrow, int64_t K, con
   }
 }
 
+// Weight rows and x rows per pass of linear_impl. AVX2 (16 registers): linear_tile's 3 x 4,
+// which measured 1.01-1.17x the pairs of rows against 8 x rows at 8 rows, 1.17-1.37x at 16 and
+// 1.22-1.44x at 4 (bench/RESULTS.md, 2026-12-07). AVX-512 keeps the pairs, whose 16
+// accumulators fit its 32 registers; the baseline build, not measured, too.
+constexpr int64_t kLinearWeightRows = kVBytes == 32 ? 3 : 2;
+constexpr int64_t kLinearXRows = kVBytes == 32 ? 4 : 8;
+
+// wr <= kLinearWeightRows weight rows from w0 against xr <= kLinearXRows x rows, into
+// out[r * kLinearXRows + m]. pf null: the rows are already in L1, nothing to prefetch.
+template <typename A>
+inline void linear_block(int64_t wr, int64_t xr, const A* x, const A* w0, int64_t K,
+                         const char* pf, A* out) {
+  constexpr int64_t XR = kLinearXRows;
+  if constexpr (kVBytes == 32) {
+    linear_tile_any<A>(wr, xr, x, K, w0, K, pf, out, XR);
+  } else {
+    const char* p = pf != nullptr ? pf : reinterpret_cast<const char*>(w0);
+    if (wr == 2 && xr == XR) {
+      linear_row_pair8<A>(x, K, w0, K, p, out, out + XR);
+    } else {
+      linear_row_any<A>(xr, x, w0, K, p, out);
+      if (wr == 2) linear_row_any<A>(xr, x, w0 + K, K, p + K * sizeof(A), out + XR);
+    }
+  }
+}
+
 template <typename A>
 void linear_impl(const LinearArgs& a) {
   const int64_t M = a.M, N = a.N, K = a.K;
@@ -2002,52 +2028,21 @@ void linear_impl(const LinearArgs& a) {
   const int64_t nth = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
   const int64_t grain = (N + nth - 1) / nth;
-  // AVX2 (16 registers): linear_tile's 3 weight rows by 4 x rows, which measured 1.01-1.17x
-  // the pairs of rows against 8 x rows below at 8 rows, 1.17-1.37x at 16 and 1.22-1.44x at 4
-  // (bench/RESULTS.md, 2026-12-07). AVX-512 keeps the pairs, whose 16 accumulators fit its 32
-  // registers; the baseline build, not measured, too.
-  if constexpr (kVBytes == 32) {
-    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      A out[3 * 4];
-      // Three rows at a time against every group of (up to) 4 x rows; only the first group's
-      // pass prefetches, later ones find the rows in L1.
-      for (int64_t n = n0; n < n1; n += 3) {
-        const int64_t wr = std::min<int64_t>(3, n1 - n);
-        const A* w0 = w + n * K;
-        const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-          const int64_t xr = std::min<int64_t>(4, M - m0);
-          linear_tile_any<A>(wr, xr, x + m0 * K, K, w0, K, m0 == 0 ? pf : nullptr, out, 4);
-          for (int64_t r = 0; r < wr; ++r)
-            for (int64_t m = 0; m < xr; ++m)
-              y[(m0 + m) * N + n + r] = out[r * 4 + m] + (bias ? bias[n + r] : A(0));
-        }
-      }
-    });
-    return;
-  }
+  constexpr int64_t WR = kLinearWeightRows, XR = kLinearXRows;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    A out0[8], out1[8];
-    // Rows in pairs, each pair against every block of (up to) 8 x rows; a last odd row alone.
-    // Only the first block's pass prefetches: later passes find the two rows in L1.
-    for (int64_t n = n0; n < n1; n += 2) {
-      const int64_t rows = std::min<int64_t>(2, n1 - n);
+    A out[WR * XR];
+    // WR rows at a time against every block of (up to) XR x rows. Only the first block's pass
+    // prefetches (the rows `ahead` further on); later passes find these rows in L1.
+    for (int64_t n = n0; n < n1; n += WR) {
+      const int64_t wr = std::min(WR, n1 - n);
       const A* w0 = w + n * K;
-      const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - rows) * K);
-      for (int64_t m0 = 0; m0 < M; m0 += 8) {
-        const int64_t mb = std::min<int64_t>(8, M - m0);
-        const A* xm = x + m0 * K;
-        const char* p = m0 == 0 ? pf : reinterpret_cast<const char*>(w0);
-        if (rows == 2 && mb == 8) {
-          linear_row_pair8<A>(xm, K, w0, K, p, out0, out1);
-        } else {
-          linear_row_any<A>(mb, xm, w0, K, p, out0);
-          if (rows == 2) linear_row_any<A>(mb, xm, w0 + K, K, p + K * sizeof(A), out1);
-        }
-        for (int64_t m = 0; m < mb; ++m) {
-          y[(m0 + m) * N + n] = out0[m] + (bias ? bias[n] : A(0));
-          if (rows == 2) y[(m0 + m) * N + n + 1] = out1[m] + (bias ? bias[n + 1] : A(0));
-        }
+      const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
+      for (int64_t m0 = 0; m0 < M; m0 += XR) {
+        const int64_t xr = std::min(XR, M - m0);
+        linear_block<A>(wr, xr, x + m0 * K, w0, K, m0 == 0 ? pf : nullptr, out);
+        for (int64_t r = 0; r < wr; ++r)
+          for (int64_t m = 0; m < xr; ++m)
+            y[(m0 + m) * N + n + r] = out[r * XR + m] + (bias ? bias[n + r] : A(0));
       }
     }
   });
