@@ -22,6 +22,7 @@ constexpr int64_t kTileQueryBytes = 32 << 10;  // wide (latent-key) query rows p
 constexpr int64_t kMinSplit = 256;    // fewest keys per flash-decoding split
 constexpr int64_t kBwdKeyTile = 64;   // keys owned by one backward work item
 constexpr int64_t kMinWorkPerThread = 1 << 18;  // multiply-adds worth waking a thread for
+constexpr int64_t kBatchedRestoreMax = 1 << 20;  // rows x R a call restores at once (4 MB fp32)
 
 template <typename A> struct VecT {
   typedef A type __attribute__((vector_size(VDPROJ_VBYTES)));
@@ -1202,10 +1203,12 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
 // With several queries per tile the restore is a small matrix product against w_r[h]
 // transposed (wrT, (H, R, D)), so each w_r row is loaded once per tile rather than once per
 // query; a single query uses dot products.
+// out_buf null: the restore is left to restore_rows (batched over the call's sequences); the
+// normalized rows stay in rows_buf and empty[r] marks the rows that saw no key.
 template <typename T, typename A>
 void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t h0, int64_t h1,
                    TileState<A> st, const A* wr, const A* wrT, const A* br, A* rows_buf,
-                   A* out_buf) {
+                   A* out_buf, unsigned char* empty_rows = nullptr) {
   const int64_t Tq = a.Tq, H = a.H, D = a.D, R = a.R;
   auto in_range = [&](int64_t r) { return r % H >= h0 && r % H < h1; };
   for (int64_t r = 0; r < nq * H; ++r) {
@@ -1227,7 +1230,9 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
     if (a.lse)
       a.lse[(b * H + h) * Tq + gi] =
           empty ? -INFINITY : static_cast<float>(st.m[r] + std::log(st.l[r]));
+    if (empty_rows) empty_rows[r] = empty;
   }
+  if (out_buf == nullptr) return;
   if (wrT != nullptr) {
     std::fill(out_buf, out_buf + nq * H * D, A(0));
     for (int64_t h = h0; h < h1; ++h)
@@ -1248,6 +1253,37 @@ void finalize_rows(const AttnArgs& a, int64_t b, int64_t i0, int64_t nq, int64_t
       A o = out_buf[r * D + d];
       if (br) o += br[h * D + d];
       out[d] = empty ? static_cast<T>(0.0f) : static_cast<T>(o);
+    }
+  }
+}
+
+template <typename A>
+inline void linear_tile_any(int64_t wr, int64_t xr, const A* x, int64_t xs, const A* w0,
+                            int64_t K, const char* pf, A* out, int64_t ldo);  // below
+
+// The restore of every row of a call at once, for the rows [d0, d1) of head h:
+// out[m, h, d] = rows[m, h] @ w_r[h, d] + b_r[h, d] for m < B * Tq (rows: (B * Tq, H, R),
+// normalized; empty: (B * Tq, H), the rows that saw no key, which return zeros). Three w_r rows
+// against four query rows at a time (linear_tile), so each w_r row is read once per call,
+// where finalize_rows' dot products read all of w_r once per sequence.
+template <typename T, typename A>
+void restore_rows(const AttnArgs& a, const A* rows, const unsigned char* empty, const A* wr,
+                  const A* br, int64_t h, int64_t d0, int64_t d1) {
+  const int64_t M = a.B * a.Tq, H = a.H, D = a.D, R = a.R;
+  T* out = static_cast<T*>(a.out);
+  A sums[3 * 4];
+  for (int64_t d = d0; d < d1; d += 3) {
+    const int64_t nw = std::min<int64_t>(3, d1 - d);
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int64_t nx = std::min<int64_t>(4, M - m0);
+      linear_tile_any<A>(nw, nx, rows + (m0 * H + h) * R, H * R, wr + (h * D + d) * R, R,
+                         nullptr, sums, 4);
+      for (int64_t w = 0; w < nw; ++w)
+        for (int64_t m = 0; m < nx; ++m) {
+          const int64_t row = (m0 + m) * H + h;
+          const A o = sums[w * 4 + m] + (br ? br[h * D + d + w] : A(0));
+          out[row * D + d + w] = empty[row] ? static_cast<T>(0.0f) : static_cast<T>(o);
+        }
     }
   }
 }
@@ -1303,6 +1339,17 @@ void attention_run(const AttnArgs& a) {
     });
   }
   const A* wrT_ptr = wrT.empty() ? nullptr : wrT.data();
+  // Single-query tiles (decode), 4 rows or more, AVX2: the restore waits until every tile is
+  // attended, then reads each w_r row once for all sequences (restore_rows) rather than all of
+  // w_r per sequence (655 KB at the pythia-70m-kv shape). On a Zen 3 (same-process A/B, w_r
+  // evicted from L3 between calls, bench/RESULTS.md 2026-12-07): bf16 decode steps 1.00-1.11x,
+  // float32 0.98-1.03x; at 1 row, where nothing is saved, the 3 x 1 tiles were 7-15% slower
+  // than the dot products, hence the 4 rows. Not measured with AVX-512. Bounded, so a call
+  // with many single-query tiles does not hold all its rows.
+  const bool batched_restore = kVBytes == 32 && wrT_ptr == nullptr && B * Tq >= 4 &&
+                               B * Tq * H * R <= kBatchedRestoreMax;
+  std::vector<A> call_rows(batched_restore ? B * Tq * H * R : 0);
+  std::vector<unsigned char> call_empty(batched_restore ? B * Tq * H : 0);
   const int64_t part_stride = rows_max * (R + 2);
   std::vector<A> part(nsplit > 1 ? tiles * nsplit * part_stride : 0);
   const int64_t items = tiles * nsplit;
@@ -1395,6 +1442,18 @@ void attention_run(const AttnArgs& a) {
           }
         }
     };
+    // Normalize (and, unless batched_restore, restore) the rows of heads [h0, h1) of a tile.
+    auto finalize = [&](int64_t b, int64_t i0, int64_t nq, int64_t h0, int64_t h1,
+                        TileState<A> st) {
+      if (batched_restore) {
+        const int64_t first = (b * Tq + i0) * H;  // the tile's first row in the call
+        finalize_rows<T, A>(a, b, i0, nq, h0, h1, st, wr.ptr, nullptr, br.ptr,
+                            call_rows.data() + first * R, nullptr, call_empty.data() + first);
+      } else {
+        finalize_rows<T, A>(a, b, i0, nq, h0, h1, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
+                            out_buf.data());
+      }
+    };
     auto item = [&](int64_t it) {
       const int64_t split = it % nsplit, tile = it / nsplit;
       const int64_t b = tile / nqt, i0 = (tile % nqt) * QT;
@@ -1447,8 +1506,7 @@ void attention_run(const AttnArgs& a) {
         attend(Tag<void>{});
       }
       if (nsplit == 1) {
-        finalize_rows<T, A>(a, b, i0, nq, 0, H, st, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
-                            out_buf.data());
+        finalize(b, i0, nq, 0, H, st);
         return;
       }
       if (restore_by_head) return;  // combined and restored head by head below
@@ -1458,8 +1516,7 @@ void attention_run(const AttnArgs& a) {
       if (done[tile].fetch_add(1, std::memory_order_acq_rel) != nsplit - 1) return;
       TileState<A> out = state_at(comb.data());
       combine_splits(tile, nq, 0, H, out);
-      finalize_rows<T, A>(a, b, i0, nq, 0, H, out, wr.ptr, wrT_ptr, br.ptr, rows_buf.data(),
-                          out_buf.data());
+      finalize(b, i0, nq, 0, H, out);
     };
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) item(it);
@@ -1470,8 +1527,19 @@ void attention_run(const AttnArgs& a) {
         const int64_t b = tile / nqt, i0 = (tile % nqt) * QT, nq = std::min(QT, Tq - i0);
         TileState<A> out = state_at(comb.data());
         combine_splits(tile, nq, h, h + 1, out);
-        finalize_rows<T, A>(a, b, i0, nq, h, h + 1, out, wr.ptr, wrT_ptr, br.ptr,
-                            rows_buf.data(), out_buf.data());
+        finalize(b, i0, nq, h, h + 1, out);
+      }
+    }
+    if (batched_restore) {
+      // Blocks of w_r rows within a head (a multiple of linear_tile's 3 rows): 24 items at
+      // H = 8, D = 64, for the threads to share.
+      constexpr int64_t kRows = 24;
+      const int64_t blocks = (D + kRows - 1) / kRows;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < H * blocks; ++it) {
+        const int64_t h = it / blocks, d0 = (it % blocks) * kRows;
+        restore_rows<T, A>(a, call_rows.data(), call_empty.data(), wr.ptr, br.ptr, h, d0,
+                           std::min(D, d0 + kRows));
       }
     }
   }
