@@ -1202,7 +1202,7 @@ void attend_range(const int64_t H, const int64_t Dk, const int64_t Dl_in, const 
 // one whose scores held a NaN returns NaN, as float math does.
 // With several queries per tile the restore is a small matrix product against w_r[h]
 // transposed (wrT, (H, R, D)), so each w_r row is loaded once per tile rather than once per
-// query; a single query uses dot products.
+// query; a single query uses dot products (or restore_rows, see batched_restore).
 // out_buf null: the restore is left to restore_rows (batched over the call's sequences); the
 // normalized rows stay in rows_buf and empty[r] marks the rows that saw no key.
 template <typename T, typename A>
@@ -1408,7 +1408,8 @@ void attention_run(const AttnArgs& a) {
     std::vector<A> lbuf(own_l ? kKeyBlock * Dl : 0);
     std::vector<A> qpairs(bf16_pairs ? rows_max * Dq : 0);
     std::vector<A> own(nsplit > 1 ? 0 : part_stride), comb(nsplit > 1 ? part_stride : 0);
-    std::vector<A> rows_buf(rows_max * R), out_buf(rows_max * D);
+    std::vector<A> rows_buf(batched_restore ? 0 : rows_max * R);  // else call_rows
+    std::vector<A> out_buf(batched_restore ? 0 : rows_max * D);
     std::vector<int64_t> lim(QT);
     std::vector<float> kscale(2 * H);
     const Scratch<A> scratch{kscale.data(), sbuf.data(), kbuf.data(),
