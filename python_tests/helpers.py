@@ -1,10 +1,36 @@
 """Input builders and calls shared by the ops tests (test_api, test_attention, test_kvcache,
 test_cuda, test_reference, test_latent_ops)."""
+import os
+import subprocess
+import sys
+
 import torch
 
 from conftest import TOLERANCES, rel_error
 from vdproj_ext import (compressed_attn_with_kvcache, compressed_kv_attention,
                         compressed_kv_attn_with_kvcache, compressed_v_attention)
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+
+
+def run_python(args, timeout=300, **env) -> str:
+    """python *args in a subprocess from the repository root, with this folder and the root on
+    PYTHONPATH and the variables env set (a value of None removes one), for what a test must
+    not change in its own process (an instruction-set build, a switch read at load). Asserts
+    that it exited 0, showing its output if not; returns its stdout."""
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [TESTS_DIR, REPO_ROOT, os.environ.get("PYTHONPATH", "")]))
+    for name, value in env.items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    proc = subprocess.run([sys.executable, *args], env=full_env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
 
 
 def to_float64(tensors: dict) -> dict:

@@ -4,16 +4,12 @@ Forward and gradients on random odd sizes (Tq < Tk, Tq == Tk, Tq > Tk; causal or
 not), float32 / bfloat16 / float16 accuracy, non-contiguous inputs, zero sizes, gradcheck, and
 every compiled instruction-set variant of the CPU kernels.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from conftest import rel_error
 from helpers import (check_low_precision_against_reference, make_attention_inputs,
-                     run_attention, to_float64)
+                     run_attention, run_python, to_float64)
 from vdproj_ext import compressed_v_attention
 from vdproj_ext.ops.backend import has_kernel, load_kernels
 
@@ -190,10 +186,4 @@ print("ok")
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_instruction_set_variants(isa):
     """The lower instruction-set builds of the kernels (chosen by VDPROJ_CPU_ISA) are correct."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, VDPROJ_CPU_ISA=isa,
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok" in proc.stdout
+    assert "ok" in run_python(["-c", _ISA_SCRIPT], VDPROJ_CPU_ISA=isa)

@@ -1,14 +1,13 @@
 """vdproj_ext.decode_linear: the CPU streaming kernel for the linear layers of a decode step,
 checked against a float64 reference, plus its row policy (kernel, W @ x.T, or F.linear)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import TOLERANCES, rel_error
+from helpers import run_python
 from vdproj_ext import VDProjConfig, VDProjForCausalLM
 from vdproj_ext.ops import decode_linear, linear
 from vdproj_ext.ops.backend import has_kernel, load_kernels
@@ -64,14 +63,10 @@ def test_kernel_many_threads_and_large_rows():
 def test_kernel_in_lower_instruction_set_builds(isa):
     """The float64 checks above again under a lower build (VDPROJ_CPU_ISA), in a subprocess:
     each build has its own row blocks (AVX2 tiles of 3 x 4; pairs against 8 x rows else)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, VDPROJ_CPU_ISA=isa)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         os.path.join(here, "test_decode_linear.py"), "-k", "kernel_matches or many_threads"],
-        env=env, cwd=os.path.dirname(here), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    out = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                      os.path.abspath(__file__), "-k", "kernel_matches or many_threads"],
+                     timeout=600, VDPROJ_CPU_ISA=isa)
+    assert " passed" in out and "failed" not in out
 
 
 def test_kernel_empty_and_views():

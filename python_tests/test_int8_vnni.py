@@ -9,15 +9,13 @@ several flash-decoding splits, one and two threads; inputs the integer form hand
 float32 FMA path (non-finite scales, weights too small for their digits), which must give what
 that path gives; and the switch that turns the path off (benchmarks' A/B).
 """
-import os
-import subprocess
-import sys
 from contextlib import contextmanager
 
 import pytest
 import torch
 
 from conftest import TOLERANCES, rel_error
+from helpers import run_python
 from test_quant_cache import call, check_output, expected_output, make_args, uniform_storage
 from vdproj_ext import backend_info, bindings
 
@@ -158,14 +156,8 @@ def test_the_switch():
 
 
 def test_environment_turns_it_off():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, VDPROJ_INT8_VNNI="0",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     script = "from vdproj_ext import backend_info; print(backend_info()['cpu_int8_vnni'])"
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "False"
+    assert run_python(["-c", script], VDPROJ_INT8_VNNI="0").strip() == "False"
 
 
 def test_float64_expected_sees_every_valid_key():

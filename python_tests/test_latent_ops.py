@@ -22,7 +22,7 @@ import torch
 from conftest import TOLERANCES, rel_error
 from helpers import (assert_same_error_on_every_backend, check_low_precision_against_reference,
                      make_latent_attention_inputs, make_latent_cache, make_latent_step, replace_args, run_latent_attention,
-                     run_latent_kvcache, shared_attention_bad_cases, shared_seqlens_bad_cases,
+                     run_latent_kvcache, run_python, shared_attention_bad_cases, shared_seqlens_bad_cases,
                      to_float64)
 from vdproj_ext import (compressed_attn_with_kvcache, compressed_kv_attention,
                         compressed_kv_attn_with_kvcache, compressed_v_attention, reference)
@@ -904,14 +904,4 @@ print("ok")
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_ext_instruction_set_variants(isa):
     """The lower instruction-set builds of the latent-key kernels are correct too."""
-    import os
-    import subprocess
-    import sys
-    tests = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(tests)
-    path = os.pathsep.join([tests, root, os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, VDPROJ_CPU_ISA=isa, PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, "-c", _LATENT_ISA_SCRIPT], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok" in proc.stdout
+    assert "ok" in run_python(["-c", _LATENT_ISA_SCRIPT], VDPROJ_CPU_ISA=isa)

@@ -12,16 +12,13 @@ opcheck, and the kernels' vectorized conversions on every byte value under every
 instruction-set build (VDPROJ_CPU_ISA, in subprocesses).
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import TOLERANCES, rel_error
 from helpers import (assert_same_error_on_every_backend, make_latent_step, make_step,
-                     replace_args)
+                     replace_args, run_python)
 from vdproj_ext import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
 from vdproj_ext.ops.backend import load_kernels
 from vdproj_ext.ops.quant import quantize_rows
@@ -701,18 +698,8 @@ def check_conversions(flush_denormal=False):
 @pytest.mark.parametrize("flush_denormal", [False, True], ids=["normal", "flush_denormal"])
 @pytest.mark.parametrize("isa", ["baseline", "avx2", None], ids=["baseline", "avx2", "default"])
 def test_every_stored_value_under_every_instruction_set(isa, flush_denormal):
-    tests = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(tests)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, root,
-                                                       os.environ.get("PYTHONPATH", "")]))
-    env.pop("VDPROJ_CPU_ISA", None)
-    if isa is not None:
-        env["VDPROJ_CPU_ISA"] = isa
     script = f"import test_quant_cache as t; t.check_conversions({flush_denormal}); print('ok')"
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ok" in proc.stdout
+    assert "ok" in run_python(["-c", script], VDPROJ_CPU_ISA=isa)
 
 
 # ---------------------------------------------------------------------------------------------
