@@ -1343,7 +1343,7 @@ void attention_run(const AttnArgs& a) {
   // attended, then reads each w_r row once for all sequences (restore_rows) rather than all of
   // w_r per sequence (655 KB at the pythia-70m-kv shape). On a Zen 3 (same-process A/B, w_r
   // evicted from L3 between calls, bench/RESULTS.md 2026-12-07): bf16 decode steps 1.00-1.11x,
-  // float32 0.98-1.03x; at 1 row, where nothing is saved, the 3 x 1 tiles were 7-15% slower
+  // float32 0.98-1.03x; at 1 row, where nothing is saved, the 3 x 1 tiles were 5-15% slower
   // than the dot products, hence the 4 rows. Not measured with AVX-512. Bounded, so a call
   // with many single-query tiles does not hold all its rows.
   const bool batched_restore = kVBytes == 32 && wrT_ptr == nullptr && B * Tq >= 4 &&
