@@ -6,7 +6,8 @@ from torch import nn
 
 from conftest import TOLERANCES, rel_error
 from vdproj_ext import reference
-from vdproj_ext.models import CacheOverflowError, CompressedKVCache, KVCache
+from vdproj_ext.models import CacheOverflowError, CompressedKVCache, KVCache, LatentKVCache
+from vdproj_ext.ops.quant import write_rows
 
 
 class _Attn(nn.Module):
@@ -269,3 +270,86 @@ def test_kv_cache_nbytes_without_allocating(v_rank):
     cache = (CompressedKVCache(*shape, v_rank, dtype=torch.float16) if v_rank
              else KVCache(*shape, dtype=torch.float16))
     assert kv_cache_nbytes(*shape, v_rank, 2) == cache.nbytes
+
+
+class _LatentAttn(nn.Module):
+    """The parts of a latent-key CompressedVAttention that LatentKVCache.attend reads."""
+
+    def __init__(self, h, d, dr, k_rank, v_rank, dtype):
+        super().__init__()
+        nope = h * (d - dr)
+        self.k_compress = nn.Linear(nope, k_rank).to(dtype)
+        self.k_restore = nn.Linear(k_rank, nope).to(dtype)
+        self.v_compress = nn.Linear(h * d, v_rank).to(dtype)
+        self.v_restore = nn.Linear(v_rank, h * d).to(dtype)
+        self.backend = "auto"
+
+
+@pytest.mark.parametrize("cache_dtype", [None, torch.int8])
+@pytest.mark.parametrize("layout", ["values", "latent"])
+def test_cache_calls_equal_the_public_ops(layout, cache_dtype):
+    # The caches call the CPU kernels without the public functions' Python checks
+    # (ops.kvcache.attend_values_cache, ops.latent_kvcache.attend_latent_cache): same result,
+    # bit for bit, as the public function on a copy of the cache, written rows included.
+    from vdproj_ext import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
+    torch.manual_seed(3)
+    b, tmax, h, d, dr, rk, rv, t_new = 3, 13, 3, 8, 2, 7, 11, 2
+    lengths = torch.tensor([4, 0, 9], dtype=torch.int32)
+    if layout == "values":
+        cache = CompressedKVCache(1, b, tmax, h, d, rv, cache_dtype=cache_dtype)
+        attn = _Attn(h * d, rv, torch.float32, "cpu")
+    else:
+        cache = LatentKVCache(1, b, tmax, h, d, rv, rope_dims=dr, k_rank=rk,
+                              cache_dtype=cache_dtype)
+        attn = _LatentAttn(h, d, dr, rk, rv, torch.float32)
+    for t, s in cache.stored_tensors():  # finite history, NaN never read past the lengths
+        write_rows(t, s, (slice(None), slice(0, tmax)), torch.randn(t.shape))
+    cache.seqlens.copy_(lengths)
+    before = [(t.clone(), None if s is None else s.clone()) for t, s in cache.stored_tensors()]
+    q, k = torch.randn(b, t_new, h, d), torch.randn(b, t_new, h, d)
+    v = torch.randn(b, t_new, h * d)
+    with torch.no_grad():
+        out = cache.attend(0, q, k, v, attn)
+        after = [(t.clone(), None if s is None else s.clone()) for t, s in cache.stored_tensors()]
+        for (t, s), (t0, s0) in zip(cache.stored_tensors(), before):  # back to the history
+            t.copy_(t0)
+            if s is not None:
+                s.copy_(s0)
+        scales = cache._layer_scales(0) if layout == "latent" else dict(
+            k_scale=cache.k_scale[0], vc_scale=cache.vc_scale[0])
+        if layout == "values":
+            want = compressed_attn_with_kvcache(
+                q, cache.k_cache[0], cache.vc_cache[0], attn.v_restore.weight,
+                attn.v_restore.bias, k=k, v=v, w_c=attn.v_compress.weight,
+                b_c=attn.v_compress.bias, cache_seqlens=lengths, **scales)
+        else:
+            want = compressed_kv_attn_with_kvcache(
+                q, cache.krope_cache[0], cache.kc_cache[0], cache.vc_cache[0],
+                attn.k_restore.weight, attn.v_restore.weight, attn.v_restore.bias, k=k, v=v,
+                w_kc=attn.k_compress.weight, b_kc=attn.k_compress.bias,
+                w_c=attn.v_compress.weight, b_c=attn.v_compress.bias, cache_seqlens=lengths,
+                **scales)
+    assert torch.equal(out, want)
+    for (t, s), (t1, s1) in zip(cache.stored_tensors(), after):
+        assert torch.equal(t, t1) and (s is None or torch.equal(s, s1))
+
+
+@pytest.mark.parametrize("layout", ["values", "latent"])
+def test_cache_call_with_a_mismatched_layer_raises_and_writes_nothing(layout):
+    # Without the Python checks the kernel's own name the argument, before any write.
+    b, tmax, h, d, dr, rk, rv = 2, 6, 2, 8, 2, 5, 7
+    if layout == "values":
+        cache = CompressedKVCache(1, b, tmax, h, d, rv)
+        attn = _Attn(h * d, rv, torch.float64, "cpu")  # float64 weights, float32 cache
+        match = "w_r must have dtype torch.float32 like q"
+    else:
+        cache = LatentKVCache(1, b, tmax, h, d, rv, rope_dims=dr, k_rank=rk)
+        attn = _LatentAttn(h, d, dr, rk, rv, torch.float32)
+        attn.k_restore = nn.Linear(rk + 1, h * (d - dr))  # w_kr one column too wide
+        match = "w_kr"
+    cache.seqlens.fill_(3)
+    before = [t.clone() for t, _ in cache.stored_tensors()]
+    q = torch.randn(b, 1, h, d)
+    with torch.no_grad(), pytest.raises((TypeError, ValueError), match=match):
+        cache.attend(0, q, torch.randn(b, 1, h, d), torch.randn(b, 1, h * d), attn)
+    assert all(torch.equal(t, t0) for (t, _), t0 in zip(cache.stored_tensors(), before))

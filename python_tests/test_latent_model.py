@@ -269,13 +269,14 @@ def test_cached_logits_equal_full_forward(kind, backend):
 def test_cached_decoding_goes_through_the_decode_op(monkeypatch):
     from vdproj_ext.models import cache as cache_mod
     calls = []
-    real = cache_mod.compressed_kv_attn_with_kvcache
+    real = cache_mod.attend_latent_cache
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs["k"] is not None and kwargs["w_c"] is not None)
-        return real(*args, **kwargs)
+    def spy(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, *rest):
+        calls.append(k is not None and w_c is not None)
+        return real(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c,
+                    *rest)
 
-    monkeypatch.setattr(cache_mod, "compressed_kv_attn_with_kvcache", spy)
+    monkeypatch.setattr(cache_mod, "attend_latent_cache", spy)
     model = _model("separate").eval()
     model.generate(torch.randint(0, 256, (2, 5)), 3)
     assert calls == [True] * 2 * 3  # compress-on-write inside the op, every layer and step

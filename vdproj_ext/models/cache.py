@@ -44,6 +44,11 @@ or beyond a sequence's length are never read.
 
 A folded model (folding.py) calls `attend_compressed` instead, which takes the latents (and
 only the rotary keys, with latent keys) as the fused projection made them.
+
+The compressed caches reach the ops through `ops.kvcache.attend_values_cache` and
+`ops.latent_kvcache.attend_latent_cache`: the public functions, less their Python checks on the
+CPU kernels (a cache's own tensors are valid by construction, the step's are checked here, and
+the kernels check everything again in C++).
 """
 from __future__ import annotations
 
@@ -52,7 +57,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from ..ops import compressed_attn_with_kvcache, compressed_kv_attn_with_kvcache
+from ..ops.kvcache import attend_values_cache
+from ..ops.latent_kvcache import attend_latent_cache
 from ..ops.quant import QUANT_DTYPES, dequantize, write_rows, write_rows_at
 
 SCALE_BYTES = 4  # one float32 per stored row of a quantized cache
@@ -352,11 +358,10 @@ class CompressedKVCache(_CacheBase):
         new rows of a quantized cache)."""
         self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         comp, rest = attn_module.v_compress, attn_module.v_restore
-        return compressed_attn_with_kvcache(
-            q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
-            k=k, v=v, w_c=comp.weight, b_c=comp.bias, cache_seqlens=self.seqlens, causal=True,
-            backend=attn_module.backend, k_scale=self.k_scale[layer_idx],
-            vc_scale=self.vc_scale[layer_idx])
+        return attend_values_cache(
+            q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias, k, v,
+            comp.weight, comp.bias, self.seqlens, attn_module.backend, self.k_scale[layer_idx],
+            self.vc_scale[layer_idx])
 
     def attend_compressed(self, layer_idx, q, k, v_c, attn_module):
         """attend() for a layer whose value projection already yields V_c (B, T, R) (see
@@ -368,10 +373,9 @@ class CompressedKVCache(_CacheBase):
         self._write_new_tokens(self.vc_cache[layer_idx], vc_scale, v_c, plan)
         rest = attn_module.v_restore
         # k=None: the op only reads; Tk = seqlens + T keeps the bottom-right causal alignment.
-        return compressed_attn_with_kvcache(
-            q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias,
-            cache_seqlens=plan.lengths_after, causal=True, backend=attn_module.backend,
-            k_scale=k_scale, vc_scale=vc_scale)
+        return attend_values_cache(
+            q, self.k_cache[layer_idx], self.vc_cache[layer_idx], rest.weight, rest.bias, None,
+            None, None, None, plan.lengths_after, attn_module.backend, k_scale, vc_scale)
 
 
 class LatentKVCache(_CacheBase):
@@ -428,13 +432,13 @@ class LatentKVCache(_CacheBase):
         self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
         comp, rest = attn_module.v_compress, attn_module.v_restore
         k_comp = None if self.joint else attn_module.k_compress
-        return compressed_kv_attn_with_kvcache(
+        scales = self._layer_scales(layer_idx)
+        return attend_latent_cache(
             q, self.krope_cache[layer_idx], self.kc_cache[layer_idx], self.vc_cache[layer_idx],
-            attn_module.k_restore.weight, rest.weight, rest.bias, k=k, v=v,
-            w_kc=k_comp.weight if k_comp is not None else None,
-            b_kc=k_comp.bias if k_comp is not None else None, w_c=comp.weight, b_c=comp.bias,
-            cache_seqlens=self.seqlens, causal=True, backend=attn_module.backend,
-            **self._layer_scales(layer_idx))
+            attn_module.k_restore.weight, rest.weight, rest.bias, k, v,
+            k_comp.weight if k_comp is not None else None,
+            k_comp.bias if k_comp is not None else None, comp.weight, comp.bias, self.seqlens,
+            attn_module.backend, scales["krope_scale"], scales["kc_scale"], scales["vc_scale"])
 
     def attend_compressed(self, layer_idx, q, k_rope, latents, attn_module):
         """attend() for a folded layer (folding.py): k_rope (B, T, H, Dr) and latents =
@@ -455,11 +459,11 @@ class LatentKVCache(_CacheBase):
             self._write_new_tokens(self.kc_cache[layer_idx], scales["kc_scale"], k_c, plan)
         self._write_new_tokens(self.vc_cache[layer_idx], scales["vc_scale"], v_c, plan)
         rest = attn_module.v_restore
-        return compressed_kv_attn_with_kvcache(
+        return attend_latent_cache(
             q, self.krope_cache[layer_idx], self.kc_cache[layer_idx], self.vc_cache[layer_idx],
-            attn_module.k_restore.weight, rest.weight, rest.bias,
-            cache_seqlens=plan.lengths_after, causal=True, backend=attn_module.backend,
-            **scales)
+            attn_module.k_restore.weight, rest.weight, rest.bias, None, None, None, None, None,
+            None, plan.lengths_after, attn_module.backend, scales["krope_scale"],
+            scales["kc_scale"], scales["vc_scale"])
 
 
 class KVCache(_CacheBase):

@@ -94,10 +94,9 @@ class FoldedVAttention(nn.Module):
             cache.check_fits(layer_idx, self)
         b, t, _ = x.shape
         h, d, hd, dk = self.num_heads, self.head_dim, self.hidden_size, self.key_dims
-        y = self.fused(x)
-        q = apply_rotary(y[..., :hd].view(b, t, h, d), cos, sin)
-        k = apply_rotary(y[..., hd:hd + h * dk].view(b, t, h, dk), cos, sin)
-        latents = list(y[..., hd + h * dk:].split(self.latent_widths, -1))
+        q, k, *latents = self.fused(x).split([hd, h * dk, *self.latent_widths], -1)
+        q = apply_rotary(q.view(b, t, h, d), cos, sin)
+        k = apply_rotary(k.view(b, t, h, dk), cos, sin)
         if not self.latent_keys:
             if cache is not None:
                 o = cache.attend_compressed(layer_idx, q, k, latents[0], self)

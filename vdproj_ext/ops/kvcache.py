@@ -43,6 +43,23 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
         vc_scale)
 
 
+@inference_only
+def attend_values_cache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, backend,
+                        k_scale, vc_scale):
+    """compressed_attn_with_kvcache (causal, default softmax scale) for the cache objects of
+    models/cache.py, which allocated the cache tensors themselves and checked the step's new
+    tokens before calling: on the CPU kernels the op straight away (the kernel runs every check
+    in C++, with the same messages), everywhere else the public function. As
+    latent_kvcache.attend_latent_cache, which says why."""
+    if q.device.type == "cpu" and resolve_backend(backend, q.device) == "ext":
+        return torch.ops.vdproj_ext.kvcache_attention(
+            q.contiguous(), k_cache, vc_cache, *_contiguous(w_r, b_r, k, v, w_c, b_c),
+            cache_seqlens, True, q.shape[-1] ** -0.5, k_scale, vc_scale)
+    return compressed_attn_with_kvcache(
+        q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c, cache_seqlens=cache_seqlens,
+        causal=True, backend=backend, k_scale=k_scale, vc_scale=vc_scale)
+
+
 def _check_for_python_path(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens,
                            k_scale, vc_scale):
     """What the kernels would check in C++: dtypes, shapes, strides, and the lengths' range."""

@@ -48,6 +48,32 @@ def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_
         cache_seqlens, causal, scale, krope_scale, kc_scale, vc_scale)
 
 
+@inference_only
+def attend_latent_cache(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc,
+                        w_c, b_c, cache_seqlens, backend, krope_scale, kc_scale, vc_scale):
+    """compressed_kv_attn_with_kvcache (causal, default softmax scale) for the cache objects of
+    models/cache.py, which allocated the cache tensors themselves and checked the step's new
+    tokens before calling. On the CPU kernels it calls the op straight away: the Python checks
+    and keyword handling cost about 20 us of a decode step's layer at batch 1 (a few percent of
+    a short-context step, bench/RESULTS.md), and the kernel runs every check again in C++,
+    with the same messages. Everywhere else it is the public function."""
+    if q.device.type == "cpu" and routing.latent_path(backend, q.device,
+                                                      "ckv_kvcache_attention") == "kernel":
+        return torch.ops.vdproj_ext.ckv_kvcache_attention(
+            q.contiguous(), krope_cache, kc_cache, vc_cache, w_kr.contiguous(), w_r.contiguous(),
+            _contiguous(b_r), _contiguous(k), _contiguous(v), _contiguous(w_kc), _contiguous(b_kc),
+            _contiguous(w_c), _contiguous(b_c), cache_seqlens, True, q.shape[-1] ** -0.5,
+            krope_scale, kc_scale, vc_scale)
+    return compressed_kv_attn_with_kvcache(
+        q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k=k, v=v, w_kc=w_kc, b_kc=b_kc,
+        w_c=w_c, b_c=b_c, cache_seqlens=cache_seqlens, causal=True, backend=backend,
+        krope_scale=krope_scale, kc_scale=kc_scale, vc_scale=vc_scale)
+
+
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
 def _check_for_python_path(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc,
                            w_c, b_c, cache_seqlens, krope_scale, kc_scale, vc_scale):
     """What the kernels would check in C++: dtypes, shapes, strides, and the lengths' range."""
