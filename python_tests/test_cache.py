@@ -353,3 +353,19 @@ def test_cache_call_with_a_mismatched_layer_raises_and_writes_nothing(layout):
     with torch.no_grad(), pytest.raises((TypeError, ValueError), match=match):
         cache.attend(0, q, torch.randn(b, 1, h, d), torch.randn(b, 1, h * d), attn)
     assert all(torch.equal(t, t0) for (t, _), t0 in zip(cache.stored_tensors(), before))
+
+
+@pytest.mark.parametrize("preset", ["smoke", "smoke-kv"])
+def test_folded_model_cast_after_its_cache_raises_and_writes_nothing(preset):
+    # A folded layer writes its latents into the cache itself before the op runs: a model cast
+    # to another dtype after new_cache must be refused before that write, not after it.
+    from vdproj_ext import VDProjConfig, VDProjForCausalLM
+    cfg = VDProjConfig.preset(preset)
+    model = VDProjForCausalLM(cfg, init_seed=0).eval().prepare_for_inference()
+    cache = model.new_cache(2, 16)
+    before = [t.clone() for t in cache.buffers()]
+    model.to(torch.float64)
+    with torch.no_grad(), pytest.raises(TypeError, match="q must have dtype torch.float32"):
+        model(torch.randint(0, cfg.vocab_size, (2, 3)), cache=cache)
+    assert all(torch.equal(t, t0) for t, t0 in zip(cache.buffers(), before))
+    assert cache.seqlens.tolist() == [0, 0]

@@ -276,16 +276,20 @@ class _CacheBase:
                 f"{_describe_layout(need)}; create the cache with the model's "
                 f"new_cache(batch_size, max_len)")
 
-    def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name):
+    def _check_new_tokens(self, layer_idx, q, k, values, value_width, value_name,
+                          model_dtype=False):
         """Checks of cache.attend's arguments: k like q, values (B, T, value_width). Returns
         the step's _StepPlan."""
         return self._check_step(layer_idx, q, {"k": (k, (self.num_heads, self.head_dim)),
-                                               value_name: (values, (value_width,))})
+                                               value_name: (values, (value_width,))},
+                                model_dtype)
 
-    def _check_step(self, layer_idx, q, new: dict):
+    def _check_step(self, layer_idx, q, new: dict, model_dtype=False):
         """layer_idx, q (B, T, H, D), the new tokens' tensors (name -> (tensor, its shape
         after (B, T))) and the room left, before anything is written. Returns the step's
-        _StepPlan."""
+        _StepPlan. model_dtype: q and the new tokens must also have the cache's dtype, for a
+        caller that writes them itself before the op checks anything (attend_compressed: a
+        copy into the cache would otherwise convert them silently, and the op then refuse)."""
         if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or \
                 not 0 <= layer_idx < self.num_layers:
             raise IndexError(f"layer_idx must be an int in [0, {self.num_layers}), "
@@ -301,6 +305,13 @@ class _CacheBase:
             if tuple(t.shape) != (*q.shape[:2], *tail):
                 raise ValueError(f"{name} must have shape {(*q.shape[:2], *tail)} (B, T like "
                                  f"q), got {tuple(t.shape)}")
+        if model_dtype:
+            for name, t in [("q", q)] + [(n, t) for n, (t, _) in new.items()]:
+                if t.dtype != self.dtype:
+                    raise TypeError(f"{name} must have dtype {self.dtype}, the dtype this cache "
+                                    f"was created for, got {t.dtype}; nothing was written. "
+                                    f"Create the cache with the model's new_cache(batch_size, "
+                                    f"max_len) after casting the model")
         plan = self._step_plan(q.shape[1])
         hi = plan.longest
         if hi + q.shape[1] > self.max_len:
@@ -367,7 +378,8 @@ class CompressedKVCache(_CacheBase):
         """attend() for a layer whose value projection already yields V_c (B, T, R) (see
         folding.py): writes k and v_c as given (quantized as SPEC 3c says, like the op would),
         then restore-on-read attention over the first seqlens[b] + T positions."""
-        plan = self._check_new_tokens(layer_idx, q, k, v_c, self.v_rank, "v_c")
+        plan = self._check_new_tokens(layer_idx, q, k, v_c, self.v_rank, "v_c",
+                                      model_dtype=True)
         k_scale, vc_scale = self.k_scale[layer_idx], self.vc_scale[layer_idx]
         self._write_new_tokens(self.k_cache[layer_idx], k_scale, k, plan)
         self._write_new_tokens(self.vc_cache[layer_idx], vc_scale, v_c, plan)
@@ -452,7 +464,7 @@ class LatentKVCache(_CacheBase):
                "v_c": (v_c, (self.v_rank,))}
         if not self.joint:
             new["k_c"] = (k_c, (self.k_rank,))
-        plan = self._check_step(layer_idx, q, new)
+        plan = self._check_step(layer_idx, q, new, model_dtype=True)
         scales = self._layer_scales(layer_idx)
         self._write_new_tokens(self.krope_cache[layer_idx], scales["krope_scale"], k_rope, plan)
         if k_c is not None:
