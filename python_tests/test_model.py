@@ -336,3 +336,26 @@ def test_logits_match_transformers_gpt_neox(parallel):
     ids = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("head_dim,rotary_ndims", [(64, 16), (16, 16), (12, 5), (8, 0)])
+def test_apply_rotary_is_gpt_neox_bit_for_bit(dtype, head_dim, rotary_ndims):
+    # x * cos + rotate_half(x) * sin on the first rotary dims, as GPT-NeoX writes it (odd
+    # rotary_ndims: cos and sin cover the next even number, as in Hugging Face), values and
+    # gradients exactly.
+    from vdproj_ext.models import apply_rotary, rotary_cos_sin
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 4, head_dim) * 5).to(dtype).requires_grad_(dtype == torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(7).expand(3, 7) * 37, rotary_ndims, 10000.0)
+    rot = cos.shape[-1]
+    c, s = cos.to(dtype), sin.to(dtype)
+    x_rot = x[..., :rot]
+    half = rot // 2
+    turned = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    want = torch.cat((x_rot * c + turned * s, x[..., rot:]), dim=-1)
+    got = apply_rotary(x, cos, sin)
+    assert got.dtype == dtype and torch.equal(got, want)
+    if x.requires_grad:
+        g = torch.randn_like(want)
+        assert torch.equal(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])

@@ -54,9 +54,9 @@ def attend_latent_cache(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v
     """compressed_kv_attn_with_kvcache (causal, default softmax scale) for the cache objects of
     models/cache.py, which allocated the cache tensors themselves and checked the step's new
     tokens before calling. On the CPU kernels it calls the op straight away: the Python checks
-    and keyword handling cost about 20 us of a decode step's layer at batch 1 (a few percent of
-    a short-context step, bench/RESULTS.md), and the kernel runs every check again in C++,
-    with the same messages. Everywhere else it is the public function."""
+    and keyword handling cost a few percent of a short-context decode step at batch 1
+    (bench/RESULTS.md), and the kernel runs every check again in C++, with the same messages.
+    Everywhere else it is the public function."""
     if q.device.type == "cpu" and routing.latent_path(backend, q.device,
                                                       "ckv_kvcache_attention") == "kernel":
         return torch.ops.vdproj_ext.ckv_kvcache_attention(
