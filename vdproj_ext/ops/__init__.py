@@ -1,9 +1,10 @@
 """Ops layer: the public functional API (SPEC section 3) on top of the compiled kernels.
 
     attention.py   compressed_v_attention and its autograd.Function
-    kvcache.py     compressed_attn_with_kvcache
+    kvcache.py     compressed_attn_with_kvcache, and attend_values_cache: the caches' route to it
     latent_attention.py  compressed_kv_attention (latent keys, SPEC 3b) and its autograd.Function
-    latent_kvcache.py    compressed_kv_attn_with_kvcache (latent keys, SPEC 3b)
+    latent_kvcache.py    compressed_kv_attn_with_kvcache (latent keys, SPEC 3b), and
+                         attend_latent_cache: the caches' route to it
     linear.py      decode_linear (the row policy of decode-sized CPU linears)
     quant.py       quantized caches (SPEC 3c): storage dtypes, absmax quantize-on-write, scales
     checks.py      the input checks and their messages (the C++ checks use the same texts)
