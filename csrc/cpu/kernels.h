@@ -1378,7 +1378,10 @@ void attention_run(const AttnArgs& a) {
     // slower, and the V-only layout this way 0-5% slower than direct (same-process A/B,
     // 2026-12-03). On an AVX2-only EPYC the direct path was the faster one for float32 latent
     // keys, by 32% at (4, 4096) and 37% at (8, 16384) (same-process A/B, 2 threads; there the
-    // next-block L2 prefetch is still the best for bf16: without it 28-31% slower).
+    // next-block L2 prefetch is still the best for bf16: without it 28-31% slower). Measured
+    // again on a Zen 3 after the fused path began prefetching four keys ahead (2026-12-07):
+    // faster only for calls that stay in L3; in a model step the direct path is 2-5% faster
+    // from batch 4 on (bench/RESULTS.md).
     constexpr bool fused_float32_latent = kVBytes >= 64;
     if ((!std::is_same<T, A>::value || (kShared && fused_float32_latent)) &&
         all_stored_as(CacheKind::Model))
