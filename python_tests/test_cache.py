@@ -336,7 +336,7 @@ def test_cache_calls_equal_the_public_ops(layout, cache_dtype):
 
 @pytest.mark.parametrize("layout", ["values", "latent"])
 def test_cache_call_with_a_mismatched_layer_raises_and_writes_nothing(layout):
-    # Without the Python checks the kernel's own name the argument, before any write.
+    # Without the Python checks the kernel's own checks name the argument, before any write.
     b, tmax, h, d, dr, rk, rv = 2, 6, 2, 8, 2, 5, 7
     if layout == "values":
         cache = CompressedKVCache(1, b, tmax, h, d, rv)
