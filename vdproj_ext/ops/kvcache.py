@@ -54,7 +54,7 @@ def attend_values_cache(q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_se
     if q.device.type == "cpu" and resolve_backend(backend, q.device) == "ext":
         return torch.ops.vdproj_ext.kvcache_attention(
             q.contiguous(), k_cache, vc_cache, *_contiguous(w_r, b_r, k, v, w_c, b_c),
-            cache_seqlens, True, q.shape[-1] ** -0.5, k_scale, vc_scale)
+            cache_seqlens, True, checks.check_softmax_scale(None, q.shape[-1]), k_scale, vc_scale)
     return compressed_attn_with_kvcache(
         q, k_cache, vc_cache, w_r, b_r, k=k, v=v, w_c=w_c, b_c=b_c, cache_seqlens=cache_seqlens,
         causal=True, backend=backend, k_scale=k_scale, vc_scale=vc_scale)

@@ -5,6 +5,7 @@ import torch
 
 from . import aten_paths, checks, reference, routing
 from .backend import inference_only
+from .kvcache import _contiguous
 
 
 @inference_only
@@ -31,9 +32,8 @@ def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_
             w_c=w_c, b_c=b_c, cache_seqlens=cache_seqlens, causal=causal, softmax_scale=scale,
             krope_scale=krope_scale, kc_scale=kc_scale, vc_scale=vc_scale)
     # The caches are written in place, so they are passed as they are.
-    q, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c = (
-        t.contiguous() if t is not None else None
-        for t in (q, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c))
+    q, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c = _contiguous(q, w_kr, w_r, b_r, k, v, w_kc,
+                                                                 b_kc, w_c, b_c)
     if path == "kernel" and q.device.type == "cuda" and routing.ckv_kvcache_uses_batched_aten(
             q, krope_cache, kc_cache, vc_cache, w_r, k, v, w_kc, w_c):
         path = "aten"
@@ -60,18 +60,13 @@ def attend_latent_cache(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v
     if q.device.type == "cpu" and routing.latent_path(backend, q.device,
                                                       "ckv_kvcache_attention") == "kernel":
         return torch.ops.vdproj_ext.ckv_kvcache_attention(
-            q.contiguous(), krope_cache, kc_cache, vc_cache, w_kr.contiguous(), w_r.contiguous(),
-            _contiguous(b_r), _contiguous(k), _contiguous(v), _contiguous(w_kc), _contiguous(b_kc),
-            _contiguous(w_c), _contiguous(b_c), cache_seqlens, True, q.shape[-1] ** -0.5,
-            krope_scale, kc_scale, vc_scale)
+            q.contiguous(), krope_cache, kc_cache, vc_cache,
+            *_contiguous(w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c), cache_seqlens, True,
+            checks.check_softmax_scale(None, q.shape[-1]), krope_scale, kc_scale, vc_scale)
     return compressed_kv_attn_with_kvcache(
         q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k=k, v=v, w_kc=w_kc, b_kc=b_kc,
         w_c=w_c, b_c=b_c, cache_seqlens=cache_seqlens, causal=True, backend=backend,
         krope_scale=krope_scale, kc_scale=kc_scale, vc_scale=vc_scale)
-
-
-def _contiguous(t):
-    return None if t is None else t.contiguous()
 
 
 def _check_for_python_path(q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc,
