@@ -89,7 +89,10 @@ template <> struct HSum<double, 64> {
 #endif
 template <typename A> inline A hsum(vec_t<A> v) { return HSum<A, kVBytes>::run(v); }
 
-// Software prefetch of [p, p + bytes) into L1 (prefetcht0) or L2 (prefetcht2). On x86-64 an
+// Software prefetch of [p, p + bytes) into L1 (prefetcht0) or L2 (prefetcht2). L2 is only the
+// hint: AMD documents it as honoured from Zen 4 on, and on this project's Zen 3 every hint
+// filled L1 (bench/prefetch_levels.c: ~4 ticks a load after prefetcht2 as after prefetcht0,
+// against ~10 from L2), so there a far prefetch_l2 also takes L1's room. On x86-64 an
 // asm volatile: GCC can judge a function made only of __builtin_prefetch calls free of side
 // effects and delete its calls, and did so silently (the next-block key prefetches of the V-only
 // kernel never ran; adding them back as prefetcht0 made a V-only step ~6% slower).
