@@ -416,6 +416,22 @@ def test_mixed_layouts(layout, model_dtype, case, backend):
         check_written_rows(a, before)
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale_name, rope_dim", [
+    ("k_scale", None), ("vc_scale", None),
+    ("krope_scale", 16), ("kc_scale", 16), ("vc_scale", 16)])
+def test_nan_scale_inside_the_prefix_is_data(scale_name, rope_dim, backend):
+    """A scale is cache data, as the stored values are: a NaN one at a position the attention
+    reads makes that sequence's output NaN, as float math on the dequantized row does, and
+    leaves the other sequences' outputs exactly as they were (the NaN tails never count)."""
+    a = make_args(uniform_storage(torch.int8), torch.float32, "read", rope_dim)
+    clean = call(a, backend)
+    a[scale_name][0, 2] = float("nan")  # sequence 0 holds 6 rows; both its queries see row 2
+    out = call(a, backend)
+    assert out[0].isnan().any()
+    assert torch.equal(out[1:], clean[1:])
+
 # ---------------------------------------------------------------------------------------------
 # 4. Bad input: the same message from the Python checks (reference) and the C++ checks (ext),
 # naming the argument, and nothing written

@@ -17,7 +17,8 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
                                  softmax_scale=None, backend="auto", k_scale=None, vc_scale=None):
     """Compress-on-write of (k, v) into the cache, then restore-on-read attention (SPEC 3).
     A quantized cache (int8 or float8_e4m3fn) comes with its float32 scales, k_scale (B, Tmax,
-    H) and vc_scale (B, Tmax): new rows are quantized as they are written (SPEC 3c)."""
+    H) and vc_scale (B, Tmax): new rows are quantized as they are written (SPEC 3c). Scales are
+    cache data, as compressed_kv_attn_with_kvcache says: never read past a sequence's length."""
     args = (q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, k_scale, vc_scale)
     checks.check_kvcache_ranks_and_devices(*args)
     checks.check_flag("causal", causal)

@@ -18,7 +18,9 @@ def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_
     latents, or the joint latent when kc_cache is None), then attention over each sequence's
     valid prefix with the key restore absorbed into the query and restore-on-read (SPEC 3b).
     Quantized caches (int8 or float8_e4m3fn) come with their float32 scales: krope_scale
-    (B, Tmax, H), kc_scale and vc_scale (B, Tmax) (SPEC 3c)."""
+    (B, Tmax, H), kc_scale and vc_scale (B, Tmax) (SPEC 3c). Scales are cache data, like the
+    stored values: those past a sequence's length are never read (NaN there is harmless), and
+    one inside it gives what float math on the dequantized row gives (NaN for a NaN scale)."""
     args = (q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c,
             cache_seqlens, krope_scale, kc_scale, vc_scale)
     checks.check_latent_kvcache_ranks_and_devices(*args)
