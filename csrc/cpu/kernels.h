@@ -111,6 +111,19 @@ template <bool kToL2> inline void prefetch_lines(const void* p, int64_t bytes) {
 }
 inline void prefetch_l1(const void* p, int64_t bytes) { prefetch_lines<false>(p, bytes); }
 inline void prefetch_l2(const void* p, int64_t bytes) { prefetch_lines<true>(p, bytes); }
+// One line into L2 (prefetcht2) with its address in a register and no memory operand, for
+// loops that keep accumulators in registers. With prefetch_lines' "m" operand, GCC 12 stored
+// all twelve of linear_tile's accumulators to the stack on every iteration, as if the asm could
+// read them. That made decode_linear 1.2-1.7x slower at 4 and 8 rows (bench/RESULTS.md,
+// 2026-12-07). The attention loops keep prefetch_lines: their prefetches sit outside the
+// functions that accumulate, and this form measured no faster there.
+inline void prefetch_l2_line(const void* p) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  asm volatile("prefetcht2 (%0)" : : "r"(p));
+#else
+  __builtin_prefetch(p, 0, 1);
+#endif
+}
 
 template <typename A> inline A dot(const A* a, const A* b, int64_t n) {
   constexpr int N = VecT<A>::N;
@@ -1974,7 +1987,8 @@ inline void linear_row_pair8(const A* x, int64_t xs, const A* w0, int64_t K, con
 // How it is written matters to GCC 12 (checked in the disassembly): a run-time branch in the
 // loop kept every accumulator on the stack, and a single [WR][XR] array read by the sums'
 // loop below had each accumulator stored to the stack every iteration; one array per weight
-// row, copied out before the sums, stays in registers.
+// row, copied out before the sums, stays in registers, as long as the loop's prefetch has no
+// memory operand (prefetch_l2_line).
 template <typename A, int WR, int XR, bool kPrefetch>
 inline void linear_tile(const A* x, int64_t xs, const A* w0, int64_t K, const char* pf, A* out,
                         int64_t ldo) {
@@ -1989,7 +2003,7 @@ inline void linear_tile(const A* x, int64_t xs, const A* w0, int64_t K, const ch
   for (; k + N <= K; k += N) {
     if constexpr (kPrefetch)
       for (int64_t o = 0; o < kRowStep; o += 64)
-        prefetch_l2(pf + WR * k * int64_t(sizeof(A)) + o, 1);
+        prefetch_l2_line(pf + WR * k * int64_t(sizeof(A)) + o);
     const vec_t<A> v0 = vload(w0 + k);
     vec_t<A> v1{}, v2{};
     if constexpr (WR > 1) v1 = vload(w1 + k);
@@ -2002,7 +2016,8 @@ inline void linear_tile(const A* x, int64_t xs, const A* w0, int64_t K, const ch
     }
   }
   if constexpr (kPrefetch)
-    prefetch_l2(pf + WR * k * int64_t(sizeof(A)), WR * (K - k) * int64_t(sizeof(A)));
+    for (int64_t o = WR * k * int64_t(sizeof(A)); o < WR * K * int64_t(sizeof(A)); o += 64)
+      prefetch_l2_line(pf + o);
   vec_t<A> sums[WR * XR];
   for (int m = 0; m < XR; ++m) {
     sums[m] = a0[m];
