@@ -416,7 +416,6 @@ def test_mixed_layouts(layout, model_dtype, case, backend):
         check_written_rows(a, before)
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scale_name, rope_dim", [
     ("k_scale", None), ("vc_scale", None),
@@ -431,6 +430,7 @@ def test_nan_scale_inside_the_prefix_is_data(scale_name, rope_dim, backend):
     out = call(a, backend)
     assert out[0].isnan().any()
     assert torch.equal(out[1:], clean[1:])
+
 
 # ---------------------------------------------------------------------------------------------
 # 4. Bad input: the same message from the Python checks (reference) and the C++ checks (ext),

@@ -114,7 +114,7 @@ inline void prefetch_l2(const void* p, int64_t bytes) { prefetch_lines<true>(p, 
 // One line into L2 (prefetcht2) with its address in a register and no memory operand, for
 // loops that keep accumulators in registers. With prefetch_lines' "m" operand, GCC 12 stored
 // all twelve of linear_tile's accumulators to the stack on every iteration, as if the asm could
-// read them. That made decode_linear 1.2-1.7x slower at 4 and 8 rows (bench/RESULTS.md,
+// read them. That made decode_linear 1.1-1.7x slower at 4 and 8 rows (bench/RESULTS.md,
 // 2026-12-07). The attention loops keep prefetch_lines: their prefetches sit outside the
 // functions that accumulate, and this form measured no faster there.
 inline void prefetch_l2_line(const void* p) {
