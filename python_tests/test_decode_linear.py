@@ -30,11 +30,12 @@ def reference(x, w, b):
 
 # rows 1..17 cover every row-block template (1-8), the split into blocks of 8 and the
 # two-weight-rows path (blocks of 8, N odd for a last single row); with AVX2, every tile of
-# 1-3 weight rows (N mod 3 of 0, 1 and 2) by 1-4 x rows (M mod 4 of 0-3). K covers tails
-# shorter than one vector, between vectors and past the unrolled loop, and x rows larger than
-# L1.
+# 1-3 weight rows (N mod 3 of 0, 1 and 2) by 1-4 x rows (M mod 4 of 0-3), and its one-pass
+# tile of one weight row by 5-8 x rows of at most 16 KiB (M of 5-8 here, but 8 x 1601). K covers
+# tails shorter than one vector, between vectors and past the unrolled loop, and x rows larger
+# than L1.
 SHAPES = [((1,), 1, 1), ((3,), 17, 5), ((2, 4), 33, 77), ((13,), 200, 130), ((16,), 64, 512),
-          ((17,), 9, 31), ((8,), 515, 48), ((1, 5), 1000, 96), ((7,), 3, 300),
+          ((17,), 9, 31), ((8,), 515, 48), ((1, 5), 1000, 96), ((7,), 3, 300), ((6,), 31, 130),
           ((8,), 21, 37), ((2, 8), 11, 1601)]
 
 
@@ -62,7 +63,8 @@ def test_kernel_many_threads_and_large_rows():
 @pytest.mark.skipif("VDPROJ_CPU_ISA" in os.environ, reason="already under a chosen build")
 def test_kernel_in_lower_instruction_set_builds(isa):
     """The float64 checks above again under a lower build (VDPROJ_CPU_ISA), in a subprocess:
-    each build has its own row blocks (AVX2 tiles of 3 x 4; pairs against 8 x rows else)."""
+    each build has its own row blocks (AVX2 tiles of 3 x 4 or 1 x 5-8; pairs against 8 x rows
+    else)."""
     out = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                       os.path.abspath(__file__), "-k", "kernel_matches or many_threads"],
                      timeout=600, VDPROJ_CPU_ISA=isa)

@@ -2075,6 +2075,19 @@ inline void linear_row_any(int64_t mb, const A* x, const A* wrow, int64_t K, con
   }
 }
 
+// One weight row against xr = 5..8 x rows (static switch): AVX2's tile for 5 to 8 x rows whose
+// block fits in L1 (linear_impl).
+template <typename A>
+inline void linear_row_tile(int64_t xr, const A* x, int64_t xs, const A* w0, int64_t K,
+                            const char* pf, A* out) {
+  switch (xr) {
+    case 5: linear_tile<A, 1, 5, true>(x, xs, w0, K, pf, out, 1); break;
+    case 6: linear_tile<A, 1, 6, true>(x, xs, w0, K, pf, out, 1); break;
+    case 7: linear_tile<A, 1, 7, true>(x, xs, w0, K, pf, out, 1); break;
+    default: linear_tile<A, 1, 8, true>(x, xs, w0, K, pf, out, 1); break;
+  }
+}
+
 // Weight rows and x rows per pass of linear_impl. AVX2 (16 registers): linear_tile's 3 x 4,
 // which measured 1.01-1.17x the pairs of rows against 8 x rows at 8 rows, 1.17-1.37x at 16 and
 // 1.22-1.44x at 4 (bench/RESULTS.md, 2026-12-07). AVX-512 keeps the pairs, whose 16
@@ -2119,8 +2132,24 @@ void linear_impl(const LinearArgs& a) {
       1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
   const int64_t grain = (N + nth - 1) / nth;
   constexpr int64_t WR = kLinearWeightRows, XR = kLinearXRows;
+  // AVX2 with 5 to 8 x rows of at most 16 KiB (K <= 512 in float32): one pass, one weight row
+  // against all of them (8 accumulators), rather than two passes of 3 x 4 tiles, the second
+  // re-reading the rows. 1.14-1.35x at 8 rows (the LM head, QKV, h_to_4h), but 0.67x at
+  // K = 2048, where 8 x rows outgrow L1 and each multiply-add's x vector comes from L2
+  // (bench/RESULTS.md, 2026-12-07).
+  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 &&
+                        M * K * int64_t(sizeof(A)) <= (int64_t{16} << 10);
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out[WR * XR];
+    if (one_pass) {
+      A row_out[8];
+      for (int64_t n = n0; n < n1; ++n) {
+        const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - 1) * K);
+        linear_row_tile<A>(M, x, K, w + n * K, K, pf, row_out);
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] = row_out[m] + (bias ? bias[n] : A(0));
+      }
+      return;
+    }
     // WR rows at a time against every block of (up to) XR x rows. Only the first block's pass
     // prefetches (the rows `ahead` further on); later passes find these rows in L1.
     for (int64_t n = n0; n < n1; n += WR) {
