@@ -432,6 +432,25 @@ def test_nan_scale_inside_the_prefix_is_data(scale_name, rope_dim, backend):
     assert torch.equal(out[1:], clean[1:])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_infinite_latent_key_scale_gives_the_float_math(value, backend):
+    """The kernels multiply a finite K_c scale into the finished partial sums rather than into
+    each value. An infinite one must still give the float math on the dequantized row: here
+    its products are +inf and -inf, so the score is NaN. Applied late, the scale would meet
+    partial sums that are all positive (AVX2's 8 lanes), and -inf would mask the key, giving a
+    finite output."""
+    a = make_args(uniform_storage(torch.int8), torch.float32, "read", 16, k_rank=16)
+    a["q"] = a["q"].abs() + 0.5  # absorbed queries all positive, of similar sizes
+    a["w_kr"] = a["w_kr"].abs() + 0.5
+    a["kc_cache"][0, 2] = torch.tensor([100] * 8 + [-1] * 8, dtype=torch.int8)
+    a["kc_scale"][0, 2] = value
+    out = call(a, backend)
+    assert out[0].isnan().all()
+    clean = make_args(uniform_storage(torch.int8), torch.float32, "read", 16, k_rank=16)
+    assert torch.equal(out[1:], call(replace_args(a, kc_scale=clean["kc_scale"]), backend)[1:])
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Bad input: the same message from the Python checks (reference) and the C++ checks (ext),
 # naming the argument, and nothing written
