@@ -895,8 +895,9 @@ inline void pair_chunk_fma(vec_t<A>& acc0, vec_t<A>& acc1, const A* q, vec_t<A> 
 // segments first, unscaled, and each key's scale then multiplies the RB accumulators once,
 // rather than every vector loaded (with four heads a group, AVX2 loads each shared vector
 // twice a key). int8 decode steps 1-5% faster at (8, 16384), 3-14% at (8, 2048) and (4, 4096)
-// (AVX2, same-process A/B, 2026-12-07, bench/RESULTS.md). A non-finite scale keeps the product per element, so that a NaN or an
-// infinity gives what the float math on the dequantized row gives.
+// (AVX2, same-process A/B, 2026-12-07, bench/RESULTS.md). A non-finite scale keeps the
+// product per element, so that a NaN or an infinity gives what the float math on the
+// dequantized row gives.
 template <typename A, int RB, typename L, int kDk = -1, bool kLateSharedScale = false>
 __attribute__((always_inline)) inline void key_scores_rows_pair(
     const A* q, int64_t ldq, const typename L::E* k0, const typename L::E* k1, int64_t ksh,
