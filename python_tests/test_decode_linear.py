@@ -33,10 +33,11 @@ def reference(x, w, b):
 # 1-3 weight rows (N mod 3 of 0, 1 and 2) by 1-4 x rows (M mod 4 of 0-3), and its one-pass
 # tile of one weight row by 5-8 x rows of at most 16 KiB (M of 5-8 here, but 8 x 1601). K covers
 # tails shorter than one vector, between vectors and past the unrolled loop, and x rows larger
-# than L1.
+# than L1. With AVX-512, blocks of 8 x rows load each x vector once into a register while the
+# x rows fit in 16 KiB, and fold it into the multiply-adds past that (8 x 700, 16 x 512).
 SHAPES = [((1,), 1, 1), ((3,), 17, 5), ((2, 4), 33, 77), ((13,), 200, 130), ((16,), 64, 512),
           ((17,), 9, 31), ((8,), 515, 48), ((1, 5), 1000, 96), ((7,), 3, 300), ((6,), 31, 130),
-          ((8,), 21, 37), ((2, 8), 11, 1601)]
+          ((8,), 21, 37), ((2, 8), 11, 1601), ((8,), 13, 700)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

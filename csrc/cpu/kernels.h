@@ -1992,19 +1992,27 @@ inline void linear_row(const A* x, int64_t xs, const A* wrow, int64_t K, const c
 // Two adjacent weight rows against 8 x rows: each x vector loaded serves both rows, which halves
 // the x traffic (from L1, or from L2 once 8 x rows outgrow L1: K > 1536 in float32); 5-10%
 // faster than one row at a time (bench/RESULTS.md). pf walks the two rows `ahead` further on.
-template <typename A>
-inline void linear_row_pair8(const A* x, int64_t xs, const A* w0, int64_t K, const char* pf,
-                             A* out0, A* out1) {
+// kXInRegister: each x vector is loaded into a register once for both rows (in_register), where
+// GCC would fold the load into both multiply-adds: 10 loads per 16 multiply-adds rather than 18.
+// Zen 4 issues one 64-byte load a cycle, so 1.08-1.14x while the x rows stay in L1, but
+// 0.80-0.89x once they outgrow it (K = 2048, or 16 rows), where the folded loads stay
+// (bench/RESULTS.md, 2026-12-07, Zen 4).
+template <typename A, bool kXInRegister>
+__attribute__((always_inline)) inline void linear_row_pair8(const A* x, int64_t xs,
+                                                            const A* w0, int64_t K,
+                                                            const char* pf, A* out0, A* out1) {
   constexpr int N = VecT<A>::N;
   const A* w1 = w0 + K;
-  vec_t<A> a0[8] = {}, a1[8] = {};
+  vec_t<A> a0[8], a1[8];
+  for (int m = 0; m < 8; ++m) a0[m] = a1[m] = vec_t<A>{};
   int64_t k = 0;
   for (; k + N <= K; k += N) {
     for (int64_t o = 0; o < 2 * kVBytes; o += 64)
       __builtin_prefetch(pf + 2 * k * sizeof(A) + o, 0, 1);
     const vec_t<A> v0 = vload(w0 + k), v1 = vload(w1 + k);
     for (int m = 0; m < 8; ++m) {
-      const vec_t<A> xv = vload(x + m * xs + k);
+      vec_t<A> xv = vload(x + m * xs + k);
+      if constexpr (kXInRegister) xv = in_register(xv);
       a0[m] += v0 * xv;
       a1[m] += v1 * xv;
     }
@@ -2142,14 +2150,17 @@ constexpr int64_t kLinearXRows = kVBytes == 32 ? 4 : 8;
 // out[r * kLinearXRows + m]. pf null: the rows are already in L1, nothing to prefetch.
 template <typename A>
 inline void linear_block(int64_t wr, int64_t xr, const A* x, const A* w0, int64_t K,
-                         const char* pf, A* out) {
+                         const char* pf, A* out, bool x_in_l1) {
   constexpr int64_t XR = kLinearXRows;
   if constexpr (kVBytes == 32) {
     linear_tile_any<A>(wr, xr, x, K, w0, K, pf, out, XR);
   } else {
     const char* p = pf != nullptr ? pf : reinterpret_cast<const char*>(w0);
     if (wr == 2 && xr == XR) {
-      linear_row_pair8<A>(x, K, w0, K, p, out, out + XR);
+      if (x_in_l1)
+        linear_row_pair8<A, true>(x, K, w0, K, p, out, out + XR);
+      else
+        linear_row_pair8<A, false>(x, K, w0, K, p, out, out + XR);
     } else {
       linear_row_any<A>(xr, x, w0, K, p, out);
       if (wr == 2) linear_row_any<A>(xr, x, w0 + K, K, p + K * sizeof(A), out + XR);
@@ -2180,8 +2191,8 @@ void linear_impl(const LinearArgs& a) {
   // re-reading the rows. 1.14-1.35x at 8 rows (the LM head, QKV, h_to_4h), but 0.67x at
   // K = 2048, where 8 x rows outgrow L1 and each multiply-add's x vector comes from L2
   // (bench/RESULTS.md, 2026-12-07).
-  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 &&
-                        M * K * int64_t(sizeof(A)) <= (int64_t{16} << 10);
+  const bool x_in_l1 = M * K * int64_t(sizeof(A)) <= (int64_t{16} << 10);
+  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && x_in_l1;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out[WR * XR];
     if (one_pass) {
@@ -2201,7 +2212,7 @@ void linear_impl(const LinearArgs& a) {
       const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
       for (int64_t m0 = 0; m0 < M; m0 += XR) {
         const int64_t xr = std::min(XR, M - m0);
-        linear_block<A>(wr, xr, x + m0 * K, w0, K, m0 == 0 ? pf : nullptr, out);
+        linear_block<A>(wr, xr, x + m0 * K, w0, K, m0 == 0 ? pf : nullptr, out, x_in_l1);
         for (int64_t r = 0; r < wr; ++r)
           for (int64_t m = 0; m < xr; ++m)
             y[(m0 + m) * N + n + r] = out[r * XR + m] + (bias ? bias[n + r] : A(0));
