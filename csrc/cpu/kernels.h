@@ -2001,8 +2001,8 @@ inline void linear_row(const A* x, int64_t xs, const A* wrow, int64_t K, const c
 // faster than one row at a time (bench/RESULTS.md). pf walks the two rows `ahead` further on.
 // kXInRegister: each x vector is loaded into a register once for both rows (in_register), where
 // GCC would fold the load into both multiply-adds: 10 loads per 16 multiply-adds rather than 18.
-// Zen 4 issues one 64-byte load a cycle, so 1.08-1.14x while the x rows stay in L1, but
-// 0.80-0.89x once they outgrow it (K = 2048, or 16 rows), where the folded loads stay
+// Zen 4 issues one 64-byte load a cycle, so 1.07-1.19x while the x rows stay in L1, but
+// 0.82-0.97x once they outgrow it (K = 2048, or 16 rows), where the folded loads stay
 // (bench/RESULTS.md, 2026-12-07, Zen 4).
 template <typename A, bool kXInRegister>
 __attribute__((always_inline)) inline void linear_row_pair8(const A* x, int64_t xs,
