@@ -697,6 +697,29 @@ def test_direct_op_calls_check_their_inputs():
     assert_nothing_written(c, before)
 
 
+@needs_decode_kernel
+def test_cpu_decode_call_leaves_its_checks_to_the_kernel(monkeypatch):
+    """A well-formed CPU call of the public decode op goes to the kernel without the Python
+    checks (routing.cpu_kernel_takes; the bad-input tests above show the C++ checks say the
+    same); a call with an argument that is not a CPU tensor keeps them."""
+    from vdproj_ext.ops import checks
+    seen = []
+    real = checks.check_latent_kvcache_ranks_and_devices
+    monkeypatch.setattr(checks, "check_latent_kvcache_ranks_and_devices",
+                        lambda *a: (seen.append(1), real(*a)))
+    a = cache_args()
+    fast = call_cache(a, backend="ext")
+    assert seen == []
+    b = cache_args()
+    b["b_r"] = b["b_r"].to("meta")
+    with pytest.raises(ValueError, match="b_r must be on cpu"):
+        call_cache(b, backend="ext")
+    assert seen == [1]
+    checked = call_cache(cache_args(), backend="reference")
+    assert seen == [1, 1]
+    torch.testing.assert_close(fast, checked, rtol=1e-5, atol=1e-5)
+
+
 # =================================================================================================
 # torch.library registration and torch.compile
 

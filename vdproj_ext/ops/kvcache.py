@@ -20,6 +20,13 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
     H) and vc_scale (B, Tmax): new rows are quantized as they are written (SPEC 3c). Scales are
     cache data, as compressed_kv_attn_with_kvcache says: never read past a sequence's length."""
     args = (q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, k_scale, vc_scale)
+    if routing.cpu_kernel_takes("kvcache_attention", backend,
+                                (q, k_cache, vc_cache, w_r, cache_seqlens),
+                                (b_r, k, v, w_c, b_c, k_scale, vc_scale)):
+        # The kernel checks the rest (a q that is not 4-D before its scale is used).
+        checks.check_flag("causal", causal)
+        scale = checks.check_softmax_scale(softmax_scale, q.shape[-1] if q.dim() == 4 else 1)
+        return torch.ops.vdproj_ext.kvcache_attention(*args[:10], causal, scale, *args[10:])
     checks.check_kvcache_ranks_and_devices(*args)
     checks.check_flag("causal", causal)
     scale = checks.check_softmax_scale(softmax_scale, q.shape[-1])

@@ -9,14 +9,21 @@
 What the kernels accept (dtypes, head_dim, rank, alignment, shared memory on this device) is
 the extension's to say: cuda_kernel_support in csrc/cuda. Nothing here repeats those limits.
 
+On the CPU the decode ops call their kernel without the Python checks when every argument is a
+CPU tensor (cpu_kernel_takes): the kernel runs the same checks in C++.
+
 The latent-key ops (SPEC 3b) pick between their kernels, the ATen paths and the reference with
 latent_path (below), on every device; on CUDA the kernels run when the extension says they take
 the inputs (ckv_uses_restore_keys_then_sdpa, ckv_kvcache_uses_batched_aten), as above.
 """
 from __future__ import annotations
 
+import torch
+
 from .. import bindings
 from .backend import has_kernel, resolve_backend
+
+_CPU = torch.device("cpu")
 
 # The absorbed kernel spends 2*(D+R) CUDA-core flops per (query, key, head); restore-then-SDPA
 # spends 4*D tensor-core flops plus one (Tk x R x H*D) GEMM, so it wins once Tq*Tk is large.
@@ -78,6 +85,26 @@ def _key_rank(key_latent) -> int:
 
 
 _latent_paths: dict = {}
+
+
+def cpu_kernel_takes(op, backend, required, optional) -> bool:
+    """Whether a decode op (`op`, one of the kvcache ops) calls its CPU kernel straight away:
+    every required argument a CPU tensor, every optional one None or a CPU tensor, and the
+    kernel built and chosen by `backend`. The CPU kernels check ranks, devices, dtypes,
+    shapes, strides and lengths in C++ (csrc/common/checks.h), in the order and with the
+    messages of checks.py, before writing anything; so such a call skips the Python checks:
+    12-15 us a call with the interpreter's and torch's paths out of cache (as between a
+    model's layers), 3-4 us with them in cache, 6-10% of a batch-1 step at context 256
+    (bench/RESULTS.md). Anything else takes the checked path, which reports it."""
+    for t in required:
+        if not isinstance(t, torch.Tensor) or not t.is_cpu:
+            return False
+    for t in optional:
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_cpu):
+            return False
+    if op == "ckv_kvcache_attention":
+        return latent_path(backend, _CPU, op) == "kernel"
+    return resolve_backend(backend, _CPU) == "ext"
 
 
 def latent_path(backend, device, op) -> str:
