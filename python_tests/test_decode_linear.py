@@ -34,10 +34,12 @@ def reference(x, w, b):
 # tile of one weight row by 5-8 x rows of at most 16 KiB (M of 5-8 here, but 8 x 1601). K covers
 # tails shorter than one vector, between vectors and past the unrolled loop, and x rows larger
 # than L1. With AVX-512, blocks of 8 x rows load each x vector once into a register while the
-# x rows fit in 16 KiB, and fold it into the multiply-adds past that (8 x 700, 16 x 512).
+# x rows fit in 16 KiB, and fold it into the multiply-adds past that (8 x 700, 16 x 1601); more
+# than 8 x rows take their passes over blocks of 128 KiB of weight rows (12 x 256: two whole
+# blocks of 128 rows and a last one of 45, odd).
 SHAPES = [((1,), 1, 1), ((3,), 17, 5), ((2, 4), 33, 77), ((13,), 200, 130), ((16,), 64, 512),
           ((17,), 9, 31), ((8,), 515, 48), ((1, 5), 1000, 96), ((7,), 3, 300), ((6,), 31, 130),
-          ((8,), 21, 37), ((2, 8), 11, 1601), ((8,), 13, 700)]
+          ((8,), 21, 37), ((2, 8), 11, 1601), ((8,), 13, 700), ((12,), 301, 256)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -55,9 +57,10 @@ def test_kernel_matches_float64(dtype, lead, n, k, with_bias):
 def test_kernel_many_threads_and_large_rows():
     """Large enough to run on every thread: each thread's range of weight rows and its
     prefetch clamp at the range end."""
-    x = torch.randn(8, 512)
     w = torch.randn(4099, 512)
-    assert rel_error(op()(x, w, None), reference(x, w, None)) < TOLERANCES[torch.float32]
+    for rows in (8, 16):
+        x = torch.randn(rows, 512)
+        assert rel_error(op()(x, w, None), reference(x, w, None)) < TOLERANCES[torch.float32]
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])

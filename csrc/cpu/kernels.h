@@ -2002,8 +2002,9 @@ inline void linear_row(const A* x, int64_t xs, const A* wrow, int64_t K, const c
 // kXInRegister: each x vector is loaded into a register once for both rows (in_register), where
 // GCC would fold the load into both multiply-adds: 10 loads per 16 multiply-adds rather than 18.
 // Zen 4 issues one 64-byte load a cycle, so 1.07-1.19x while the x rows stay in L1, but
-// 0.82-0.97x once they outgrow it (K = 2048, or 16 rows), where the folded loads stay
-// (bench/RESULTS.md, 2026-12-07, Zen 4).
+// 0.82-0.97x once they outgrow it (K = 2048, or two passes of 8 rows per pair, which
+// linear_impl no longer makes), where the folded loads stay (bench/RESULTS.md, 2026-12-07,
+// Zen 4).
 template <typename A, bool kXInRegister>
 __attribute__((always_inline)) inline void linear_row_pair8(const A* x, int64_t xs,
                                                             const A* w0, int64_t K,
@@ -2198,8 +2199,17 @@ void linear_impl(const LinearArgs& a) {
   // re-reading the rows. 1.14-1.35x at 8 rows (the LM head, QKV, h_to_4h), but 0.67x at
   // K = 2048, where 8 x rows outgrow L1 and each multiply-add's x vector comes from L2
   // (bench/RESULTS.md, 2026-12-07).
-  const bool x_in_l1 = M * K * int64_t(sizeof(A)) <= (int64_t{16} << 10);
-  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && x_in_l1;
+  const auto in_l1 = [&](int64_t rows) { return rows * K * int64_t(sizeof(A)) <= (16 << 10); };
+  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && in_l1(M);
+  // AVX-512 with more x rows than a pass takes (9 to 16): the passes go over blocks of weight
+  // rows (128 KiB, which stay in L2), not over each pair of rows, so each pass keeps its own 8
+  // x rows in L1 (16 KiB at K = 512) where alternating passes had all 16 (32 KiB) compete for
+  // it. With the weights cold, 2 threads: 1.22-1.35x at 16 rows and 1.07-1.13x at 10 and 12
+  // for the K = 512 layers (LM head, QKV, h_to_4h, dense), 0.97-1.04x at K = 2048; 64 and
+  // 256 KiB blocks measured alike (Zen 4, bench/RESULTS.md, 2026-12-07).
+  const int64_t block_rows =
+      kVBytes == 64 && M > XR ? std::max<int64_t>(WR, (int64_t{128} << 10) / row_bytes / WR * WR)
+                              : WR;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out[WR * XR];
     if (one_pass) {
@@ -2211,18 +2221,23 @@ void linear_impl(const LinearArgs& a) {
       }
       return;
     }
-    // WR rows at a time against every block of (up to) XR x rows. Only the first block's pass
-    // prefetches (the rows `ahead` further on); later passes find these rows in L1.
-    for (int64_t n = n0; n < n1; n += WR) {
-      const int64_t wr = std::min(WR, n1 - n);
-      const A* w0 = w + n * K;
-      const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
+    // WR rows at a time against every block of (up to) XR x rows, in passes over blocks of
+    // block_rows weight rows. Only the first pass prefetches (the rows `ahead` further on);
+    // later passes find the block's rows in L1 (one pair a block) or L2.
+    for (int64_t nb = n0; nb < n1; nb += block_rows) {
+      const int64_t nb1 = std::min(n1, nb + block_rows);
       for (int64_t m0 = 0; m0 < M; m0 += XR) {
         const int64_t xr = std::min(XR, M - m0);
-        linear_block<A>(wr, xr, x + m0 * K, w0, K, m0 == 0 ? pf : nullptr, out, x_in_l1);
-        for (int64_t r = 0; r < wr; ++r)
-          for (int64_t m = 0; m < xr; ++m)
-            y[(m0 + m) * N + n + r] = out[r * XR + m] + (bias ? bias[n + r] : A(0));
+        const bool x_in_l1 = in_l1(xr);
+        for (int64_t n = nb; n < nb1; n += WR) {
+          const int64_t wr = std::min(WR, nb1 - n);
+          const A* w0 = w + n * K;
+          const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
+          linear_block<A>(wr, xr, x + m0 * K, w0, K, m0 == 0 ? pf : nullptr, out, x_in_l1);
+          for (int64_t r = 0; r < wr; ++r)
+            for (int64_t m = 0; m < xr; ++m)
+              y[(m0 + m) * N + n + r] = out[r * XR + m] + (bias ? bias[n + r] : A(0));
+        }
       }
     }
   });
