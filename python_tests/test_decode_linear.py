@@ -36,10 +36,12 @@ def reference(x, w, b):
 # than L1. With AVX-512, blocks of 8 x rows load each x vector once into a register while the
 # x rows fit in 16 KiB, and fold it into the multiply-adds past that (8 x 700, 16 x 1601); more
 # than 8 x rows take their passes over blocks of 128 KiB of weight rows (12 x 256: two whole
-# blocks of 128 rows and a last one of 45, odd).
+# blocks of 128 rows and a last one of 45, odd), and 4-7 x rows past 16 KiB take K in chunks
+# that fit it (5 x 2053: chunks of 816, 816 and 421 float32, blocks of 14, 14 and 9 rows).
 SHAPES = [((1,), 1, 1), ((3,), 17, 5), ((2, 4), 33, 77), ((13,), 200, 130), ((16,), 64, 512),
           ((17,), 9, 31), ((8,), 515, 48), ((1, 5), 1000, 96), ((7,), 3, 300), ((6,), 31, 130),
-          ((8,), 21, 37), ((2, 8), 11, 1601), ((8,), 13, 700), ((12,), 301, 256)]
+          ((8,), 21, 37), ((2, 8), 11, 1601), ((8,), 13, 700), ((12,), 301, 256),
+          ((5,), 37, 2053)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

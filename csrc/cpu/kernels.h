@@ -2007,10 +2007,10 @@ inline void linear_row(const A* x, int64_t xs, const A* wrow, int64_t K, const c
 // Zen 4).
 template <typename A, bool kXInRegister>
 __attribute__((always_inline)) inline void linear_row_pair8(const A* x, int64_t xs,
-                                                            const A* w0, int64_t K,
+                                                            const A* w0, int64_t ws, int64_t K,
                                                             const char* pf, A* out0, A* out1) {
   constexpr int N = VecT<A>::N;
-  const A* w1 = w0 + K;
+  const A* w1 = w0 + ws;
   vec_t<A> a0[8], a1[8];
   for (int m = 0; m < 8; ++m) a0[m] = a1[m] = vec_t<A>{};
   int64_t k = 0;
@@ -2120,17 +2120,17 @@ inline void linear_tile_any(int64_t wr, int64_t xr, const A* x, int64_t xs, cons
 
 // One weight row against mb <= 8 x rows (mb chooses the template).
 template <typename A>
-inline void linear_row_any(int64_t mb, const A* x, const A* wrow, int64_t K, const char* pf,
-                           A* out) {
+inline void linear_row_any(int64_t mb, const A* x, int64_t xs, const A* wrow, int64_t K,
+                           const char* pf, A* out) {
   switch (mb) {
-    case 1: linear_row<A, 1>(x, K, wrow, K, pf, out); break;
-    case 2: linear_row<A, 2>(x, K, wrow, K, pf, out); break;
-    case 3: linear_row<A, 3>(x, K, wrow, K, pf, out); break;
-    case 4: linear_row<A, 4>(x, K, wrow, K, pf, out); break;
-    case 5: linear_row<A, 5>(x, K, wrow, K, pf, out); break;
-    case 6: linear_row<A, 6>(x, K, wrow, K, pf, out); break;
-    case 7: linear_row<A, 7>(x, K, wrow, K, pf, out); break;
-    default: linear_row<A, 8>(x, K, wrow, K, pf, out); break;
+    case 1: linear_row<A, 1>(x, xs, wrow, K, pf, out); break;
+    case 2: linear_row<A, 2>(x, xs, wrow, K, pf, out); break;
+    case 3: linear_row<A, 3>(x, xs, wrow, K, pf, out); break;
+    case 4: linear_row<A, 4>(x, xs, wrow, K, pf, out); break;
+    case 5: linear_row<A, 5>(x, xs, wrow, K, pf, out); break;
+    case 6: linear_row<A, 6>(x, xs, wrow, K, pf, out); break;
+    case 7: linear_row<A, 7>(x, xs, wrow, K, pf, out); break;
+    default: linear_row<A, 8>(x, xs, wrow, K, pf, out); break;
   }
 }
 
@@ -2157,21 +2157,21 @@ constexpr int64_t kLinearXRows = kVBytes == 32 ? 4 : 8;
 // wr <= kLinearWeightRows weight rows from w0 against xr <= kLinearXRows x rows, into
 // out[r * kLinearXRows + m]. pf null: the rows are already in L1, nothing to prefetch.
 template <typename A>
-inline void linear_block(int64_t wr, int64_t xr, const A* x, const A* w0, int64_t K,
-                         const char* pf, A* out, bool x_in_l1) {
+inline void linear_block(int64_t wr, int64_t xr, const A* x, int64_t xs, const A* w0,
+                         int64_t ws, int64_t K, const char* pf, A* out, bool x_in_l1) {
   constexpr int64_t XR = kLinearXRows;
   if constexpr (kVBytes == 32) {
-    linear_tile_any<A>(wr, xr, x, K, w0, K, pf, out, XR);
+    linear_tile_any<A>(wr, xr, x, xs, w0, K, pf, out, XR);  // rows of K: ws == K
   } else {
     const char* p = pf != nullptr ? pf : reinterpret_cast<const char*>(w0);
     if (wr == 2 && xr == XR) {
       if (x_in_l1)
-        linear_row_pair8<A, true>(x, K, w0, K, p, out, out + XR);
+        linear_row_pair8<A, true>(x, xs, w0, ws, K, p, out, out + XR);
       else
-        linear_row_pair8<A, false>(x, K, w0, K, p, out, out + XR);
+        linear_row_pair8<A, false>(x, xs, w0, ws, K, p, out, out + XR);
     } else {
-      linear_row_any<A>(xr, x, w0, K, p, out);
-      if (wr == 2) linear_row_any<A>(xr, x, w0 + K, K, p + K * sizeof(A), out + XR);
+      linear_row_any<A>(xr, x, xs, w0, K, p, out);
+      if (wr == 2) linear_row_any<A>(xr, x, xs, w0 + ws, K, p + K * sizeof(A), out + XR);
     }
   }
 }
@@ -2207,9 +2207,21 @@ void linear_impl(const LinearArgs& a) {
   // it. With the weights cold, 2 threads: 1.22-1.35x at 16 rows and 1.07-1.13x at 10 and 12
   // for the K = 512 layers (LM head, QKV, h_to_4h, dense), 0.97-1.04x at K = 2048; 64 and
   // 256 KiB blocks measured alike (Zen 4, bench/RESULTS.md, 2026-12-07).
+  // AVX-512 with 4 to 7 x rows that outgrow 16 KiB (K = 2048: the 4h_to_h layer at batch
+  // 4-7): K in chunks whose x rows fit it, each chunk a pass over the block of weight rows
+  // (linear_row folds each x load into its multiply-add, so x rows in L2 slow every one).
+  // 1.29-1.38x at 4-7 rows and K = 2048, weights cold, 2 threads; at 3 rows 0.78x and at 8 and
+  // 16 (two weight rows a load, already at the stream's speed) 0.93x, so not there (Zen 4,
+  // bench/RESULTS.md, 2026-12-07).
+  constexpr int64_t NV = VecT<A>::N;
+  const int64_t k_chunk =
+      kVBytes == 64 && M >= 4 && M < XR && !in_l1(M)
+          ? std::max<int64_t>(NV, (16 << 10) / (M * int64_t(sizeof(A))) / NV * NV)
+          : K;
   const int64_t block_rows =
-      kVBytes == 64 && M > XR ? std::max<int64_t>(WR, (int64_t{128} << 10) / row_bytes / WR * WR)
-                              : WR;
+      kVBytes == 64 && (M > XR || k_chunk < K)
+          ? std::max<int64_t>(WR, (int64_t{128} << 10) / row_bytes / WR * WR)
+          : WR;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out[WR * XR];
     if (one_pass) {
@@ -2222,21 +2234,35 @@ void linear_impl(const LinearArgs& a) {
       return;
     }
     // WR rows at a time against every block of (up to) XR x rows, in passes over blocks of
-    // block_rows weight rows. Only the first pass prefetches (the rows `ahead` further on);
-    // later passes find the block's rows in L1 (one pair a block) or L2.
+    // block_rows weight rows (and K chunks). Only the first pass prefetches: the rows `ahead`
+    // further on, or with K chunks the next block, a slice a call; later passes find the
+    // block's rows in L1 (one pair a block) or L2.
     for (int64_t nb = n0; nb < n1; nb += block_rows) {
       const int64_t nb1 = std::min(n1, nb + block_rows);
-      for (int64_t m0 = 0; m0 < M; m0 += XR) {
-        const int64_t xr = std::min(XR, M - m0);
-        const bool x_in_l1 = in_l1(xr);
-        for (int64_t n = nb; n < nb1; n += WR) {
-          const int64_t wr = std::min(WR, nb1 - n);
-          const A* w0 = w + n * K;
-          const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
-          linear_block<A>(wr, xr, x + m0 * K, w0, K, m0 == 0 ? pf : nullptr, out, x_in_l1);
-          for (int64_t r = 0; r < wr; ++r)
-            for (int64_t m = 0; m < xr; ++m)
-              y[(m0 + m) * N + n + r] = out[r * XR + m] + (bias ? bias[n + r] : A(0));
+      const int64_t next_bytes = (std::min(n1, nb1 + block_rows) - nb1) * row_bytes;
+      int64_t slice = 0;
+      for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
+        const int64_t kl = std::min(k_chunk, K - k0);
+        for (int64_t m0 = 0; m0 < M; m0 += XR) {
+          const int64_t xr = std::min(XR, M - m0);
+          const bool x_in_l1 = xr * kl * int64_t(sizeof(A)) <= (16 << 10);
+          for (int64_t n = nb; n < nb1; n += WR) {
+            const int64_t wr = std::min(WR, nb1 - n);
+            const A* w0 = w + n * K;
+            const char* pf = nullptr;
+            if (m0 == 0 && k_chunk == K) {
+              pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K);
+            } else if (m0 == 0) {
+              const int64_t offset = slice++ * 2 * kl * int64_t(sizeof(A));  // a pair's chunk
+              if (offset < next_bytes) pf = reinterpret_cast<const char*>(w + nb1 * K) + offset;
+            }
+            linear_block<A>(wr, xr, x + m0 * K + k0, K, w0 + k0, K, kl, pf, out, x_in_l1);
+            for (int64_t r = 0; r < wr; ++r)
+              for (int64_t m = 0; m < xr; ++m) {
+                A& yv = y[(m0 + m) * N + n + r];
+                yv = k0 == 0 ? out[r * XR + m] + (bias ? bias[n + r] : A(0)) : yv + out[r * XR + m];
+              }
+          }
         }
       }
     }
