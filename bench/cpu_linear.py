@@ -97,7 +97,7 @@ def main(argv=None):
     bw1 = read_bandwidth()
     print(f"\nfloat32, {torch.get_num_threads()} threads, medians of {args.rounds} interleaved "
           f"rounds; read bandwidth (torch.sum, 1 GiB) {bw0:.1f} GB/s before, {bw1:.1f} after; "
-          f"vdproj_ext.decode_linear uses the kernel up to {linear.KERNEL_MAX_ROWS} rows and "
+          f"vdproj_ext.decode_linear uses the kernel up to {linear.kernel_max_rows()} rows and "
           f"W @ x.T up to {linear.WEIGHT_MAJOR_MAX_ROWS}\n")
     print("| layer (N x K) | M rows | kernel ms | F.linear ms | W @ x.T ms | kernel GB/s "
           "| vs F.linear | vs W @ x.T |")

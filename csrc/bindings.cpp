@@ -70,6 +70,7 @@ pybind11::dict build_info() {
   // and in use
   info["cpu_int8_vnni_supported"] = vdproj::cpu_supports_int8_vnni();
   info["cpu_int8_vnni"] = vdproj::cpu_has_int8_vnni();
+  info["decode_linear_max_rows"] = vdproj::decode_linear_max_rows();
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

@@ -48,6 +48,13 @@ inline Isa cpu_isa() {
   return isa;
 }
 
+// Up to how many rows (tokens) a call of the decode_linear kernel beats CPU BLAS as W @ x.T,
+// which vdproj_ext/ops/linear.py runs past it. With AVX-512 the kernel's passes of 8 rows go
+// over 128 KiB blocks of weight rows: 1.01-2.04x BLAS at 20-32 rows on every pythia-70m layer,
+// 0.85-1.36x at 48 (Zen 4, 2 threads, bench/cpu_linear.py shapes, 2026-12-07); the AVX2 and
+// baseline builds lose to BLAS from 32 rows on (Zen 3).
+inline int64_t decode_linear_max_rows() { return cpu_isa() == Isa::Avx512 ? 32 : 16; }
+
 // AVX-512 VNNI (int8 dot products), used by int8 latent-key caches' decode (csrc/cpu/
 // int8_vnni.h) within the AVX-512 variant.
 inline bool cpu_supports_int8_vnni() {

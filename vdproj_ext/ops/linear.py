@@ -3,7 +3,8 @@
 A decode step multiplies a few rows (one token per sequence) by each weight matrix, so it
 streams the weights. How best to do that depends on the row count M (bench/cpu_linear.py,
 figures in bench/RESULTS.md):
-  * M <= KERNEL_MAX_ROWS: the decode_linear kernel, which prefetches weight rows ahead of use;
+  * M <= kernel_max_rows(): the decode_linear kernel, which prefetches weight rows ahead of
+    use (up to 32 rows in the AVX-512 build, 16 otherwise: the extension says);
   * M <= WEIGHT_MAJOR_MAX_ROWS: CPU BLAS as W @ x.T (the weight as the long, untransposed
     operand), which BLAS runs faster than x @ W.T at these sizes on every pythia-70m linear;
   * otherwise (or with autograd, autocast, torch.compile, other dtypes or devices): F.linear.
@@ -16,10 +17,22 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import bindings
 from .backend import has_kernel
 
-KERNEL_MAX_ROWS = 16        # from 32 rows on, BLAS beats the kernel
 WEIGHT_MAJOR_MAX_ROWS = 64  # measured up to here (decode steps of batch <= 64)
+_kernel_max_rows: list = []
+
+
+def kernel_max_rows() -> int:
+    """Up to how many rows the decode_linear kernel beats BLAS, as the loaded extension's
+    build reports it (csrc/cpu/dispatch.h; memoized: every decode step's linears ask); 0
+    without the kernel."""
+    if not _kernel_max_rows:
+        module = bindings.load()
+        rows = module.build_info().get("decode_linear_max_rows", 16) if module else 0
+        _kernel_max_rows.append(rows if has_kernel("cpu", "decode_linear") else 0)
+    return _kernel_max_rows[0]
 
 
 def _decode_sized_cpu_call(x, weight, bias) -> bool:
@@ -42,9 +55,9 @@ def choose_path(x, weight, bias) -> str:
     if not _decode_sized_cpu_call(x, weight, bias):
         return "F.linear"
     rows = x.numel() // max(1, x.shape[-1])
-    if rows <= KERNEL_MAX_ROWS and has_kernel("cpu", "decode_linear"):
+    if rows <= kernel_max_rows():
         return "kernel"
-    if KERNEL_MAX_ROWS < rows <= WEIGHT_MAJOR_MAX_ROWS:
+    if rows <= WEIGHT_MAJOR_MAX_ROWS:
         return "weight-major"
     return "F.linear"
 
@@ -61,7 +74,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor,
     """F.linear(x, weight, bias), computed the fastest measured way for decode-sized CPU inputs.
 
     A drop-in replacement: same values (to rounding), dtype, shape and autograd as F.linear.
-    The kernel runs for CPU float32/float64 inputs of at most KERNEL_MAX_ROWS rows with a
+    The kernel runs for CPU float32/float64 inputs of at most kernel_max_rows() rows with a
     contiguous weight when no gradient is needed; up to WEIGHT_MAJOR_MAX_ROWS rows under the
     same conditions BLAS computes W @ x.T (the result is then a non-contiguous view); every
     other call is F.linear.
