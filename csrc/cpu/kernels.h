@@ -2201,12 +2201,6 @@ void linear_impl(const LinearArgs& a) {
   // (bench/RESULTS.md, 2026-12-07).
   const auto in_l1 = [&](int64_t rows) { return rows * K * int64_t(sizeof(A)) <= (16 << 10); };
   const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && in_l1(M);
-  // AVX-512 with more x rows than a pass takes (9 to 16): the passes go over blocks of weight
-  // rows (128 KiB, which stay in L2), not over each pair of rows, so each pass keeps its own 8
-  // x rows in L1 (16 KiB at K = 512) where alternating passes had all 16 (32 KiB) compete for
-  // it. With the weights cold, 2 threads: 1.22-1.35x at 16 rows and 1.07-1.13x at 10 and 12
-  // for the K = 512 layers (LM head, QKV, h_to_4h, dense), 0.97-1.04x at K = 2048; 64 and
-  // 256 KiB blocks measured alike (Zen 4, bench/RESULTS.md, 2026-12-07).
   // AVX-512 with 4 to 7 x rows that outgrow 16 KiB (K = 2048: the 4h_to_h layer at batch
   // 4-7): K in chunks whose x rows fit it, each chunk a pass over the block of weight rows
   // (linear_row folds each x load into its multiply-add, so x rows in L2 slow every one).
@@ -2218,6 +2212,12 @@ void linear_impl(const LinearArgs& a) {
       kVBytes == 64 && M >= 4 && M < XR && !in_l1(M)
           ? std::max<int64_t>(NV, (16 << 10) / (M * int64_t(sizeof(A))) / NV * NV)
           : K;
+  // AVX-512 with more x rows than a pass takes (9 to 32), or with K chunks: the passes go over
+  // blocks of weight rows (128 KiB, which stay in L2), not over each pair of rows, so each pass
+  // keeps its own 8 x rows in L1 (16 KiB at K = 512) where alternating passes had all 16
+  // (32 KiB) compete for it. With the weights cold, 2 threads: 1.22-1.35x at 16 rows and
+  // 1.07-1.13x at 10 and 12 for the K = 512 layers (LM head, QKV, h_to_4h, dense), 0.97-1.04x
+  // at K = 2048; 64 and 256 KiB blocks measured alike (Zen 4, bench/RESULTS.md, 2026-12-07).
   const int64_t block_rows =
       kVBytes == 64 && (M > XR || k_chunk < K)
           ? std::max<int64_t>(WR, (int64_t{128} << 10) / row_bytes / WR * WR)
@@ -2260,7 +2260,8 @@ void linear_impl(const LinearArgs& a) {
             for (int64_t r = 0; r < wr; ++r)
               for (int64_t m = 0; m < xr; ++m) {
                 A& yv = y[(m0 + m) * N + n + r];
-                yv = k0 == 0 ? out[r * XR + m] + (bias ? bias[n + r] : A(0)) : yv + out[r * XR + m];
+                const A partial = out[r * XR + m];
+                yv = k0 == 0 ? partial + (bias ? bias[n + r] : A(0)) : yv + partial;
               }
           }
         }
