@@ -2199,8 +2199,11 @@ void linear_impl(const LinearArgs& a) {
   // re-reading the rows. 1.14-1.35x at 8 rows (the LM head, QKV, h_to_4h), but 0.67x at
   // K = 2048, where 8 x rows outgrow L1 and each multiply-add's x vector comes from L2
   // (bench/RESULTS.md, 2026-12-07).
-  const auto in_l1 = [&](int64_t rows) { return rows * K * int64_t(sizeof(A)) <= (16 << 10); };
-  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && in_l1(M);
+  // rows x rows of `len` elements in 16 KiB: what stays in L1 beside the weight rows
+  const auto in_l1 = [](int64_t rows, int64_t len) {
+    return rows * len * int64_t(sizeof(A)) <= (16 << 10);
+  };
+  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && in_l1(M, K);
   // AVX-512 with 4 to 7 x rows that outgrow 16 KiB (K = 2048: the 4h_to_h layer at batch
   // 4-7): K in chunks whose x rows fit it, each chunk a pass over the block of weight rows
   // (linear_row folds each x load into its multiply-add, so x rows in L2 slow every one).
@@ -2209,7 +2212,7 @@ void linear_impl(const LinearArgs& a) {
   // bench/RESULTS.md, 2026-12-07).
   constexpr int64_t NV = VecT<A>::N;
   const int64_t k_chunk =
-      kVBytes == 64 && M >= 4 && M < XR && !in_l1(M)
+      kVBytes == 64 && M >= 4 && M < XR && !in_l1(M, K)
           ? std::max<int64_t>(NV, (16 << 10) / (M * int64_t(sizeof(A))) / NV * NV)
           : K;
   // AVX-512 with more x rows than a pass takes (9 to 32), or with K chunks: the passes go over
@@ -2245,7 +2248,7 @@ void linear_impl(const LinearArgs& a) {
         const int64_t kl = std::min(k_chunk, K - k0);
         for (int64_t m0 = 0; m0 < M; m0 += XR) {
           const int64_t xr = std::min(XR, M - m0);
-          const bool x_in_l1 = xr * kl * int64_t(sizeof(A)) <= (16 << 10);
+          const bool x_in_l1 = in_l1(xr, kl);
           for (int64_t n = nb; n < nb1; n += WR) {
             const int64_t wr = std::min(WR, nb1 - n);
             const A* w0 = w + n * K;

@@ -20,16 +20,16 @@ def compressed_attn_with_kvcache(q, k_cache, vc_cache, w_r, b_r=None, *, k=None,
     H) and vc_scale (B, Tmax): new rows are quantized as they are written (SPEC 3c). Scales are
     cache data, as compressed_kv_attn_with_kvcache says: never read past a sequence's length."""
     args = (q, k_cache, vc_cache, w_r, b_r, k, v, w_c, b_c, cache_seqlens, k_scale, vc_scale)
-    if routing.cpu_kernel_takes("kvcache_attention", backend,
-                                (q, k_cache, vc_cache, w_r, cache_seqlens),
-                                (b_r, k, v, w_c, b_c, k_scale, vc_scale)):
-        # The kernel checks the rest (a q that is not 4-D before its scale is used).
-        checks.check_flag("causal", causal)
-        scale = checks.check_softmax_scale(softmax_scale, q.shape[-1] if q.dim() == 4 else 1)
-        return torch.ops.vdproj_ext.kvcache_attention(*args[:10], causal, scale, *args[10:])
-    checks.check_kvcache_ranks_and_devices(*args)
+    straight_to_kernel = routing.cpu_kernel_takes(
+        "kvcache_attention", backend, (q, k_cache, vc_cache, w_r, cache_seqlens),
+        (b_r, k, v, w_c, b_c, k_scale, vc_scale))
+    if not straight_to_kernel:  # else the kernel checks ranks and devices in C++
+        checks.check_kvcache_ranks_and_devices(*args)
     checks.check_flag("causal", causal)
-    scale = checks.check_softmax_scale(softmax_scale, q.shape[-1])
+    # (q.dim() != 4 reaches here only straight to the kernel, which reports it first)
+    scale = checks.check_softmax_scale(softmax_scale, q.shape[-1] if q.dim() == 4 else 1)
+    if straight_to_kernel:
+        return torch.ops.vdproj_ext.kvcache_attention(*args[:10], causal, scale, *args[10:])
     chosen = resolve_backend(backend, q.device)
     if chosen == "reference":
         _check_for_python_path(*args)

@@ -23,17 +23,16 @@ def compressed_kv_attn_with_kvcache(q, krope_cache, kc_cache, vc_cache, w_kr, w_
     one inside it gives what float math on the dequantized row gives (NaN for a NaN scale)."""
     args = (q, krope_cache, kc_cache, vc_cache, w_kr, w_r, b_r, k, v, w_kc, b_kc, w_c, b_c,
             cache_seqlens, krope_scale, kc_scale, vc_scale)
-    if routing.cpu_kernel_takes("ckv_kvcache_attention", backend,
-                                (q, krope_cache, vc_cache, w_kr, w_r, cache_seqlens),
-                                (kc_cache, b_r, k, v, w_kc, b_kc, w_c, b_c, krope_scale,
-                                 kc_scale, vc_scale)):
-        # The kernel checks the rest (a q that is not 4-D before its scale is used).
-        checks.check_flag("causal", causal)
-        scale = checks.check_softmax_scale(softmax_scale, q.shape[-1] if q.dim() == 4 else 1)
-        return torch.ops.vdproj_ext.ckv_kvcache_attention(*args[:14], causal, scale, *args[14:])
-    checks.check_latent_kvcache_ranks_and_devices(*args)
+    straight_to_kernel = routing.cpu_kernel_takes(
+        "ckv_kvcache_attention", backend, (q, krope_cache, vc_cache, w_kr, w_r, cache_seqlens),
+        (kc_cache, b_r, k, v, w_kc, b_kc, w_c, b_c, krope_scale, kc_scale, vc_scale))
+    if not straight_to_kernel:  # else the kernel checks ranks and devices in C++
+        checks.check_latent_kvcache_ranks_and_devices(*args)
     checks.check_flag("causal", causal)
-    scale = checks.check_softmax_scale(softmax_scale, q.shape[-1])
+    # (q.dim() != 4 reaches here only straight to the kernel, which reports it first)
+    scale = checks.check_softmax_scale(softmax_scale, q.shape[-1] if q.dim() == 4 else 1)
+    if straight_to_kernel:
+        return torch.ops.vdproj_ext.ckv_kvcache_attention(*args[:14], causal, scale, *args[14:])
     path = routing.latent_path(backend, q.device, "ckv_kvcache_attention")
     if path == "reference":
         _check_for_python_path(*args)

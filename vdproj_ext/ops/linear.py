@@ -12,6 +12,7 @@ The model calls decode_linear for every linear, the LM head included.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -21,18 +22,16 @@ from .. import bindings
 from .backend import has_kernel
 
 WEIGHT_MAJOR_MAX_ROWS = 64  # measured up to here (decode steps of batch <= 64)
-_kernel_max_rows: list = []
 
 
+@functools.cache
 def kernel_max_rows() -> int:
     """Up to how many rows the decode_linear kernel beats BLAS, as the loaded extension's
     build reports it (csrc/cpu/dispatch.h; memoized: every decode step's linears ask); 0
     without the kernel."""
-    if not _kernel_max_rows:
-        module = bindings.load()
-        rows = module.build_info().get("decode_linear_max_rows", 16) if module else 0
-        _kernel_max_rows.append(rows if has_kernel("cpu", "decode_linear") else 0)
-    return _kernel_max_rows[0]
+    if not has_kernel("cpu", "decode_linear"):
+        return 0
+    return bindings.load().build_info().get("decode_linear_max_rows", 16)
 
 
 def _decode_sized_cpu_call(x, weight, bias) -> bool:
