@@ -2147,6 +2147,18 @@ inline void linear_row_tile(int64_t xr, const A* x, int64_t xs, const A* w0, int
   }
 }
 
+// Two adjacent weight rows against 8 x rows (AVX2, x rows in L1): a 2 x 6 tile (12
+// accumulators, which fit AVX2's 16 registers with the two weight vectors and an x vector) that
+// prefetches, then a 2 x 2 tile over the same two rows, now in L1. 12 loads per 16
+// multiply-adds, where one row against all 8 x rows (linear_row_tile) takes 18, and two 3 x 4
+// tiles read each weight row twice. out[r * 8 + m].
+template <typename A>
+inline void linear_pair_rows8(const A* x, int64_t xs, const A* w0, int64_t K, const char* pf,
+                              A* out) {
+  linear_tile<A, 2, 6, true>(x, xs, w0, K, pf, out, 8);
+  linear_tile<A, 2, 2, false>(x + 6 * xs, xs, w0, K, nullptr, out + 6, 8);
+}
+
 // Weight rows and x rows per pass of linear_impl. AVX2 (16 registers): linear_tile's 3 x 4,
 // which measured 1.01-1.17x the pairs of rows against 8 x rows at 8 rows, 1.17-1.37x at 16 and
 // 1.22-1.44x at 4 (bench/RESULTS.md, 2026-12-07). AVX-512 keeps the pairs, whose 16
@@ -2194,16 +2206,20 @@ void linear_impl(const LinearArgs& a) {
       1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
   const int64_t grain = (N + nth - 1) / nth;
   constexpr int64_t WR = kLinearWeightRows, XR = kLinearXRows;
-  // AVX2 with 5 to 8 x rows of at most 16 KiB (K <= 512 in float32): one pass, one weight row
-  // against all of them (8 accumulators), rather than two passes of 3 x 4 tiles, the second
-  // re-reading the rows. 1.14-1.35x at 8 rows (the LM head, QKV, h_to_4h), but 0.67x at
-  // K = 2048, where 8 x rows outgrow L1 and each multiply-add's x vector comes from L2
-  // (bench/RESULTS.md, 2026-12-07).
+  // AVX2 with 5 to 8 x rows of at most 16 KiB (K <= 512 in float32): one pass, rather than two
+  // passes of 3 x 4 tiles, the second re-reading the rows. 5-7 rows: one weight row against all
+  // of them (1.14-1.35x the two passes on a Zen 3, but 0.67x at K = 2048, where 8 x rows outgrow
+  // L1 and each multiply-add's x vector comes from L2; bench/RESULTS.md, 2026-12-07). 8 rows:
+  // pairs of weight rows (linear_pair_rows8), 1.04-1.18x one row at a time on another Zen 3
+  // (weights cold, 2 threads and 1; a pythia-70m-kv decode step at batch 8 1.08-1.11x;
+  // bench/RESULTS.md, 2026-12-08), where 2 x 6 against all 8 x rows in one tile would need 17
+  // registers.
   // rows x rows of `len` elements in 16 KiB: what stays in L1 beside the weight rows
   const auto in_l1 = [](int64_t rows, int64_t len) {
     return rows * len * int64_t(sizeof(A)) <= (16 << 10);
   };
   const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && in_l1(M, K);
+  const bool pairs_of_rows = one_pass && M == 8;
   // AVX-512 with 4 to 7 x rows that outgrow 16 KiB (K = 2048: the 4h_to_h layer at batch
   // 4-7): K in chunks whose x rows fit it, each chunk a pass over the block of weight rows
   // (linear_row folds each x load into its multiply-add, so x rows in L2 slow every one).
@@ -2227,6 +2243,23 @@ void linear_impl(const LinearArgs& a) {
           : WR;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out[WR * XR];
+    if (pairs_of_rows) {
+      A pair_out[16];
+      int64_t n = n0;
+      for (; n + 2 <= n1; n += 2) {
+        const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - 2) * K);
+        linear_pair_rows8<A>(x, K, w + n * K, K, pf, pair_out);
+        for (int64_t r = 0; r < 2; ++r)
+          for (int64_t m = 0; m < 8; ++m)
+            y[m * N + n + r] = pair_out[r * 8 + m] + (bias ? bias[n + r] : A(0));
+      }
+      if (n < n1) {  // an odd last row: its prefetch target is itself
+        linear_row_tile<A>(8, x, K, w + n * K, K, reinterpret_cast<const char*>(w + n * K),
+                           pair_out);
+        for (int64_t m = 0; m < 8; ++m) y[m * N + n] = pair_out[m] + (bias ? bias[n] : A(0));
+      }
+      return;
+    }
     if (one_pass) {
       A row_out[8];
       for (int64_t n = n0; n < n1; ++n) {
