@@ -31,8 +31,10 @@ def reference(x, w, b):
 # rows 1..17 cover every row-block template (1-8), the split into blocks of 8 and the
 # two-weight-rows path (blocks of 8, N odd for a last single row); with AVX2, every tile of
 # 1-3 weight rows (N mod 3 of 0, 1 and 2) by 1-4 x rows (M mod 4 of 0-3), its one-pass
-# tile of one weight row by 5-7 x rows of at most 16 KiB, and pairs of weight rows by 8 such x
-# rows (2 x 6 then 2 x 2 tiles; N odd for a last single row: 8 x 48, 8 x 37, 8 x 77). K covers
+# tile of one weight row by 5-7 x rows of at most 16 KiB, and pairs of weight rows by 8-16 x
+# rows whose blocks of 8 fit 16 KiB (2 x 6 then 2 x 2 tiles per 8, up to 4 x rows a tile in a
+# shorter last pass: 13 x 130, 12 x 256; N odd for a last single row: 8 x 48, 8 x 37, 8 x 77,
+# and 12 x 256's last block of 45 rows after two of 128). K covers
 # tails shorter than one vector, between vectors and past the unrolled loop, and x rows larger
 # than L1. With AVX-512, blocks of 8 x rows load each x vector once into a register while the
 # x rows fit in 16 KiB, and fold it into the multiply-adds past that (8 x 700, 16 x 1601); more
@@ -70,8 +72,8 @@ def test_kernel_many_threads_and_large_rows():
 @pytest.mark.skipif("VDPROJ_CPU_ISA" in os.environ, reason="already under a chosen build")
 def test_kernel_in_lower_instruction_set_builds(isa):
     """The float64 checks above again under a lower build (VDPROJ_CPU_ISA), in a subprocess:
-    each build has its own row blocks (AVX2 tiles of 3 x 4, 1 x 5-7 or 2 x 6 and 2 x 2; pairs
-    against 8 x rows else) and its own row limit for the kernel (16 below AVX-512)."""
+    each build has its own row blocks (AVX2 tiles of 3 x 4, 1 x 5-7, or 2 x 6 and 2 x 2 per 8
+    x rows; pairs against 8 x rows else) and its own row limit for the kernel (16 below AVX-512)."""
     out = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                       os.path.abspath(__file__), "-k",
                       "kernel_matches or many_threads or routing_uses_kernel"],

@@ -2147,16 +2147,26 @@ inline void linear_row_tile(int64_t xr, const A* x, int64_t xs, const A* w0, int
   }
 }
 
-// Two adjacent weight rows against 8 x rows (AVX2, x rows in L1): a 2 x 6 tile (12
-// accumulators, which fit AVX2's 16 registers with the two weight vectors and an x vector) that
-// prefetches, then a 2 x 2 tile over the same two rows, now in L1. 12 loads per 16
-// multiply-adds, where one row against all 8 x rows (linear_row_tile) takes 18, and two 3 x 4
-// tiles read each weight row twice. out[r * 8 + m].
+// Two adjacent weight rows (one with wr = 1) against xr <= 8 x rows (AVX2, x rows in L1), into
+// out[r * 8 + m]. Eight: a 2 x 6 tile (12 accumulators, which fit AVX2's 16 registers with the
+// two weight vectors and an x vector) that prefetches (pf not null), then a 2 x 2 tile over the
+// same two rows, now in L1: 12 loads per 16 multiply-adds, where one row against all 8 x rows
+// (linear_row_tile) takes 18, and two 3 x 4 tiles read each weight row twice. Fewer: tiles of
+// up to 4 x rows.
 template <typename A>
-inline void linear_pair_rows8(const A* x, int64_t xs, const A* w0, int64_t K, const char* pf,
-                              A* out) {
-  linear_tile<A, 2, 6, true>(x, xs, w0, K, pf, out, 8);
-  linear_tile<A, 2, 2, false>(x + 6 * xs, xs, w0, K, nullptr, out + 6, 8);
+inline void linear_pair_rows(int64_t wr, int64_t xr, const A* x, int64_t xs, const A* w0,
+                             int64_t K, const char* pf, A* out) {
+  if (wr == 2 && xr == 8) {
+    if (pf != nullptr)
+      linear_tile<A, 2, 6, true>(x, xs, w0, K, pf, out, 8);
+    else
+      linear_tile<A, 2, 6, false>(x, xs, w0, K, pf, out, 8);
+    linear_tile<A, 2, 2, false>(x + 6 * xs, xs, w0, K, nullptr, out + 6, 8);
+    return;
+  }
+  for (int64_t m0 = 0; m0 < xr; m0 += 4, pf = nullptr)
+    linear_tile_any<A>(wr, std::min<int64_t>(4, xr - m0), x + m0 * xs, xs, w0, K, pf,
+                       out + m0, 8);
 }
 
 // Weight rows and x rows per pass of linear_impl. AVX2 (16 registers): linear_tile's 3 x 4,
@@ -2206,20 +2216,22 @@ void linear_impl(const LinearArgs& a) {
       1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
   const int64_t grain = (N + nth - 1) / nth;
   constexpr int64_t WR = kLinearWeightRows, XR = kLinearXRows;
-  // AVX2 with 5 to 8 x rows of at most 16 KiB (K <= 512 in float32): one pass, rather than two
-  // passes of 3 x 4 tiles, the second re-reading the rows. 5-7 rows: one weight row against all
-  // of them (1.14-1.35x the two passes on a Zen 3, but 0.67x at K = 2048, where 8 x rows outgrow
-  // L1 and each multiply-add's x vector comes from L2; bench/RESULTS.md, 2026-12-07). 8 rows:
-  // pairs of weight rows (linear_pair_rows8), 1.04-1.18x one row at a time on another Zen 3
-  // (weights cold, 2 threads and 1; a pythia-70m-kv decode step at batch 8 1.08-1.11x;
-  // bench/RESULTS.md, 2026-12-08), where 2 x 6 against all 8 x rows in one tile would need 17
-  // registers.
+  // AVX2 with 5 to 7 x rows of at most 16 KiB (K <= 512 in float32): one pass, one weight row
+  // against all of them, rather than two passes of 3 x 4 tiles, the second re-reading the rows
+  // (1.15-1.22x at 5-7 rows on a Zen 3, but 0.67x at K = 2048 and 8 rows, where the x rows
+  // outgrow L1 and each multiply-add's x vector comes from L2; bench/RESULTS.md, 2026-12-07).
   // rows x rows of `len` elements in 16 KiB: what stays in L1 beside the weight rows
   const auto in_l1 = [](int64_t rows, int64_t len) {
     return rows * len * int64_t(sizeof(A)) <= (16 << 10);
   };
-  const bool one_pass = kVBytes == 32 && M > XR && M <= 8 && in_l1(M, K);
-  const bool pairs_of_rows = one_pass && M == 8;
+  const bool one_pass = kVBytes == 32 && M > XR && M < 8 && in_l1(M, K);
+  // AVX2 with 8 to 16 x rows whose blocks of 8 fit 16 KiB: pairs of weight rows against each
+  // block of 8 (linear_pair_rows), in passes over 128 KiB blocks of weight rows, so each pass
+  // keeps its 8 x rows in L1. Against one row at a time, 8 rows: 1.04-1.18x (weights cold, 2
+  // threads and 1), a pythia-70m-kv decode step at batch 8 1.08-1.11x; against 3 x 4 tiles,
+  // 16 rows: 1.10-1.16x, 12 rows 1.02-1.08x, 10 rows 0.96-1.05x (Zen 3, bench/RESULTS.md,
+  // 2026-12-08).
+  const bool pairs_of_rows = kVBytes == 32 && M >= 8 && M <= 16 && in_l1(8, K);
   // AVX-512 with 4 to 7 x rows that outgrow 16 KiB (K = 2048: the 4h_to_h layer at batch
   // 4-7): K in chunks whose x rows fit it, each chunk a pass over the block of weight rows
   // (linear_row folds each x load into its multiply-add, so x rows in L2 slow every one).
@@ -2244,19 +2256,23 @@ void linear_impl(const LinearArgs& a) {
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out[WR * XR];
     if (pairs_of_rows) {
-      A pair_out[16];
-      int64_t n = n0;
-      for (; n + 2 <= n1; n += 2) {
-        const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - 2) * K);
-        linear_pair_rows8<A>(x, K, w + n * K, K, pf, pair_out);
-        for (int64_t r = 0; r < 2; ++r)
-          for (int64_t m = 0; m < 8; ++m)
-            y[m * N + n + r] = pair_out[r * 8 + m] + (bias ? bias[n + r] : A(0));
-      }
-      if (n < n1) {  // an odd last row: its prefetch target is itself
-        linear_row_tile<A>(8, x, K, w + n * K, K, reinterpret_cast<const char*>(w + n * K),
-                           pair_out);
-        for (int64_t m = 0; m < 8; ++m) y[m * N + n] = pair_out[m] + (bias ? bias[n] : A(0));
+      A pair_out[2 * 8];
+      const int64_t block = std::max<int64_t>(2, (int64_t{128} << 10) / row_bytes / 2 * 2);
+      for (int64_t nb = n0; nb < n1; nb += block) {
+        const int64_t nb1 = std::min(n1, nb + block);
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {  // the first pass prefetches, the rest use L2
+          const int64_t xr = std::min<int64_t>(8, M - m0);
+          for (int64_t n = nb; n < nb1; n += 2) {
+            const int64_t wr = std::min<int64_t>(2, nb1 - n);
+            const char* pf =
+                m0 == 0 ? reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K)
+                        : nullptr;
+            linear_pair_rows<A>(wr, xr, x + m0 * K, K, w + n * K, K, pf, pair_out);
+            for (int64_t r = 0; r < wr; ++r)
+              for (int64_t m = 0; m < xr; ++m)
+                y[(m0 + m) * N + n + r] = pair_out[r * 8 + m] + (bias ? bias[n + r] : A(0));
+          }
+        }
       }
       return;
     }
