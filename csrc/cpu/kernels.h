@@ -2134,8 +2134,8 @@ inline void linear_row_any(int64_t mb, const A* x, int64_t xs, const A* wrow, in
   }
 }
 
-// One weight row against xr = 5..8 x rows (static switch): AVX2's tile for 5 to 8 x rows whose
-// block fits in L1 (linear_impl).
+// One weight row against xr = 5..8 x rows (static switch): AVX2's tile for 5 to 7 x rows whose
+// block fits in L1 (linear_impl; 8 rows take linear_pair_rows).
 template <typename A>
 inline void linear_row_tile(int64_t xr, const A* x, int64_t xs, const A* w0, int64_t K,
                             const char* pf, A* out) {
@@ -2227,8 +2227,9 @@ void linear_impl(const LinearArgs& a) {
   const bool one_pass = kVBytes == 32 && M > XR && M < 8 && in_l1(M, K);
   // AVX2 with 8 to 16 x rows whose blocks of 8 fit 16 KiB: pairs of weight rows against each
   // block of 8 (linear_pair_rows), in passes over 128 KiB blocks of weight rows, so each pass
-  // keeps its 8 x rows in L1. Against one row at a time, 8 rows: 1.04-1.18x (weights cold, 2
-  // threads and 1), a pythia-70m-kv decode step at batch 8 1.08-1.11x; against 3 x 4 tiles,
+  // keeps its 8 x rows in L1. Against one row at a time, 8 rows: 1.02-1.70x in six runs
+  // (weights cold, 2 threads and 1), a pythia-70m-kv decode step at batch 8 1.02-1.11x (the
+  // uncompressed model) and 1.08-1.11x (kv+fold, with and without int8); against 3 x 4 tiles,
   // 16 rows: 1.10-1.16x, 12 rows 1.02-1.08x, 10 rows 0.96-1.05x (Zen 3, bench/RESULTS.md,
   // 2026-12-08).
   const bool pairs_of_rows = kVBytes == 32 && M >= 8 && M <= 16 && in_l1(8, K);
