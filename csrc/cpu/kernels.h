@@ -2256,6 +2256,10 @@ void linear_impl(const LinearArgs& a) {
           : WR;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     A out[WR * XR];
+    // y[m, n] of a whole dot product (the single-pass paths), bias added
+    const auto store = [&](int64_t m, int64_t n, A dot) {
+      y[m * N + n] = dot + (bias ? bias[n] : A(0));
+    };
     if (pairs_of_rows) {
       A pair_out[2 * 8];
       const int64_t block = std::max<int64_t>(2, (int64_t{128} << 10) / row_bytes / 2 * 2);
@@ -2270,8 +2274,7 @@ void linear_impl(const LinearArgs& a) {
                         : nullptr;
             linear_pair_rows<A>(wr, xr, x + m0 * K, K, w + n * K, K, pf, pair_out);
             for (int64_t r = 0; r < wr; ++r)
-              for (int64_t m = 0; m < xr; ++m)
-                y[(m0 + m) * N + n + r] = pair_out[r * 8 + m] + (bias ? bias[n + r] : A(0));
+              for (int64_t m = 0; m < xr; ++m) store(m0 + m, n + r, pair_out[r * 8 + m]);
           }
         }
       }
@@ -2282,7 +2285,7 @@ void linear_impl(const LinearArgs& a) {
       for (int64_t n = n0; n < n1; ++n) {
         const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - 1) * K);
         linear_row_tile<A>(M, x, K, w + n * K, K, pf, row_out);
-        for (int64_t m = 0; m < M; ++m) y[m * N + n] = row_out[m] + (bias ? bias[n] : A(0));
+        for (int64_t m = 0; m < M; ++m) store(m, n, row_out[m]);
       }
       return;
     }
