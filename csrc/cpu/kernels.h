@@ -2250,60 +2250,39 @@ void linear_impl(const LinearArgs& a) {
   // (32 KiB) compete for it. With the weights cold, 2 threads: 1.22-1.35x at 16 rows and
   // 1.07-1.13x at 10 and 12 for the K = 512 layers (LM head, QKV, h_to_4h, dense), 0.97-1.04x
   // at K = 2048; 64 and 256 KiB blocks measured alike (Zen 4, bench/RESULTS.md, 2026-12-07).
+  // A pass's tile: tile_w weight rows by up to tile_x x rows, into out[r * tile_x + m].
+  const int64_t tile_w = pairs_of_rows ? 2 : WR, tile_x = pairs_of_rows ? 8 : XR;
+  constexpr int64_t kTileOut = WR * XR > 2 * 8 ? WR * XR : 2 * 8;
   const int64_t block_rows =
-      kVBytes == 64 && (M > XR || k_chunk < K)
-          ? std::max<int64_t>(WR, (int64_t{128} << 10) / row_bytes / WR * WR)
-          : WR;
+      (kVBytes == 64 && (M > XR || k_chunk < K)) || pairs_of_rows
+          ? std::max<int64_t>(tile_w, (int64_t{128} << 10) / row_bytes / tile_w * tile_w)
+          : tile_w;
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    A out[WR * XR];
-    // y[m, n] of a whole dot product (the single-pass paths), bias added
-    const auto store = [&](int64_t m, int64_t n, A dot) {
-      y[m * N + n] = dot + (bias ? bias[n] : A(0));
-    };
-    if (pairs_of_rows) {
-      A pair_out[2 * 8];
-      const int64_t block = std::max<int64_t>(2, (int64_t{128} << 10) / row_bytes / 2 * 2);
-      for (int64_t nb = n0; nb < n1; nb += block) {
-        const int64_t nb1 = std::min(n1, nb + block);
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {  // the first pass prefetches, the rest use L2
-          const int64_t xr = std::min<int64_t>(8, M - m0);
-          for (int64_t n = nb; n < nb1; n += 2) {
-            const int64_t wr = std::min<int64_t>(2, nb1 - n);
-            const char* pf =
-                m0 == 0 ? reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - wr) * K)
-                        : nullptr;
-            linear_pair_rows<A>(wr, xr, x + m0 * K, K, w + n * K, K, pf, pair_out);
-            for (int64_t r = 0; r < wr; ++r)
-              for (int64_t m = 0; m < xr; ++m) store(m0 + m, n + r, pair_out[r * 8 + m]);
-          }
-        }
-      }
-      return;
-    }
+    A out[kTileOut];
     if (one_pass) {
       A row_out[8];
       for (int64_t n = n0; n < n1; ++n) {
         const char* pf = reinterpret_cast<const char*>(w + std::min(n + ahead, n1 - 1) * K);
         linear_row_tile<A>(M, x, K, w + n * K, K, pf, row_out);
-        for (int64_t m = 0; m < M; ++m) store(m, n, row_out[m]);
+        for (int64_t m = 0; m < M; ++m) y[m * N + n] = row_out[m] + (bias ? bias[n] : A(0));
       }
       return;
     }
-    // WR rows at a time against every block of (up to) XR x rows, in passes over blocks of
-    // block_rows weight rows (and K chunks). Only the first pass prefetches: the rows `ahead`
-    // further on, or with K chunks the next block, a slice a call; later passes find the
-    // block's rows in L1 (one pair a block) or L2.
+    // tile_w rows at a time against every block of (up to) tile_x x rows, in passes over
+    // blocks of block_rows weight rows (and K chunks). Only the first pass prefetches: the rows
+    // `ahead` further on, or with K chunks the next block, a slice a call; later passes find
+    // the block's rows in L1 (one tile a block) or L2.
     for (int64_t nb = n0; nb < n1; nb += block_rows) {
       const int64_t nb1 = std::min(n1, nb + block_rows);
       const int64_t next_bytes = (std::min(n1, nb1 + block_rows) - nb1) * row_bytes;
       int64_t slice = 0;
       for (int64_t k0 = 0; k0 < K; k0 += k_chunk) {
         const int64_t kl = std::min(k_chunk, K - k0);
-        for (int64_t m0 = 0; m0 < M; m0 += XR) {
-          const int64_t xr = std::min(XR, M - m0);
+        for (int64_t m0 = 0; m0 < M; m0 += tile_x) {
+          const int64_t xr = std::min(tile_x, M - m0);
           const bool x_in_l1 = in_l1(xr, kl);
-          for (int64_t n = nb; n < nb1; n += WR) {
-            const int64_t wr = std::min(WR, nb1 - n);
+          for (int64_t n = nb; n < nb1; n += tile_w) {
+            const int64_t wr = std::min(tile_w, nb1 - n);
             const A* w0 = w + n * K;
             const char* pf = nullptr;
             if (m0 == 0 && k_chunk == K) {
@@ -2312,11 +2291,14 @@ void linear_impl(const LinearArgs& a) {
               const int64_t offset = slice++ * 2 * kl * int64_t(sizeof(A));  // a pair's chunk
               if (offset < next_bytes) pf = reinterpret_cast<const char*>(w + nb1 * K) + offset;
             }
-            linear_block<A>(wr, xr, x + m0 * K + k0, K, w0 + k0, K, kl, pf, out, x_in_l1);
+            if (pairs_of_rows)  // rows of K, no K chunks
+              linear_pair_rows<A>(wr, xr, x + m0 * K, K, w0, K, pf, out);
+            else
+              linear_block<A>(wr, xr, x + m0 * K + k0, K, w0 + k0, K, kl, pf, out, x_in_l1);
             for (int64_t r = 0; r < wr; ++r)
               for (int64_t m = 0; m < xr; ++m) {
                 A& yv = y[(m0 + m) * N + n + r];
-                const A partial = out[r * XR + m];
+                const A partial = out[r * tile_x + m];
                 yv = k0 == 0 ? partial + (bias ? bias[n + r] : A(0)) : yv + partial;
               }
           }
