@@ -192,6 +192,26 @@ def test_kvcache_overflow_writes_nothing(backend):
     torch.testing.assert_close(args["vc_cache"], before[1], equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_runs_without_grad_and_restores_grad_mode(backend):
+    """The decode op writes caches in place, so it runs with grad mode off (inference_only)
+    and gives grad mode back as it was: after a normal return and after an error."""
+    args = cache_inputs()
+    args["q"].requires_grad_(True)
+    seen = []
+    with torch.enable_grad():
+        out = call_cache(args, backend=backend)
+        assert not out.requires_grad and torch.is_grad_enabled()
+        with pytest.raises(ValueError, match="overflow"):
+            call_cache(replace_args(args, cache_seqlens=torch.tensor([7, 7], dtype=torch.int32)),
+                       backend=backend)
+        seen.append(torch.is_grad_enabled())
+    with torch.no_grad():
+        call_cache(cache_inputs(), backend=backend)
+        seen.append(torch.is_grad_enabled())
+    assert seen == [True, False]
+
+
 @pytest.mark.parametrize("case", sorted(ATTN_BAD))
 def test_attention_bad_input_same_error_on_every_backend(case):
     """One set of messages: the Python checks (reference) and the C++ checks (ext) agree."""

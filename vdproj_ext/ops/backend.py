@@ -76,13 +76,17 @@ def backend_info() -> dict:
 
 
 def inference_only(fn):
-    """torch.no_grad() for an op that writes caches in place, without its cost when grad is
-    already off, as it is when decoding (the decorator builds and enters a context object on
-    every call: a few microseconds of a batch-1 decode step's attention)."""
+    """Grad mode off for an op that writes caches in place, at no cost when it is already off,
+    as when decoding. Switched with torch._C._set_grad_enabled, the call torch.no_grad() makes
+    inside: building and entering that context object cost about 30 us a call with the
+    interpreter's paths out of cache, as between a model's layers (bench/RESULTS.md)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
         if not torch.is_grad_enabled():
             return fn(*args, **kwargs)
-        with torch.no_grad():
+        torch._C._set_grad_enabled(False)
+        try:
             return fn(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(True)
     return call
