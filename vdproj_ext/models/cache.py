@@ -57,6 +57,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from ..ops.backend import inference_only
 from ..ops.kvcache import attend_values_cache
 from ..ops.latent_kvcache import attend_latent_cache
 from ..ops.quant import QUANT_DTYPES, dequantize, write_rows, write_rows_at
@@ -525,7 +526,7 @@ class KVCache(_CacheBase):
     def layout(self) -> tuple:
         return ("full",)
 
-    @torch.no_grad()
+    @inference_only  # not @torch.no_grad(), which enters a new context on every call
     def attend(self, layer_idx, q, k, v, attn_module=None):
         """attn_module is not needed: nothing is compressed."""
         plan = self._check_new_tokens(layer_idx, q, k, v, self.num_heads * self.head_dim, "v")
