@@ -6,6 +6,8 @@
 //   kvcache_attention(q, k_cache!, vc_cache!, w_r, b_r?, k?, v?, w_c?, b_c?, cache_seqlens,
 //                     causal, softmax_scale, k_scale!?, vc_scale!?) -> out
 //   decode_linear(x, weight, bias?) -> y
+//   rotary_pair(q, k, cos, sin) -> (q_rotated, k_rotated)   (CPU; GPT-NeoX's rotary embedding,
+//       the same bits as vdproj_ext/models/layers.py's apply_rotary, for a decode step)
 //   quantize_into(cache!, scale!, values, cache_seqlens) -> ()   (CPU; SPEC 3c rows written
 //       at cache_seqlens[b] onwards, for rows computed outside the kvcache ops)
 // Latent keys (SPEC 3b):
@@ -20,8 +22,9 @@
 // Quantized caches (SPEC 3c): a cache tensor of dtype int8 or float8_e4m3fn comes with its
 // float32 per-row scale (the *_scale arguments, written with the rows; None for a float cache).
 //
-// Implementations: csrc/cpu/cpu_ops.cpp and csrc/cpu/latent_ops.cpp (CPU),
-// csrc/cuda/cuda_api.cpp (CUDA, all seven ops).
+// Implementations: csrc/cpu/cpu_ops.cpp, latent_ops.cpp and rotary_ops.cpp (CPU),
+// csrc/cuda/cuda_api.cpp (CUDA: the six attention ops; decode_linear, quantize_into and
+// rotary_pair are CPU-only, and their callers use ATen ops on other devices).
 #include <torch/extension.h>
 #include <torch/version.h>
 
@@ -41,6 +44,7 @@ TORCH_LIBRARY(vdproj_ext, m) {
         "bool causal, float softmax_scale, Tensor(c!)? k_scale=None, "
         "Tensor(d!)? vc_scale=None) -> Tensor");
   m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("rotary_pair(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("quantize_into(Tensor(a!) cache, Tensor(b!) scale, Tensor values, "
         "Tensor cache_seqlens) -> ()");
   m.def("ckv_forward(Tensor q, Tensor k_rope, Tensor? k_c, Tensor v_c, Tensor w_kr, Tensor w_r, "

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ops import compressed_kv_attention, compressed_v_attention
-from .layers import Linear, apply_rotary, fused_qkv_parts
+from .layers import Linear, apply_rotary_pair, fused_qkv_parts
 
 
 def _affine(weight: torch.Tensor, bias: Optional[torch.Tensor]):
@@ -95,8 +95,7 @@ class FoldedVAttention(nn.Module):
         b, t, _ = x.shape
         h, d, hd, dk = self.num_heads, self.head_dim, self.hidden_size, self.key_dims
         q, k, *latents = self.fused(x).split([hd, h * dk, *self.latent_widths], -1)
-        q = apply_rotary(q.view(b, t, h, d), cos, sin)
-        k = apply_rotary(k.view(b, t, h, dk), cos, sin)
+        q, k = apply_rotary_pair(q.view(b, t, h, d), k.view(b, t, h, dk), cos, sin)
         if not self.latent_keys:
             if cache is not None:
                 o = cache.attend_compressed(layer_idx, q, k, latents[0], self)

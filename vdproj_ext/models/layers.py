@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import compressed_kv_attention, compressed_v_attention, decode_linear
+from ..ops import compressed_kv_attention, compressed_v_attention, decode_linear, rotary
 from .config import VDProjConfig, check_attention_shape, check_latent_ranks, rope_dims
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +53,14 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     turned[..., :rot // 2].neg_()
     rotated = x_rot * cos + turned
     return rotated if whole else torch.cat((rotated, x[..., rot:]), dim=-1)
+
+
+def apply_rotary_pair(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)); in one kernel call with the same
+    bits where the CPU kernel takes them (ops/rotary.py: no gradient needed, as in decoding)."""
+    if cos.shape[-1] > 0 and rotary.kernel_takes(q, k, cos, sin):
+        return rotary.rotary_pair(q, k, cos, sin)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +181,7 @@ class CompressedVAttention(nn.Module):
         qkv = self.query_key_value(x).view(b, t, self.num_heads, 3 * self.head_dim)
         d = self.head_dim
         q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_pair(q, k, cos, sin)
         return q, k, v.reshape(b, t, self.hidden_size)
 
     def compress(self, k, v):

@@ -6,6 +6,7 @@
     latent_kvcache.py    compressed_kv_attn_with_kvcache (latent keys, SPEC 3b), and
                          attend_latent_cache: the caches' route to it
     linear.py      decode_linear (the row policy of decode-sized CPU linears)
+    rotary.py      rotary_pair: the model's rotary embedding on q and k in one CPU kernel call
     quant.py       quantized caches (SPEC 3c): storage dtypes, absmax quantize-on-write, scales
     checks.py      the input checks and their messages (the C++ checks use the same texts)
     backend.py     loading the kernels, backend resolution, backend_info()

@@ -68,6 +68,11 @@ def _register_fakes():
     def _decode_linear_fake(x, weight, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    if op_defined("rotary_pair"):
+        @torch.library.register_fake("vdproj_ext::rotary_pair")
+        def _rotary_pair_fake(q, k, cos, sin):
+            return q.new_empty(q.shape), k.new_empty(k.shape)
+
 
 def _setup_context(ctx, inputs, output):
     q, k, v_c, w_r, b_r, causal, softmax_scale = inputs
