@@ -5,7 +5,7 @@
 //       -> (grad_q, grad_k, grad_v_c, grad_w_r, grad_b_r)
 //   kvcache_attention(q, k_cache!, vc_cache!, w_r, b_r?, k?, v?, w_c?, b_c?, cache_seqlens,
 //                     causal, softmax_scale, k_scale!?, vc_scale!?) -> out
-//   decode_linear(x, weight, bias?) -> y
+//   decode_linear(x, weight, bias?, gelu=False) -> y   (y through exact GELU when gelu)
 //   rotary_pair(q, k, cos, sin) -> (q_rotated, k_rotated)   (CPU; GPT-NeoX's rotary embedding,
 //       the same bits as vdproj_ext/models/layers.py's apply_rotary, for a decode step)
 //   quantize_into(cache!, scale!, values, cache_seqlens) -> ()   (CPU; SPEC 3c rows written
@@ -43,7 +43,7 @@ TORCH_LIBRARY(vdproj_ext, m) {
         "Tensor? b_r, Tensor? k, Tensor? v, Tensor? w_c, Tensor? b_c, Tensor cache_seqlens, "
         "bool causal, float softmax_scale, Tensor(c!)? k_scale=None, "
         "Tensor(d!)? vc_scale=None) -> Tensor");
-  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("decode_linear(Tensor x, Tensor weight, Tensor? bias, bool gelu=False) -> Tensor");
   m.def("rotary_pair(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("quantize_into(Tensor(a!) cache, Tensor(b!) scale, Tensor values, "
         "Tensor cache_seqlens) -> ()");

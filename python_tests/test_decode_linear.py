@@ -28,6 +28,21 @@ def reference(x, w, b):
     return y + b.double() if b is not None else y
 
 
+def exact_gelu(y):
+    """x * Phi(x) in float64 through erfc, accurate in the negative tail (F.gelu's
+    x * (1 + erf(x / sqrt(2))) / 2 cancels there: F.gelu(-10.24) is -0.0, not -7.0e-24)."""
+    y = y.double()
+    return 0.5 * y * torch.special.erfc(-y * 0.5 ** 0.5)
+
+
+def gelu_error(got, want, dtype):
+    """Elementwise relative error, against at least 6e-33 in float32: past x = -13.2 GELU is
+    below float32's normal range (1.2e-38) and the kernel gives 0, an error of up to 1.2e-38,
+    which against that floor is 2e-6."""
+    floor = 5.9e-33 if dtype == torch.float32 else 1e-300
+    return ((got.double() - want).abs() / want.abs().clamp_min(floor)).max().item()
+
+
 # rows 1..17 cover every row-block template (1-8), the split into blocks of 8 and the
 # two-weight-rows path (blocks of 8, N odd for a last single row); with AVX2, every tile of
 # 1-3 weight rows (N mod 3 of 0, 1 and 2) by 1-4 x rows (M mod 4 of 0-3), its one-pass
@@ -59,6 +74,39 @@ def test_kernel_matches_float64(dtype, lead, n, k, with_bias):
     assert rel_error(y, reference(x, w, b)) < TOLERANCES[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead,n,k", SHAPES)
+def test_kernel_gelu_matches_float64(dtype, lead, n, k):
+    """gelu=True: the linear as without it (checked above), then exact GELU of each element to
+    float64 accuracy relative to the element (judged on the kernel's own linear output, since
+    near GELU's zero the linear's rounding alone is a large relative error): every row path,
+    N odd so a vector loop's scalar tail runs, outputs far into GELU's negative tail."""
+    x = torch.randn(*lead, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype) * (4.0 / max(1, k) ** 0.5)
+    b = torch.randn(n, dtype=dtype)
+    y = op()(x, w, b, True)
+    linear_out = op()(x, w, b, False)
+    assert y.shape == (*lead, n) and y.dtype == dtype
+    assert rel_error(linear_out, reference(x, w, b)) < TOLERANCES[dtype]
+    err = gelu_error(y, exact_gelu(linear_out), dtype)
+    assert err < (1e-12 if dtype == torch.float64 else 2e-6), err
+
+
+def test_kernel_gelu_special_values():
+    """Through a 1 x 1 identity weight, GELU itself: its far tails, zeros, subnormals, inf, NaN."""
+    v = torch.tensor([-float("inf"), -40.0, -13.1, -12.0, -5.5, -1.0, -1e-3, -0.0, 0.0, 1e-40,
+                      1e-3, 0.5, 2.0, 7.0, 30.0, float("inf"), float("nan")] * 3)
+    for dtype in (torch.float32, torch.float64):
+        x = v.to(dtype).reshape(-1, 1)
+        y = op()(x, torch.ones(1, 1, dtype=dtype), None, True)
+        want = exact_gelu(x)
+        finite = want.isfinite()
+        rel = gelu_error(y[finite], want[finite], dtype)
+        assert rel < (1e-12 if dtype == torch.float64 else 2e-6), (dtype, rel)
+        assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.isinf(), want.isinf())
+        assert torch.equal(y.isnan(), F.gelu(x).isnan())  # -inf: NaN, as F.gelu gives
+
+
 def test_kernel_many_threads_and_large_rows():
     """Large enough to run on every thread: each thread's range of weight rows and its
     prefetch clamp at the range end."""
@@ -76,7 +124,7 @@ def test_kernel_in_lower_instruction_set_builds(isa):
     x rows; pairs against 8 x rows else) and its own row limit for the kernel (16 below AVX-512)."""
     out = run_python(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                       os.path.abspath(__file__), "-k",
-                      "kernel_matches or many_threads or routing_uses_kernel"],
+                      "kernel_matches or kernel_gelu or many_threads or routing_uses_kernel"],
                      timeout=600, VDPROJ_CPU_ISA=isa)
     assert " passed" in out and "failed" not in out
 
@@ -109,6 +157,7 @@ def test_opcheck():
     x, w, b = torch.randn(3, 7), torch.randn(11, 7), torch.randn(11)
     torch.library.opcheck(torch.ops.vdproj_ext.decode_linear.default, (x, w, b))
     torch.library.opcheck(torch.ops.vdproj_ext.decode_linear.default, (x, w, None))
+    torch.library.opcheck(torch.ops.vdproj_ext.decode_linear.default, (x, w, b, True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +194,7 @@ def test_decode_linear_keeps_gradients_and_autocast():
     w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(decode_linear, (x, w, b))
+    torch.autograd.gradcheck(lambda *a: decode_linear(*a, gelu=True), (x, w, b))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = decode_linear(torch.randn(2, 6), torch.randn(4, 6))
     assert y.dtype == torch.bfloat16  # as F.linear under autocast
@@ -160,6 +210,8 @@ def test_decode_linear_equals_f_linear(rows, dtype):
             y = decode_linear(x, w, bias)
             assert y.shape == (rows, 21) and y.dtype == dtype
             torch.testing.assert_close(y, F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(decode_linear(x, w, bias, gelu=True),
+                                       F.gelu(F.linear(x, w, bias)), rtol=1e-5, atol=1e-5)
         x3 = x.reshape(1, rows, 33)  # leading dimensions are kept
         torch.testing.assert_close(decode_linear(x3, w, b), F.linear(x3, w, b),
                                    rtol=1e-5, atol=1e-5)

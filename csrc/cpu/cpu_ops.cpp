@@ -108,11 +108,12 @@ at::Tensor kvcache_attention_cpu(
   return out;
 }
 
-// y = x @ weight.T + bias for decode-sized inputs (see linear_impl in kernels.h). Forward only:
+// y = x @ weight.T + bias, or gelu of it, for decode-sized inputs (see linear_impl in kernels.h;
+// the GELU is applied to each thread's outputs as they are finished). Forward only:
 // the public decode_linear calls it when no gradient is needed and F.linear otherwise, so it has
 // no Python validator to agree with; its checks raise RuntimeError.
 at::Tensor decode_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
-                             const std::optional<at::Tensor>& bias_in) {
+                             const std::optional<at::Tensor>& bias_in, bool gelu) {
   TORCH_CHECK(x_in.device().is_cpu(), "vdproj_ext: decode_linear: x must be a CPU tensor");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "vdproj_ext: decode_linear: x must be float32 or float64, got ",
@@ -141,7 +142,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   at::Tensor y = at::empty(out_shape, x.options());
   if (K == 0) {  // an empty sum: y is the bias (or zeros)
     if (bias.has_value()) y.copy_(bias->expand_as(y)); else y.zero_();
-    return y;
+    return gelu ? at::gelu(y) : y;
   }
   cpu::LinearArgs a{};
   a.x = x.data_ptr();
@@ -151,6 +152,7 @@ at::Tensor decode_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in
   a.M = x.numel() / K;
   a.N = N;
   a.K = K;
+  a.gelu = gelu;
   VDPROJ_ISA_CALL(linear, kind_of(x), a);
   return y;
 }

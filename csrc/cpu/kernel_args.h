@@ -130,13 +130,14 @@ struct QuantWriteArgs {
 };
 
 // Decode-sized linear: y (M, N) = x (M, K) @ w (N, K).T + bias (N,), all contiguous, float32
-// or float64.
+// or float64, optionally through GELU (a GPT-NeoX MLP's first layer).
 struct LinearArgs {
   const void* x;
   const void* w;
   const void* bias;         // may be null
   void* y;
   int64_t M, N, K;
+  bool gelu;                // y = gelu(x @ w.T + bias), exact (erf) GELU
 };
 
 // One implementation per instruction set; see kernels.h.

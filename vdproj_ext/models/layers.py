@@ -253,7 +253,8 @@ class GPTNeoXMLP(nn.Module):
         self.dense_4h_to_h = Linear(intermediate_size, hidden_size)
 
     def forward(self, x):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact (erf) GELU
+        up = self.dense_h_to_4h  # exact (erf) GELU, applied by the decode kernel where it runs
+        return self.dense_4h_to_h(decode_linear(x, up.weight, up.bias, gelu=True))
 
 
 class GPTNeoXLayer(nn.Module):

@@ -5,7 +5,7 @@
     latent_attention.py  compressed_kv_attention (latent keys, SPEC 3b) and its autograd.Function
     latent_kvcache.py    compressed_kv_attn_with_kvcache (latent keys, SPEC 3b), and
                          attend_latent_cache: the caches' route to it
-    linear.py      decode_linear (the row policy of decode-sized CPU linears)
+    linear.py      decode_linear (the row policy of decode-sized CPU linears; optionally GELU)
     rotary.py      rotary_pair: the model's rotary embedding on q and k in one CPU kernel call
     quant.py       quantized caches (SPEC 3c): storage dtypes, absmax quantize-on-write, scales
     checks.py      the input checks and their messages (the C++ checks use the same texts)

@@ -65,7 +65,7 @@ def _register_fakes():
             return None
 
     @torch.library.register_fake("vdproj_ext::decode_linear")
-    def _decode_linear_fake(x, weight, bias):
+    def _decode_linear_fake(x, weight, bias, gelu=False):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     if op_defined("rotary_pair"):
