@@ -131,9 +131,11 @@ def _inputs():
 BAD = {
     "q rank": (lambda a: dict(a, q=a["q"][0]), ValueError, r"q must be \(B, T, H, D\)"),
     "k dtype": (lambda a: dict(a, k=a["k"].double()), TypeError, r"k must have q's dtype"),
-    "int q": (lambda a: dict(a, q=a["q"].long(), k=a["k"].long()), TypeError, r"q must be floating"),
+    "int q": (lambda a: dict(a, q=a["q"].long(), k=a["k"].long()), TypeError,
+              r"q must be floating"),
     "cos dtype": (lambda a: dict(a, cos=a["cos"].double()), TypeError, r"cos must be float32"),
-    "sin shape": (lambda a: dict(a, sin=a["sin"][..., :2]), ValueError, r"sin must have cos's shape"),
+    "sin shape": (lambda a: dict(a, sin=a["sin"][..., :2]), ValueError,
+                  r"sin must have cos's shape"),
     "cos rank": (lambda a: dict(a, cos=a["cos"][:, :, 0], sin=a["sin"][:, :, 0]), ValueError,
                  r"cos must be \(B, T, 1, rotary_dims\)"),
     "odd rotary dims": (lambda a: dict(a, cos=a["cos"][..., :3], sin=a["sin"][..., :3]), ValueError,
@@ -141,7 +143,7 @@ BAD = {
     "too few head dims": (lambda a: dict(a, k=a["k"][..., :2]), ValueError,
                           r"k has head_dim 2, fewer than the 4 rotary dims"),
     "batch": (lambda a: dict(a, q=a["q"][:1]), ValueError, r"q must have the batch and length"),
-    "cos stride": (lambda a: dict(a, cos=torch.stack((a["cos"], a["cos"]), -1).flatten(-2)[..., ::2]),
+    "cos stride": (lambda a: dict(a, cos=torch.stack((a["cos"],) * 2, -1).flatten(-2)[..., ::2]),
                    ValueError, r"cos and sin must have unit stride"),
 }
 
