@@ -129,10 +129,10 @@ def _inputs():
 
 
 BAD = {
-    "q rank": (lambda a: dict(a, q=a["q"][0]), ValueError, r"q must be \(B, T, H, D\)"),
-    "k dtype": (lambda a: dict(a, k=a["k"].double()), TypeError, r"k must have q's dtype"),
+    "q rank": (lambda a: dict(a, q=a["q"][0]), ValueError, r"q must be 4-D, got shape"),
+    "k dtype": (lambda a: dict(a, k=a["k"].double()), TypeError, r"k must have dtype torch.float32 like q"),
     "int q": (lambda a: dict(a, q=a["q"].long(), k=a["k"].long()), TypeError,
-              r"q must be floating"),
+              r"q must be float32, float16, bfloat16 or float64"),
     "cos dtype": (lambda a: dict(a, cos=a["cos"].double()), TypeError, r"cos must be float32"),
     "sin shape": (lambda a: dict(a, sin=a["sin"][..., :2]), ValueError,
                   r"sin must have cos's shape"),

@@ -70,8 +70,7 @@ void rotate(const at::Tensor& x, const at::Tensor& cos_t, const at::Tensor& sin_
 }
 
 void check_rotary_input(const char* name, const at::Tensor& x, const at::Tensor& cos_t) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "rotary_pair: ", name, " must be (B, T, H, D), got shape ",
-                    py_tuple(x.sizes()));
+  check_dim(&x, name, 4);
   TORCH_CHECK_VALUE(x.size(0) == cos_t.size(0) && x.size(1) == cos_t.size(1),
                     "rotary_pair: ", name, " must have the batch and length of cos (",
                     cos_t.size(0), ", ", cos_t.size(1), "), got shape ", py_tuple(x.sizes()));
@@ -87,12 +86,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_pair_cpu(const at::Tensor& q, const at
   for (const auto& [name, t] : all)
     TORCH_CHECK_VALUE(t->device().is_cpu(), "rotary_pair: ", name, " must be a CPU tensor, got ",
                       t->device());
+  check_same_dtype({{"q", &q}, {"k", &k}});
   const at::ScalarType dt = q.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                   "rotary_pair: q must be floating (float32, float64, bfloat16 or float16), got ",
-                   py_dtype(dt));
-  TORCH_CHECK_TYPE(k.scalar_type() == dt, "rotary_pair: k must have q's dtype ", py_dtype(dt),
-                   ", got ", py_dtype(k.scalar_type()));
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"cos", &cos_in},
                                 {"sin", &sin_in}}) {
     TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "rotary_pair: ", name,
